@@ -1,0 +1,111 @@
+//! The `wasnap` command line.
+
+mod inspect;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::Fenced;
+use crate::task::{self, NoObserver, RunConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "wasnap",
+    version,
+    about = "Durable, exactly-once execution of unmodified stateful WebAssembly stream guests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest over an input file; rerunning the same command resumes from the newest checkpoint.
+    Run {
+        /// The guest module (.wasm, or .wat text).
+        guest: PathBuf,
+        /// Newline-delimited input records.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output file: one line per emitted record.
+        #[arg(long)]
+        output: PathBuf,
+        /// Checkpoint store: a directory, file:///DIR or memory://.
+        #[arg(long)]
+        store: String,
+        /// Take a checkpoint every N records (and always at the end of input).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        checkpoint_every: u64,
+        /// Seed of the guest's deterministic WASI random stream on a fresh start.
+        #[arg(long, default_value_t = crate::guest::random::DEFAULT_SEED)]
+        seed: u64,
+        /// No progress lines on stderr.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// List the checkpoints in a store.
+    Inspect {
+        #[arg(long)]
+        store: String,
+    },
+}
+
+/// Exit code when another writer owns the task.
+pub const EXIT_FENCED: u8 = 3;
+
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("WASNAP_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            guest,
+            input,
+            output,
+            store,
+            checkpoint_every,
+            seed,
+            quiet,
+        } => {
+            let config = RunConfig {
+                guest,
+                input,
+                output,
+                checkpoint_every,
+                random_seed: seed,
+                progress: !quiet,
+            };
+            task::run(&config, &store, &mut NoObserver).map(|summary| {
+                if !quiet {
+                    let resumed = summary.resumed_from.map_or(String::from("fresh start"), |g| format!("resumed from checkpoint {g}"));
+                    eprintln!(
+                        "wasnap: done: {} records in {:.2}s ({:.0}/s), {} checkpoints, newest generation {} ({resumed})",
+                        summary.records,
+                        summary.elapsed.as_secs_f64(),
+                        summary.records as f64 / summary.elapsed.as_secs_f64().max(1e-9),
+                        summary.checkpoints,
+                        summary.generation,
+                    );
+                }
+            })
+        }
+        Command::Inspect { store } => inspect::inspect(&store),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line naming the cause, outermost context first.
+            eprintln!("wasnap: error: {err:#}");
+            if err.downcast_ref::<Fenced>().is_some() {
+                ExitCode::from(EXIT_FENCED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

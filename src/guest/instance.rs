@@ -1,0 +1,307 @@
+//! One live guest: a wasmtime store + instance, the `wasnap.emit` host function, WASI,
+//! and typed handles on everything the run loop and the snapshot stage touch.
+
+use anyhow::{Context, Result, anyhow, bail};
+use wasmtime::{Caller, Global, Linker, Memory, Store, TypedFunc, Val};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+use super::abi::{EMIT_MODULE, EMIT_NAME};
+use super::random::DeterministicRandom;
+use super::{GlobalKind, Guest};
+
+/// What host functions can reach.
+pub struct HostState {
+    wasi: WasiP1Ctx,
+    /// The ABI memory, cached so `emit` does not look it up by name on every call.
+    memory: Option<Memory>,
+    /// Records emitted since the run loop last drained them, each followed by `\n`.
+    emitted: Vec<u8>,
+}
+
+/// The value of one mutable global, as written into a manifest.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GlobalValue {
+    I32(i32),
+    I64(i64),
+    F32(u32),
+    F64(u64),
+    V128(u128),
+}
+
+impl GlobalValue {
+    pub fn kind(&self) -> GlobalKind {
+        match self {
+            GlobalValue::I32(_) => GlobalKind::I32,
+            GlobalValue::I64(_) => GlobalKind::I64,
+            GlobalValue::F32(_) => GlobalKind::F32,
+            GlobalValue::F64(_) => GlobalKind::F64,
+            GlobalValue::V128(_) => GlobalKind::V128,
+        }
+    }
+
+    fn from_val(val: Val) -> Result<Self> {
+        Ok(match val {
+            Val::I32(v) => GlobalValue::I32(v),
+            Val::I64(v) => GlobalValue::I64(v),
+            Val::F32(v) => GlobalValue::F32(v),
+            Val::F64(v) => GlobalValue::F64(v),
+            Val::V128(v) => GlobalValue::V128(v.as_u128()),
+            other => bail!("cannot snapshot a global of type {:?}", other),
+        })
+    }
+
+    fn to_val(self) -> Val {
+        match self {
+            GlobalValue::I32(v) => Val::I32(v),
+            GlobalValue::I64(v) => Val::I64(v),
+            GlobalValue::F32(v) => Val::F32(v),
+            GlobalValue::F64(v) => Val::F64(v),
+            GlobalValue::V128(v) => Val::V128(v.into()),
+        }
+    }
+}
+
+pub struct GuestInstance {
+    store: Store<HostState>,
+    abi_memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    process: TypedFunc<(i32, i32), ()>,
+    initialize: Option<TypedFunc<(), ()>>,
+    init: Option<TypedFunc<(), ()>>,
+    /// Every defined memory, in index order (the snapshot's memory list).
+    memories: Vec<Memory>,
+    /// Every defined mutable global, in index order (the snapshot's global list).
+    globals: Vec<(Global, GlobalKind)>,
+    random: DeterministicRandom,
+}
+
+impl GuestInstance {
+    pub(super) fn new(guest: &Guest, random_seed: u64, random_position: u64) -> Result<Self> {
+        let random = DeterministicRandom::new(random_seed, random_position);
+        let wasi = WasiCtxBuilder::new()
+            .inherit_stderr()
+            .secure_random(random.clone())
+            .insecure_random(random.clone())
+            .insecure_random_seed(u128::from(random_seed))
+            .build_p1();
+        let mut store = Store::new(
+            &guest.engine,
+            HostState {
+                wasi,
+                memory: None,
+                emitted: Vec::new(),
+            },
+        );
+
+        let mut linker: Linker<HostState> = Linker::new(&guest.engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)?;
+        linker.func_wrap(EMIT_MODULE, EMIT_NAME, emit)?;
+        let instance = linker
+            .instantiate(&mut store, &guest.module)
+            .map_err(anyhow::Error::from)
+            .context("cannot instantiate the guest (its start function failed?)")?;
+
+        let abi_memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| anyhow!("the guest does not export `memory`"))?;
+        store.data_mut().memory = Some(abi_memory);
+        let memories = guest
+            .state
+            .memories
+            .iter()
+            .map(|m| {
+                instance
+                    .get_memory(&mut store, &m.export_name)
+                    .ok_or_else(|| anyhow!("instrumented export {} is missing", m.export_name))
+            })
+            .collect::<Result<_>>()?;
+        let globals = guest
+            .state
+            .globals
+            .iter()
+            .map(|(g, kind)| {
+                instance
+                    .get_global(&mut store, &g.export_name)
+                    .map(|global| (global, *kind))
+                    .ok_or_else(|| anyhow!("instrumented export {} is missing", g.export_name))
+            })
+            .collect::<Result<_>>()?;
+        let typed =
+            |store: &mut Store<HostState>, name: &str| -> Result<Option<TypedFunc<(), ()>>> {
+                Ok(match instance.get_func(&mut *store, name) {
+                    Some(f) => Some(f.typed(&*store)?),
+                    None => None,
+                })
+            };
+        let initialize = if guest.abi.has_initialize {
+            typed(&mut store, "_initialize")?
+        } else {
+            None
+        };
+        let init = if guest.abi.has_init {
+            typed(&mut store, "init")?
+        } else {
+            None
+        };
+        Ok(Self {
+            alloc: instance.get_typed_func(&mut store, "alloc")?,
+            process: instance.get_typed_func(&mut store, "process")?,
+            store,
+            abi_memory,
+            initialize,
+            init,
+            memories,
+            globals,
+            random,
+        })
+    }
+
+    /// Run the guest's one-time set-up: `_initialize` (WASI reactors), then `init`.
+    /// Only on a fresh start: after a restore the snapshot already holds its effects.
+    pub fn start_fresh(&mut self) -> Result<()> {
+        if let Some(f) = &self.initialize {
+            f.call(&mut self.store, ())
+                .map_err(|e| describe_guest_error(e, "_initialize"))?;
+        }
+        if let Some(f) = &self.init {
+            f.call(&mut self.store, ())
+                .map_err(|e| describe_guest_error(e, "init"))?;
+        }
+        Ok(())
+    }
+
+    /// Hand one record to the guest: `alloc(len)`, copy the bytes, `process(ptr, len)`.
+    pub fn process(&mut self, record: &[u8]) -> Result<()> {
+        let len = i32::try_from(record.len()).map_err(|_| {
+            anyhow!(
+                "a record of {} bytes is too large for the guest ABI",
+                record.len()
+            )
+        })?;
+        let ptr = self
+            .alloc
+            .call(&mut self.store, len)
+            .map_err(|e| describe_guest_error(e, "alloc"))?;
+        self.abi_memory
+            .write(&mut self.store, ptr as u32 as usize, record)
+            .map_err(|_| {
+                anyhow!("the guest's alloc({len}) returned {ptr:#x}, which is outside its memory")
+            })?;
+        self.process
+            .call(&mut self.store, (ptr, len))
+            .map_err(|e| describe_guest_error(e, "process"))
+    }
+
+    /// Output records emitted since the last call, each followed by `\n`; the buffer is left empty.
+    pub fn take_emitted(&mut self, into: &mut Vec<u8>) {
+        into.append(&mut self.store.data_mut().emitted);
+    }
+
+    /// Bytes emitted and not yet taken.
+    pub fn emitted_len(&self) -> usize {
+        self.store.data().emitted.len()
+    }
+
+    pub fn memory_count(&self) -> usize {
+        self.memories.len()
+    }
+
+    /// The bytes of defined memory `index`.
+    pub fn memory(&self, index: usize) -> &[u8] {
+        self.memories[index].data(&self.store)
+    }
+
+    /// The bytes of defined memory `index`, writable (restore only).
+    pub fn memory_mut(&mut self, index: usize) -> &mut [u8] {
+        self.memories[index].data_mut(&mut self.store)
+    }
+
+    /// Grow memory `index` to exactly `bytes` (restore only; memories never shrink).
+    pub fn grow_memory_to(&mut self, index: usize, bytes: u64) -> Result<()> {
+        let memory = self.memories[index];
+        let current = memory.data_size(&self.store) as u64;
+        let page = memory.page_size(&self.store);
+        if bytes < current {
+            bail!(
+                "memory {index} is {current} bytes in a fresh instance but {bytes} in the checkpoint"
+            );
+        }
+        if !(bytes - current).is_multiple_of(page) {
+            bail!(
+                "memory {index}: checkpoint size {bytes} is not a whole number of {page}-byte pages"
+            );
+        }
+        if bytes > current {
+            memory
+                .grow(&mut self.store, (bytes - current) / page)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("cannot grow memory {index} to {bytes} bytes"))?;
+        }
+        Ok(())
+    }
+
+    /// The value of every defined mutable global, in index order.
+    pub fn globals(&mut self) -> Result<Vec<GlobalValue>> {
+        self.globals
+            .iter()
+            .map(|(g, _)| GlobalValue::from_val(g.get(&mut self.store)))
+            .collect()
+    }
+
+    /// Set every defined mutable global (restore only).
+    pub fn set_globals(&mut self, values: &[GlobalValue]) -> Result<()> {
+        if values.len() != self.globals.len() {
+            bail!(
+                "the checkpoint holds {} globals but the guest has {}",
+                values.len(),
+                self.globals.len()
+            );
+        }
+        for (i, ((global, kind), value)) in self.globals.iter().zip(values).enumerate() {
+            if value.kind() != *kind {
+                bail!(
+                    "global {i} is {kind:?} in the guest but {:?} in the checkpoint",
+                    value.kind()
+                );
+            }
+            global.set(&mut self.store, value.to_val())?;
+        }
+        Ok(())
+    }
+
+    /// How many bytes of the WASI random stream the guest has drawn.
+    pub fn random_position(&self) -> u64 {
+        self.random.position()
+    }
+}
+
+/// `wasnap.emit(ptr, len)`: copy one output record out of guest memory.
+fn emit(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<()> {
+    let memory = caller
+        .data()
+        .memory
+        .expect("memory is set right after instantiation");
+    let (data, state) = memory.data_and_store_mut(&mut caller);
+    let (start, len) = (ptr as u32 as usize, len as u32 as usize);
+    let record = data.get(start..start.saturating_add(len)).ok_or_else(|| {
+        wasmtime::Error::msg(format!(
+            "wasnap.emit({ptr:#x}, {len}) is outside the guest's memory"
+        ))
+    })?;
+    state.emitted.reserve(len + 1);
+    state.emitted.extend_from_slice(record);
+    state.emitted.push(b'\n');
+    Ok(())
+}
+
+/// A guest error as one line: a trap with its message, `proc_exit`, or a host error.
+fn describe_guest_error(err: wasmtime::Error, function: &str) -> anyhow::Error {
+    if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return anyhow!("the guest called proc_exit({}) in `{function}`", exit.0);
+    }
+    if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
+        return anyhow!("the guest trapped in `{function}`: {trap}");
+    }
+    anyhow::Error::from(err).context(format!("the guest failed in `{function}`"))
+}

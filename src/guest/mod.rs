@@ -1,0 +1,69 @@
+//! Loading, checking and running a guest: instrument → compile → check ABI → instantiate.
+
+pub mod abi;
+pub mod instance;
+pub mod instrument;
+pub mod random;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use wasmtime::{Config, Engine, Module};
+
+pub use instance::{GlobalValue, GuestInstance};
+pub use instrument::{GlobalKind, Instrumented, StateExport};
+
+/// A compiled, instrumented guest, ready to be instantiated any number of times.
+pub struct Guest {
+    engine: Engine,
+    module: Module,
+    abi: abi::Abi,
+    /// What state the instrumented module exposes (its bytes are dropped once compiled).
+    pub state: Instrumented,
+}
+
+impl Guest {
+    /// Read a guest from a file: a wasm binary, or WAT text if the name ends in `.wat`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read guest {}", path.display()))?;
+        let bytes = if path.extension().is_some_and(|e| e == "wat") {
+            wat::parse_bytes(&bytes)
+                .with_context(|| format!("{} is not valid WAT", path.display()))?
+                .into_owned()
+        } else {
+            bytes
+        };
+        Self::from_wasm(&bytes).with_context(|| format!("cannot load guest {}", path.display()))
+    }
+
+    /// Instrument, compile and check a guest given as wasm bytes.
+    pub fn from_wasm(wasm: &[u8]) -> Result<Self> {
+        let mut state = instrument::instrument(wasm)?;
+        let mut config = Config::new();
+        config.wasm_multi_memory(true).wasm_memory64(true);
+        let engine = Engine::new(&config)?;
+        let module = Module::new(&engine, &state.wasm)
+            .map_err(anyhow::Error::from)
+            .context("wasmtime rejected the guest")?;
+        let abi = abi::check(&module)?;
+        state.wasm = Vec::new();
+        Ok(Self {
+            engine,
+            module,
+            abi,
+            state,
+        })
+    }
+
+    /// SHA-256 of the module as the user gave it.
+    pub fn module_sha256(&self) -> [u8; 32] {
+        self.state.original_sha256
+    }
+
+    /// A fresh instance whose WASI random stream starts at `random_position`.
+    /// Nothing of the guest has run yet but its start function.
+    pub fn instantiate(&self, random_seed: u64, random_position: u64) -> Result<GuestInstance> {
+        GuestInstance::new(self, random_seed, random_position)
+    }
+}

@@ -1,0 +1,207 @@
+//! Object storage for checkpoints: pack and manifest formats, and the commit.
+//!
+//! Layout of a store (one store per task):
+//!
+//! ```text
+//! manifests/<generation, 20 digits>          one per committed checkpoint
+//! packs/<generation, 20 digits>-<writer>.pack  the pages that checkpoint wrote
+//! ```
+//!
+//! The commit point is the manifest put with `PutMode::Create`, which is atomic on local
+//! disk (hard link), on S3 (`If-None-Match: *`) and in memory. A writer that loses the
+//! race for a generation gets `AlreadyExists`: that is fencing.
+
+mod codec;
+pub mod manifest;
+pub mod pack;
+mod url;
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+pub use manifest::Manifest;
+pub use url::open_object_store;
+
+use crate::error::Fenced;
+
+pub const MANIFESTS: &str = "manifests";
+pub const PACKS: &str = "packs";
+
+pub fn manifest_path(generation: u64) -> Path {
+    Path::from(format!("{MANIFESTS}/{generation:020}"))
+}
+
+pub fn pack_path(name: &str) -> Path {
+    Path::from(format!("{PACKS}/{name}"))
+}
+
+/// The pack a writer writes for a generation: unique per writer, so two writers racing
+/// for a generation never overwrite each other's pages.
+pub fn pack_name(generation: u64, writer_id: &[u8; 16]) -> String {
+    format!("{generation:020}-{}.pack", hex(writer_id))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A task's checkpoint store: synchronous calls over an `ObjectStore`, for the run loop.
+pub struct CheckpointStore {
+    objects: Arc<dyn ObjectStore>,
+    runtime: tokio::runtime::Runtime,
+    /// The URL the user gave, for messages (never holds credentials).
+    label: String,
+}
+
+impl CheckpointStore {
+    /// Open the store at `url`: a directory, `file:///dir`, `memory://`.
+    pub fn open(url: &str) -> Result<Self> {
+        let runtime = new_runtime()?;
+        let objects = {
+            let _guard = runtime.enter();
+            open_object_store(url)?
+        };
+        Ok(Self {
+            objects,
+            runtime,
+            label: url.to_string(),
+        })
+    }
+
+    /// Wrap an existing object store (a test double, a fault-injecting wrapper, …).
+    pub fn from_object_store(
+        objects: Arc<dyn ObjectStore>,
+        label: impl Into<String>,
+    ) -> Result<Self> {
+        Ok(Self {
+            objects,
+            runtime: new_runtime()?,
+            label: label.into(),
+        })
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.objects
+    }
+
+    /// Committed generations, ascending. Objects under `manifests/` whose name is not a
+    /// generation number are ignored.
+    pub fn generations(&self) -> Result<Vec<u64>> {
+        let prefix = Path::from(MANIFESTS);
+        let listed: Vec<_> = self
+            .runtime
+            .block_on(self.objects.list(Some(&prefix)).try_collect())
+            .with_context(|| format!("cannot list checkpoints in store {}", self.label))?;
+        let mut generations: Vec<u64> = listed
+            .iter()
+            .filter_map(|meta| meta.location.filename())
+            .filter(|name| name.len() == 20 && name.bytes().all(|b| b.is_ascii_digit()))
+            .filter_map(|name| name.parse().ok())
+            .collect();
+        generations.sort_unstable();
+        Ok(generations)
+    }
+
+    pub fn read_manifest(&self, generation: u64) -> Result<Manifest> {
+        let path = manifest_path(generation);
+        let bytes = self.get(&path)?;
+        let manifest = Manifest::decode(&bytes, &format!("manifest {path}"))?;
+        if manifest.generation != generation {
+            anyhow::bail!(
+                "manifest {path} is corrupt: it says it is generation {}",
+                manifest.generation
+            );
+        }
+        Ok(manifest)
+    }
+
+    pub fn read_pack(&self, name: &str) -> Result<Bytes> {
+        self.get(&pack_path(name))
+    }
+
+    /// Read several packs, a few at a time; one result per name, in order.
+    pub fn read_packs(&self, names: &[String]) -> Vec<Result<Bytes>> {
+        use futures::StreamExt;
+        const CONCURRENT_READS: usize = 8;
+        self.runtime.block_on(
+            futures::stream::iter(names)
+                .map(|name| async move {
+                    let path = pack_path(name);
+                    let result = async { self.objects.get(&path).await?.bytes().await }.await;
+                    result.with_context(|| format!("cannot read {path} from store {}", self.label))
+                })
+                .buffered(CONCURRENT_READS)
+                .collect(),
+        )
+    }
+
+    /// Size of an object, or `None` if it does not exist.
+    pub fn object_size(&self, path: &Path) -> Result<Option<u64>> {
+        match self.runtime.block_on(self.objects.head(path)) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => {
+                Err(anyhow!(e).context(format!("cannot stat {path} in store {}", self.label)))
+            }
+        }
+    }
+
+    fn get(&self, path: &Path) -> Result<Bytes> {
+        self.runtime
+            .block_on(async { self.objects.get(path).await?.bytes().await })
+            .with_context(|| format!("cannot read {path} from store {}", self.label))
+    }
+
+    /// Write a pack. Its name is unique to this writer and generation, so a plain put is safe.
+    pub fn put_pack(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let path = pack_path(name);
+        self.runtime
+            .block_on(self.objects.put(&path, PutPayload::from(bytes)))
+            .with_context(|| format!("cannot write pack {path} to store {}", self.label))?;
+        Ok(())
+    }
+
+    /// The commit point: create `manifests/<generation>`, failing if it exists.
+    /// Returns the manifest's size in bytes.
+    pub fn commit_manifest(&self, manifest: &Manifest) -> Result<usize> {
+        let path = manifest_path(manifest.generation);
+        let bytes = manifest.encode()?;
+        let len = bytes.len();
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .runtime
+            .block_on(self.objects.put_opts(&path, PutPayload::from(bytes), opts))
+        {
+            Ok(_) => Ok(len),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Err(Fenced {
+                generation: manifest.generation,
+            }
+            .into()),
+            Err(e) => Err(anyhow!(e).context(format!(
+                "cannot commit manifest {path} to store {}",
+                self.label
+            ))),
+        }
+    }
+}
+
+fn new_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the I/O runtime")
+}

@@ -1,0 +1,164 @@
+//! Output: a file that each `emit` appends one record and `\n` to.
+//!
+//! Bytes are written at positions the sink tracks itself (not `O_APPEND`), so a restore can
+//! cut the file back to a checkpoint's flush marker and continue from there. The marker is
+//! the length made durable with fsync at a checkpoint, before the manifest that names it
+//! is committed; bytes past the newest committed marker belong to no checkpoint and are
+//! cut on the next restore.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+/// Buffered output is written to the file (not yet fsynced) past this size.
+const WRITE_THRESHOLD: usize = 1 << 20;
+
+pub struct FileSink {
+    file: File,
+    path: PathBuf,
+    /// Bytes written to the file so far.
+    written: u64,
+    /// Bytes emitted and not yet written.
+    buffer: Vec<u8>,
+}
+
+impl FileSink {
+    /// Open `path` for a task whose last committed flush marker is `marker` (0 on a fresh
+    /// start): the file is created if missing and cut back to `marker`.
+    pub fn open(path: &Path, marker: u64) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("cannot open output {}", path.display()))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("cannot stat output {}", path.display()))?
+            .len();
+        if len < marker {
+            bail!(
+                "output {} is {len} bytes but the checkpoint made {marker} bytes durable: the output was truncated or replaced",
+                path.display()
+            );
+        }
+        if len > marker {
+            file.set_len(marker).with_context(|| {
+                format!(
+                    "cannot cut output {} back to {marker} bytes",
+                    path.display()
+                )
+            })?;
+        }
+        file.sync_all()
+            .with_context(|| format!("cannot fsync output {}", path.display()))?;
+        sync_parent_dir(path)?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            written: marker,
+            buffer: Vec::with_capacity(WRITE_THRESHOLD),
+        })
+    }
+
+    /// Append emitted bytes (whole records with their newlines).
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        &mut self.buffer
+    }
+
+    /// Write the buffer to the file if it has grown large.
+    pub fn maybe_write(&mut self) -> Result<()> {
+        if self.buffer.len() >= WRITE_THRESHOLD {
+            self.write_buffer()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn write_buffer(&mut self) -> Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(&self.buffer, self.written)
+            .with_context(|| format!("cannot write output {}", self.path.display()))?;
+        self.written += self.buffer.len() as u64;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Write everything emitted so far and fsync it: returns the new flush marker.
+    pub fn flush_durable(&mut self) -> Result<u64> {
+        self.write_buffer()?;
+        self.file
+            .sync_data()
+            .with_context(|| format!("cannot fsync output {}", self.path.display()))?;
+        Ok(self.written)
+    }
+
+    /// Output length including what is still buffered.
+    pub fn len(&self) -> u64 {
+        self.written + self.buffer.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drop everything after `marker` (after a failed run: only committed output stays).
+    pub fn cut_back(&mut self, marker: u64) -> Result<()> {
+        self.buffer.clear();
+        self.file
+            .set_len(marker)
+            .with_context(|| format!("cannot cut output {} back", self.path.display()))?;
+        self.written = marker;
+        self.file
+            .sync_all()
+            .with_context(|| format!("cannot fsync output {}", self.path.display()))
+    }
+}
+
+/// A file created since the last fsync of its directory can vanish in a crash.
+fn sync_parent_dir(path: &Path) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot fsync directory {}", parent.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_at_a_marker_cuts_back_uncommitted_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let mut sink = FileSink::open(&path, 0).unwrap();
+        sink.buffer().extend_from_slice(b"a\nb\n");
+        assert_eq!(sink.flush_durable().unwrap(), 4);
+        sink.buffer().extend_from_slice(b"uncommitted\n");
+        sink.flush_durable().unwrap();
+        drop(sink);
+        let mut sink = FileSink::open(&path, 4).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"a\nb\n");
+        sink.buffer().extend_from_slice(b"c\n");
+        sink.flush_durable().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"a\nb\nc\n");
+    }
+
+    #[test]
+    fn an_output_shorter_than_the_marker_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        std::fs::write(&path, b"ab").unwrap();
+        let err = FileSink::open(&path, 10).err().unwrap();
+        assert!(format!("{err:#}").contains("truncated or replaced"));
+    }
+}
