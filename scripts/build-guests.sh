@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Build every example guest from source into target/guests/*.wasm.
+# Called by the tests (once per test binary) and by the demo; incremental and quick when
+# nothing changed. Run scripts/setup.sh first on a fresh machine.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out="$root/target/guests"
+mkdir -p "$out"
+
+# Several test binaries may call this at once: one build at a time.
+exec 9>"$out/.lock"
+flock 9
+
+# Rust guests (cdylib reactors for wasm32-wasip1).
+cargo build --quiet --release --target wasm32-wasip1 \
+  --manifest-path "$root/guests/rust/Cargo.toml" --target-dir "$root/target/guests/rust"
+for g in wordcount window; do
+  install -m 0644 "$root/target/guests/rust/wasm32-wasip1/release/$g.wasm" "$out/$g.wasm.tmp"
+  mv "$out/$g.wasm.tmp" "$out/$g.wasm"
+done
+
+# WAT guests.
+for src in "$root"/guests/wat/*.wat; do
+  name="wat-$(basename "$src" .wat)"
+  wat2wasm "$src" -o "$out/$name.wasm.tmp"
+  mv "$out/$name.wasm.tmp" "$out/$name.wasm"
+done
