@@ -5,4 +5,4 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
 scripts/build-guests.sh
-cargo test --all-targets --locked "$@"
+cargo test --locked "$@"

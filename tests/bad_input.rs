@@ -1,0 +1,285 @@
+//! Bad input gets a clear, one-line error, no panic, and loses nothing.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::*;
+
+/// The run failed cleanly: a non-zero exit that is not a panic, one error line naming `cause`.
+fn assert_clean_failure(out: &Output, cause: &str) {
+    assert!(
+        !out.status.success(),
+        "expected a failure mentioning {cause:?}"
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "wasnap panicked: {}",
+        stderr(out)
+    );
+    let err = stderr(out);
+    assert!(!err.contains("panicked"), "wasnap panicked: {err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("wasnap: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(
+        lines[0].contains(cause),
+        "error does not mention {cause:?}: {}",
+        lines[0]
+    );
+}
+
+fn store_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Traps on a record that is exactly `boom`; otherwise emits the record count.
+const TRAPPING_GUEST: &str = r#"(module
+  (import "wasnap" "emit" (func $emit (param i32 i32)))
+  (memory (export "memory") 1)
+  (global $n (mut i32) (i32.const 0))
+  (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "process") (param $ptr i32) (param $len i32)
+    (if (i32.and (i32.eq (local.get $len) (i32.const 4))
+                 (i32.eq (i32.load (local.get $ptr)) (i32.const 0x6d6f6f62))) ;; "boom"
+      (then unreachable))
+    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+    (i32.store8 (i32.const 0) (i32.add (i32.const 48) (i32.rem_u (global.get $n) (i32.const 10))))
+    (call $emit (i32.const 0) (i32.const 1))))"#;
+
+#[test]
+fn a_file_that_is_not_wasm_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("guest.wasm");
+    std::fs::write(&guest, "#!/bin/sh\necho I am not wasm\n").unwrap();
+    let input = dir.path().join("in");
+    std::fs::write(&input, "a\n").unwrap();
+    let out = run(&run_args(
+        &guest,
+        &input,
+        &dir.path().join("out"),
+        store_str(&dir.path().join("s")),
+        10,
+    ));
+    assert_clean_failure(&out, "not a WebAssembly module");
+
+    let out = run(&run_args(
+        &dir.path().join("missing.wasm"),
+        &input,
+        &dir.path().join("out"),
+        "memory://",
+        10,
+    ));
+    assert_clean_failure(&out, "cannot read guest");
+}
+
+#[test]
+fn guests_that_break_the_abi_are_named_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::write(&input, "a\n").unwrap();
+    let cases = [
+        (
+            r#"(module (memory (export "memory") 1) (func (export "alloc") (param i32) (result i32) i32.const 0))"#,
+            "does not export `process`",
+        ),
+        (
+            r#"(module (memory (export "memory") 1) (func (export "alloc") (param i32) (result i32) i32.const 0)
+                 (func (export "process") (param i32)))"#,
+            "export `process` has type (i32) -> (), but the wasnap ABI requires (i32, i32) -> ()",
+        ),
+        (
+            r#"(module (func (export "alloc") (param i32) (result i32) i32.const 0) (func (export "process") (param i32 i32)))"#,
+            "does not export `memory`",
+        ),
+        (
+            r#"(module (import "env" "now" (func)) (memory (export "memory") 1))"#,
+            "imports `env.now`",
+        ),
+        (
+            r#"(module (memory (export "memory") 1) (func (export "_start")))"#,
+            "looks like a WASI command",
+        ),
+        (
+            r#"(module (table 1 funcref) (memory (export "memory") 1) (func (table.set (i32.const 0) (ref.null func))))"#,
+            "mutates a table",
+        ),
+    ];
+    for (i, (wat, cause)) in cases.iter().enumerate() {
+        let guest = dir.path().join(format!("g{i}.wat"));
+        std::fs::write(&guest, wat).unwrap();
+        let out = run(&run_args(
+            &guest,
+            &input,
+            &dir.path().join("out"),
+            "memory://",
+            10,
+        ));
+        assert_clean_failure(&out, cause);
+    }
+}
+
+#[test]
+fn a_trap_mid_stream_stops_cleanly_and_the_store_stays_restorable() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("trap.wat");
+    std::fs::write(&guest, TRAPPING_GUEST).unwrap();
+    let mut lines: Vec<String> = (0..1000).map(|i| format!("r{i:03}")).collect();
+    lines[650] = "boom".into(); // same length as the others: offsets stay valid once it is fixed
+    let input = dir.path().join("in");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let (output, store) = (dir.path().join("out"), dir.path().join("store"));
+    let args = run_args(&guest, &input, &output, store_str(&store), 100);
+
+    let out = run(&args);
+    assert_clean_failure(&out, "the guest trapped in `process`");
+    assert!(
+        stderr(&out).contains(&format!("input byte offset {}", 650 * 5)),
+        "{}",
+        stderr(&out)
+    );
+    // Only committed output stays: 600 records, checkpointed at 100, 200, … 600.
+    assert_eq!(newest_marker(store_str(&store)), Some(600 * 2));
+    assert_eq!(std::fs::read(&output).unwrap().len(), 600 * 2);
+    // The same input traps again at the same record, and still loses nothing.
+    assert_clean_failure(&run(&args), "the guest trapped in `process`");
+
+    // Fix the record; the run resumes from the checkpoint and ends as a clean run would.
+    lines[650] = "r650".into();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    run_ok(&args);
+    let reference = dir.path().join("reference");
+    run_ok(&run_args(&guest, &input, &reference, "memory://", 1 << 30));
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        std::fs::read(&reference).unwrap()
+    );
+}
+
+#[test]
+fn a_changed_module_is_refused_and_nothing_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 2000, 100, false);
+    let (output, store) = (dir.path().join("out"), dir.path().join("store"));
+    run_ok(&run_args(
+        &guest("wordcount"),
+        &input,
+        &output,
+        store_str(&store),
+        500,
+    ));
+    let before_output = std::fs::read(&output).unwrap();
+    let before_store = wasnap::store::CheckpointStore::open(store_str(&store))
+        .unwrap()
+        .generations()
+        .unwrap();
+
+    let out = run(&run_args(
+        &guest("wat-globals"),
+        &input,
+        &output,
+        store_str(&store),
+        500,
+    ));
+    assert_clean_failure(&out, "the guest module changed since checkpoint");
+    assert_eq!(std::fs::read(&output).unwrap(), before_output);
+    let after_store = wasnap::store::CheckpointStore::open(store_str(&store))
+        .unwrap()
+        .generations()
+        .unwrap();
+    assert_eq!(after_store, before_store);
+}
+
+/// Run wordcount over part of its input and return (dir, args, store path).
+fn stopped_midway() -> (tempfile::TempDir, Vec<String>, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 3000, 400, false);
+    let store = dir.path().join("store");
+    let args = run_args(
+        &guest("wordcount"),
+        &input,
+        &dir.path().join("out"),
+        store_str(&store),
+        1000,
+    );
+    run_ok(&args);
+    (dir, args, store)
+}
+
+fn newest_object(dir: &Path) -> std::path::PathBuf {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    names.pop().unwrap()
+}
+
+fn flip_byte(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = at.min(bytes.len() - 1);
+    bytes[at] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_corrupted_manifest_is_detected() {
+    let (_dir, args, store) = stopped_midway();
+    let manifest = newest_object(&store.join("manifests"));
+    let len = std::fs::metadata(&manifest).unwrap().len() as usize;
+    flip_byte(&manifest, len / 2);
+    assert_clean_failure(&run(&args), "is corrupt");
+}
+
+#[test]
+fn a_corrupted_pack_is_detected() {
+    let (_dir, args, store) = stopped_midway();
+    // The newest checkpoint's own pack holds its dirty pages: damage a page frame.
+    let pack = newest_object(&store.join("packs"));
+    let len = std::fs::metadata(&pack).unwrap().len() as usize;
+    flip_byte(&pack, len - 10);
+    assert_clean_failure(&run(&args), "is corrupt");
+    // A pack that is not a pack at all.
+    std::fs::write(&pack, b"garbage").unwrap();
+    assert_clean_failure(&run(&args), "truncated");
+    // A pack that is gone.
+    std::fs::remove_file(&pack).unwrap();
+    assert_clean_failure(&run(&args), "needs pack");
+}
+
+#[test]
+fn bad_arguments_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::write(&input, "a\n").unwrap();
+    let out = run(&run_args(
+        &guest("wordcount"),
+        &input,
+        &dir.path().join("out"),
+        "ftp://host/x",
+        10,
+    ));
+    assert_clean_failure(&out, "unknown scheme `ftp`");
+    let out = run(&run_args(
+        &guest("wordcount"),
+        &dir.path().join("nope"),
+        &dir.path().join("out"),
+        "memory://",
+        10,
+    ));
+    assert_clean_failure(&out, "cannot open input");
+    let out = run(&run_args(
+        &guest("wordcount"),
+        &input,
+        &dir.path().join("out"),
+        "memory://",
+        0,
+    ));
+    assert!(!out.status.success() && stderr(&out).contains("--checkpoint-every"));
+}
