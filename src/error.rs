@@ -23,3 +23,13 @@ pub struct ModuleChanged {
     pub expected: String,
     pub actual: String,
 }
+
+/// Another live process writes this task's output file.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another writer owns this task: output {} is locked by another live wasnap process",
+    path.display()
+)]
+pub struct OutputLocked {
+    pub path: std::path::PathBuf,
+}

@@ -18,5 +18,5 @@ pub mod store;
 pub mod stream;
 pub mod task;
 
-pub use error::{Fenced, ModuleChanged};
+pub use error::{Fenced, ModuleChanged, OutputLocked};
 pub use task::{CheckpointObserver, CheckpointStats, RunConfig, RunSummary, Task};

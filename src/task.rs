@@ -123,6 +123,9 @@ impl Task {
         let guest = Guest::load(&config.guest)?;
         let module_sha256 = guest.module_sha256();
         let writer_id = new_writer_id()?;
+        // Lock the output before reading the store: a second writer must stop here, before
+        // it could cut back output that the live one commits meanwhile.
+        let mut sink = FileSink::open(&config.output)?;
         let newest = store.generations()?.last().copied();
         let task = match newest {
             Some(generation) => {
@@ -140,7 +143,7 @@ impl Task {
                 let committed = snapshot::restore(&mut instance, &manifest, &store)
                     .with_context(|| format!("cannot restore checkpoint {generation}"))?;
                 let source = LineSource::open(&config.input, manifest.input_offset)?;
-                let sink = FileSink::open(&config.output, manifest.output_marker)?;
+                sink.resume_at(manifest.output_marker)?;
                 Task {
                     store,
                     instance,
@@ -158,7 +161,7 @@ impl Task {
             }
             None => {
                 let mut instance = guest.instantiate(config.random_seed, 0)?;
-                let sink = FileSink::open(&config.output, 0)?;
+                sink.resume_at(0)?;
                 let source = LineSource::open(&config.input, 0)?;
                 instance.start_fresh()?;
                 let memories = instance.memory_count();
@@ -202,7 +205,7 @@ impl Task {
             }
             if let Err(err) = self.instance.process(&record) {
                 // Only committed output may stay: the next run replays from the checkpoint.
-                self.sink.cut_back(self.committed_marker)?;
+                self.sink.resume_at(self.committed_marker)?;
                 return Err(err.context(format!("record at input byte offset {offset_before}")));
             }
             self.instance.take_emitted(self.sink.buffer());

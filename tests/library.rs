@@ -145,16 +145,18 @@ fn commits_are_create_only_on_every_backend() {
         let store = CheckpointStore::open(url).unwrap();
         let input = dir.path().join("in");
         std::fs::write(&input, lines(0, 5)).unwrap();
-        let config = RunConfig::new(guest("wat-globals"), &input, dir.path().join("out"));
-        // Two tasks over one object store (for memory:// they must share the instance).
+        // Two tasks (as on two machines: two outputs) over one object store; for
+        // memory:// they must share the instance.
+        let config_a = RunConfig::new(guest("wat-globals"), &input, dir.path().join("out-a"));
+        let config_b = RunConfig::new(guest("wat-globals"), &input, dir.path().join("out-b"));
         let shared = store.object_store().clone();
         let mut a = Task::open(
-            &config,
+            &config_a,
             CheckpointStore::from_object_store(shared.clone(), url).unwrap(),
         )
         .unwrap();
         let mut b = Task::open(
-            &config,
+            &config_b,
             CheckpointStore::from_object_store(shared, url).unwrap(),
         )
         .unwrap();

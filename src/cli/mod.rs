@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::error::Fenced;
+use crate::error::{Fenced, OutputLocked};
 use crate::task::{self, NoObserver, RunConfig};
 
 #[derive(Parser)]
@@ -101,7 +101,9 @@ pub fn main() -> ExitCode {
         Err(err) => {
             // One line naming the cause, outermost context first.
             eprintln!("wasnap: error: {err:#}");
-            if err.downcast_ref::<Fenced>().is_some() {
+            if err.downcast_ref::<Fenced>().is_some()
+                || err.downcast_ref::<OutputLocked>().is_some()
+            {
                 ExitCode::from(EXIT_FENCED)
             } else {
                 ExitCode::FAILURE

@@ -174,22 +174,30 @@ impl CheckpointStore {
     /// Returns the manifest's size in bytes.
     pub fn commit_manifest(&self, manifest: &Manifest) -> Result<usize> {
         let path = manifest_path(manifest.generation);
-        let bytes = manifest.encode()?;
+        let bytes = Bytes::from(manifest.encode()?);
         let len = bytes.len();
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
-        match self
-            .runtime
-            .block_on(self.objects.put_opts(&path, PutPayload::from(bytes), opts))
-        {
+        match self.runtime.block_on(self.objects.put_opts(
+            &path,
+            PutPayload::from(bytes.clone()),
+            opts,
+        )) {
             Ok(_) => Ok(len),
             Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Err(Fenced {
-                generation: manifest.generation,
+            | Err(object_store::Error::Precondition { .. }) => {
+                // A retried put whose first attempt did land finds its own manifest: that is
+                // a commit, not a lost race. Manifest bytes are unique per writer.
+                match self.get(&path) {
+                    Ok(existing) if existing == bytes => Ok(len),
+                    _ => Err(Fenced {
+                        generation: manifest.generation,
+                    }
+                    .into()),
+                }
             }
-            .into()),
             Err(e) => Err(anyhow!(e).context(format!(
                 "cannot commit manifest {path} to store {}",
                 self.label

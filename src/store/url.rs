@@ -3,16 +3,26 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use object_store::ObjectStore;
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::prefix::PrefixStore;
+use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
 /// Open the object store a `--store` argument names:
 /// - `DIR` or `file:///DIR`: a local directory (created if missing), every write fsynced;
+/// - `s3://BUCKET[/PREFIX]`: S3, configured the usual way from the environment
+///   (`AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+///   `AWS_REGION`, …);
 /// - `memory://`: in memory, gone when the process exits (tests, trying things out).
 pub fn open_object_store(url: &str) -> Result<Arc<dyn ObjectStore>> {
     if url == "memory://" || url == "memory:///" {
         return Ok(Arc::new(InMemory::new()));
+    }
+    if let Some(rest) = url.strip_prefix("s3://") {
+        return open_s3(url, rest);
     }
     let dir = if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
@@ -21,7 +31,7 @@ pub fn open_object_store(url: &str) -> Result<Arc<dyn ObjectStore>> {
         path
     } else if let Some((scheme, _)) = url.split_once("://") {
         bail!(
-            "store URL {url:?}: unknown scheme `{scheme}` (expected a directory, file:///DIR or memory://)"
+            "store URL {url:?}: unknown scheme `{scheme}` (expected a directory, file:///DIR, s3://BUCKET/PREFIX or memory://)"
         );
     } else {
         url
@@ -35,4 +45,41 @@ pub fn open_object_store(url: &str) -> Result<Arc<dyn ObjectStore>> {
         .with_context(|| format!("cannot open store directory {dir}"))?
         .with_fsync(true);
     Ok(Arc::new(fs))
+}
+
+/// Transient S3 errors (5xx, dropped connections) are retried with exponential backoff
+/// inside a checkpoint; past this budget the checkpoint fails and the run stops.
+fn s3_retry() -> RetryConfig {
+    let budget = std::env::var("WASNAP_S3_RETRY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: 8,
+        retry_timeout: Duration::from_secs(budget),
+    }
+}
+
+fn open_s3(url: &str, rest: &str) -> Result<Arc<dyn ObjectStore>> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        bail!("store URL {url:?}: no bucket (expected s3://BUCKET/PREFIX)");
+    }
+    // Errors from the builder name the setting, never its value: no credential leaks.
+    let s3 = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_retry(s3_retry())
+        .build()
+        .with_context(|| format!("cannot configure S3 for store {url:?}"))?;
+    let prefix = prefix.trim_matches('/');
+    Ok(if prefix.is_empty() {
+        Arc::new(s3)
+    } else {
+        Arc::new(PrefixStore::new(s3, prefix))
+    })
 }

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use crate::error::OutputLocked;
+
 /// Buffered output is written to the file (not yet fsynced) past this size.
 const WRITE_THRESHOLD: usize = 1 << 20;
 
@@ -25,9 +27,10 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// Open `path` for a task whose last committed flush marker is `marker` (0 on a fresh
-    /// start): the file is created if missing and cut back to `marker`.
-    pub fn open(path: &Path, marker: u64) -> Result<Self> {
+    /// Open `path` (created if missing) and lock it: one live writer per output file, so a
+    /// second process on the same task stops before it can cut back output the first one
+    /// committed. The lock goes with the process, even on SIGKILL.
+    pub fn open(path: &Path) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -35,33 +38,53 @@ impl FileSink {
             .truncate(false)
             .open(path)
             .with_context(|| format!("cannot open output {}", path.display()))?;
-        let len = file
-            .metadata()
-            .with_context(|| format!("cannot stat output {}", path.display()))?
-            .len();
-        if len < marker {
-            bail!(
-                "output {} is {len} bytes but the checkpoint made {marker} bytes durable: the output was truncated or replaced",
-                path.display()
-            );
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(OutputLocked {
+                    path: path.to_path_buf(),
+                }
+                .into());
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("cannot lock output {}", path.display())));
+            }
         }
-        if len > marker {
-            file.set_len(marker).with_context(|| {
-                format!(
-                    "cannot cut output {} back to {marker} bytes",
-                    path.display()
-                )
-            })?;
-        }
-        file.sync_all()
-            .with_context(|| format!("cannot fsync output {}", path.display()))?;
         sync_parent_dir(path)?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
-            written: marker,
+            written: 0,
             buffer: Vec::with_capacity(WRITE_THRESHOLD),
         })
+    }
+
+    /// Continue after the checkpoint whose flush marker is `marker` (0 on a fresh start):
+    /// cut the file back to it.
+    pub fn resume_at(&mut self, marker: u64) -> Result<()> {
+        let path = self.path.display();
+        let len = self
+            .file
+            .metadata()
+            .with_context(|| format!("cannot stat output {path}"))?
+            .len();
+        if len < marker {
+            bail!(
+                "output {path} is {len} bytes but the checkpoint made {marker} bytes durable: the output was truncated or replaced"
+            );
+        }
+        if len > marker {
+            self.file
+                .set_len(marker)
+                .with_context(|| format!("cannot cut output {path} back to {marker} bytes"))?;
+        }
+        self.file
+            .sync_all()
+            .with_context(|| format!("cannot fsync output {path}"))?;
+        self.written = marker;
+        self.buffer.clear();
+        Ok(())
     }
 
     /// Append emitted bytes (whole records with their newlines).
@@ -140,13 +163,15 @@ mod tests {
     fn opening_at_a_marker_cuts_back_uncommitted_output() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out");
-        let mut sink = FileSink::open(&path, 0).unwrap();
+        let mut sink = FileSink::open(&path).unwrap();
+        sink.resume_at(0).unwrap();
         sink.buffer().extend_from_slice(b"a\nb\n");
         assert_eq!(sink.flush_durable().unwrap(), 4);
         sink.buffer().extend_from_slice(b"uncommitted\n");
         sink.flush_durable().unwrap();
         drop(sink);
-        let mut sink = FileSink::open(&path, 4).unwrap();
+        let mut sink = FileSink::open(&path).unwrap();
+        sink.resume_at(4).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"a\nb\n");
         sink.buffer().extend_from_slice(b"c\n");
         sink.flush_durable().unwrap();
@@ -158,7 +183,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out");
         std::fs::write(&path, b"ab").unwrap();
-        let err = FileSink::open(&path, 10).err().unwrap();
+        let err = FileSink::open(&path).unwrap().resume_at(10).err().unwrap();
         assert!(format!("{err:#}").contains("truncated or replaced"));
+    }
+
+    #[test]
+    fn a_second_writer_on_the_same_output_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let first = FileSink::open(&path).unwrap();
+        let err = FileSink::open(&path).err().unwrap();
+        assert!(err.downcast_ref::<OutputLocked>().is_some(), "{err:#}");
+        drop(first);
+        FileSink::open(&path).unwrap();
     }
 }

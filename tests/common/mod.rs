@@ -2,10 +2,14 @@
 //! project's script), inputs, and running the real `wasnap` binary.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use wasnap::store::CheckpointStore;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -33,8 +37,106 @@ pub fn guest(name: &str) -> PathBuf {
     path
 }
 
+/// The `wasnap` binary, with the test S3 server's settings if one was started.
 pub fn wasnap() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wasnap"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasnap"));
+    if let Some(s3) = S3.get() {
+        cmd.envs(s3.env.iter().map(|(k, v)| (k, v)));
+    }
+    cmd
+}
+
+/// The test S3 server: the one named by the environment (scripts/test.sh starts one), or
+/// else one started for this test binary, which exits when the binary does.
+pub struct S3Server {
+    pub env: Vec<(String, String)>,
+}
+
+static S3: OnceLock<S3Server> = OnceLock::new();
+
+pub fn s3() -> &'static S3Server {
+    S3.get_or_init(|| {
+        const KEYS: [&str; 6] = [
+            "AWS_ENDPOINT",
+            "AWS_ALLOW_HTTP",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_REGION",
+            "WASNAP_TEST_S3_BUCKET",
+        ];
+        if KEYS.iter().all(|k| std::env::var(k).is_ok()) {
+            return S3Server {
+                env: KEYS
+                    .iter()
+                    .map(|k| (k.to_string(), std::env::var(k).unwrap()))
+                    .collect(),
+            };
+        }
+        let out = Command::new(root().join("scripts/s3-server.sh"))
+            .args(["start", "--parent-pid", &std::process::id().to_string()])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/s3-server.sh");
+        assert!(out.status.success(), "scripts/s3-server.sh start failed");
+        let env = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        S3Server { env }
+    })
+}
+
+impl S3Server {
+    pub fn var(&self, key: &str) -> &str {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("{key} not set"))
+    }
+
+    /// A store URL no other test uses.
+    pub fn fresh_url(&self, test: &str) -> String {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "s3://{}/{test}-{}-{n}",
+            self.var("WASNAP_TEST_S3_BUCKET"),
+            std::process::id()
+        )
+    }
+
+    /// An S3 object store for `url`, built from this server's settings (not the process
+    /// environment, which tests do not change).
+    pub fn object_store(
+        &self,
+        url: &str,
+        endpoint: Option<&str>,
+    ) -> std::sync::Arc<dyn object_store::ObjectStore> {
+        let rest = url.strip_prefix("s3://").unwrap();
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(endpoint.unwrap_or(self.var("AWS_ENDPOINT")))
+            .with_allow_http(true)
+            .with_access_key_id(self.var("AWS_ACCESS_KEY_ID"))
+            .with_secret_access_key(self.var("AWS_SECRET_ACCESS_KEY"))
+            .with_region(self.var("AWS_REGION"))
+            .with_bucket_name(bucket)
+            .build()
+            .unwrap();
+        std::sync::Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
+    }
+}
+
+/// Open a store URL in this process: S3 through the test server, anything else as the CLI would.
+pub fn open_store(url: &str) -> CheckpointStore {
+    if url.starts_with("s3://") {
+        CheckpointStore::from_object_store(s3().object_store(url, None), url).unwrap()
+    } else {
+        CheckpointStore::open(url).unwrap()
+    }
 }
 
 /// A small deterministic generator (xorshift), so inputs and kill times can be reproduced from a seed.
@@ -186,7 +288,7 @@ pub fn run_with_kills(
 
 /// The newest committed checkpoint's flush marker in the local store at `dir`, if any.
 pub fn newest_marker(store: &str) -> Option<u64> {
-    let store = wasnap::store::CheckpointStore::open(store).unwrap();
+    let store = open_store(store);
     let newest = *store.generations().unwrap().last()?;
     Some(store.read_manifest(newest).unwrap().output_marker)
 }
@@ -212,4 +314,66 @@ pub fn assert_committed_prefix(output: &Path, store: &str, expected: &[u8]) {
         actual[..marker] == expected[..marker],
         "committed output (first {marker} bytes) differs from the reference"
     );
+}
+
+const KILLS: usize = 10;
+
+/// Compare two outputs and, on a mismatch, say where they part (not a 10 MB diff).
+pub fn assert_same_output(actual: &[u8], expected: &[u8], what: &str) {
+    if actual == expected {
+        return;
+    }
+    let (a, e): (Vec<_>, Vec<_>) = (
+        actual.split(|b| *b == b'\n').collect(),
+        expected.split(|b| *b == b'\n').collect(),
+    );
+    let line = a
+        .iter()
+        .zip(&e)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(e.len()));
+    panic!(
+        "{what}: output differs from the uninterrupted run at line {line} ({} vs {} bytes): got {:?}, expected {:?}",
+        actual.len(),
+        expected.len(),
+        a.get(line).map(|l| String::from_utf8_lossy(l)),
+        e.get(line).map(|l| String::from_utf8_lossy(l)),
+    );
+}
+
+/// Kill a run of `guest_name` over `records` generated records `KILLS` times, finish it,
+/// and compare with an uninterrupted run; the checkpoints go to `store`.
+pub fn crash_test_on(guest_name: &str, records: usize, numbers: bool, every: u64, store: &str) {
+    let guest = guest(guest_name);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    write_input(&input, records, 5000, numbers);
+
+    // The reference: one run, never interrupted, checkpointing only at the end.
+    let expected_path = dir.path().join("expected");
+    let reference_store = dir.path().join("reference-store");
+    run_ok(&run_args(
+        &guest,
+        &input,
+        &expected_path,
+        reference_store.to_str().unwrap(),
+        1 << 40,
+    ));
+
+    let expected = std::fs::read(&expected_path).unwrap();
+    assert!(!expected.is_empty());
+
+    let output = dir.path().join("output");
+    let args = run_args(&guest, &input, &output, store, every);
+    let mut rng = Rng::from_env_or_clock(guest_name);
+    let window = (Duration::from_millis(20), Duration::from_millis(250));
+    let killed = run_with_kills(&args, KILLS, window, &mut rng, || {
+        assert_committed_prefix(&output, store, &expected)
+    });
+    assert!(killed >= KILLS);
+    assert_same_output(&std::fs::read(&output).unwrap(), &expected, guest_name);
+
+    // Running once more on a finished task changes nothing.
+    run_ok(&args);
+    assert_same_output(&std::fs::read(&output).unwrap(), &expected, guest_name);
 }

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Start or stop the test S3 server (moto, see s3_server.py) on 127.0.0.1 and a free port.
+#
+#   scripts/s3-server.sh start [--parent-pid PID]   prints `export …` lines for the S3 settings
+#   scripts/s3-server.sh stop                       stops the server started last, by its PID
+#
+# The Python environment is created in .venv on first use from s3-requirements.txt.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+state="$root/target/s3-server"
+venv="$root/.venv"
+
+ensure_venv() {
+  local stamp="$venv/.requirements"
+  if ! cmp -s "$root/scripts/s3-requirements.txt" "$stamp" 2>/dev/null; then
+    echo "s3-server: installing moto into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/scripts/s3-requirements.txt" >&2
+    cp "$root/scripts/s3-requirements.txt" "$stamp"
+  fi
+}
+
+case "${1:-}" in
+  start)
+    shift
+    mkdir -p "$state"
+    exec 9>"$state/.lock"
+    flock 9
+    ensure_venv
+    run_dir="$(mktemp -d "$state/run.XXXXXX")"
+    "$venv/bin/python" "$root/scripts/s3_server.py" --port-file "$run_dir/port" --bucket wasnap "$@" \
+      >"$run_dir/log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 300); do
+      [ -f "$run_dir/port" ] && break
+      kill -0 "$pid" 2>/dev/null || { cat "$run_dir/log" >&2; echo "s3-server: failed to start" >&2; exit 1; }
+      sleep 0.1
+    done
+    [ -f "$run_dir/port" ] || { echo "s3-server: no port after 30 s" >&2; kill "$pid"; exit 1; }
+    echo "$pid" >"$state/pid"
+    cat <<EXPORTS
+export AWS_ENDPOINT=http://127.0.0.1:$(cat "$run_dir/port")
+export AWS_ALLOW_HTTP=true
+export AWS_ACCESS_KEY_ID=wasnap-test-key
+export AWS_SECRET_ACCESS_KEY=wasnap-test-secret
+export AWS_REGION=us-east-1
+export WASNAP_TEST_S3_BUCKET=wasnap
+export WASNAP_TEST_S3_PID=$pid
+EXPORTS
+    ;;
+  stop)
+    if [ -f "$state/pid" ]; then
+      kill "$(cat "$state/pid")" 2>/dev/null || true
+      rm -f "$state/pid"
+    fi
+    ;;
+  *)
+    echo "usage: $0 start [--parent-pid PID] | stop" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,370 @@
+//! The same guarantees against a real S3 server (moto, started by the project's scripts):
+//! crash recovery, fencing of a second writer, commit races, and S3 going away.
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::proxy::Proxy;
+use common::*;
+use wasnap::Fenced;
+use wasnap::guest::GlobalValue;
+use wasnap::store::manifest::{Manifest, MemoryManifest, PageRef};
+use wasnap::store::pack::{Encoding, FrameRef};
+use wasnap::store::pack_name;
+
+#[test]
+fn rust_wordcount_survives_kill_9_on_s3() {
+    crash_test_on(
+        "wordcount",
+        300_000,
+        false,
+        200,
+        &s3().fresh_url("crash-wordcount"),
+    );
+}
+
+#[test]
+fn rust_window_survives_kill_9_on_s3() {
+    crash_test_on(
+        "window",
+        250_000,
+        true,
+        200,
+        &s3().fresh_url("crash-window"),
+    );
+}
+
+#[test]
+fn wat_globals_guest_survives_kill_9_on_s3() {
+    crash_test_on(
+        "wat-globals",
+        300_000,
+        false,
+        200,
+        &s3().fresh_url("crash-wat"),
+    );
+}
+
+/// A manifest of about `pages` page entries whose bytes do not compress much.
+fn big_manifest(generation: u64, writer_id: [u8; 16], pages: u32, rng: &mut Rng) -> Manifest {
+    Manifest {
+        generation,
+        writer_id,
+        module_sha256: [1; 32],
+        input_offset: rng.next(),
+        output_marker: rng.next(),
+        random_seed: 0,
+        random_position: 0,
+        created_unix_ms: 0,
+        packs: vec![pack_name(generation, &writer_id)],
+        globals: vec![GlobalValue::I32(rng.next() as i32)],
+        memories: vec![MemoryManifest {
+            byte_len: (u64::from(pages) + 1) << 16,
+            digest: rng.next(),
+            pages: (0..pages)
+                .map(|page| PageRef {
+                    page,
+                    encoding: Encoding::Zstd,
+                    pack: 0,
+                    frame: FrameRef {
+                        offset: rng.next() >> 8,
+                        len: rng.next() as u32,
+                    },
+                })
+                .collect(),
+        }],
+    }
+}
+
+#[test]
+fn sixteen_racing_writers_one_winner_every_round() {
+    const WRITERS: usize = 16;
+    const ROUNDS: u64 = 20;
+    let url = s3().fresh_url("race");
+    let mut seed_rng = Rng::from_env_or_clock("race");
+    for round in 1..=ROUNDS {
+        // Every fifth round: manifests and packs over 5 MB, where stock moto let two win.
+        let big = round % 5 == 0;
+        let pages = if big { 500_000 } else { 100 };
+        let pack_bytes = if big { 6 << 20 } else { 1000 };
+        let barrier = Arc::new(Barrier::new(WRITERS));
+        let results: Vec<(u8, anyhow::Result<usize>, usize)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..WRITERS)
+                .map(|w| {
+                    let (barrier, url) = (barrier.clone(), url.clone());
+                    let mut rng = Rng::new(seed_rng.next());
+                    scope.spawn(move || {
+                        let store = open_store(&url);
+                        let writer_id = [w as u8; 16];
+                        let manifest = big_manifest(round, writer_id, pages, &mut rng);
+                        let size = manifest.encode().unwrap().len();
+                        store
+                            .put_pack(&pack_name(round, &writer_id), vec![w as u8; pack_bytes])
+                            .unwrap();
+                        barrier.wait();
+                        (w as u8, store.commit_manifest(&manifest), size)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners: Vec<u8> = results
+            .iter()
+            .filter(|(_, r, _)| r.is_ok())
+            .map(|(w, _, _)| *w)
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        for (_, result, _) in results.iter().filter(|(_, r, _)| r.is_err()) {
+            let err = result.as_ref().unwrap_err();
+            assert!(
+                err.downcast_ref::<Fenced>().is_some(),
+                "round {round}: a loser failed otherwise: {err:#}"
+            );
+        }
+        if big {
+            assert!(
+                results.iter().all(|(_, _, size)| *size > 5 << 20),
+                "round {round}: manifests are not over 5 MB"
+            );
+        }
+        // What the store holds is the winner's manifest, whole.
+        let stored = open_store(&url).read_manifest(round).unwrap();
+        assert_eq!(stored.writer_id, [winners[0]; 16], "round {round}");
+        assert_eq!(stored.memories[0].pages.len(), pages as usize);
+    }
+}
+
+#[test]
+fn a_second_run_on_a_live_task_is_fenced_and_a_third_finishes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 400_000, 5000, false);
+    let reference = dir.path().join("reference");
+    run_ok(&run_args(
+        &guest("wordcount"),
+        &input,
+        &reference,
+        "memory://",
+        1 << 40,
+    ));
+
+    let url = s3().fresh_url("two-writers");
+    let output = dir.path().join("out");
+    let args = run_args(&guest("wordcount"), &input, &output, &url, 200);
+    let mut first = wasnap()
+        .args(&args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the first writer has committed, then start a second on the same task.
+    let started = Instant::now();
+    while newest_marker(&url).is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the first writer never committed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = run(&args);
+    assert_eq!(
+        second.status.code(),
+        Some(3),
+        "second writer: {}",
+        stderr(&second)
+    );
+    assert!(
+        stderr(&second).contains("another writer owns this task"),
+        "{}",
+        stderr(&second)
+    );
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first writer should still be running"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    run_ok(&args);
+    assert_same_output(
+        &std::fs::read(&output).unwrap(),
+        &std::fs::read(&reference).unwrap(),
+        "two writers",
+    );
+}
+
+/// Run `args` with the S3 endpoint replaced by `endpoint`.
+fn wasnap_via(endpoint: &str, args: &[String]) -> std::process::Command {
+    let mut cmd = wasnap();
+    cmd.args(args)
+        .env("AWS_ENDPOINT", endpoint)
+        .env("WASNAP_S3_RETRY_SECS", "3")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn upstream() -> std::net::SocketAddr {
+    s3().var("AWS_ENDPOINT")
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn s3_going_away_stops_the_run_cleanly_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 300_000, 5000, false);
+    let reference = dir.path().join("reference");
+    run_ok(&run_args(
+        &guest("wordcount"),
+        &input,
+        &reference,
+        "memory://",
+        1 << 40,
+    ));
+
+    let url = s3().fresh_url("outage");
+    let output = dir.path().join("out");
+    let args = run_args(&guest("wordcount"), &input, &output, &url, 200);
+    let mut proxy = Proxy::start(upstream(), 0);
+    let child = wasnap_via(&proxy.endpoint(), &args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while newest_marker(&url).is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no checkpoint before the outage"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    proxy.stop();
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("wasnap: error:") && err.contains("store"),
+        "unclear error: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // What was committed before the outage is intact.
+    assert_committed_prefix(&output, &url, &std::fs::read(&reference).unwrap());
+
+    proxy.restart();
+    let out = wasnap_via(&proxy.endpoint(), &args).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_output(
+        &std::fs::read(&output).unwrap(),
+        &std::fs::read(&reference).unwrap(),
+        "outage",
+    );
+}
+
+#[test]
+fn transient_s3_errors_are_retried_inside_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 20_000, 500, false);
+    let reference = dir.path().join("reference");
+    run_ok(&run_args(
+        &guest("wordcount"),
+        &input,
+        &reference,
+        "memory://",
+        1 << 40,
+    ));
+
+    let proxy = Proxy::start(upstream(), 2); // every other new connection: 503
+    let url = s3().fresh_url("flaky");
+    let output = dir.path().join("out");
+    let out = wasnap_via(
+        &proxy.endpoint(),
+        &run_args(&guest("wordcount"), &input, &output, &url, 500),
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        proxy.faults.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "no fault was injected"
+    );
+    assert_same_output(
+        &std::fs::read(&output).unwrap(),
+        &std::fs::read(&reference).unwrap(),
+        "flaky",
+    );
+    assert!(open_store(&url).generations().unwrap().len() >= 40);
+}
+
+#[test]
+fn credentials_never_appear_in_errors_or_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 100, 50, false);
+    let secret = "wasnap-Very-Secret-Key-0123456789";
+    // Nothing listens on the endpoint: every request fails, and is retried, and logged.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = wasnap()
+        .args(run_args(
+            &guest("wordcount"),
+            &input,
+            &dir.path().join("out"),
+            "s3://wasnap/creds",
+            10,
+        ))
+        .env("AWS_ENDPOINT", format!("http://{unused}"))
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("WASNAP_S3_RETRY_SECS", "1")
+        .env("WASNAP_LOG", "trace")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let (err, outp) = (
+        stderr(&out),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    );
+    assert!(err.contains("wasnap: error:"), "{err}");
+    assert!(
+        !err.contains(secret) && !outp.contains(secret),
+        "the secret key leaked: {err}"
+    );
+
+    let out = run(&run_args(
+        &guest("wordcount"),
+        &input,
+        &dir.path().join("out"),
+        "s3:///nobucket",
+        10,
+    ));
+    assert!(stderr(&out).contains("no bucket"), "{}", stderr(&out));
+}
+
+#[test]
+fn inspect_reads_an_s3_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 1000, 50, false);
+    let url = s3().fresh_url("inspect");
+    run_ok(&run_args(
+        &guest("wordcount"),
+        &input,
+        &dir.path().join("out"),
+        &url,
+        250,
+    ));
+    let out = wasnap()
+        .args(["inspect", "--store", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(text.lines().count(), 1 + 4, "{text}");
+}
