@@ -14,10 +14,22 @@ flock 9
 # Rust guests (cdylib reactors for wasm32-wasip1).
 cargo build --quiet --release --target wasm32-wasip1 \
   --manifest-path "$root/guests/rust/Cargo.toml" --target-dir "$root/target/guests/rust"
-for g in wordcount window; do
+for g in wordcount window counter bigstate; do
   install -m 0644 "$root/target/guests/rust/wasm32-wasip1/release/$g.wasm" "$out/$g.wasm.tmp"
   mv "$out/$g.wasm.tmp" "$out/$g.wasm"
 done
+
+# C guests (WASI reactors: `_initialize` runs libc's constructors on a fresh start).
+for src in "$root"/guests/c/*.c; do
+  name="c-$(basename "$src" .c)"
+  clang --target=wasm32-wasi --sysroot=/usr -O2 -mexec-model=reactor -o "$out/$name.wasm.tmp" "$src"
+  mv "$out/$name.wasm.tmp" "$out/$name.wasm"
+done
+
+# AssemblyScript guest (compiler pinned in package-lock.json, installed by setup.sh).
+(cd "$root/guests/assemblyscript" && npm run --silent build)
+install -m 0644 "$root/guests/assemblyscript/build/inventory.wasm" "$out/as-inventory.wasm.tmp"
+mv "$out/as-inventory.wasm.tmp" "$out/as-inventory.wasm"
 
 # WAT guests.
 for src in "$root"/guests/wat/*.wat; do

@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
 # Install everything wasnap's build, guests and tests need on a fresh Debian machine with
-# rustup: the wasm32-wasip1 target and the Debian tools the guests are built with.
-# Idempotent and quick when everything is already there.
+# rustup, Python 3 and Node.js: the wasm32-wasip1 Rust target, the Debian toolchains the
+# C and WAT guests are built with, and the pinned AssemblyScript compiler from npm.
+# (The test S3 server's Python environment is made by scripts/s3-server.sh on first use.)
+# Idempotent, and quick when everything is already there.
 set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
 
 if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   echo "setup: adding the wasm32-wasip1 Rust target"
   rustup target add wasm32-wasip1
 fi
 
-# Debian packages, by the command (or file) that shows each is installed.
+# Debian: wabt (wat2wasm) for WAT guests; clang, lld, wasi-libc and the wasm32 compiler
+# runtime (the linker needs its builtins) for C guests.
+packages=(wabt clang lld wasi-libc libclang-rt-14-dev-wasm32)
 missing=()
-command -v wat2wasm >/dev/null || missing+=(wabt)
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing Debian packages: ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# npm: the AssemblyScript compiler, at the version package-lock.json pins.
+as="$root/guests/assemblyscript"
+if ! cmp -s "$as/package-lock.json" "$as/node_modules/.package-lock.json" 2>/dev/null; then
+  echo "setup: installing the AssemblyScript compiler (npm ci)"
+  (cd "$as" && npm ci --no-audit --no-fund --loglevel=error)
 fi

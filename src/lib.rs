@@ -10,6 +10,7 @@
 //! restart (task): newest manifest ─▶ snapshot::restore ─▶ seek input, cut output back
 //! ```
 
+pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod guest;

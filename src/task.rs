@@ -81,6 +81,9 @@ pub struct CheckpointStats {
 pub trait CheckpointObserver {
     fn started(&mut self, _generation: u64) {}
     fn finished(&mut self, _generation: u64, _outcome: Result<&CheckpointStats, &anyhow::Error>) {}
+    /// After a successful commit, with the guest still paused exactly as captured; not
+    /// counted in the stall (the benchmark computes its baseline here).
+    fn after_commit(&mut self, _generation: u64, _instance: &GuestInstance) {}
 }
 
 /// An observer that ignores everything.
@@ -239,6 +242,9 @@ impl Task {
         observer.started(generation);
         let outcome = self.try_checkpoint(generation);
         observer.finished(generation, outcome.as_ref());
+        if outcome.is_ok() {
+            observer.after_commit(generation, &self.instance);
+        }
         outcome
     }
 

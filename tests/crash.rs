@@ -25,3 +25,13 @@ fn rust_window_survives_kill_9() {
 fn wat_globals_guest_survives_kill_9() {
     crash_test("wat-globals", 300_000, false, 200);
 }
+
+#[test]
+fn c_sessions_guest_survives_kill_9() {
+    crash_test("c-sessions", 300_000, false, 200);
+}
+
+#[test]
+fn assemblyscript_inventory_guest_survives_kill_9() {
+    crash_test("as-inventory", 300_000, false, 200);
+}

@@ -14,10 +14,14 @@ fn lines(from: usize, to: usize) -> String {
     (from..to).map(|i| format!("record number {i}\n")).collect()
 }
 
-/// Run the WAT guest (state only in non-exported globals) over 400 records, then append 400
-/// more and resume; `tamper` may change the restored instance before it goes on.
-fn resume_after_append(dir: &Path, tamper: impl FnOnce(&mut Task)) -> Vec<u8> {
-    let guest = guest("wat-globals");
+/// Run `guest_name` over 400 records, then append 400 more and resume; `tamper` may
+/// change the restored instance before it goes on.
+fn resume_after_append(
+    guest_name: &str,
+    dir: &Path,
+    tamper: impl FnOnce(&mut Task),
+) -> anyhow::Result<Vec<u8>> {
+    let guest = guest(guest_name);
     std::fs::create_dir_all(dir).unwrap();
     let input = dir.join("in");
     let output = dir.join("out");
@@ -35,44 +39,60 @@ fn resume_after_append(dir: &Path, tamper: impl FnOnce(&mut Task)) -> Vec<u8> {
     std::fs::write(&input, lines(0, 800)).unwrap();
     let mut task = Task::open(&config, CheckpointStore::open(store_url).unwrap()).unwrap();
     tamper(&mut task);
-    task.run(&config, &mut NoObserver).unwrap();
-    std::fs::read(&output).unwrap()
+    task.run(&config, &mut NoObserver)?;
+    Ok(std::fs::read(&output).unwrap())
 }
 
-fn uninterrupted(dir: &Path) -> Vec<u8> {
-    let input = dir.join("in");
-    let output = dir.join("reference");
+fn uninterrupted(guest_name: &str, dir: &Path) -> Vec<u8> {
+    let input = dir.join(format!("{guest_name}-in"));
+    let output = dir.join(format!("{guest_name}-reference"));
     std::fs::write(&input, lines(0, 800)).unwrap();
-    let config = RunConfig::new(guest("wat-globals"), &input, &output);
+    let config = RunConfig::new(guest(guest_name), &input, &output);
     wasnap::task::run(&config, "memory://", &mut NoObserver).unwrap();
     std::fs::read(&output).unwrap()
 }
 
-#[test]
-fn restoring_non_exported_globals_is_what_makes_resume_exact() {
+/// Resuming with the guest's non-exported globals restored gives the uninterrupted output;
+/// resuming with them put back to a fresh instance's values (as an engine that snapshots
+/// memory only would leave them) does not: either the output differs or the guest breaks.
+fn globals_make_the_difference(guest_name: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let reference = uninterrupted(dir.path());
+    let reference = uninterrupted(guest_name, dir.path());
+    let with_globals = resume_after_append(guest_name, &dir.path().join("with"), |_| {}).unwrap();
     assert_eq!(
-        resume_after_append(&dir.path().join("a"), |_| {}),
-        reference
+        with_globals, reference,
+        "{guest_name}: resume with globals differs"
     );
 
-    // The same resume with the globals put back to a fresh instance's values, as an
-    // engine that snapshots memory only would leave them: the output must differ.
-    let fresh_globals = Guest::load(&guest("wat-globals"))
+    let fresh_globals = Guest::load(&guest(guest_name))
         .unwrap()
         .instantiate(0, 0)
         .unwrap()
         .globals()
         .unwrap();
-    let without_globals = resume_after_append(&dir.path().join("b"), |task| {
+    let without = resume_after_append(guest_name, &dir.path().join("without"), |task| {
         task.instance().set_globals(&fresh_globals).unwrap();
     });
-    assert!(!without_globals.is_empty());
-    assert_ne!(
-        without_globals, reference,
-        "a memory-only restore went unnoticed: the test would not bite"
-    );
+    match without {
+        Ok(output) => assert_ne!(
+            output, reference,
+            "{guest_name}: a memory-only restore went unnoticed"
+        ),
+        Err(err) => assert!(
+            format!("{err:#}").contains("trapped"),
+            "{guest_name}: unexpected failure: {err:#}"
+        ),
+    }
+}
+
+#[test]
+fn restoring_non_exported_globals_is_what_makes_the_wat_guest_resume_exactly() {
+    globals_make_the_difference("wat-globals");
+}
+
+#[test]
+fn restoring_non_exported_globals_is_what_makes_the_assemblyscript_guest_resume_exactly() {
+    globals_make_the_difference("as-inventory");
 }
 
 #[derive(Default)]

@@ -48,6 +48,28 @@ fn wat_globals_guest_survives_kill_9_on_s3() {
     );
 }
 
+#[test]
+fn c_sessions_guest_survives_kill_9_on_s3() {
+    crash_test_on(
+        "c-sessions",
+        300_000,
+        false,
+        200,
+        &s3().fresh_url("crash-c"),
+    );
+}
+
+#[test]
+fn assemblyscript_inventory_guest_survives_kill_9_on_s3() {
+    crash_test_on(
+        "as-inventory",
+        300_000,
+        false,
+        200,
+        &s3().fresh_url("crash-as"),
+    );
+}
+
 /// A manifest of about `pages` page entries whose bytes do not compress much.
 fn big_manifest(generation: u64, writer_id: [u8; 16], pages: u32, rng: &mut Rng) -> Manifest {
     Manifest {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::bench;
 use crate::error::{Fenced, OutputLocked};
 use crate::task::{self, NoObserver, RunConfig};
 
@@ -45,6 +46,26 @@ enum Command {
         /// No progress lines on stderr.
         #[arg(long, short)]
         quiet: bool,
+    },
+    /// Measure a guest: per checkpoint, bytes written, stall and costs, beside the Wasman-style baseline.
+    Bench {
+        /// The guest module (.wasm, or .wat text).
+        guest: PathBuf,
+        /// Newline-delimited input records.
+        #[arg(long)]
+        input: PathBuf,
+        /// Take a checkpoint every N records (and at the end of input).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        checkpoint_every: u64,
+        /// Checkpoint store (must be empty); default: a fresh temporary directory.
+        #[arg(long)]
+        store: Option<String>,
+        /// One JSON object per checkpoint on stdout instead of the summary table.
+        #[arg(long)]
+        json: bool,
+        /// Skip the Wasman-style baseline (full gzip every 5th, FNV-64a 4 KiB deltas).
+        #[arg(long)]
+        no_baseline: bool,
     },
     /// List the checkpoints in a store.
     Inspect {
@@ -91,6 +112,35 @@ pub fn main() -> ExitCode {
                         summary.checkpoints,
                         summary.generation,
                     );
+                }
+            })
+        }
+        Command::Bench {
+            guest,
+            input,
+            checkpoint_every,
+            store,
+            json,
+            no_baseline,
+        } => {
+            let config = bench::BenchConfig {
+                guest,
+                input,
+                checkpoint_every,
+                store,
+                baseline: !no_baseline,
+            };
+            let mut print = |record: &bench::CheckpointRecord| {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(record).expect("a record serialises")
+                    );
+                }
+            };
+            bench::bench(&config, &mut print).map(|report| {
+                if !json {
+                    print!("{}", report.summary(&config.guest.display().to_string()));
                 }
             })
         }

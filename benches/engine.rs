@@ -1,0 +1,258 @@
+//! Criterion benchmarks of the engine's hot paths, with the comparison each target needs:
+//!
+//! - `page_hashing`: XXH3 over 64 KiB pages vs. a plain memcpy of the same bytes;
+//! - `checkpoint`: 16 MiB / 256 MiB / 1 GiB guests at 0.1 %, 1 % and 10 % dirty pages,
+//!   to a local-disk store with fsync (the whole protocol: flush, hash, pack, commit);
+//! - `restore`: the same sizes from local disk, vs. reading the same bytes from the page cache;
+//! - `warm_resume`: instantiate + restore + first `process` of a small guest (module compiled);
+//! - `record_call`: one record through a trivial guest.
+//!
+//! Set `WASNAP_BENCH_SIZES=16,256` (MiB) to skip the 1 GiB cases on a small machine.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use wasnap::guest::Guest;
+use wasnap::snapshot::{self, PAGE_SIZE};
+use wasnap::store::CheckpointStore;
+use wasnap::task::{NoObserver, RunConfig, Task};
+
+const MIB: usize = 1 << 20;
+
+fn sizes_mib() -> Vec<usize> {
+    std::env::var("WASNAP_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![16, 256, 1024])
+}
+
+/// A guest of `mib` MiB whose `process` takes a record of u32 page indices and changes one
+/// byte in each of those pages; a record of one `u32::MAX` fills the whole memory with a
+/// non-repeating pattern (so no page is zero and none compresses to nothing).
+fn sized_guest(mib: usize) -> Vec<u8> {
+    let pages = mib * MIB / 65536;
+    wat::parse_str(format!(
+        r#"(module
+          (memory (export "memory") {pages})
+          (func (export "alloc") (param i32) (result i32) (i32.const 0))
+          (func (export "process") (param $ptr i32) (param $len i32)
+            (local $i i32) (local $addr i32) (local $x i64)
+            (if (i32.eq (i32.load (i32.const 0)) (i32.const -1))
+              (then
+                (local.set $x (i64.const 0x9E3779B97F4A7C15))
+                (loop $fill
+                  (local.set $x (i64.xor (local.get $x) (i64.shl (local.get $x) (i64.const 13))))
+                  (local.set $x (i64.xor (local.get $x) (i64.shr_u (local.get $x) (i64.const 7))))
+                  (local.set $x (i64.xor (local.get $x) (i64.shl (local.get $x) (i64.const 17))))
+                  ;; half-random words: compressible like real heaps, not trivially
+                  (i64.store (local.get $addr) (i64.and (local.get $x) (i64.const 0x0F0F00FF00FF0F0F)))
+                  (local.set $addr (i32.add (local.get $addr) (i32.const 8)))
+                  (br_if $fill (i32.lt_u (local.get $addr) (i32.const {bytes}))))
+                (return)))
+            (loop $pages
+              (local.set $addr (i32.add (i32.mul (i32.load (i32.add (local.get $ptr) (local.get $i))) (i32.const 65536)) (i32.const 65532)))
+              (i32.store8 (local.get $addr) (i32.add (i32.load8_u (local.get $addr)) (i32.const 1)))
+              (local.set $i (i32.add (local.get $i) (i32.const 4)))
+              (br_if $pages (i32.lt_u (local.get $i) (local.get $len))))))"#,
+        bytes = (mib * MIB) as u64 as i64 as i32,
+    ))
+    .unwrap()
+}
+
+struct SizedTask {
+    _dir: tempfile::TempDir,
+    task: Task,
+    store_url: String,
+    guest_path: std::path::PathBuf,
+    pages: usize,
+    rng: u64,
+}
+
+impl SizedTask {
+    fn new(mib: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let guest_path = dir.path().join("guest.wasm");
+        std::fs::write(&guest_path, sized_guest(mib)).unwrap();
+        let input = dir.path().join("input");
+        std::fs::write(&input, "").unwrap();
+        let store_url = dir.path().join("store").display().to_string();
+        let config = RunConfig::new(&guest_path, &input, dir.path().join("output"));
+        let mut task = Task::open(&config, CheckpointStore::open(&store_url).unwrap()).unwrap();
+        task.instance().process(&u32::MAX.to_le_bytes()).unwrap();
+        task.checkpoint(&mut NoObserver).unwrap(); // the first, full checkpoint
+        Self {
+            _dir: dir,
+            task,
+            store_url,
+            guest_path,
+            pages: mib * MIB / PAGE_SIZE,
+            rng: 0x2545_F491_4F6C_DD1D,
+        }
+    }
+
+    /// Change one byte in `count` distinct random pages.
+    fn dirty(&mut self, count: usize) {
+        let mut pages = std::collections::BTreeSet::new();
+        while pages.len() < count.min(self.pages) {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            pages.insert((self.rng % self.pages as u64) as u32);
+        }
+        let record: Vec<u8> = pages.iter().flat_map(|p| p.to_le_bytes()).collect();
+        self.task.instance().process(&record).unwrap();
+    }
+}
+
+fn page_hashing(c: &mut Criterion) {
+    let memory: Vec<u8> = (0..64 * MIB).map(|i| (i * 31 % 251) as u8).collect();
+    let mut copy = vec![0u8; memory.len()];
+    let mut group = c.benchmark_group("page_hashing");
+    group.throughput(Throughput::Bytes(memory.len() as u64));
+    group.bench_function("xxh3_64KiB_pages/64MiB", |b| {
+        b.iter(|| black_box(snapshot::pages::hash_pages(&memory)))
+    });
+    group.bench_function("memcpy/64MiB", |b| {
+        b.iter(|| copy.copy_from_slice(black_box(&memory)))
+    });
+    group.finish();
+}
+
+fn checkpoint(c: &mut Criterion) {
+    let mut group = c.benchmark_group("checkpoint");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(4));
+    for mib in sizes_mib() {
+        let mut sized = SizedTask::new(mib);
+        for permille in [1usize, 10, 100] {
+            let dirty = (sized.pages * permille / 1000).max(1);
+            let id = BenchmarkId::new(
+                format!("{mib}MiB"),
+                format!("{:.1}%_dirty", permille as f64 / 10.0),
+            );
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        sized.dirty(dirty);
+                        let started = Instant::now();
+                        sized.task.checkpoint(&mut NoObserver).unwrap();
+                        total += started.elapsed();
+                    }
+                    total
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn restore(c: &mut Criterion) {
+    let mut group = c.benchmark_group("restore");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(4));
+    for mib in sizes_mib() {
+        let sized = SizedTask::new(mib);
+        let store = CheckpointStore::open(&sized.store_url).unwrap();
+        let newest = *store.generations().unwrap().last().unwrap();
+        let manifest = store.read_manifest(newest).unwrap();
+        let guest = Guest::load(&sized.guest_path).unwrap();
+        group.throughput(Throughput::Bytes((mib * MIB) as u64));
+        group.bench_function(
+            BenchmarkId::new("from_local_disk", format!("{mib}MiB")),
+            |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut instance = guest.instantiate(0, 0).unwrap();
+                        let started = Instant::now();
+                        black_box(snapshot::restore(&mut instance, &manifest, &store).unwrap());
+                        total += started.elapsed();
+                    }
+                    total
+                })
+            },
+        );
+        // The comparison: the same number of bytes read from a file in the page cache.
+        let file = sized._dir.path().join("page-cache-copy");
+        std::fs::write(&file, vec![7u8; mib * MIB]).unwrap();
+        group.bench_function(
+            BenchmarkId::new("read_from_page_cache", format!("{mib}MiB")),
+            |b| b.iter(|| black_box(std::fs::read(&file).unwrap())),
+        );
+    }
+    group.finish();
+}
+
+fn small_guest_task(dir: &Path) -> (std::path::PathBuf, String) {
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guests/wordcount.wasm");
+    assert!(guest.exists(), "run scripts/build-guests.sh first");
+    let input = dir.join("input");
+    let text: String = (0..5000)
+        .map(|i| format!("w{} w{} w{}\n", i % 700, i % 13, i % 101))
+        .collect();
+    std::fs::write(&input, text).unwrap();
+    let store_url = dir.join("store").display().to_string();
+    let config = RunConfig {
+        checkpoint_every: 1000,
+        ..RunConfig::new(&guest, &input, dir.join("output"))
+    };
+    wasnap::task::run(&config, &store_url, &mut NoObserver).unwrap();
+    (guest, store_url)
+}
+
+fn warm_resume(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let (guest_path, store_url) = small_guest_task(dir.path());
+    let guest = Guest::load(&guest_path).unwrap();
+    let store = CheckpointStore::open(&store_url).unwrap();
+    let newest = *store.generations().unwrap().last().unwrap();
+    c.bench_function("warm_resume/wordcount", |b| {
+        b.iter(|| {
+            // Warm: the module is compiled; read the manifest, instantiate, restore, go on.
+            let manifest = store.read_manifest(newest).unwrap();
+            let mut instance = guest
+                .instantiate(manifest.random_seed, manifest.random_position)
+                .unwrap();
+            snapshot::restore(&mut instance, &manifest, &store).unwrap();
+            instance.process(b"hello resumed world").unwrap();
+            black_box(instance.emitted_len())
+        })
+    });
+}
+
+fn record_call(c: &mut Criterion) {
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guests/counter.wasm");
+    assert!(guest.exists(), "run scripts/build-guests.sh first");
+    let mut instance = Guest::load(&guest).unwrap().instantiate(0, 0).unwrap();
+    instance.start_fresh().unwrap();
+    let mut out = Vec::new();
+    let mut group = c.benchmark_group("record_call");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("counter", |b| {
+        b.iter(|| {
+            instance
+                .process(black_box(b"a typical record of some forty bytes...."))
+                .unwrap();
+            instance.take_emitted(&mut out);
+            out.clear();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    page_hashing,
+    record_call,
+    warm_resume,
+    checkpoint,
+    restore
+);
+criterion_main!(benches);

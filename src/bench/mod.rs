@@ -1,0 +1,231 @@
+//! `wasnap bench`: run a guest through the real engine and report, per checkpoint, what
+//! was written and what it cost, beside what the Wasman-style baseline would write.
+
+pub mod baseline;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::guest::GuestInstance;
+use crate::store::CheckpointStore;
+use crate::task::{CheckpointObserver, CheckpointStats, RunConfig, RunSummary, Task};
+use baseline::WasmanBaseline;
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub guest: PathBuf,
+    pub input: PathBuf,
+    pub checkpoint_every: u64,
+    /// Where checkpoints go; a fresh temporary directory (local disk, fsync) if `None`.
+    pub store: Option<String>,
+    /// Also compute the Wasman-style baseline.
+    pub baseline: bool,
+}
+
+/// One checkpoint, as `--json` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckpointRecord {
+    pub generation: u64,
+    pub input_offset: u64,
+    pub memory_bytes: u64,
+    pub dirty_pages: usize,
+    pub zero_pages: usize,
+    /// Everything put to the store for this checkpoint: pack + manifest.
+    pub delta_bytes: usize,
+    pub pack_bytes: usize,
+    pub manifest_bytes: usize,
+    /// Time the guest was paused.
+    pub stall_us: u64,
+    pub hash_us: u64,
+    pub put_us: u64,
+    /// What the Wasman-style baseline writes for the same memory (absent with `--no-baseline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_full: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_hash_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_encode_us: Option<u64>,
+}
+
+pub struct BenchReport {
+    pub run: RunSummary,
+    pub checkpoints: Vec<CheckpointRecord>,
+}
+
+struct Recorder<'a> {
+    baseline: Option<WasmanBaseline>,
+    pending: Option<CheckpointStats>,
+    records: Vec<CheckpointRecord>,
+    on_record: &'a mut dyn FnMut(&CheckpointRecord),
+}
+
+impl CheckpointObserver for Recorder<'_> {
+    fn finished(&mut self, _generation: u64, outcome: Result<&CheckpointStats, &anyhow::Error>) {
+        self.pending = outcome.ok().cloned();
+    }
+
+    fn after_commit(&mut self, _generation: u64, instance: &GuestInstance) {
+        let Some(stats) = self.pending.take() else {
+            return;
+        };
+        let baseline = self.baseline.as_mut().map(|b| {
+            let memory: Vec<u8> = (0..instance.memory_count())
+                .flat_map(|i| instance.memory(i).iter().copied())
+                .collect();
+            b.snapshot(&memory)
+        });
+        let record = CheckpointRecord {
+            generation: stats.generation,
+            input_offset: stats.input_offset,
+            memory_bytes: stats.memory_bytes,
+            dirty_pages: stats.dirty_pages,
+            zero_pages: stats.zero_pages,
+            delta_bytes: stats.pack_bytes + stats.manifest_bytes,
+            pack_bytes: stats.pack_bytes,
+            manifest_bytes: stats.manifest_bytes,
+            stall_us: stats.stall.as_micros() as u64,
+            hash_us: stats.hash.as_micros() as u64,
+            put_us: stats.put.as_micros() as u64,
+            baseline_bytes: baseline.as_ref().map(|b| b.bytes),
+            baseline_full: baseline.as_ref().map(|b| b.full),
+            baseline_hash_us: baseline.as_ref().map(|b| b.hash.as_micros() as u64),
+            baseline_encode_us: baseline.as_ref().map(|b| b.encode.as_micros() as u64),
+        };
+        (self.on_record)(&record);
+        self.records.push(record);
+    }
+}
+
+/// Run the guest over the whole input from a fresh start, calling `on_record` after every checkpoint.
+pub fn bench(
+    config: &BenchConfig,
+    on_record: &mut dyn FnMut(&CheckpointRecord),
+) -> Result<BenchReport> {
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let store_url = match &config.store {
+        Some(url) => url.clone(),
+        None => scratch.path().join("store").display().to_string(),
+    };
+    let store = CheckpointStore::open(&store_url)?;
+    if !store.generations()?.is_empty() {
+        anyhow::bail!("bench needs an empty store, and {store_url} holds checkpoints");
+    }
+    let run_config = RunConfig {
+        checkpoint_every: config.checkpoint_every,
+        ..RunConfig::new(&config.guest, &config.input, scratch.path().join("output"))
+    };
+    let mut task = Task::open(&run_config, store)?;
+    let mut recorder = Recorder {
+        baseline: config.baseline.then(WasmanBaseline::default),
+        pending: None,
+        records: Vec::new(),
+        on_record,
+    };
+    let run = task.run(&run_config, &mut recorder)?;
+    Ok(BenchReport {
+        run,
+        checkpoints: recorder.records,
+    })
+}
+
+impl BenchReport {
+    /// The human summary: totals, averages and the ratio to the baseline.
+    pub fn summary(&self, guest: &str) -> String {
+        let c = &self.checkpoints;
+        let n = c.len().max(1) as f64;
+        let sum = |f: fn(&CheckpointRecord) -> u64| c.iter().map(f).sum::<u64>();
+        let max = |f: fn(&CheckpointRecord) -> u64| c.iter().map(f).max().unwrap_or(0);
+        let delta = sum(|r| r.delta_bytes as u64);
+        let manifests = sum(|r| r.manifest_bytes as u64);
+        let memory = c.last().map_or(0, |r| r.memory_bytes);
+        let secs = self.run.elapsed.as_secs_f64().max(1e-9);
+        let mut out = format!(
+            "guest {guest}: {} records in {:.2}s ({:.0} records/s), {} checkpoints, final memory {}\n\n",
+            self.run.records,
+            secs,
+            self.run.records as f64 / secs,
+            c.len(),
+            human_bytes(memory as f64),
+        );
+        out += &format!("{:<24} {:>14} {:>14}\n", "", "wasnap", "baseline");
+        let baseline_total: Option<u64> =
+            c.iter().map(|r| r.baseline_bytes.map(|b| b as u64)).sum();
+        let b = |v: Option<f64>| v.map_or("-".to_string(), human_bytes);
+        out += &format!(
+            "{:<24} {:>14} {:>14}\n",
+            "bytes written, total",
+            human_bytes(delta as f64),
+            b(baseline_total.map(|t| t as f64))
+        );
+        out += &format!(
+            "{:<24} {:>14} {:>14}\n",
+            "bytes per checkpoint",
+            human_bytes(delta as f64 / n),
+            b(baseline_total.map(|t| t as f64 / n))
+        );
+        out += &format!(
+            "{:<24} {:>14}\n",
+            "  of which manifests",
+            human_bytes(manifests as f64 / n)
+        );
+        out += &format!(
+            "{:<24} {:>14.1}\n",
+            "dirty pages per ckpt",
+            sum(|r| r.dirty_pages as u64) as f64 / n
+        );
+        let ms = |us: f64| format!("{:.2} ms", us / 1000.0);
+        out += &format!(
+            "{:<24} {:>14}\n",
+            "stall, mean",
+            ms(sum(|r| r.stall_us) as f64 / n)
+        );
+        out += &format!(
+            "{:<24} {:>14}\n",
+            "stall, max",
+            ms(max(|r| r.stall_us) as f64)
+        );
+        let baseline_hash: Option<u64> = c.iter().map(|r| r.baseline_hash_us).sum();
+        out += &format!(
+            "{:<24} {:>14} {:>14}\n",
+            "hash, mean",
+            ms(sum(|r| r.hash_us) as f64 / n),
+            baseline_hash.map_or("-".into(), |h| ms(h as f64 / n))
+        );
+        out += &format!(
+            "{:<24} {:>14}\n",
+            "put (encode+store), mean",
+            ms(sum(|r| r.put_us) as f64 / n)
+        );
+        if let Some(total) = baseline_total {
+            out += &format!(
+                "\nwasnap wrote {:.2}x {} bytes than the baseline (full gzip every 5th, FNV-64a 4 KiB deltas otherwise)\n",
+                if delta <= total {
+                    total as f64 / delta.max(1) as f64
+                } else {
+                    delta as f64 / total.max(1) as f64
+                },
+                if delta <= total { "fewer" } else { "MORE" },
+            );
+        }
+        out
+    }
+}
+
+pub fn human_bytes(b: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{v:.0} {}", UNITS[0])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,105 @@
+//! `wasnap bench`: its per-checkpoint figures are the engine's real ones.
+
+mod common;
+
+use common::*;
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| {
+            if e.file_type().unwrap().is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                e.metadata().unwrap().len()
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn json_lines_account_for_every_byte_put_to_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 5000, 300, false);
+    let store = dir.path().join("store");
+    let out = wasnap()
+        .args([
+            "bench",
+            guest("wordcount").to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+        ])
+        .args([
+            "--checkpoint-every",
+            "500",
+            "--json",
+            "--store",
+            store.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let records: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 10);
+    let field = |r: &serde_json::Value, k: &str| {
+        r[k].as_u64()
+            .unwrap_or_else(|| panic!("{k} missing in {r}"))
+    };
+    let mut total = 0;
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(field(r, "generation"), i as u64 + 1);
+        assert_eq!(
+            field(r, "delta_bytes"),
+            field(r, "pack_bytes") + field(r, "manifest_bytes")
+        );
+        assert!(field(r, "memory_bytes") > 0 && field(r, "stall_us") > 0);
+        assert!(field(r, "stall_us") >= field(r, "hash_us"));
+        assert!(field(r, "baseline_bytes") > 0);
+        assert_eq!(
+            r["baseline_full"].as_bool().unwrap(),
+            i % 5 == 0,
+            "full baseline every 5th"
+        );
+        total += field(r, "delta_bytes");
+    }
+    // Every byte in the store was reported, and nothing else was written.
+    assert_eq!(total, dir_bytes(&store));
+}
+
+#[test]
+fn the_summary_compares_with_the_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 2000, 300, true);
+    let out = wasnap()
+        .args([
+            "bench",
+            guest("window").to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--checkpoint-every",
+            "500",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for expected in [
+        "2000 records",
+        "4 checkpoints",
+        "bytes written, total",
+        "stall, mean",
+        "than the baseline",
+    ] {
+        assert!(
+            text.contains(expected),
+            "summary lacks {expected:?}:\n{text}"
+        );
+    }
+}
