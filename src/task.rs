@@ -145,6 +145,13 @@ impl Task {
                     guest.instantiate(manifest.random_seed, manifest.random_position)?;
                 let committed = snapshot::restore(&mut instance, &manifest, &store)
                     .with_context(|| format!("cannot restore checkpoint {generation}"))?;
+                tracing::debug!(
+                    generation,
+                    input_offset = manifest.input_offset,
+                    output_marker = manifest.output_marker,
+                    pages = manifest.stored_pages(),
+                    "restored"
+                );
                 let source = LineSource::open(&config.input, manifest.input_offset)?;
                 sink.resume_at(manifest.output_marker)?;
                 Task {
@@ -288,6 +295,15 @@ impl Task {
         let manifest_bytes = self.store.commit_manifest(&manifest)?;
         let put = putting.elapsed();
 
+        tracing::debug!(
+            generation,
+            input_offset = manifest.input_offset,
+            output_marker = marker,
+            dirty_pages = delta.dirty_count(),
+            pack_bytes,
+            manifest_bytes,
+            "checkpoint committed"
+        );
         // Committed: only now does the engine's idea of "last checkpoint" move.
         self.committed = next;
         self.generation = generation;

@@ -356,6 +356,51 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            let _ = Manifest::decode(&bytes, "m");
+        }
+
+        #[test]
+        fn arbitrary_bytes_behind_a_valid_header_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            // A body that passes the checksum but is garbage: only the body decoder stands guard.
+            let mut bytes = Vec::new();
+            bytes.extend_from_slice(MANIFEST_MAGIC);
+            bytes.put_u16(MANIFEST_VERSION);
+            bytes.put_u16(0);
+            bytes.put_u32(body.len() as u32);
+            bytes.put_u32(body.len() as u32);
+            bytes.extend_from_slice(&body);
+            let crc = crc32fast::hash(&bytes);
+            bytes.put_u32(crc);
+            let _ = Manifest::decode(&bytes, "m");
+        }
+
+        #[test]
+        fn random_manifests_round_trip(
+            generation in 0u64..u64::MAX,
+            offsets in proptest::collection::vec((0u64..1 << 40, 1u32..70_000), 0..50),
+            globals in proptest::collection::vec(proptest::num::i64::ANY, 0..8),
+        ) {
+            let mut m = sample();
+            m.generation = generation;
+            m.globals = globals.into_iter().map(GlobalValue::I64).collect();
+            m.memories[0].byte_len = (offsets.len() as u64 + 1) << 16;
+            m.memories[0].pages = offsets
+                .iter()
+                .enumerate()
+                .map(|(i, (offset, len))| PageRef {
+                    page: i as u32,
+                    encoding: Encoding::Zstd,
+                    pack: (i % 2) as u32,
+                    frame: FrameRef { offset: *offset, len: *len },
+                })
+                .collect();
+            proptest::prop_assert_eq!(Manifest::decode(&m.encode().unwrap(), "m").unwrap(), m);
+        }
+    }
+
     #[test]
     fn writers_produce_different_bytes_for_the_same_state() {
         let a = sample();

@@ -214,6 +214,20 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_packs_and_frame_refs_never_panic(
+            pack in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            offset in proptest::num::u64::ANY,
+            len in proptest::num::u32::ANY,
+        ) {
+            let _ = check_header(&pack, "pack");
+            let mut out = vec![0; 65536];
+            let _ = decode_page(&pack, FrameRef { offset: offset % 256, len: len % 256 }, Encoding::Zstd, &mut out, "pack");
+            let _ = decode_page(&pack, FrameRef { offset, len }, Encoding::Zstd, &mut out, "pack");
+        }
+    }
+
     #[test]
     fn a_bad_header_or_a_frame_outside_the_pack_is_an_error_not_a_panic() {
         let (mut pack, frames) = encode_pack(1, &[0; 16], &[&[1u8; 65536]]).unwrap();

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Run every workload guest through `wasnap bench` (release build, local-disk store with
+# fsync), print each summary, keep the JSON lines in target/bench/, and render
+# docs/bench.svg from them. Takes a few minutes; the machine should be otherwise idle.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+scripts/setup.sh
+scripts/build-guests.sh
+cargo build --quiet --release --locked
+wasnap="$root/target/release/wasnap"
+out="$root/target/bench"
+mkdir -p "$out"
+
+words() { awk -v n="$1" -v v="$2" 'BEGIN { srand(11); for (i = 0; i < n; i++) { k = 1 + int(rand() * 8); line = "";
+  for (j = 0; j < k; j++) line = line (j ? " " : "") "w" int(rand() * v); print line } }'; }
+numbers() { awk -v n="$1" 'BEGIN { srand(12); for (i = 0; i < n; i++) print int(rand() * 1000000) - 500000 }'; }
+
+words 120000 20000 > "$out/words.txt"
+numbers 120000 > "$out/numbers.txt"
+words 1000000 1000 > "$out/counter.txt"
+
+plots=()
+run() { # name guest input every
+  echo "== $1 ($2, checkpoint every $4 records)"
+  "$wasnap" bench "target/guests/$2.wasm" --input "$3" --checkpoint-every "$4" --json > "$out/$1.jsonl"
+  "$wasnap" bench "target/guests/$2.wasm" --input "$3" --checkpoint-every "$4" --no-baseline | head -n 1
+  plots+=("$1=$out/$1.jsonl")
+}
+run counter counter "$out/counter.txt" 10000
+run wordcount-rust wordcount "$out/words.txt" 1000
+run wordcount-c c-sessions "$out/words.txt" 1000
+run inventory-as as-inventory "$out/words.txt" 1000
+run window window "$out/numbers.txt" 1000
+run bigstate bigstate "$out/words.txt" 1000
+
+for f in "$out"/*.jsonl; do
+  python3 - "$f" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+ours = sum(r["delta_bytes"] for r in recs); base = sum(r.get("baseline_bytes", 0) for r in recs)
+stall = sorted(r["stall_us"] for r in recs)
+print(f'{sys.argv[1].rsplit("/", 1)[1]:<22} memory {recs[-1]["memory_bytes"] / 2**20:8.1f} MiB  checkpoints {len(recs):4}  '
+      f'wasnap {ours / 2**20:8.2f} MiB  baseline {base / 2**20:8.2f} MiB  ratio {base / max(ours, 1):5.2f}x  '
+      f'stall p50 {stall[len(stall) // 2] / 1000:7.2f} ms  max {stall[-1] / 1000:7.2f} ms')
+PY
+done
+python3 scripts/plot-bench.py docs/bench.svg "${plots[@]}"
+echo "wrote docs/bench.svg"
