@@ -33,3 +33,11 @@ pub struct ModuleChanged {
 pub struct OutputLocked {
     pub path: std::path::PathBuf,
 }
+
+/// The store could not be reached, or failed a request: retrying later may work. Never a
+/// reason to fall back to an older checkpoint (unlike a corrupt or missing object).
+#[derive(Debug, thiserror::Error)]
+#[error("store {store} is unavailable")]
+pub struct StoreUnavailable {
+    pub store: String,
+}

@@ -19,11 +19,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::error::ModuleChanged;
+use crate::error::{ModuleChanged, StoreUnavailable};
 use crate::guest::{Guest, GuestInstance, random};
 use crate::snapshot::{self, PageTable};
 use crate::store::{self, CheckpointStore, Manifest, pack};
 use crate::stream::{FileSink, LineSource};
+
+/// How many checkpoints a task keeps by default.
+pub const DEFAULT_RETAIN: usize = 3;
 
 /// What `wasnap run` is asked to do.
 #[derive(Clone, Debug)]
@@ -37,6 +40,9 @@ pub struct RunConfig {
     pub random_seed: u64,
     /// Print progress to stderr every few seconds.
     pub progress: bool,
+    /// Keep this many newest checkpoints; older ones, and packs none of the kept ones
+    /// need, are deleted after each commit. `usize::MAX` keeps everything.
+    pub retain: usize,
 }
 
 impl RunConfig {
@@ -52,6 +58,7 @@ impl RunConfig {
             checkpoint_every: 1000,
             random_seed: random::DEFAULT_SEED,
             progress: false,
+            retain: DEFAULT_RETAIN,
         }
     }
 }
@@ -75,6 +82,8 @@ pub struct CheckpointStats {
     pub hash: Duration,
     /// Time spent compressing and putting the pack and the manifest.
     pub put: Duration,
+    /// Time spent deleting what retention no longer keeps (included in the stall).
+    pub prune: Duration,
 }
 
 /// Told about every checkpoint: when it starts, and how it ended, on every path.
@@ -118,6 +127,7 @@ pub struct Task {
     committed_marker: u64,
     records_since_checkpoint: u64,
     resumed_from: Option<u64>,
+    retain: usize,
 }
 
 impl Task {
@@ -129,71 +139,52 @@ impl Task {
         // Lock the output before reading the store: a second writer must stop here, before
         // it could cut back output that the live one commits meanwhile.
         let mut sink = FileSink::open(&config.output)?;
-        let newest = store.generations()?.last().copied();
-        let task = match newest {
-            Some(generation) => {
-                let manifest = store.read_manifest(generation)?;
-                if manifest.module_sha256 != module_sha256 {
-                    return Err(ModuleChanged {
-                        generation,
-                        expected: store::hex(&manifest.module_sha256),
-                        actual: store::hex(&module_sha256),
-                    }
-                    .into());
-                }
-                let mut instance =
-                    guest.instantiate(manifest.random_seed, manifest.random_position)?;
-                let committed = snapshot::restore(&mut instance, &manifest, &store)
-                    .with_context(|| format!("cannot restore checkpoint {generation}"))?;
-                tracing::debug!(
-                    generation,
-                    input_offset = manifest.input_offset,
-                    output_marker = manifest.output_marker,
-                    pages = manifest.stored_pages(),
-                    "restored"
-                );
-                let source = LineSource::open(&config.input, manifest.input_offset)?;
-                sink.resume_at(manifest.output_marker)?;
-                Task {
-                    store,
-                    instance,
-                    source,
-                    sink,
-                    module_sha256,
-                    writer_id,
-                    random_seed: manifest.random_seed,
-                    generation,
-                    committed,
-                    committed_marker: manifest.output_marker,
-                    records_since_checkpoint: 0,
-                    resumed_from: Some(generation),
-                }
-            }
-            None => {
-                let mut instance = guest.instantiate(config.random_seed, 0)?;
-                sink.resume_at(0)?;
-                let source = LineSource::open(&config.input, 0)?;
-                instance.start_fresh()?;
-                let memories = instance.memory_count();
-                let mut task = Task {
-                    store,
-                    instance,
-                    source,
-                    sink,
-                    module_sha256,
-                    writer_id,
-                    random_seed: config.random_seed,
-                    generation: 0,
-                    committed: PageTable::empty(memories),
-                    committed_marker: 0,
-                    records_since_checkpoint: 0,
-                    resumed_from: None,
-                };
-                task.instance.take_emitted(task.sink.buffer());
-                task
-            }
+        let generations = store.generations()?;
+        let Some(&newest) = generations.last() else {
+            // A fresh start.
+            let mut instance = guest.instantiate(config.random_seed, 0)?;
+            sink.resume_at(0)?;
+            let source = LineSource::open(&config.input, 0)?;
+            instance.start_fresh()?;
+            instance.take_emitted(sink.buffer());
+            let committed = PageTable::empty(instance.memory_count());
+            return Ok(Task {
+                store,
+                instance,
+                source,
+                sink,
+                module_sha256,
+                writer_id,
+                random_seed: config.random_seed,
+                generation: 0,
+                committed,
+                committed_marker: 0,
+                records_since_checkpoint: 0,
+                resumed_from: None,
+                retain: config.retain,
+            });
         };
-        Ok(task)
+
+        let (manifest, instance, committed) = restore_newest_usable(&guest, &store, &generations)?;
+        let source = LineSource::open(&config.input, manifest.input_offset)?;
+        sink.resume_at(manifest.output_marker)?;
+        Ok(Task {
+            store,
+            instance,
+            source,
+            sink,
+            module_sha256,
+            writer_id,
+            random_seed: manifest.random_seed,
+            // The next commit follows the newest generation in the store, even when that
+            // one was unusable and an older one was restored: generations only go up.
+            generation: newest,
+            committed,
+            committed_marker: manifest.output_marker,
+            records_since_checkpoint: 0,
+            resumed_from: Some(manifest.generation),
+            retain: config.retain,
+        })
     }
 
     /// Feed every remaining record to the guest, checkpointing every `checkpoint_every`
@@ -309,6 +300,16 @@ impl Task {
         self.generation = generation;
         self.committed_marker = marker;
         self.records_since_checkpoint = 0;
+
+        // Retention, strictly after the commit. A failed prune loses nothing (the next one
+        // retries), so it warns rather than stopping the run.
+        let pruning = Instant::now();
+        if self.retain != usize::MAX {
+            if let Err(err) = self.store.prune(generation, self.retain) {
+                eprintln!("wasnap: warning: {err:#}");
+            }
+        }
+        let prune = pruning.elapsed();
         Ok(CheckpointStats {
             generation,
             input_offset: manifest.input_offset,
@@ -321,6 +322,7 @@ impl Task {
             stall: paused.elapsed(),
             hash,
             put,
+            prune,
         })
     }
 
@@ -343,6 +345,63 @@ pub fn run(
     let store = CheckpointStore::open(store_url)?;
     let mut task = Task::open(config, store)?;
     task.run(config, observer)
+}
+
+/// Restore the newest checkpoint that is usable. A corrupt or missing manifest or pack makes
+/// a checkpoint unusable: say so and fall back to the one before (still exactly-once: the
+/// output is cut back to that checkpoint's marker). A store that cannot be reached, or a
+/// guest that is not the checkpoints' module, stops the run instead.
+fn restore_newest_usable(
+    guest: &Guest,
+    store: &CheckpointStore,
+    generations: &[u64],
+) -> Result<(Manifest, GuestInstance, PageTable)> {
+    let mut newest_error = None;
+    for &generation in generations.iter().rev() {
+        let attempt = (|| -> Result<(Manifest, GuestInstance, PageTable)> {
+            let manifest = store.read_manifest(generation)?;
+            if manifest.module_sha256 != guest.module_sha256() {
+                return Err(ModuleChanged {
+                    generation,
+                    expected: store::hex(&manifest.module_sha256),
+                    actual: store::hex(&guest.module_sha256()),
+                }
+                .into());
+            }
+            let mut instance = guest.instantiate(manifest.random_seed, manifest.random_position)?;
+            let committed = snapshot::restore(&mut instance, &manifest, store)
+                .with_context(|| format!("cannot restore checkpoint {generation}"))?;
+            Ok((manifest, instance, committed))
+        })();
+        match attempt {
+            Ok((manifest, instance, committed)) => {
+                tracing::debug!(
+                    generation,
+                    input_offset = manifest.input_offset,
+                    output_marker = manifest.output_marker,
+                    pages = manifest.stored_pages(),
+                    "restored"
+                );
+                if newest_error.is_some() {
+                    eprintln!("wasnap: warning: resuming from older checkpoint {generation}");
+                }
+                return Ok((manifest, instance, committed));
+            }
+            Err(err) if err.is::<StoreUnavailable>() || err.is::<ModuleChanged>() => {
+                return Err(err);
+            }
+            Err(err) => {
+                eprintln!("wasnap: warning: checkpoint {generation} is unusable: {err:#}");
+                newest_error.get_or_insert(err);
+            }
+        }
+    }
+    let err = newest_error.expect("there was at least one generation");
+    Err(err.context(format!(
+        "none of the {} checkpoints in store {} is usable",
+        generations.len(),
+        store.label()
+    )))
 }
 
 fn new_writer_id() -> Result<[u8; 16]> {

@@ -228,29 +228,87 @@ fn flip_byte(path: &Path, at: usize) {
     std::fs::write(path, bytes).unwrap();
 }
 
-#[test]
-fn a_corrupted_manifest_is_detected() {
-    let (_dir, args, store) = stopped_midway();
-    let manifest = newest_object(&store.join("manifests"));
-    let len = std::fs::metadata(&manifest).unwrap().len() as usize;
-    flip_byte(&manifest, len / 2);
-    assert_clean_failure(&run(&args), "is corrupt");
+/// The run resumed, said why it fell back, and its output is still exactly the reference.
+fn assert_fell_back(
+    out: &Output,
+    unusable: u64,
+    resumed: u64,
+    cause: &str,
+    output: &Path,
+    reference: &[u8],
+) {
+    let err = stderr(out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("checkpoint {unusable} is unusable")) && err.contains(cause),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("resuming from older checkpoint {resumed}")),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(output).unwrap(),
+        reference,
+        "output after the fallback differs"
+    );
 }
 
 #[test]
-fn a_corrupted_pack_is_detected() {
+fn a_corrupted_newest_manifest_is_detected_and_an_older_checkpoint_used() {
+    let (dir, args, store) = stopped_midway();
+    let output = dir.path().join("out");
+    let reference = std::fs::read(&output).unwrap();
+    let manifest = newest_object(&store.join("manifests"));
+    let len = std::fs::metadata(&manifest).unwrap().len() as usize;
+    flip_byte(&manifest, len / 2);
+    assert_fell_back(&run(&args), 3, 2, "checksum mismatch", &output, &reference);
+    // The resumed run committed after the corrupt one; generations only go up.
+    assert_eq!(
+        newest_object(&store.join("manifests")).file_name().unwrap(),
+        "00000000000000000004"
+    );
+}
+
+#[test]
+fn a_corrupted_or_missing_pack_is_detected_and_an_older_checkpoint_used() {
+    type Damage = fn(&Path);
+    let damages: [(Damage, &str); 3] = [
+        // A flipped byte in a page frame of the newest checkpoint's own pack.
+        (
+            |pack| flip_byte(pack, std::fs::metadata(pack).unwrap().len() as usize - 10),
+            "CRC mismatch",
+        ),
+        (
+            |pack| std::fs::write(pack, b"garbage").unwrap(),
+            "truncated",
+        ),
+        (|pack| std::fs::remove_file(pack).unwrap(), "is missing"),
+    ];
+    for (damage, cause) in damages {
+        let (dir, args, store) = stopped_midway();
+        let output = dir.path().join("out");
+        let reference = std::fs::read(&output).unwrap();
+        damage(&newest_object(&store.join("packs")));
+        assert_fell_back(&run(&args), 3, 2, cause, &output, &reference);
+    }
+}
+
+#[test]
+fn a_store_without_a_usable_checkpoint_is_an_error() {
     let (_dir, args, store) = stopped_midway();
-    // The newest checkpoint's own pack holds its dirty pages: damage a page frame.
-    let pack = newest_object(&store.join("packs"));
-    let len = std::fs::metadata(&pack).unwrap().len() as usize;
-    flip_byte(&pack, len - 10);
-    assert_clean_failure(&run(&args), "is corrupt");
-    // A pack that is not a pack at all.
-    std::fs::write(&pack, b"garbage").unwrap();
-    assert_clean_failure(&run(&args), "truncated");
-    // A pack that is gone.
-    std::fs::remove_file(&pack).unwrap();
-    assert_clean_failure(&run(&args), "needs pack");
+    for entry in std::fs::read_dir(store.join("manifests")).unwrap() {
+        let path = entry.unwrap().path();
+        let len = std::fs::metadata(&path).unwrap().len() as usize;
+        flip_byte(&path, len - 1);
+    }
+    let out = run(&args);
+    assert_clean_failure(&out, "none of the 3 checkpoints");
+    assert!(
+        stderr(&out).contains("checkpoint 1 is unusable"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -116,6 +116,8 @@ pub fn bench(
     }
     let run_config = RunConfig {
         checkpoint_every: config.checkpoint_every,
+        // The bench accounts for every byte put; retention would delete some of them.
+        retain: usize::MAX,
         ..RunConfig::new(&config.guest, &config.input, scratch.path().join("output"))
     };
     let mut task = Task::open(&run_config, store)?;

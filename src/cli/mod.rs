@@ -43,9 +43,20 @@ enum Command {
         /// Seed of the guest's deterministic WASI random stream on a fresh start.
         #[arg(long, default_value_t = crate::guest::random::DEFAULT_SEED)]
         seed: u64,
+        /// Keep the newest K checkpoints; delete older ones and packs none of them needs.
+        #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
+        retain: u64,
         /// No progress lines on stderr.
         #[arg(long, short)]
         quiet: bool,
+    },
+    /// Delete old checkpoints and unreferenced packs offline, and report what was freed.
+    Gc {
+        #[arg(long)]
+        store: String,
+        /// Keep the newest K checkpoints.
+        #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
+        retain: u64,
     },
     /// Measure a guest: per checkpoint, bytes written, stall and costs, beside the Wasman-style baseline.
     Bench {
@@ -91,6 +102,7 @@ pub fn main() -> ExitCode {
             store,
             checkpoint_every,
             seed,
+            retain,
             quiet,
         } => {
             let config = RunConfig {
@@ -100,6 +112,7 @@ pub fn main() -> ExitCode {
                 checkpoint_every,
                 random_seed: seed,
                 progress: !quiet,
+                retain: usize::try_from(retain).unwrap_or(usize::MAX),
             };
             task::run(&config, &store, &mut NoObserver).map(|summary| {
                 if !quiet {
@@ -145,6 +158,7 @@ pub fn main() -> ExitCode {
             })
         }
         Command::Inspect { store } => inspect::inspect(&store),
+        Command::Gc { store, retain } => gc(&store, usize::try_from(retain).unwrap_or(usize::MAX)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,4 +174,24 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn gc(url: &str, retain: usize) -> anyhow::Result<()> {
+    let store = crate::store::CheckpointStore::open(url)?;
+    let Some(&newest) = store.generations()?.last() else {
+        println!("no checkpoints in {url}");
+        return Ok(());
+    };
+    let before = store.total_bytes()?;
+    let report = store.prune(newest, retain)?;
+    println!(
+        "kept checkpoints {:?}; deleted {} manifests and {} packs, freed {} bytes ({} -> {} bytes)",
+        report.retained,
+        report.manifests_deleted,
+        report.packs_deleted,
+        report.bytes_freed,
+        before,
+        store.total_bytes()?
+    );
+    Ok(())
 }

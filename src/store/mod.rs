@@ -14,6 +14,7 @@
 mod codec;
 pub mod manifest;
 pub mod pack;
+pub mod prune;
 mod url;
 
 use std::sync::Arc;
@@ -25,9 +26,10 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 pub use manifest::Manifest;
+pub use prune::PruneReport;
 pub use url::open_object_store;
 
-use crate::error::Fenced;
+use crate::error::{Fenced, StoreUnavailable};
 
 pub const MANIFESTS: &str = "manifests";
 pub const PACKS: &str = "packs";
@@ -100,7 +102,10 @@ impl CheckpointStore {
         let listed: Vec<_> = self
             .runtime
             .block_on(self.objects.list(Some(&prefix)).try_collect())
-            .with_context(|| format!("cannot list checkpoints in store {}", self.label))?;
+            .context("cannot list checkpoints")
+            .context(StoreUnavailable {
+                store: self.label.clone(),
+            })?;
         let mut generations: Vec<u64> = listed
             .iter()
             .filter_map(|meta| meta.location.filename())
@@ -137,7 +142,7 @@ impl CheckpointStore {
                 .map(|name| async move {
                     let path = pack_path(name);
                     let result = async { self.objects.get(&path).await?.bytes().await }.await;
-                    result.with_context(|| format!("cannot read {path} from store {}", self.label))
+                    self.classify(result, &path)
                 })
                 .buffered(CONCURRENT_READS)
                 .collect(),
@@ -156,9 +161,28 @@ impl CheckpointStore {
     }
 
     fn get(&self, path: &Path) -> Result<Bytes> {
-        self.runtime
-            .block_on(async { self.objects.get(path).await?.bytes().await })
-            .with_context(|| format!("cannot read {path} from store {}", self.label))
+        let result = self
+            .runtime
+            .block_on(async { self.objects.get(path).await?.bytes().await });
+        self.classify(result, path)
+    }
+
+    /// A missing object is plain damage to the store; any other failure means the store is
+    /// unavailable (see [`StoreUnavailable`]).
+    fn classify(&self, result: object_store::Result<Bytes>, path: &Path) -> Result<Bytes> {
+        match result {
+            Ok(bytes) => Ok(bytes),
+            Err(e @ object_store::Error::NotFound { .. }) => {
+                Err(anyhow!(e).context(format!("{path} is missing from store {}", self.label)))
+            }
+            Err(e) => {
+                Err(anyhow!(e)
+                    .context(format!("cannot read {path}"))
+                    .context(StoreUnavailable {
+                        store: self.label.clone(),
+                    }))
+            }
+        }
     }
 
     /// Write a pack. Its name is unique to this writer and generation, so a plain put is safe.

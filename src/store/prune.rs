@@ -1,0 +1,134 @@
+//! Retention: keep the newest K checkpoints and delete what none of them needs.
+//!
+//! Safe against crashes and against a rival writer by construction:
+//! - it runs only after a manifest commit succeeded, and never deletes the newest `retain`
+//!   manifests or any pack one of them names;
+//! - old manifests go first (oldest first), packs after: at every moment each remaining
+//!   manifest still has all its packs, so a crash mid-prune leaves a restorable store
+//!   (what it left behind is deleted by the next prune);
+//! - packs of generations newer than the newest committed one are never touched: they may
+//!   belong to a checkpoint in flight. A rival can only commit generation N+1 if it holds
+//!   checkpoint N, whose packs are all kept.
+
+use std::collections::HashSet;
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
+
+use super::{CheckpointStore, MANIFESTS, PACKS, manifest_path, pack_path};
+
+/// What a prune deleted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    pub manifests_deleted: usize,
+    pub packs_deleted: usize,
+    pub bytes_freed: u64,
+    /// Manifests kept, newest last.
+    pub retained: Vec<u64>,
+}
+
+/// The generation a pack was written for, from its name (`<generation>-<writer>.pack`).
+pub fn pack_generation(name: &str) -> Option<u64> {
+    let (generation, _) = name.split_once('-')?;
+    (generation.len() == 20).then(|| generation.parse().ok())?
+}
+
+impl CheckpointStore {
+    /// Keep the newest `retain` (at least 1) checkpoints up to `newest`; delete older
+    /// manifests and every pack no kept manifest names.
+    pub fn prune(&self, newest: u64, retain: usize) -> Result<PruneReport> {
+        let retain = retain.max(1);
+        let generations: Vec<u64> = self
+            .generations()?
+            .into_iter()
+            .filter(|g| *g <= newest)
+            .collect();
+        let split = generations.len().saturating_sub(retain);
+        let (old, kept) = generations.split_at(split);
+
+        // Which packs the kept manifests need. If the store cannot be read, delete nothing:
+        // never on a guess. A kept manifest that is corrupt cannot be restored from, so
+        // what only it would name needs no keeping.
+        let mut live: HashSet<String> = HashSet::new();
+        for generation in kept {
+            match self.read_manifest(*generation) {
+                Ok(manifest) => live.extend(manifest.packs),
+                Err(err) if err.is::<crate::error::StoreUnavailable>() => {
+                    return Err(err.context("prune: nothing deleted"));
+                }
+                Err(err) => {
+                    tracing::warn!("prune: kept checkpoint {generation} is unreadable: {err:#}")
+                }
+            }
+        }
+
+        let mut report = PruneReport {
+            retained: kept.to_vec(),
+            ..Default::default()
+        };
+        for generation in old {
+            report.bytes_freed += self.delete(&manifest_path(*generation))?;
+            report.manifests_deleted += 1;
+        }
+        let listed: Vec<_> = self
+            .runtime
+            .block_on(self.objects.list(Some(&Path::from(PACKS))).try_collect())
+            .with_context(|| format!("prune: cannot list packs in store {}", self.label))?;
+        for meta in listed {
+            let Some(name) = meta.location.filename().map(str::to_string) else {
+                continue;
+            };
+            let Some(generation) = pack_generation(&name) else {
+                continue;
+            };
+            if generation <= newest && !live.contains(&name) {
+                report.bytes_freed += self.delete(&pack_path(&name))?;
+                report.packs_deleted += 1;
+            }
+        }
+        tracing::debug!(?report, "pruned");
+        Ok(report)
+    }
+
+    /// Delete an object; returns its size (0 if it was already gone).
+    fn delete(&self, path: &Path) -> Result<u64> {
+        let size = self.object_size(path)?.unwrap_or(0);
+        match self.runtime.block_on(self.objects.delete(path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(size),
+            Err(e) => Err(anyhow::Error::from(e).context(format!(
+                "prune: cannot delete {path} in store {}",
+                self.label
+            ))),
+        }
+    }
+
+    /// Total size of everything under `manifests/` and `packs/`.
+    pub fn total_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for prefix in [MANIFESTS, PACKS] {
+            let listed: Vec<_> = self
+                .runtime
+                .block_on(self.objects.list(Some(&Path::from(prefix))).try_collect())
+                .with_context(|| format!("cannot list {prefix} in store {}", self.label))?;
+            total += listed.iter().map(|m| m.size).sum::<u64>();
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_generations_come_from_names() {
+        assert_eq!(
+            pack_generation("00000000000000000042-0123abcd.pack"),
+            Some(42)
+        );
+        assert_eq!(pack_generation("42-ab.pack"), None);
+        assert_eq!(pack_generation("garbage"), None);
+    }
+}
