@@ -213,6 +213,17 @@ fn warm_resume(c: &mut Criterion) {
     let guest = Guest::load(&guest_path).unwrap();
     let store = CheckpointStore::open(&store_url).unwrap();
     let newest = *store.generations().unwrap().last().unwrap();
+    // Its parts, to see where the time goes.
+    let manifest = store.read_manifest(newest).unwrap();
+    c.bench_function("warm_resume_parts/read_manifest", |b| {
+        b.iter(|| black_box(store.read_manifest(newest).unwrap()))
+    });
+    c.bench_function("warm_resume_parts/read_packs", |b| {
+        b.iter(|| black_box(store.read_packs(&manifest.packs)))
+    });
+    c.bench_function("warm_resume_parts/instantiate", |b| {
+        b.iter(|| black_box(guest.instantiate(0, 0).unwrap()))
+    });
     c.bench_function("warm_resume/wordcount", |b| {
         b.iter(|| {
             // Warm: the module is compiled; read the manifest, instantiate, restore, go on.

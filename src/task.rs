@@ -304,10 +304,10 @@ impl Task {
         // Retention, strictly after the commit. A failed prune loses nothing (the next one
         // retries), so it warns rather than stopping the run.
         let pruning = Instant::now();
-        if self.retain != usize::MAX {
-            if let Err(err) = self.store.prune(generation, self.retain) {
-                eprintln!("wasnap: warning: {err:#}");
-            }
+        if self.retain != usize::MAX
+            && let Err(err) = self.store.prune(generation, self.retain)
+        {
+            eprintln!("wasnap: warning: {err:#}");
         }
         let prune = pruning.elapsed();
         Ok(CheckpointStats {

@@ -94,11 +94,9 @@ impl GuestInstance {
             },
         );
 
-        let mut linker: Linker<HostState> = Linker::new(&guest.engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)?;
-        linker.func_wrap(EMIT_MODULE, EMIT_NAME, emit)?;
-        let instance = linker
-            .instantiate(&mut store, &guest.module)
+        let instance = guest
+            .pre
+            .instantiate(&mut store)
             .map_err(anyhow::Error::from)
             .context("cannot instantiate the guest (its start function failed?)")?;
 
@@ -274,6 +272,13 @@ impl GuestInstance {
     pub fn random_position(&self) -> u64 {
         self.random.position()
     }
+}
+
+/// The host side of the guest's imports: WASI preview 1 and `wasnap.emit`.
+pub(super) fn add_host_functions(linker: &mut Linker<HostState>) -> Result<()> {
+    wasmtime_wasi::p1::add_to_linker_sync(linker, |s: &mut HostState| &mut s.wasi)?;
+    linker.func_wrap(EMIT_MODULE, EMIT_NAME, emit)?;
+    Ok(())
 }
 
 /// `wasnap.emit(ptr, len)`: copy one output record out of guest memory.

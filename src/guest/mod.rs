@@ -8,7 +8,7 @@ pub mod random;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use wasmtime::{Config, Engine, Module};
+use wasmtime::{Config, Engine, InstancePre, Linker, Module};
 
 pub use instance::{GlobalValue, GuestInstance};
 pub use instrument::{GlobalKind, Instrumented, StateExport};
@@ -16,7 +16,8 @@ pub use instrument::{GlobalKind, Instrumented, StateExport};
 /// A compiled, instrumented guest, ready to be instantiated any number of times.
 pub struct Guest {
     engine: Engine,
-    module: Module,
+    /// Imports resolved once; every instantiation (fresh or restore) starts from here.
+    pre: InstancePre<instance::HostState>,
     abi: abi::Abi,
     /// What state the instrumented module exposes (its bytes are dropped once compiled).
     pub state: Instrumented,
@@ -47,10 +48,16 @@ impl Guest {
             .map_err(anyhow::Error::from)
             .context("wasmtime rejected the guest")?;
         let abi = abi::check(&module)?;
+        let mut linker: Linker<instance::HostState> = Linker::new(&engine);
+        instance::add_host_functions(&mut linker)?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(anyhow::Error::from)
+            .context("cannot link the guest's imports")?;
         state.wasm = Vec::new();
         Ok(Self {
             engine,
-            module,
+            pre,
             abi,
             state,
         })

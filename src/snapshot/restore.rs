@@ -52,13 +52,16 @@ pub fn restore(
             jobs.push((slice, page_ref));
         }
         // Pages not in the table are zero; grown pages already are, but data segments
-        // may have written into the initial ones.
+        // may have written into the initial ones. Reading a page the guest never touched
+        // costs no allocation, writing one would: only clear what is not already zero.
         for slice in page_slices
             .iter_mut()
             .take(initial_len.div_ceil(PAGE_SIZE))
             .flatten()
         {
-            slice.fill(0);
+            if slice.iter().any(|b| *b != 0) {
+                slice.fill(0);
+            }
         }
         decode_parallel(jobs, manifest, &packs)?;
 
@@ -91,34 +94,48 @@ fn fetch_packs(manifest: &Manifest, store: &CheckpointStore) -> Result<Vec<Bytes
         .collect()
 }
 
+/// Below this many pages, decoding on the calling thread beats starting threads.
+const PARALLEL_DECODE_THRESHOLD: usize = 64;
+
 fn decode_parallel(
     jobs: Vec<(&mut [u8], &PageRef)>,
     manifest: &Manifest,
     packs: &[Bytes],
 ) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = jobs.len().div_ceil(threads).max(16);
+    if jobs.len() < PARALLEL_DECODE_THRESHOLD || threads == 1 {
+        return decode_batch(jobs, manifest, packs);
+    }
+    let per_thread = jobs.len().div_ceil(threads);
     let mut jobs = jobs;
     std::thread::scope(|scope| {
         let mut workers = Vec::new();
         while !jobs.is_empty() {
             let batch: Vec<_> = jobs.drain(..per_thread.min(jobs.len())).collect();
-            workers.push(scope.spawn(move || -> Result<()> {
-                for (dst, page_ref) in batch {
-                    let name = &manifest.packs[page_ref.pack as usize];
-                    pack::decode_page(
-                        &packs[page_ref.pack as usize],
-                        page_ref.frame,
-                        page_ref.encoding,
-                        dst,
-                        &format!("pack {name}"),
-                    )?;
-                }
-                Ok(())
-            }));
+            workers.push(scope.spawn(move || decode_batch(batch, manifest, packs)));
         }
         workers
             .into_iter()
             .try_for_each(|w| w.join().expect("page decoder panicked"))
     })
+}
+
+fn decode_batch(
+    batch: Vec<(&mut [u8], &PageRef)>,
+    manifest: &Manifest,
+    packs: &[Bytes],
+) -> Result<()> {
+    let mut decompressor = zstd::bulk::Decompressor::new()?;
+    for (dst, page_ref) in batch {
+        let name = &manifest.packs[page_ref.pack as usize];
+        pack::decode_page(
+            &packs[page_ref.pack as usize],
+            page_ref.frame,
+            page_ref.encoding,
+            dst,
+            &mut decompressor,
+            &format!("pack {name}"),
+        )?;
+    }
+    Ok(())
 }

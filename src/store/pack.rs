@@ -75,10 +75,18 @@ pub fn encode_pack(
     Ok((pack, frames))
 }
 
-/// 64 KiB is below zstd's own multithreading job size, so parallelise across pages.
+/// 64 KiB is below zstd's own multithreading job size, so parallelise across pages (but
+/// compress a handful on the calling thread: starting threads would cost more).
 fn compress_parallel(pages: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = pages.len().div_ceil(threads).max(8);
+    let per_thread = pages.len().div_ceil(threads).max(16);
+    if pages.len() <= per_thread {
+        let mut compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
+        return pages
+            .iter()
+            .map(|page| Ok(compressor.compress(page)?))
+            .collect();
+    }
     std::thread::scope(|scope| {
         let workers: Vec<_> = pages
             .chunks(per_thread)
@@ -121,6 +129,7 @@ pub fn decode_page(
     frame: FrameRef,
     encoding: Encoding,
     dst: &mut [u8],
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
     what: &str,
 ) -> Result<()> {
     let start = usize::try_from(frame.offset).unwrap_or(usize::MAX);
@@ -151,7 +160,7 @@ pub fn decode_page(
     }
     match encoding {
         Encoding::Zstd => {
-            let n = zstd::bulk::Decompressor::new()?
+            let n = decompressor
                 .decompress_to_buffer(payload, dst)
                 .with_context(|| {
                     format!(
@@ -175,6 +184,11 @@ pub fn decode_page(
 mod tests {
     use super::*;
 
+    fn decode(pack: &[u8], frame: FrameRef, out: &mut [u8]) -> Result<()> {
+        let mut decompressor = zstd::bulk::Decompressor::new().unwrap();
+        decode_page(pack, frame, Encoding::Zstd, out, &mut decompressor, "pack")
+    }
+
     fn sample_pages() -> Vec<Vec<u8>> {
         (0..20u8)
             .map(|i| {
@@ -193,7 +207,7 @@ mod tests {
         assert_eq!(check_header(&pack, "pack").unwrap(), (7, [3; 16]));
         for (page, frame) in pages.iter().zip(&frames) {
             let mut out = vec![0; page.len()];
-            decode_page(&pack, *frame, Encoding::Zstd, &mut out, "pack").unwrap();
+            decode(&pack, *frame, &mut out).unwrap();
             assert_eq!(&out, page);
         }
     }
@@ -208,7 +222,7 @@ mod tests {
             let mut bad = pack.clone();
             bad[i] ^= 0x01;
             assert!(
-                decode_page(&bad, frame, Encoding::Zstd, &mut out, "pack").is_err(),
+                decode(&bad, frame, &mut out).is_err(),
                 "flip at byte {i} went undetected"
             );
         }
@@ -223,8 +237,8 @@ mod tests {
         ) {
             let _ = check_header(&pack, "pack");
             let mut out = vec![0; 65536];
-            let _ = decode_page(&pack, FrameRef { offset: offset % 256, len: len % 256 }, Encoding::Zstd, &mut out, "pack");
-            let _ = decode_page(&pack, FrameRef { offset, len }, Encoding::Zstd, &mut out, "pack");
+            let _ = decode(&pack, FrameRef { offset: offset % 256, len: len % 256 }, &mut out);
+            let _ = decode(&pack, FrameRef { offset, len }, &mut out);
         }
     }
 
@@ -236,8 +250,8 @@ mod tests {
             offset: u64::MAX - 3,
             len: frames[0].len,
         };
-        assert!(decode_page(&pack, outside, Encoding::Zstd, &mut out, "pack").is_err());
-        assert!(decode_page(&pack[..20], frames[0], Encoding::Zstd, &mut out, "pack").is_err());
+        assert!(decode(&pack, outside, &mut out).is_err());
+        assert!(decode(&pack[..20], frames[0], &mut out).is_err());
         pack[0] = b'X';
         assert!(
             check_header(&pack, "pack")
