@@ -24,6 +24,14 @@ def esc(s):
     return s.replace("&", "&amp;").replace("<", "&lt;")
 
 
+def decade(b):
+    """An axis label for a power of ten, in decimal units: 1 kB, 10 kB, 100 kB, 1 MB …"""
+    for unit in ["B", "kB", "MB", "GB"]:
+        if b < 999.5 or unit == "GB":
+            return f"{b:.0f} {unit}"
+        b /= 1000
+
+
 def human(b):
     for unit in ["B", "KiB", "MiB", "GiB"]:
         if b < 1024 or unit == "GiB":
@@ -46,19 +54,19 @@ class Panel:
             self.y1 += 1
 
     def px(self, v):
-        return self.x + 50 + (self.fx(v) - self.x0) / (self.x1 - self.x0) * (self.w - 60)
+        return self.x + 70 + (self.fx(v) - self.x0) / (self.x1 - self.x0) * (self.w - 80)
 
     def py(self, v):
         return self.y + self.h - 30 - (self.fy(v) - self.y0) / (self.y1 - self.y0) * (self.h - 50)
 
     def frame(self, out, yfmt):
-        out.append(f'<text x="{self.x + 50}" y="{self.y + 12}" font-weight="bold">{esc(self.title)}</text>')
-        out.append(f'<rect x="{self.x + 50}" y="{self.y + 20}" width="{self.w - 60}" height="{self.h - 50}" fill="none" stroke="#999"/>')
+        out.append(f'<text x="{self.x + 70}" y="{self.y + 12}" font-weight="bold">{esc(self.title)}</text>')
+        out.append(f'<rect x="{self.x + 70}" y="{self.y + 20}" width="{self.w - 80}" height="{self.h - 50}" fill="none" stroke="#999"/>')
         if self.ylog:
             for e in range(int(self.y0), int(self.y1) + 1):
                 yy = self.py(10 ** e)
-                out.append(f'<line x1="{self.x + 50}" x2="{self.x + self.w - 10}" y1="{yy}" y2="{yy}" stroke="#eee"/>')
-                out.append(f'<text x="{self.x + 46}" y="{yy + 4}" text-anchor="end" font-size="10">{yfmt(10 ** e)}</text>')
+                out.append(f'<line x1="{self.x + 70}" x2="{self.x + self.w - 10}" y1="{yy}" y2="{yy}" stroke="#eee"/>')
+                out.append(f'<text x="{self.x + 66}" y="{yy + 4}" text-anchor="end" font-size="10">{yfmt(10 ** e)}</text>')
         out.append(f'<text x="{self.x + self.w / 2}" y="{self.y + self.h - 5}" text-anchor="middle" font-size="11">{esc(self.xlabel)}</text>')
         out.append(f'<text x="{self.x + 12}" y="{self.y + self.h / 2}" font-size="11" transform="rotate(-90 {self.x + 12} {self.y + self.h / 2})" text-anchor="middle">{esc(self.ylabel)}</text>')
 
@@ -84,7 +92,7 @@ def main():
         ratio = f"{total_base / total_ours:.2f}x fewer" if total_ours <= total_base else f"{total_ours / total_base:.2f}x MORE"
         p = Panel(0, 30 + i * panel_h, 560, panel_h, f"{name}: bytes per checkpoint (wasnap {ratio})",
                   "checkpoint", "bytes", gens, ours + base)
-        p.frame(out, human)
+        p.frame(out, decade)
         p.line(out, gens, base, "#999", 'stroke-dasharray="4 3"')
         p.line(out, gens, ours, COLORS[i % len(COLORS)])
     out.append('<text x="10" y="18" font-size="13">solid: wasnap (pack + manifest) · dashed: Wasman-style baseline (gzip full every 5th, FNV-64a 4 KiB deltas)</text>')

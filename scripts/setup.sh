@@ -29,7 +29,8 @@ fi
 
 # npm: the AssemblyScript compiler, at the version package-lock.json pins.
 as="$root/guests/assemblyscript"
-if ! cmp -s "$as/package-lock.json" "$as/node_modules/.package-lock.json" 2>/dev/null; then
+if ! cmp -s "$as/package-lock.json" "$as/node_modules/.wasnap-installed" 2>/dev/null; then
   echo "setup: installing the AssemblyScript compiler (npm ci)"
-  (cd "$as" && npm ci --no-audit --no-fund --loglevel=error)
+  (cd "$as" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  cp "$as/package-lock.json" "$as/node_modules/.wasnap-installed"
 fi
