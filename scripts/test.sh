@@ -8,4 +8,7 @@ scripts/setup.sh
 scripts/build-guests.sh
 eval "$(scripts/s3-server.sh start)"
 trap 'kill "$WASNAP_TEST_S3_PID" 2>/dev/null || true' EXIT
+# The criterion benchmarks, each once in test mode on the small size, so they keep
+# compiling and running; then the test suite (its summary closes the output).
+WASNAP_BENCH_SIZES=16 cargo test --locked --benches
 cargo test --locked "$@"

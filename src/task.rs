@@ -140,49 +140,53 @@ impl Task {
         // it could cut back output that the live one commits meanwhile.
         let mut sink = FileSink::open(&config.output)?;
         let generations = store.generations()?;
-        let Some(&newest) = generations.last() else {
-            // A fresh start.
-            let mut instance = guest.instantiate(config.random_seed, 0)?;
-            sink.resume_at(0)?;
-            let source = LineSource::open(&config.input, 0)?;
-            instance.start_fresh()?;
-            instance.take_emitted(sink.buffer());
-            let committed = PageTable::empty(instance.memory_count());
-            return Ok(Task {
-                store,
-                instance,
-                source,
-                sink,
-                module_sha256,
-                writer_id,
-                random_seed: config.random_seed,
-                generation: 0,
-                committed,
-                committed_marker: 0,
-                records_since_checkpoint: 0,
-                resumed_from: None,
-                retain: config.retain,
-            });
-        };
 
-        let (manifest, instance, committed) = restore_newest_usable(&guest, &store, &generations)?;
-        let source = LineSource::open(&config.input, manifest.input_offset)?;
-        sink.resume_at(manifest.output_marker)?;
+        // Where the task starts: from nothing, or from the newest usable checkpoint.
+        let (instance, committed, start) = match generations.last() {
+            None => {
+                let mut instance = guest.instantiate(config.random_seed, 0)?;
+                sink.resume_at(0)?;
+                instance.start_fresh()?;
+                instance.take_emitted(sink.buffer());
+                let committed = PageTable::empty(instance.memory_count());
+                let start = Start {
+                    input_offset: 0,
+                    output_marker: 0,
+                    random_seed: config.random_seed,
+                    generation: 0,
+                    resumed_from: None,
+                };
+                (instance, committed, start)
+            }
+            Some(&newest) => {
+                let (manifest, instance, committed) =
+                    restore_newest_usable(&guest, &store, &generations)?;
+                sink.resume_at(manifest.output_marker)?;
+                let start = Start {
+                    input_offset: manifest.input_offset,
+                    output_marker: manifest.output_marker,
+                    random_seed: manifest.random_seed,
+                    // The next commit follows the newest generation in the store, even when
+                    // that one was unusable and an older one was restored: generations only go up.
+                    generation: newest,
+                    resumed_from: Some(manifest.generation),
+                };
+                (instance, committed, start)
+            }
+        };
         Ok(Task {
+            source: LineSource::open(&config.input, start.input_offset)?,
             store,
             instance,
-            source,
             sink,
             module_sha256,
             writer_id,
-            random_seed: manifest.random_seed,
-            // The next commit follows the newest generation in the store, even when that
-            // one was unusable and an older one was restored: generations only go up.
-            generation: newest,
+            random_seed: start.random_seed,
+            generation: start.generation,
             committed,
-            committed_marker: manifest.output_marker,
+            committed_marker: start.output_marker,
             records_since_checkpoint: 0,
-            resumed_from: Some(manifest.generation),
+            resumed_from: start.resumed_from,
             retain: config.retain,
         })
     }
@@ -345,6 +349,15 @@ pub fn run(
     let store = CheckpointStore::open(store_url)?;
     let mut task = Task::open(config, store)?;
     task.run(config, observer)
+}
+
+/// Where a task's streams and numbering start.
+struct Start {
+    input_offset: u64,
+    output_marker: u64,
+    random_seed: u64,
+    generation: u64,
+    resumed_from: Option<u64>,
 }
 
 /// Restore the newest checkpoint that is usable. A corrupt or missing manifest or pack makes

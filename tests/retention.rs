@@ -29,15 +29,7 @@ fn five_hundred_checkpoints_keep_the_store_small_and_every_kept_one_restores() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in");
     write_input(&input, 50_000, 0, true);
-    let reference = dir.path().join("reference");
-    run_ok(&run_args(
-        &guest("window"),
-        &input,
-        &reference,
-        "memory://",
-        1 << 40,
-    ));
-    let reference = std::fs::read(&reference).unwrap();
+    let reference = reference_output(&guest("window"), &input);
 
     let store = dir.path().join("store");
     let store_url = store.to_str().unwrap();

@@ -164,14 +164,7 @@ fn a_second_run_on_a_live_task_is_fenced_and_a_third_finishes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in");
     write_input(&input, 400_000, 5000, false);
-    let reference = dir.path().join("reference");
-    run_ok(&run_args(
-        &guest("wordcount"),
-        &input,
-        &reference,
-        "memory://",
-        1 << 40,
-    ));
+    let reference = reference_output(&guest("wordcount"), &input);
 
     let url = s3().fresh_url("two-writers");
     let output = dir.path().join("out");
@@ -211,11 +204,7 @@ fn a_second_run_on_a_live_task_is_fenced_and_a_third_finishes_exactly() {
     first.wait().unwrap();
 
     run_ok(&args);
-    assert_same_output(
-        &std::fs::read(&output).unwrap(),
-        &std::fs::read(&reference).unwrap(),
-        "two writers",
-    );
+    assert_same_output(&std::fs::read(&output).unwrap(), &reference, "two writers");
 }
 
 /// Run `args` with the S3 endpoint replaced by `endpoint`.
@@ -240,14 +229,7 @@ fn s3_going_away_stops_the_run_cleanly_and_nothing_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in");
     write_input(&input, 300_000, 5000, false);
-    let reference = dir.path().join("reference");
-    run_ok(&run_args(
-        &guest("wordcount"),
-        &input,
-        &reference,
-        "memory://",
-        1 << 40,
-    ));
+    let reference = reference_output(&guest("wordcount"), &input);
 
     let url = s3().fresh_url("outage");
     let output = dir.path().join("out");
@@ -275,16 +257,12 @@ fn s3_going_away_stops_the_run_cleanly_and_nothing_is_lost() {
     );
     assert!(!err.contains("panicked"), "{err}");
     // What was committed before the outage is intact.
-    assert_committed_prefix(&output, &url, &std::fs::read(&reference).unwrap());
+    assert_committed_prefix(&output, &url, &reference);
 
     proxy.restart();
     let out = wasnap_via(&proxy.endpoint(), &args).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_same_output(
-        &std::fs::read(&output).unwrap(),
-        &std::fs::read(&reference).unwrap(),
-        "outage",
-    );
+    assert_same_output(&std::fs::read(&output).unwrap(), &reference, "outage");
 }
 
 #[test]
@@ -292,14 +270,7 @@ fn transient_s3_errors_are_retried_inside_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in");
     write_input(&input, 20_000, 500, false);
-    let reference = dir.path().join("reference");
-    run_ok(&run_args(
-        &guest("wordcount"),
-        &input,
-        &reference,
-        "memory://",
-        1 << 40,
-    ));
+    let reference = reference_output(&guest("wordcount"), &input);
 
     let proxy = Proxy::start(upstream(), 2); // every other new connection: 503
     let url = s3().fresh_url("flaky");
@@ -315,11 +286,7 @@ fn transient_s3_errors_are_retried_inside_a_checkpoint() {
         proxy.faults.load(std::sync::atomic::Ordering::SeqCst) >= 1,
         "no fault was injected"
     );
-    assert_same_output(
-        &std::fs::read(&output).unwrap(),
-        &std::fs::read(&reference).unwrap(),
-        "flaky",
-    );
+    assert_same_output(&std::fs::read(&output).unwrap(), &reference, "flaky");
     assert!(open_store(&url).generations().unwrap().len() >= 40);
 }
 

@@ -196,6 +196,15 @@ pub fn write_input(path: &Path, records: usize, vocabulary: u64, numbers: bool) 
     std::fs::write(path, text).unwrap();
 }
 
+/// The output of one uninterrupted run of `guest` over `input`, checkpointing only at the
+/// end: what every interrupted run must reproduce byte for byte.
+pub fn reference_output(guest: &Path, input: &Path) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("reference");
+    run_ok(&run_args(guest, input, &output, "memory://", 1 << 40));
+    std::fs::read(&output).unwrap()
+}
+
 /// Arguments of `wasnap run`.
 pub fn run_args(guest: &Path, input: &Path, output: &Path, store: &str, every: u64) -> Vec<String> {
     vec![
@@ -349,18 +358,7 @@ pub fn crash_test_on(guest_name: &str, records: usize, numbers: bool, every: u64
     let input = dir.path().join("input");
     write_input(&input, records, 5000, numbers);
 
-    // The reference: one run, never interrupted, checkpointing only at the end.
-    let expected_path = dir.path().join("expected");
-    let reference_store = dir.path().join("reference-store");
-    run_ok(&run_args(
-        &guest,
-        &input,
-        &expected_path,
-        reference_store.to_str().unwrap(),
-        1 << 40,
-    ));
-
-    let expected = std::fs::read(&expected_path).unwrap();
+    let expected = reference_output(&guest, &input);
     assert!(!expected.is_empty());
 
     let output = dir.path().join("output");
