@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::error::{ModuleChanged, StoreUnavailable};
-use crate::guest::{Guest, GuestInstance, random};
+use crate::guest::{Guest, GuestInstance, Limits, random};
 use crate::snapshot::{self, PageTable};
 use crate::store::{self, CheckpointStore, Manifest, pack};
 use crate::stream::{FileSink, LineSource};
@@ -43,6 +43,8 @@ pub struct RunConfig {
     /// Keep this many newest checkpoints; older ones, and packs none of the kept ones
     /// need, are deleted after each commit. `usize::MAX` keeps everything.
     pub retain: usize,
+    /// Memory cap and per-call time limit for the guest.
+    pub limits: Limits,
 }
 
 impl RunConfig {
@@ -59,6 +61,7 @@ impl RunConfig {
             random_seed: random::DEFAULT_SEED,
             progress: false,
             retain: DEFAULT_RETAIN,
+            limits: Limits::default(),
         }
     }
 }
@@ -133,7 +136,7 @@ pub struct Task {
 impl Task {
     /// Open a task: restore the newest checkpoint in `store`, or start the guest fresh.
     pub fn open(config: &RunConfig, store: CheckpointStore) -> Result<Self> {
-        let guest = Guest::load(&config.guest)?;
+        let guest = Guest::load_with_limits(&config.guest, config.limits)?;
         let module_sha256 = guest.module_sha256();
         let writer_id = new_writer_id()?;
         // Lock the output before reading the store: a second writer must stop here, before

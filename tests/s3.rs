@@ -337,7 +337,7 @@ fn credentials_never_appear_in_errors_or_logs() {
 }
 
 #[test]
-fn inspect_reads_an_s3_store() {
+fn inspect_reads_an_s3_store_pruned_to_the_kept_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in");
     write_input(&input, 1000, 50, false);
@@ -355,5 +355,29 @@ fn inspect_reads_an_s3_store() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(text.lines().count(), 1 + 4, "{text}");
+    // 1000 records, a checkpoint every 250: generations 1..=4, of which the newest 3 are kept.
+    let generations: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(generations, ["2", "3", "4"], "{text}");
+    // Pruning on S3: checkpoint 1's manifest is gone, and its pack exists exactly when a
+    // kept checkpoint still needs one of its pages.
+    let store = open_store(&url);
+    assert_eq!(
+        store.object_size(&wasnap::store::manifest_path(1)).unwrap(),
+        None
+    );
+    let writer = store.read_manifest(4).unwrap().writer_id;
+    let pack_1 = wasnap::store::pack_path(&wasnap::store::pack_name(1, &writer));
+    let pack_1_needed = (2..=4).any(|g| {
+        store
+            .read_manifest(g)
+            .unwrap()
+            .packs
+            .iter()
+            .any(|p| p.starts_with("00000000000000000001-"))
+    });
+    assert_eq!(store.object_size(&pack_1).unwrap().is_some(), pack_1_needed);
 }

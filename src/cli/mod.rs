@@ -43,6 +43,12 @@ enum Command {
         /// Seed of the guest's deterministic WASI random stream on a fresh start.
         #[arg(long, default_value_t = crate::guest::random::DEFAULT_SEED)]
         seed: u64,
+        /// Cap on the guest's memory, in MiB (all memories together).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        max_memory_mib: Option<u64>,
+        /// Time limit for one guest call (`process`, `alloc`, `init`), in milliseconds.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        call_timeout_ms: Option<u64>,
         /// Keep the newest K checkpoints; delete older ones and packs none of them needs.
         #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
         retain: u64,
@@ -102,6 +108,8 @@ pub fn main() -> ExitCode {
             store,
             checkpoint_every,
             seed,
+            max_memory_mib,
+            call_timeout_ms,
             retain,
             quiet,
         } => {
@@ -113,6 +121,10 @@ pub fn main() -> ExitCode {
                 random_seed: seed,
                 progress: !quiet,
                 retain: usize::try_from(retain).unwrap_or(usize::MAX),
+                limits: crate::guest::Limits {
+                    max_memory_bytes: max_memory_mib.map(|m| m.saturating_mul(1 << 20)),
+                    call_timeout: call_timeout_ms.map(std::time::Duration::from_millis),
+                },
             };
             task::run(&config, &store, &mut NoObserver).map(|summary| {
                 if !quiet {

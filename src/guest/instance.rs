@@ -2,13 +2,15 @@
 //! and typed handles on everything the run loop and the snapshot stage touch.
 
 use anyhow::{Context, Result, anyhow, bail};
-use wasmtime::{Caller, Global, Linker, Memory, Store, TypedFunc, Val};
+use wasmtime::{
+    Caller, Global, Linker, Memory, Store, StoreLimits, StoreLimitsBuilder, TypedFunc, Val,
+};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 
 use super::abi::{EMIT_MODULE, EMIT_NAME};
 use super::random::DeterministicRandom;
-use super::{GlobalKind, Guest};
+use super::{GlobalKind, Guest, Limits};
 
 /// What host functions can reach.
 pub struct HostState {
@@ -17,6 +19,7 @@ pub struct HostState {
     memory: Option<Memory>,
     /// Records emitted since the run loop last drained them, each followed by `\n`.
     emitted: Vec<u8>,
+    limits: StoreLimits,
 }
 
 /// The value of one mutable global, as written into a manifest.
@@ -74,6 +77,9 @@ pub struct GuestInstance {
     /// Every defined mutable global, in index order (the snapshot's global list).
     globals: Vec<(Global, GlobalKind)>,
     random: DeterministicRandom,
+    limits: Limits,
+    /// Keeps the epoch ticking for the time limit, even once the `Guest` is dropped.
+    _ticker: Option<std::sync::Arc<super::limits::EpochTicker>>,
 }
 
 impl GuestInstance {
@@ -91,8 +97,20 @@ impl GuestInstance {
                 wasi,
                 memory: None,
                 emitted: Vec::new(),
+                limits: match guest.limits.max_memory_bytes {
+                    Some(max) => StoreLimitsBuilder::new()
+                        .memory_size(usize::try_from(max).unwrap_or(usize::MAX))
+                        .trap_on_grow_failure(true)
+                        .build(),
+                    None => StoreLimits::default(),
+                },
             },
         );
+        store.limiter(|s| &mut s.limits);
+        if let Some(ticks) = guest.limits.deadline_ticks() {
+            // The start function runs inside instantiate: it gets a deadline too.
+            store.set_epoch_deadline(ticks);
+        }
 
         let instance = guest
             .pre
@@ -152,19 +170,52 @@ impl GuestInstance {
             memories,
             globals,
             random,
+            limits: guest.limits,
+            _ticker: guest.ticker.clone(),
         })
+    }
+
+    /// Give the next guest call its full time budget.
+    fn arm_deadline(&mut self) {
+        if let Some(ticks) = self.limits.deadline_ticks() {
+            self.store.set_epoch_deadline(ticks);
+        }
+    }
+
+    /// A guest error as one line: a trap with its message, a limit, `proc_exit`, or a host error.
+    fn describe(&self, err: wasmtime::Error, function: &str) -> anyhow::Error {
+        if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+            return anyhow!("the guest called proc_exit({}) in `{function}`", exit.0);
+        }
+        if let Some(wasmtime::Trap::Interrupt) = err.downcast_ref::<wasmtime::Trap>() {
+            let ms = self.limits.call_timeout.map_or(0, |t| t.as_millis());
+            return anyhow!("the guest ran past its time limit of {ms} ms in `{function}`");
+        }
+        if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
+            return anyhow!("the guest trapped in `{function}`: {trap}");
+        }
+        if let Some(max) = self.limits.max_memory_bytes
+            && format!("{err:#}").contains("forcing trap when growing memory")
+        {
+            return anyhow!(
+                "the guest tried to grow its memory past its limit of {max} bytes in `{function}`"
+            );
+        }
+        anyhow::Error::from(err).context(format!("the guest failed in `{function}`"))
     }
 
     /// Run the guest's one-time set-up: `_initialize` (WASI reactors), then `init`.
     /// Only on a fresh start: after a restore the snapshot already holds its effects.
     pub fn start_fresh(&mut self) -> Result<()> {
-        if let Some(f) = &self.initialize {
+        if let Some(f) = self.initialize.clone() {
+            self.arm_deadline();
             f.call(&mut self.store, ())
-                .map_err(|e| describe_guest_error(e, "_initialize"))?;
+                .map_err(|e| self.describe(e, "_initialize"))?;
         }
-        if let Some(f) = &self.init {
+        if let Some(f) = self.init.clone() {
+            self.arm_deadline();
             f.call(&mut self.store, ())
-                .map_err(|e| describe_guest_error(e, "init"))?;
+                .map_err(|e| self.describe(e, "init"))?;
         }
         Ok(())
     }
@@ -177,18 +228,20 @@ impl GuestInstance {
                 record.len()
             )
         })?;
+        self.arm_deadline();
         let ptr = self
             .alloc
             .call(&mut self.store, len)
-            .map_err(|e| describe_guest_error(e, "alloc"))?;
+            .map_err(|e| self.describe(e, "alloc"))?;
         self.abi_memory
             .write(&mut self.store, ptr as u32 as usize, record)
             .map_err(|_| {
                 anyhow!("the guest's alloc({len}) returned {ptr:#x}, which is outside its memory")
             })?;
+        self.arm_deadline();
         self.process
             .call(&mut self.store, (ptr, len))
-            .map_err(|e| describe_guest_error(e, "process"))
+            .map_err(|e| self.describe(e, "process"))
     }
 
     /// Output records emitted since the last call, each followed by `\n`; the buffer is left empty.
@@ -298,15 +351,4 @@ fn emit(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Resu
     state.emitted.extend_from_slice(record);
     state.emitted.push(b'\n');
     Ok(())
-}
-
-/// A guest error as one line: a trap with its message, `proc_exit`, or a host error.
-fn describe_guest_error(err: wasmtime::Error, function: &str) -> anyhow::Error {
-    if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
-        return anyhow!("the guest called proc_exit({}) in `{function}`", exit.0);
-    }
-    if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
-        return anyhow!("the guest trapped in `{function}`: {trap}");
-    }
-    anyhow::Error::from(err).context(format!("the guest failed in `{function}`"))
 }

@@ -3,6 +3,7 @@
 pub mod abi;
 pub mod instance;
 pub mod instrument;
+pub mod limits;
 pub mod random;
 
 use std::path::Path;
@@ -12,6 +13,7 @@ use wasmtime::{Config, Engine, InstancePre, Linker, Module};
 
 pub use instance::{GlobalValue, GuestInstance};
 pub use instrument::{GlobalKind, Instrumented, StateExport};
+pub use limits::Limits;
 
 /// A compiled, instrumented guest, ready to be instantiated any number of times.
 pub struct Guest {
@@ -19,6 +21,9 @@ pub struct Guest {
     /// Imports resolved once; every instantiation (fresh or restore) starts from here.
     pre: InstancePre<instance::HostState>,
     abi: abi::Abi,
+    limits: Limits,
+    /// Runs while a time limit is set and this guest or any of its instances lives.
+    ticker: Option<std::sync::Arc<limits::EpochTicker>>,
     /// What state the instrumented module exposes (its bytes are dropped once compiled).
     pub state: Instrumented,
 }
@@ -26,6 +31,11 @@ pub struct Guest {
 impl Guest {
     /// Read a guest from a file: a wasm binary, or WAT text if the name ends in `.wat`.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with_limits(path, Limits::default())
+    }
+
+    /// [`Guest::load`], with resource limits for every instance.
+    pub fn load_with_limits(path: &Path, limits: Limits) -> Result<Self> {
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read guest {}", path.display()))?;
         let bytes = if path.extension().is_some_and(|e| e == "wat") {
@@ -35,14 +45,23 @@ impl Guest {
         } else {
             bytes
         };
-        Self::from_wasm(&bytes).with_context(|| format!("cannot load guest {}", path.display()))
+        Self::from_wasm_with_limits(&bytes, limits)
+            .with_context(|| format!("cannot load guest {}", path.display()))
     }
 
     /// Instrument, compile and check a guest given as wasm bytes.
     pub fn from_wasm(wasm: &[u8]) -> Result<Self> {
+        Self::from_wasm_with_limits(wasm, Limits::default())
+    }
+
+    /// [`Guest::from_wasm`], with resource limits for every instance.
+    pub fn from_wasm_with_limits(wasm: &[u8], limits: Limits) -> Result<Self> {
         let mut state = instrument::instrument(wasm)?;
         let mut config = Config::new();
-        config.wasm_multi_memory(true).wasm_memory64(true);
+        config
+            .wasm_multi_memory(true)
+            .wasm_memory64(true)
+            .epoch_interruption(limits.call_timeout.is_some());
         let engine = Engine::new(&config)?;
         let module = Module::new(&engine, &state.wasm)
             .map_err(anyhow::Error::from)
@@ -55,10 +74,15 @@ impl Guest {
             .map_err(anyhow::Error::from)
             .context("cannot link the guest's imports")?;
         state.wasm = Vec::new();
+        let ticker = limits
+            .call_timeout
+            .map(|_| std::sync::Arc::new(limits::EpochTicker::start(&engine)));
         Ok(Self {
             engine,
             pre,
             abi,
+            limits,
+            ticker,
             state,
         })
     }

@@ -1,0 +1,67 @@
+//! Resource limits for a guest: a cap on its memory and a time limit per call.
+//!
+//! The time limit uses wasmtime's epoch interruption: a ticker thread advances the
+//! engine's epoch every [`TICK`], and each guest call gets a deadline of enough ticks.
+//! It costs a check on loop back-edges, so it is compiled in only when a limit is set.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wasmtime::Engine;
+
+/// Granularity of the time limit.
+pub const TICK: Duration = Duration::from_millis(10);
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// The most bytes all of the guest's memories together may hold.
+    pub max_memory_bytes: Option<u64>,
+    /// The longest one guest call (`process`, `alloc`, `init`) may run.
+    pub call_timeout: Option<Duration>,
+}
+
+impl Limits {
+    /// Epoch ticks a call may run: the timeout rounded up, plus the tick in progress.
+    pub fn deadline_ticks(&self) -> Option<u64> {
+        self.call_timeout
+            .map(|t| t.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1)
+    }
+}
+
+/// Advances an engine's epoch every [`TICK`] until dropped.
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    pub fn start(engine: &Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("wasnap-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .expect("spawn the epoch ticker")
+        };
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
