@@ -38,6 +38,11 @@ pub fn manifest_path(generation: u64) -> Path {
     Path::from(format!("{MANIFESTS}/{generation:020}"))
 }
 
+/// The generation a `manifests/` object name stands for: exactly 20 digits, else none.
+pub fn parse_generation(name: &str) -> Option<u64> {
+    (name.len() == 20 && name.bytes().all(|b| b.is_ascii_digit())).then(|| name.parse().ok())?
+}
+
 pub fn pack_path(name: &str) -> Path {
     Path::from(format!("{PACKS}/{name}"))
 }
@@ -98,22 +103,28 @@ impl CheckpointStore {
     /// Committed generations, ascending. Objects under `manifests/` whose name is not a
     /// generation number are ignored.
     pub fn generations(&self) -> Result<Vec<u64>> {
-        let prefix = Path::from(MANIFESTS);
-        let listed: Vec<_> = self
-            .runtime
-            .block_on(self.objects.list(Some(&prefix)).try_collect())
-            .context("cannot list checkpoints")
-            .context(StoreUnavailable {
-                store: self.label.clone(),
-            })?;
-        let mut generations: Vec<u64> = listed
+        let mut generations: Vec<u64> = self
+            .list(MANIFESTS)?
             .iter()
-            .filter_map(|meta| meta.location.filename())
-            .filter(|name| name.len() == 20 && name.bytes().all(|b| b.is_ascii_digit()))
-            .filter_map(|name| name.parse().ok())
+            .filter_map(|(name, _)| parse_generation(name))
             .collect();
         generations.sort_unstable();
         Ok(generations)
+    }
+
+    /// File names and sizes of the objects under `prefix`.
+    pub(crate) fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let listed: Vec<_> = self
+            .runtime
+            .block_on(self.objects.list(Some(&Path::from(prefix))).try_collect())
+            .with_context(|| format!("cannot list {prefix}"))
+            .context(crate::error::StoreUnavailable {
+                store: self.label.clone(),
+            })?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|meta| Some((meta.location.filename()?.to_string(), meta.size)))
+            .collect())
     }
 
     pub fn read_manifest(&self, generation: u64) -> Result<Manifest> {

@@ -12,8 +12,7 @@
 
 use std::collections::HashSet;
 
-use anyhow::{Context, Result};
-use futures::TryStreamExt;
+use anyhow::Result;
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
@@ -32,7 +31,7 @@ pub struct PruneReport {
 /// The generation a pack was written for, from its name (`<generation>-<writer>.pack`).
 pub fn pack_generation(name: &str) -> Option<u64> {
     let (generation, _) = name.split_once('-')?;
-    (generation.len() == 20).then(|| generation.parse().ok())?
+    super::parse_generation(generation)
 }
 
 impl CheckpointStore {
@@ -40,19 +39,22 @@ impl CheckpointStore {
     /// manifests and every pack no kept manifest names.
     pub fn prune(&self, newest: u64, retain: usize) -> Result<PruneReport> {
         let retain = retain.max(1);
-        let generations: Vec<u64> = self
-            .generations()?
+        let manifests: Vec<(u64, u64)> = self
+            .list(MANIFESTS)?
             .into_iter()
-            .filter(|g| *g <= newest)
+            .filter_map(|(name, size)| Some((crate::store::parse_generation(&name)?, size)))
+            .filter(|(generation, _)| *generation <= newest)
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
             .collect();
-        let split = generations.len().saturating_sub(retain);
-        let (old, kept) = generations.split_at(split);
+        let split = manifests.len().saturating_sub(retain);
+        let (old, kept) = manifests.split_at(split);
 
         // Which packs the kept manifests need. If the store cannot be read, delete nothing:
         // never on a guess. A kept manifest that is corrupt cannot be restored from, so
         // what only it would name needs no keeping.
         let mut live: HashSet<String> = HashSet::new();
-        for generation in kept {
+        for (generation, _) in kept {
             match self.read_manifest(*generation) {
                 Ok(manifest) => live.extend(manifest.packs),
                 Err(err) if err.is::<crate::error::StoreUnavailable>() => {
@@ -65,38 +67,32 @@ impl CheckpointStore {
         }
 
         let mut report = PruneReport {
-            retained: kept.to_vec(),
+            retained: kept.iter().map(|(g, _)| *g).collect(),
             ..Default::default()
         };
-        for generation in old {
-            report.bytes_freed += self.delete(&manifest_path(*generation))?;
+        for (generation, size) in old {
+            self.delete(&manifest_path(*generation))?;
             report.manifests_deleted += 1;
+            report.bytes_freed += size;
         }
-        let listed: Vec<_> = self
-            .runtime
-            .block_on(self.objects.list(Some(&Path::from(PACKS))).try_collect())
-            .with_context(|| format!("prune: cannot list packs in store {}", self.label))?;
-        for meta in listed {
-            let Some(name) = meta.location.filename().map(str::to_string) else {
-                continue;
-            };
+        for (name, size) in self.list(PACKS)? {
             let Some(generation) = pack_generation(&name) else {
                 continue;
             };
             if generation <= newest && !live.contains(&name) {
-                report.bytes_freed += self.delete(&pack_path(&name))?;
+                self.delete(&pack_path(&name))?;
                 report.packs_deleted += 1;
+                report.bytes_freed += size;
             }
         }
         tracing::debug!(?report, "pruned");
         Ok(report)
     }
 
-    /// Delete an object; returns its size (0 if it was already gone).
-    fn delete(&self, path: &Path) -> Result<u64> {
-        let size = self.object_size(path)?.unwrap_or(0);
+    /// Delete an object (already gone is fine).
+    fn delete(&self, path: &Path) -> Result<()> {
         match self.runtime.block_on(self.objects.delete(path)) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(size),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(anyhow::Error::from(e).context(format!(
                 "prune: cannot delete {path} in store {}",
                 self.label
@@ -106,15 +102,12 @@ impl CheckpointStore {
 
     /// Total size of everything under `manifests/` and `packs/`.
     pub fn total_bytes(&self) -> Result<u64> {
-        let mut total = 0;
-        for prefix in [MANIFESTS, PACKS] {
-            let listed: Vec<_> = self
-                .runtime
-                .block_on(self.objects.list(Some(&Path::from(prefix))).try_collect())
-                .with_context(|| format!("cannot list {prefix} in store {}", self.label))?;
-            total += listed.iter().map(|m| m.size).sum::<u64>();
-        }
-        Ok(total)
+        Ok(self
+            .list(MANIFESTS)?
+            .iter()
+            .chain(&self.list(PACKS)?)
+            .map(|(_, size)| size)
+            .sum())
     }
 }
 

@@ -18,8 +18,9 @@ pub struct Proxy {
 }
 
 struct Running {
+    /// Seen by the acceptor and by every pipe thread, which then close their sockets.
     stop: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<TcpStream>>>,
+    pipes: Arc<Mutex<Vec<JoinHandle<()>>>>,
     acceptor: JoinHandle<()>,
 }
 
@@ -45,9 +46,9 @@ impl Proxy {
     pub fn stop(&mut self) {
         if let Some(running) = self.running.take() {
             running.stop.store(true, Ordering::SeqCst);
-            running.acceptor.join().unwrap();
-            for c in running.connections.lock().unwrap().drain(..) {
-                let _ = c.shutdown(Shutdown::Both);
+            running.acceptor.join().expect("proxy acceptor panicked");
+            for pipe in running.pipes.lock().unwrap().drain(..) {
+                let _ = pipe.join();
             }
         }
     }
@@ -62,21 +63,17 @@ impl Proxy {
     fn serve(&mut self, listener: TcpListener) {
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let connections: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let pipes: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let (upstream, fail_every, faults) = (self.upstream, self.fail_every, self.faults.clone());
         let acceptor = {
-            let (stop, connections) = (stop.clone(), connections.clone());
+            let (stop, pipes) = (stop.clone(), pipes.clone());
             std::thread::spawn(move || {
                 let mut accepted = 0u64;
                 while !stop.load(Ordering::SeqCst) {
-                    let client = match listener.accept() {
-                        Ok((c, _)) => c,
-                        Err(_) => {
-                            std::thread::sleep(Duration::from_millis(2));
-                            continue;
-                        }
+                    let Ok((client, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
                     };
-                    client.set_nonblocking(false).unwrap();
                     accepted += 1;
                     if fail_every > 0 && accepted % fail_every == 1 {
                         faults.fetch_add(1, Ordering::SeqCst);
@@ -86,17 +83,20 @@ impl Proxy {
                     let Ok(server) = TcpStream::connect(upstream) else {
                         continue;
                     };
-                    let mut list = connections.lock().unwrap();
-                    list.push(client.try_clone().unwrap());
-                    list.push(server.try_clone().unwrap());
-                    pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                    pipe(server, client);
+                    let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone())
+                    else {
+                        continue;
+                    };
+                    let mut pipes = pipes.lock().unwrap();
+                    pipes.retain(|p| !p.is_finished());
+                    pipes.push(pipe(client, server, stop.clone()));
+                    pipes.push(pipe(server2, client2, stop.clone()));
                 }
             })
         };
         self.running = Some(Running {
             stop,
-            connections,
+            pipes,
             acceptor,
         });
     }
@@ -108,21 +108,36 @@ impl Drop for Proxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+/// Copy `from` to `to` until either side closes or the proxy stops; the thread owns both
+/// handles, so the sockets close when it ends (no descriptor outlives its connection).
+fn pipe(mut from: TcpStream, mut to: TcpStream, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     std::thread::spawn(move || {
+        let _ = from.set_nonblocking(false);
+        let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
         let mut buf = [0u8; 64 * 1024];
-        loop {
+        while !stop.load(Ordering::SeqCst) {
             match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(n) => {
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }
                 }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
             }
         }
-        let _ = to.shutdown(Shutdown::Write);
-    });
+        if stop.load(Ordering::SeqCst) {
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+        } else {
+            let _ = to.shutdown(Shutdown::Write);
+        }
+    })
 }
 
 /// A transient server error: read the start of the request, answer 503, close.
