@@ -150,11 +150,7 @@ impl CheckpointStore {
         const CONCURRENT_READS: usize = 8;
         self.runtime.block_on(
             futures::stream::iter(names)
-                .map(|name| async move {
-                    let path = pack_path(name);
-                    let result = async { self.objects.get(&path).await?.bytes().await }.await;
-                    self.classify(result, &path)
-                })
+                .map(|name| async move { self.fetch(&pack_path(name)).await })
                 .buffered(CONCURRENT_READS)
                 .collect(),
         )
@@ -172,9 +168,12 @@ impl CheckpointStore {
     }
 
     fn get(&self, path: &Path) -> Result<Bytes> {
-        let result = self
-            .runtime
-            .block_on(async { self.objects.get(path).await?.bytes().await });
+        self.runtime.block_on(self.fetch(path))
+    }
+
+    /// Read a whole object; errors classified (see [`Self::classify`]).
+    async fn fetch(&self, path: &Path) -> Result<Bytes> {
+        let result = async { self.objects.get(path).await?.bytes().await }.await;
         self.classify(result, path)
     }
 
