@@ -14,7 +14,7 @@ flock 9
 # Rust guests (cdylib reactors for wasm32-wasip1).
 cargo build --quiet --release --target wasm32-wasip1 \
   --manifest-path "$root/guests/rust/Cargo.toml" --target-dir "$root/target/guests/rust"
-for g in wordcount window counter bigstate; do
+for g in wordcount window counter bigstate stdio-wordfreq; do
   install -m 0644 "$root/target/guests/rust/wasm32-wasip1/release/$g.wasm" "$out/$g.wasm.tmp"
   mv "$out/$g.wasm.tmp" "$out/$g.wasm"
 done
@@ -26,10 +26,19 @@ for src in "$root"/guests/c/*.c; do
   mv "$out/$name.wasm.tmp" "$out/$name.wasm"
 done
 
-# AssemblyScript guest (compiler pinned in package-lock.json, installed by setup.sh).
-(cd "$root/guests/assemblyscript" && npm run --silent build)
-install -m 0644 "$root/guests/assemblyscript/build/inventory.wasm" "$out/as-inventory.wasm.tmp"
-mv "$out/as-inventory.wasm.tmp" "$out/as-inventory.wasm"
+# Stdio programs in C: ordinary WASI commands (`main`), no wasnap ABI.
+for src in "$root"/guests/stdio/*.c; do
+  name="stdio-c-$(basename "$src" .c)"
+  clang --target=wasm32-wasi --sysroot=/usr -O2 -o "$out/$name.wasm.tmp" "$src"
+  mv "$out/$name.wasm.tmp" "$out/$name.wasm"
+done
+
+# AssemblyScript guests (compiler pinned in package-lock.json, installed by setup.sh).
+(cd "$root/guests/assemblyscript" && npm run --silent build >/dev/null)
+for g in inventory wordcount; do
+  install -m 0644 "$root/guests/assemblyscript/build/$g.wasm" "$out/as-$g.wasm.tmp"
+  mv "$out/as-$g.wasm.tmp" "$out/as-$g.wasm"
+done
 
 # WAT guests.
 for src in "$root"/guests/wat/*.wat; do

@@ -13,8 +13,9 @@ if ! rustup target list --installed | grep -qx wasm32-wasip1; then
 fi
 
 # Debian: wabt (wat2wasm) for WAT guests; clang, lld, wasi-libc and the wasm32 compiler
-# runtime (the linker needs its builtins) for C guests.
-packages=(wabt clang lld wasi-libc libclang-rt-14-dev-wasm32)
+# runtime (the linker needs its builtins) for C guests; binaryen (wasm-opt) for stdio
+# mode's asyncify transform.
+packages=(wabt clang lld wasi-libc libclang-rt-14-dev-wasm32 binaryen)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
