@@ -103,3 +103,49 @@ fn the_summary_compares_with_the_baseline() {
         );
     }
 }
+
+#[test]
+fn the_stdio_bench_reports_the_transform_and_its_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 3000, 300, false);
+    let out = wasnap()
+        .args([
+            "bench",
+            "--stdio",
+            guest("stdio-wordfreq").to_str().unwrap(),
+        ])
+        .args([
+            "--input",
+            input.to_str().unwrap(),
+            "--checkpoint-every-bytes",
+            "4096",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("3000 input lines"), "{text}");
+    assert!(text.contains("asyncified (+"), "the module grows: {text}");
+    for row in [
+        "plain WASI, original module",
+        "asyncified, no checkpoint",
+        "checkpoints (every 4.0 KiB)",
+    ] {
+        assert!(text.contains(row), "missing {row:?}: {text}");
+    }
+    // A checkpoint is taken at the first stdin read after 4 KiB, and Rust's stdin reads
+    // 8 KiB at a time: one checkpoint per read at least, plus the one at the end.
+    let reads = std::fs::metadata(&input).unwrap().len() / 8192;
+    let checkpoints: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("wasnap, ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    assert!(checkpoints > reads, "expected more than {reads}: {text}");
+}

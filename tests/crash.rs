@@ -35,3 +35,13 @@ fn c_sessions_guest_survives_kill_9() {
 fn assemblyscript_inventory_guest_survives_kill_9() {
     crash_test("as-inventory", 300_000, false, 200);
 }
+
+#[test]
+fn c_wordcount_guest_survives_kill_9() {
+    crash_test("c-wordcount", 300_000, false, 200);
+}
+
+#[test]
+fn assemblyscript_wordcount_guest_survives_kill_9() {
+    crash_test("as-wordcount", 300_000, false, 200);
+}

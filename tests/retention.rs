@@ -130,3 +130,57 @@ fn gc_frees_what_no_kept_checkpoint_needs_and_leaves_in_flight_packs_alone() {
     run_ok(&args);
     assert_eq!(std::fs::read(&output).unwrap(), expected);
 }
+
+#[test]
+fn inspect_shows_each_checkpoints_packs_and_what_is_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 2000, 400, false);
+    let store = dir.path().join("store");
+    let store_url = store.to_str().unwrap();
+    let mut args = run_args(
+        &guest("wordcount"),
+        &input,
+        &dir.path().join("out"),
+        store_url,
+        250,
+    );
+    args.extend(["--retain".to_string(), "1000".to_string()]);
+    run_ok(&args);
+    // Garbage: a pack no checkpoint names (a writer that lost a race left it).
+    let stray = format!("{:020}-{}.pack", 3, "ab".repeat(16));
+    std::fs::write(store.join("packs").join(&stray), b"lost race").unwrap();
+
+    let out = wasnap()
+        .args(["inspect", "--store", store_url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|t| t.parse::<u64>().is_ok())
+        })
+        .collect();
+    assert_eq!(rows.len(), 8, "{text}");
+    // Every pack line names a pack that exists, with its frames in use.
+    let pack_lines: Vec<&str> = text.lines().filter(|l| l.contains(".pack")).collect();
+    assert!(pack_lines.len() >= rows.len(), "{text}");
+    for line in &pack_lines {
+        let name = line.split_whitespace().next().unwrap();
+        assert!(store.join("packs").join(name).exists(), "{line}");
+        assert!(line.contains("frames used"), "{line}");
+    }
+    assert!(
+        !text.contains(&stray),
+        "the stray pack is no checkpoint's: {text}"
+    );
+    let summary = text.lines().last().unwrap();
+    assert!(
+        summary.starts_with("store: 8 manifests") && summary.ends_with("garbage: 9 B"),
+        "{summary}"
+    );
+}

@@ -2,6 +2,7 @@
 //! was written and what it cost, beside what the Wasman-style baseline would write.
 
 pub mod baseline;
+pub mod stdio;
 
 use std::path::PathBuf;
 
@@ -11,7 +12,7 @@ use serde::Serialize;
 use crate::guest::GuestInstance;
 use crate::store::CheckpointStore;
 use crate::task::{CheckpointObserver, CheckpointStats, RunConfig, RunSummary, Task};
-use baseline::WasmanBaseline;
+use baseline::{BaselineSnapshot, WasmanBaseline};
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
@@ -22,6 +23,8 @@ pub struct BenchConfig {
     pub store: Option<String>,
     /// Also compute the Wasman-style baseline.
     pub baseline: bool,
+    /// See [`RunConfig::max_deltas`].
+    pub max_deltas: usize,
 }
 
 /// One checkpoint, as `--json` prints it.
@@ -32,14 +35,26 @@ pub struct CheckpointRecord {
     pub memory_bytes: u64,
     pub dirty_pages: usize,
     pub zero_pages: usize,
+    /// Of the dirty pages, how many went as XOR deltas and how many whole.
+    pub delta_pages: usize,
+    pub whole_pages: usize,
+    /// Frames copied out of sparse older packs (compaction).
+    pub compacted_frames: usize,
     /// Everything put to the store for this checkpoint: pack + manifest.
     pub delta_bytes: usize,
+    /// Of the pack: the dirty pages' frames, and the frames compaction copied.
+    pub encoded_bytes: usize,
+    pub compacted_bytes: usize,
     pub pack_bytes: usize,
     pub manifest_bytes: usize,
-    /// Time the guest was paused.
+    /// Time the guest was paused (hashing and copying included).
     pub stall_us: u64,
     pub hash_us: u64,
+    /// Off the guest's thread: compression, then pack put + output fsync + commit.
+    pub encode_us: u64,
     pub put_us: u64,
+    /// From the pause to the commit.
+    pub commit_latency_us: u64,
     /// What the Wasman-style baseline writes for the same memory (absent with `--no-baseline`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline_bytes: Option<usize>,
@@ -58,38 +73,48 @@ pub struct BenchReport {
 
 struct Recorder<'a> {
     baseline: Option<WasmanBaseline>,
-    pending: Option<CheckpointStats>,
+    /// The baseline's figures for checkpoints captured and not yet finished.
+    pending: std::collections::BTreeMap<u64, Option<BaselineSnapshot>>,
     records: Vec<CheckpointRecord>,
     on_record: &'a mut dyn FnMut(&CheckpointRecord),
 }
 
 impl CheckpointObserver for Recorder<'_> {
-    fn finished(&mut self, _generation: u64, outcome: Result<&CheckpointStats, &anyhow::Error>) {
-        self.pending = outcome.ok().cloned();
-    }
-
-    fn after_commit(&mut self, _generation: u64, instance: &GuestInstance) {
-        let Some(stats) = self.pending.take() else {
-            return;
-        };
+    fn captured(&mut self, generation: u64, instance: &GuestInstance) {
+        // The guest is paused exactly as captured: the baseline snapshots the same memory.
         let baseline = self.baseline.as_mut().map(|b| {
             let memory: Vec<u8> = (0..instance.memory_count())
                 .flat_map(|i| instance.memory(i).iter().copied())
                 .collect();
             b.snapshot(&memory)
         });
+        self.pending.insert(generation, baseline);
+    }
+
+    fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &anyhow::Error>) {
+        let baseline = self.pending.remove(&generation).flatten();
+        let Ok(stats) = outcome else {
+            return;
+        };
         let record = CheckpointRecord {
             generation: stats.generation,
             input_offset: stats.input_offset,
             memory_bytes: stats.memory_bytes,
             dirty_pages: stats.dirty_pages,
             zero_pages: stats.zero_pages,
+            delta_pages: stats.delta_pages,
+            whole_pages: stats.whole_pages,
+            compacted_frames: stats.compacted_frames,
             delta_bytes: stats.pack_bytes + stats.manifest_bytes,
+            encoded_bytes: stats.encoded_bytes,
+            compacted_bytes: stats.compacted_bytes,
             pack_bytes: stats.pack_bytes,
             manifest_bytes: stats.manifest_bytes,
             stall_us: stats.stall.as_micros() as u64,
             hash_us: stats.hash.as_micros() as u64,
+            encode_us: stats.encode.as_micros() as u64,
             put_us: stats.put.as_micros() as u64,
+            commit_latency_us: stats.committed_after.as_micros() as u64,
             baseline_bytes: baseline.as_ref().map(|b| b.bytes),
             baseline_full: baseline.as_ref().map(|b| b.full),
             baseline_hash_us: baseline.as_ref().map(|b| b.hash.as_micros() as u64),
@@ -118,12 +143,13 @@ pub fn bench(
         checkpoint_every: config.checkpoint_every,
         // The bench accounts for every byte put; retention would delete some of them.
         retain: usize::MAX,
+        max_deltas: config.max_deltas,
         ..RunConfig::new(&config.guest, &config.input, scratch.path().join("output"))
     };
     let mut task = Task::open(&run_config, store)?;
     let mut recorder = Recorder {
         baseline: config.baseline.then(WasmanBaseline::default),
-        pending: None,
+        pending: Default::default(),
         records: Vec::new(),
         on_record,
     };

@@ -26,8 +26,16 @@ struct Cli {
 enum Command {
     /// Run a guest over an input file; rerunning the same command resumes from the newest checkpoint.
     Run {
-        /// The guest module (.wasm, or .wat text).
+        /// The guest module (.wasm, or .wat text); with --stdio, a WASI command.
         guest: PathBuf,
+        /// Stdio mode: GUEST is an unmodified WASI command (a `main`); the input is its
+        /// stdin, the output its stdout. Needs binaryen's wasm-opt (asyncify).
+        #[arg(long)]
+        stdio: bool,
+        /// Stdio mode: checkpoint at the first stdin read after this many input bytes.
+        #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY_BYTES,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        checkpoint_every_bytes: u64,
         /// Newline-delimited input records.
         #[arg(long)]
         input: PathBuf,
@@ -52,6 +60,19 @@ enum Command {
         /// Keep the newest K checkpoints; delete older ones and packs none of them needs.
         #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
         retain: u64,
+        /// Checkpoints captured but not yet committed before the guest waits (0: commit
+        /// each checkpoint before going on).
+        #[arg(long, default_value_t = task::DEFAULT_MAX_IN_FLIGHT as u64)]
+        max_in_flight: u64,
+        /// Deltas a page may have on top of its last whole version before the next is
+        /// written whole: what a restore applies at most per page (0: no deltas).
+        #[arg(long, default_value_t = crate::snapshot::table::DEFAULT_MAX_DELTAS as u64,
+              value_parser = clap::value_parser!(u64).range(0..=crate::snapshot::table::MAX_DELTAS_LIMIT as u64))]
+        max_deltas: u64,
+        /// Page cache directory (the last captured version of every page, the base of
+        /// deltas) [default: OUTPUT.wasnap-cache beside the output].
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
         /// No progress lines on stderr.
         #[arg(long, short)]
         quiet: bool,
@@ -66,8 +87,16 @@ enum Command {
     },
     /// Measure a guest: per checkpoint, bytes written, stall and costs, beside the Wasman-style baseline.
     Bench {
-        /// The guest module (.wasm, or .wat text).
+        /// The guest module (.wasm, or .wat text); with --stdio, a WASI command.
         guest: PathBuf,
+        /// Stdio mode: what the asyncify transform and checkpoints cost (module size,
+        /// lines/s: plain WASI, asyncified, with checkpoints).
+        #[arg(long)]
+        stdio: bool,
+        /// Stdio mode: checkpoint at the first stdin read after this many input bytes.
+        #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY_BYTES,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        checkpoint_every_bytes: u64,
         /// Newline-delimited input records.
         #[arg(long)]
         input: PathBuf,
@@ -83,6 +112,10 @@ enum Command {
         /// Skip the Wasman-style baseline (full gzip every 5th, FNV-64a 4 KiB deltas).
         #[arg(long)]
         no_baseline: bool,
+        /// Deltas a page may have before its next version is written whole (see `run`).
+        #[arg(long, default_value_t = crate::snapshot::table::DEFAULT_MAX_DELTAS as u64,
+              value_parser = clap::value_parser!(u64).range(0..=crate::snapshot::table::MAX_DELTAS_LIMIT as u64))]
+        max_deltas: u64,
     },
     /// List the checkpoints in a store.
     Inspect {
@@ -103,6 +136,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run {
             guest,
+            stdio,
+            checkpoint_every_bytes,
             input,
             output,
             store,
@@ -111,6 +146,9 @@ pub fn main() -> ExitCode {
             max_memory_mib,
             call_timeout_ms,
             retain,
+            max_in_flight,
+            max_deltas,
+            cache_dir,
             quiet,
         } => {
             let config = RunConfig {
@@ -125,21 +163,48 @@ pub fn main() -> ExitCode {
                     max_memory_bytes: max_memory_mib.map(|m| m.saturating_mul(1 << 20)),
                     call_timeout: call_timeout_ms.map(std::time::Duration::from_millis),
                 },
+                max_in_flight: usize::try_from(max_in_flight).unwrap_or(usize::MAX),
+                cache_dir,
+                max_deltas: max_deltas as usize,
+                stdio,
+                checkpoint_every_bytes,
             };
             task::run(&config, &store, &mut NoObserver).map(|summary| {
                 if !quiet {
-                    let resumed = summary.resumed_from.map_or(String::from("fresh start"), |g| format!("resumed from checkpoint {g}"));
+                    let resumed = summary
+                        .resumed_from
+                        .map_or(String::from("fresh start"), |g| {
+                            format!("resumed from checkpoint {g}")
+                        });
+                    let secs = summary.elapsed.as_secs_f64().max(1e-9);
+                    let work = if stdio {
+                        format!(
+                            "{} input bytes in {secs:.2}s ({:.1} MiB/s)",
+                            summary.input_bytes,
+                            summary.input_bytes as f64 / secs / 1048576.0
+                        )
+                    } else {
+                        format!(
+                            "{} records in {secs:.2}s ({:.0}/s)",
+                            summary.records,
+                            summary.records as f64 / secs
+                        )
+                    };
                     eprintln!(
-                        "wasnap: done: {} records in {:.2}s ({:.0}/s), {} checkpoints, newest generation {} ({resumed})",
-                        summary.records,
-                        summary.elapsed.as_secs_f64(),
-                        summary.records as f64 / summary.elapsed.as_secs_f64().max(1e-9),
-                        summary.checkpoints,
-                        summary.generation,
+                        "wasnap: done: {work}, {} checkpoints, newest generation {} ({resumed})",
+                        summary.checkpoints, summary.generation,
                     );
                 }
             })
         }
+        Command::Bench {
+            guest,
+            stdio: true,
+            checkpoint_every_bytes,
+            input,
+            ..
+        } => bench::stdio::bench_stdio(&guest, &input, checkpoint_every_bytes)
+            .map(|report| print!("{}", report.summary(&guest.display().to_string()))),
         Command::Bench {
             guest,
             input,
@@ -147,6 +212,8 @@ pub fn main() -> ExitCode {
             store,
             json,
             no_baseline,
+            max_deltas,
+            ..
         } => {
             let config = bench::BenchConfig {
                 guest,
@@ -154,6 +221,7 @@ pub fn main() -> ExitCode {
                 checkpoint_every,
                 store,
                 baseline: !no_baseline,
+                max_deltas: max_deltas as usize,
             };
             let mut print = |record: &bench::CheckpointRecord| {
                 if json {

@@ -55,7 +55,7 @@ pub fn check(module: &Module) -> Result<Abi> {
             Some(_) => bail!("the guest's export `{name}` is not a function"),
             None if is_command => bail!(
                 "the guest does not export `{name}`: it looks like a WASI command (`_start`), \
-                 not a wasnap record guest"
+                 not a wasnap record guest (run it with --stdio)"
             ),
             None => {
                 bail!("the guest does not export `{name}`, which the wasnap record ABI requires")

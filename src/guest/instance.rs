@@ -10,16 +10,44 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 
 use super::abi::{EMIT_MODULE, EMIT_NAME};
 use super::random::DeterministicRandom;
-use super::{GlobalKind, Guest, Limits};
+use super::{GlobalKind, Guest, GuestKind, Limits, stdio};
 
 /// What host functions can reach.
 pub struct HostState {
     wasi: WasiP1Ctx,
     /// The ABI memory, cached so `emit` does not look it up by name on every call.
-    memory: Option<Memory>,
-    /// Records emitted since the run loop last drained them, each followed by `\n`.
-    emitted: Vec<u8>,
+    pub(super) memory: Option<Memory>,
+    /// Output since the run loop last drained it: emitted records, each followed by
+    /// `\n`, or a stdio program's stdout.
+    pub(super) emitted: Vec<u8>,
+    /// A stdio program's standard input.
+    pub(super) stdin: Option<stdio::StdinState>,
     limits: StoreLimits,
+}
+
+/// How a guest is entered.
+enum Entry {
+    /// The record ABI: `alloc` and `process` per record, after `_initialize` and `init`.
+    Records {
+        alloc: TypedFunc<i32, i32>,
+        process: TypedFunc<(i32, i32), ()>,
+        initialize: Option<TypedFunc<(), ()>>,
+        init: Option<TypedFunc<(), ()>>,
+    },
+    /// An asyncified WASI command: `_start`, unwound and rewound around checkpoints.
+    Program {
+        start: TypedFunc<(), ()>,
+        asyncify: stdio::Asyncify,
+    },
+}
+
+/// Why a stdio program's `_start` returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramOutcome {
+    /// It unwound at a stdin read for a checkpoint; rewind to go on.
+    Unwound,
+    /// It ended, with this exit status.
+    Exited(i32),
 }
 
 /// The value of one mutable global, as written into a manifest.
@@ -68,10 +96,7 @@ impl GlobalValue {
 pub struct GuestInstance {
     store: Store<HostState>,
     abi_memory: Memory,
-    alloc: TypedFunc<i32, i32>,
-    process: TypedFunc<(i32, i32), ()>,
-    initialize: Option<TypedFunc<(), ()>>,
-    init: Option<TypedFunc<(), ()>>,
+    entry: Entry,
     /// Every defined memory, in index order (the snapshot's memory list).
     memories: Vec<Memory>,
     /// Every defined mutable global, in index order (the snapshot's global list).
@@ -97,6 +122,7 @@ impl GuestInstance {
                 wasi,
                 memory: None,
                 emitted: Vec::new(),
+                stdin: None,
                 limits: match guest.limits.max_memory_bytes {
                     Some(max) => StoreLimitsBuilder::new()
                         .memory_size(usize::try_from(max).unwrap_or(usize::MAX))
@@ -150,23 +176,30 @@ impl GuestInstance {
                     None => None,
                 })
             };
-        let initialize = if guest.abi.has_initialize {
-            typed(&mut store, "_initialize")?
-        } else {
-            None
-        };
-        let init = if guest.abi.has_init {
-            typed(&mut store, "init")?
-        } else {
-            None
+        let entry = match &guest.kind {
+            GuestKind::Records(abi) => Entry::Records {
+                alloc: instance.get_typed_func(&mut store, "alloc")?,
+                process: instance.get_typed_func(&mut store, "process")?,
+                initialize: if abi.has_initialize {
+                    typed(&mut store, "_initialize")?
+                } else {
+                    None
+                },
+                init: if abi.has_init {
+                    typed(&mut store, "init")?
+                } else {
+                    None
+                },
+            },
+            GuestKind::Program => Entry::Program {
+                start: instance.get_typed_func(&mut store, "_start")?,
+                asyncify: stdio::Asyncify::lookup(&instance, &mut store)?,
+            },
         };
         Ok(Self {
-            alloc: instance.get_typed_func(&mut store, "alloc")?,
-            process: instance.get_typed_func(&mut store, "process")?,
+            entry,
             store,
             abi_memory,
-            initialize,
-            init,
             memories,
             globals,
             random,
@@ -204,24 +237,37 @@ impl GuestInstance {
         anyhow::Error::from(err).context(format!("the guest failed in `{function}`"))
     }
 
-    /// Run the guest's one-time set-up: `_initialize` (WASI reactors), then `init`.
-    /// Only on a fresh start: after a restore the snapshot already holds its effects.
+    /// Run the guest's one-time set-up: `_initialize` (WASI reactors), then `init` (a stdio
+    /// program has none: `_start` is its whole run). Only on a fresh start: after a
+    /// restore the snapshot already holds its effects.
     pub fn start_fresh(&mut self) -> Result<()> {
-        if let Some(f) = self.initialize.clone() {
-            self.arm_deadline();
-            f.call(&mut self.store, ())
-                .map_err(|e| self.describe(e, "_initialize"))?;
-        }
-        if let Some(f) = self.init.clone() {
-            self.arm_deadline();
-            f.call(&mut self.store, ())
-                .map_err(|e| self.describe(e, "init"))?;
+        match &self.entry {
+            Entry::Records {
+                initialize, init, ..
+            } => {
+                let (initialize, init) = (initialize.clone(), init.clone());
+                if let Some(f) = initialize {
+                    self.arm_deadline();
+                    f.call(&mut self.store, ())
+                        .map_err(|e| self.describe(e, "_initialize"))?;
+                }
+                if let Some(f) = init {
+                    self.arm_deadline();
+                    f.call(&mut self.store, ())
+                        .map_err(|e| self.describe(e, "init"))?;
+                }
+            }
+            Entry::Program { .. } => {}
         }
         Ok(())
     }
 
     /// Hand one record to the guest: `alloc(len)`, copy the bytes, `process(ptr, len)`.
     pub fn process(&mut self, record: &[u8]) -> Result<()> {
+        let Entry::Records { alloc, process, .. } = &self.entry else {
+            bail!("a stdio program takes no records");
+        };
+        let (alloc, process) = (alloc.clone(), process.clone());
         let len = i32::try_from(record.len()).map_err(|_| {
             anyhow!(
                 "a record of {} bytes is too large for the guest ABI",
@@ -229,8 +275,7 @@ impl GuestInstance {
             )
         })?;
         self.arm_deadline();
-        let ptr = self
-            .alloc
+        let ptr = alloc
             .call(&mut self.store, len)
             .map_err(|e| self.describe(e, "alloc"))?;
         self.abi_memory
@@ -239,9 +284,90 @@ impl GuestInstance {
                 anyhow!("the guest's alloc({len}) returned {ptr:#x}, which is outside its memory")
             })?;
         self.arm_deadline();
-        self.process
+        process
             .call(&mut self.store, (ptr, len))
             .map_err(|e| self.describe(e, "process"))
+    }
+
+    /// Whether this is a stdio program (else a record guest).
+    pub fn is_program(&self) -> bool {
+        matches!(self.entry, Entry::Program { .. })
+    }
+
+    /// Give a stdio program its input, from `offset` on, with a checkpoint due at the
+    /// first read after every `checkpoint_every` bytes; `data` is where an earlier unwind
+    /// left the program's stack (from the checkpoint), if it was ever unwound.
+    pub fn attach_stdin(
+        &mut self,
+        file: std::fs::File,
+        offset: u64,
+        checkpoint_every: u64,
+        data: Option<u32>,
+    ) -> Result<()> {
+        let Entry::Program { asyncify, .. } = &self.entry else {
+            bail!("only a stdio program reads stdin");
+        };
+        if let Some(data) = data {
+            let needed = u64::from(data) + stdio::UNWIND_DATA_BYTES;
+            if (self.abi_memory.data_size(&self.store) as u64) < needed {
+                bail!("the program's memory does not hold its unwind data (store corrupt?)");
+            }
+        }
+        let mut stdin = stdio::StdinState::new(file, offset, checkpoint_every.max(1), data);
+        stdin.asyncify = Some(asyncify.clone());
+        self.store.data_mut().stdin = Some(stdin);
+        Ok(())
+    }
+
+    /// Where the program's stack was unwound to, once it has been.
+    pub fn unwind_data(&self) -> Option<u32> {
+        self.store.data().stdin.as_ref().and_then(|s| s.data)
+    }
+
+    /// Stdin bytes handed to the program so far.
+    pub fn stdin_offset(&self) -> u64 {
+        self.store.data().stdin.as_ref().map_or(0, |s| s.offset)
+    }
+
+    /// Run a stdio program until it unwinds for a checkpoint or ends; `rewind` re-enters it
+    /// where it last unwound (in this process or the one that took the checkpoint).
+    pub fn run_program(&mut self, rewind: bool) -> Result<ProgramOutcome> {
+        let Entry::Program { start, asyncify } = &self.entry else {
+            bail!("a record guest has no `_start` to run");
+        };
+        let (start, asyncify) = (start.clone(), asyncify.clone());
+        let stdin = self
+            .store
+            .data_mut()
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow!("stdin is not attached"))?;
+        stdin.unwound = false;
+        stdin.rewinding = rewind;
+        if rewind {
+            let data = stdin
+                .data
+                .ok_or_else(|| anyhow!("no unwound stack to rewind (store corrupt?)"))?;
+            asyncify
+                .start_rewind(&mut self.store, data)
+                .map_err(|e| self.describe(e, "asyncify_start_rewind"))?;
+        }
+        self.arm_deadline();
+        let result = start.call(&mut self.store, ());
+        let unwound = self.store.data().stdin.as_ref().is_some_and(|s| s.unwound);
+        match result {
+            Ok(()) if unwound => {
+                asyncify
+                    .stop_unwind(&mut self.store)
+                    .map_err(|e| self.describe(e, "asyncify_stop_unwind"))?;
+                Ok(ProgramOutcome::Unwound)
+            }
+            Ok(()) => Ok(ProgramOutcome::Exited(0)),
+            Err(err) => match err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                Some(exit) => Ok(ProgramOutcome::Exited(exit.0)),
+                None => Err(self.describe(err, "_start")),
+            },
+        }
     }
 
     /// Output records emitted since the last call, each followed by `\n`; the buffer is left empty.

@@ -238,7 +238,7 @@ pub fn instrument(wasm: &[u8]) -> Result<Instrumented> {
 }
 
 /// A clear error for the two most common wrong inputs: not wasm at all, or a component.
-fn check_is_core_module(wasm: &[u8]) -> Result<()> {
+pub fn check_is_core_module(wasm: &[u8]) -> Result<()> {
     if wasm.len() < 8 || &wasm[0..4] != b"\0asm" {
         bail!("not a WebAssembly module (the file does not start with the `\\0asm` magic)");
     }

@@ -1,26 +1,36 @@
 //! Loading, checking and running a guest: instrument → compile → check ABI → instantiate.
 
 pub mod abi;
+pub mod asyncify;
 pub mod instance;
 pub mod instrument;
 pub mod limits;
 pub mod random;
+pub mod stdio;
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use wasmtime::{Config, Engine, InstancePre, Linker, Module};
 
-pub use instance::{GlobalValue, GuestInstance};
+pub use instance::{GlobalValue, GuestInstance, ProgramOutcome};
 pub use instrument::{GlobalKind, Instrumented, StateExport};
 pub use limits::Limits;
+
+/// What kind of guest a module is.
+pub enum GuestKind {
+    /// A record guest (the wasnap ABI: `alloc`, `process`, `wasnap.emit`).
+    Records(abi::Abi),
+    /// An unmodified WASI command in stdio mode, asyncified.
+    Program,
+}
 
 /// A compiled, instrumented guest, ready to be instantiated any number of times.
 pub struct Guest {
     engine: Engine,
     /// Imports resolved once; every instantiation (fresh or restore) starts from here.
     pre: InstancePre<instance::HostState>,
-    abi: abi::Abi,
+    kind: GuestKind,
     limits: Limits,
     /// Runs while a time limit is set and this guest or any of its instances lives.
     ticker: Option<std::sync::Arc<limits::EpochTicker>>,
@@ -36,17 +46,48 @@ impl Guest {
 
     /// [`Guest::load`], with resource limits for every instance.
     pub fn load_with_limits(path: &Path, limits: Limits) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read guest {}", path.display()))?;
-        let bytes = if path.extension().is_some_and(|e| e == "wat") {
-            wat::parse_bytes(&bytes)
-                .with_context(|| format!("{} is not valid WAT", path.display()))?
-                .into_owned()
-        } else {
-            bytes
-        };
+        let bytes = read_module(path)?;
         Self::from_wasm_with_limits(&bytes, limits)
             .with_context(|| format!("cannot load guest {}", path.display()))
+    }
+
+    /// Read an unmodified WASI command for stdio mode: check it, asyncify it (cached),
+    /// instrument and compile it.
+    pub fn load_program(path: &Path, limits: Limits) -> Result<Self> {
+        let bytes = read_module(path)?;
+        Self::program_from_wasm(&bytes, limits)
+            .with_context(|| format!("cannot load program {}", path.display()))
+    }
+
+    /// [`Guest::load_program`] from wasm bytes.
+    pub fn program_from_wasm(wasm: &[u8], limits: Limits) -> Result<Self> {
+        instrument::check_is_core_module(wasm)?;
+        let engine = Engine::new(&engine_config(limits))?;
+        let original = Module::new(&engine, wasm)
+            .map_err(anyhow::Error::from)
+            .context("wasmtime rejected the program")?;
+        stdio::check_command(&original)?;
+        let transformed = asyncify::asyncify(wasm)?;
+        let mut state = instrument::instrument(&transformed)?;
+        // The identity checkpoints are bound to is what actually runs: the transformed
+        // module (another binaryen may lay its state out differently).
+        let module = Module::new(&engine, &state.wasm)
+            .map_err(anyhow::Error::from)
+            .context("wasmtime rejected the asyncified program")?;
+        let mut linker: Linker<instance::HostState> = Linker::new(&engine);
+        instance::add_host_functions(&mut linker)?;
+        stdio::add_host_functions(&mut linker)?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(anyhow::Error::from)
+            .context("cannot link the program's imports")?;
+        state.wasm = Vec::new();
+        Self::finish(engine, pre, GuestKind::Program, limits, state)
+    }
+
+    /// Whether this is a stdio program.
+    pub fn is_program(&self) -> bool {
+        matches!(self.kind, GuestKind::Program)
     }
 
     /// Instrument, compile and check a guest given as wasm bytes.
@@ -57,12 +98,7 @@ impl Guest {
     /// [`Guest::from_wasm`], with resource limits for every instance.
     pub fn from_wasm_with_limits(wasm: &[u8], limits: Limits) -> Result<Self> {
         let mut state = instrument::instrument(wasm)?;
-        let mut config = Config::new();
-        config
-            .wasm_multi_memory(true)
-            .wasm_memory64(true)
-            .epoch_interruption(limits.call_timeout.is_some());
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&engine_config(limits))?;
         let module = Module::new(&engine, &state.wasm)
             .map_err(anyhow::Error::from)
             .context("wasmtime rejected the guest")?;
@@ -74,13 +110,23 @@ impl Guest {
             .map_err(anyhow::Error::from)
             .context("cannot link the guest's imports")?;
         state.wasm = Vec::new();
+        Self::finish(engine, pre, GuestKind::Records(abi), limits, state)
+    }
+
+    fn finish(
+        engine: Engine,
+        pre: InstancePre<instance::HostState>,
+        kind: GuestKind,
+        limits: Limits,
+        state: Instrumented,
+    ) -> Result<Self> {
         let ticker = limits
             .call_timeout
             .map(|_| std::sync::Arc::new(limits::EpochTicker::start(&engine)));
         Ok(Self {
             engine,
             pre,
-            abi,
+            kind,
             limits,
             ticker,
             state,
@@ -97,4 +143,25 @@ impl Guest {
     pub fn instantiate(&self, random_seed: u64, random_position: u64) -> Result<GuestInstance> {
         GuestInstance::new(self, random_seed, random_position)
     }
+}
+
+fn engine_config(limits: Limits) -> Config {
+    let mut config = Config::new();
+    config
+        .wasm_multi_memory(true)
+        .wasm_memory64(true)
+        .epoch_interruption(limits.call_timeout.is_some());
+    config
+}
+
+/// A module's bytes: a wasm binary, or WAT text if the name ends in `.wat`.
+fn read_module(path: &Path) -> Result<Vec<u8>> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read guest {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "wat") {
+        return Ok(wat::parse_bytes(&bytes)
+            .with_context(|| format!("{} is not valid WAT", path.display()))?
+            .into_owned());
+    }
+    Ok(bytes)
 }

@@ -1,16 +1,21 @@
-//! Capturing a paused guest's state and restoring it into a fresh instance.
+//! Capturing a paused guest's state, encoding it, and restoring it into a fresh instance.
 //!
-//! - `pages`: hash 64 KiB pages, diff against the last committed table;
-//! - `table`: the page table of the last committed checkpoint (hash + where each page lives);
-//! - `capture`: globals + page changes of a paused instance, and the next table;
+//! - `pages`: hash 64 KiB pages, diff against the last capture;
+//! - `cache`: the last captured version of every page, the base of deltas;
+//! - `capture`: on the guest's thread, the only pause: hash, copy dirty pages and bases;
+//! - `encode`: off the guest's thread: deltas or whole pages, compaction, the pack;
+//! - `table`: every page's chain of frames (whole page, then deltas);
 //! - `restore`: rebuild memories and globals from a manifest and its packs.
 
+pub mod cache;
 pub mod capture;
+pub mod encode;
 pub mod pages;
 pub mod restore;
 pub mod table;
 
-pub use capture::{Delta, capture};
+pub use cache::PageCache;
+pub use capture::{Capture, capture};
 pub use pages::PAGE_SIZE;
-pub use restore::restore;
-pub use table::{PageTable, StoredPage};
+pub use restore::{Restored, restore};
+pub use table::PageTable;

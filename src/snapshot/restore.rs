@@ -10,17 +10,24 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 
 use super::pages::{self, PAGE_SIZE};
-use super::table::PageTable;
+use super::table::{Chain, PageTable};
 use crate::guest::GuestInstance;
-use crate::store::manifest::PageRef;
-use crate::store::{CheckpointStore, Manifest, pack};
+use crate::store::pack::{self, PackIndex};
+use crate::store::{CheckpointStore, Manifest};
+
+/// A restored checkpoint: the table for the next checkpoint and the page hashes of the
+/// restored memories.
+pub struct Restored {
+    pub table: PageTable,
+    pub hashes: Vec<Vec<u64>>,
+}
 
 /// Restore `manifest` into `instance` (fresh, not yet initialised) from `store`.
 pub fn restore(
     instance: &mut GuestInstance,
     manifest: &Manifest,
     store: &CheckpointStore,
-) -> Result<PageTable> {
+) -> Result<Restored> {
     if manifest.memories.len() != instance.memory_count() {
         bail!(
             "checkpoint {} has {} memories but the guest has {}",
@@ -30,40 +37,26 @@ pub fn restore(
         );
     }
     let packs = fetch_packs(manifest, store)?;
+    let table = PageTable::from_manifest(manifest);
 
     let mut hashes = Vec::with_capacity(manifest.memories.len());
-    for (index, memory) in manifest.memories.iter().enumerate() {
+    for (index, (memory, chains)) in manifest.memories.iter().zip(&table.memories).enumerate() {
         let initial_len = instance.memory(index).len();
         instance.grow_memory_to(index, memory.byte_len)?;
         let data = instance.memory_mut(index);
-        let mut page_slices: Vec<Option<&mut [u8]>> =
-            data.chunks_mut(PAGE_SIZE).map(Some).collect();
-        let mut jobs = Vec::with_capacity(memory.pages.len());
-        for page_ref in &memory.pages {
-            let slice = page_slices
-                .get_mut(page_ref.page as usize)
-                .and_then(Option::take)
-                .with_context(|| {
-                    format!(
-                        "checkpoint {} names page {} twice or out of range",
-                        manifest.generation, page_ref.page
-                    )
-                })?;
-            jobs.push((slice, page_ref));
-        }
-        // Pages not in the table are zero; grown pages already are, but data segments
-        // may have written into the initial ones. Reading a page the guest never touched
-        // costs no allocation, writing one would: only clear what is not already zero.
-        for slice in page_slices
-            .iter_mut()
-            .take(initial_len.div_ceil(PAGE_SIZE))
-            .flatten()
-        {
-            if slice.iter().any(|b| *b != 0) {
+        let mut jobs = Vec::new();
+        for (page, (slice, chain)) in data.chunks_mut(PAGE_SIZE).zip(&chains.chains).enumerate() {
+            if !chain.is_empty() {
+                jobs.push((slice, chain));
+            } else if page * PAGE_SIZE < initial_len && slice.iter().any(|b| *b != 0) {
+                // Pages not in the table are zero; grown pages already are, but data
+                // segments may have written into the initial ones. Reading a page the guest
+                // never touched costs no allocation, writing one would: clear only what
+                // is not already zero.
                 slice.fill(0);
             }
         }
-        decode_parallel(jobs, manifest, &packs)?;
+        decode_parallel(jobs, &packs)?;
 
         let memory_hashes = pages::hash_pages(instance.memory(index));
         if pages::memory_digest(&memory_hashes) != memory.digest {
@@ -75,36 +68,58 @@ pub fn restore(
         hashes.push(memory_hashes);
     }
     instance.set_globals(&manifest.globals)?;
-    Ok(PageTable::from_manifest(manifest, hashes))
+    Ok(Restored { table, hashes })
 }
 
-/// Read and check every pack the manifest refers to.
-fn fetch_packs(manifest: &Manifest, store: &CheckpointStore) -> Result<Vec<Bytes>> {
-    let fetched = store.read_packs(&manifest.packs);
+/// A fetched pack, its frame index, and its name for messages.
+struct FetchedPack {
+    bytes: Bytes,
+    index: PackIndex,
+    what: String,
+}
+
+/// Read and check every pack the manifest refers to: each must be the pack the manifest
+/// names (generation, writer, frame count), not just any pack.
+fn fetch_packs(
+    manifest: &Manifest,
+    store: &CheckpointStore,
+) -> Result<std::collections::HashMap<crate::store::manifest::PackRef, FetchedPack>> {
+    let names: Vec<String> = manifest.packs.iter().map(|p| p.name()).collect();
+    let fetched = store.read_packs(&names);
     manifest
         .packs
         .iter()
+        .zip(names)
         .zip(fetched)
-        .map(|(name, bytes)| {
+        .map(|((pack_ref, name), bytes)| {
             let bytes = bytes
                 .with_context(|| format!("checkpoint {} needs pack {name}", manifest.generation))?;
-            pack::check_header(&bytes, &format!("pack {name}"))?;
-            Ok(bytes)
+            let what = format!("pack {name}");
+            let index = PackIndex::parse(&bytes, &what)?;
+            if index.generation != pack_ref.generation
+                || index.writer_id != pack_ref.writer_id
+                || index.frames.len() != pack_ref.frames as usize
+                || bytes.len() as u64 != pack_ref.bytes
+            {
+                bail!(
+                    "{what} is not the pack checkpoint {} wrote",
+                    manifest.generation
+                );
+            }
+            Ok((pack_ref.clone(), FetchedPack { bytes, index, what }))
         })
         .collect()
 }
 
+type Packs = std::collections::HashMap<crate::store::manifest::PackRef, FetchedPack>;
+
 /// Below this many pages, decoding on the calling thread beats starting threads.
 const PARALLEL_DECODE_THRESHOLD: usize = 64;
 
-fn decode_parallel(
-    jobs: Vec<(&mut [u8], &PageRef)>,
-    manifest: &Manifest,
-    packs: &[Bytes],
-) -> Result<()> {
+fn decode_parallel(jobs: Vec<(&mut [u8], &Chain)>, packs: &Packs) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if jobs.len() < PARALLEL_DECODE_THRESHOLD || threads == 1 {
-        return decode_batch(jobs, manifest, packs);
+        return decode_batch(jobs, packs);
     }
     let per_thread = jobs.len().div_ceil(threads);
     let mut jobs = jobs;
@@ -112,7 +127,7 @@ fn decode_parallel(
         let mut workers = Vec::new();
         while !jobs.is_empty() {
             let batch: Vec<_> = jobs.drain(..per_thread.min(jobs.len())).collect();
-            workers.push(scope.spawn(move || decode_batch(batch, manifest, packs)));
+            workers.push(scope.spawn(move || decode_batch(batch, packs)));
         }
         workers
             .into_iter()
@@ -120,22 +135,23 @@ fn decode_parallel(
     })
 }
 
-fn decode_batch(
-    batch: Vec<(&mut [u8], &PageRef)>,
-    manifest: &Manifest,
-    packs: &[Bytes],
-) -> Result<()> {
-    let mut decompressor = zstd::bulk::Decompressor::new()?;
-    for (dst, page_ref) in batch {
-        let name = &manifest.packs[page_ref.pack as usize];
-        pack::decode_page(
-            &packs[page_ref.pack as usize],
-            page_ref.frame,
-            page_ref.encoding,
-            dst,
-            &mut decompressor,
-            &format!("pack {name}"),
-        )?;
+/// Rebuild each page from its chain: the whole page, then every delta on top.
+fn decode_batch(batch: Vec<(&mut [u8], &Chain)>, packs: &Packs) -> Result<()> {
+    let mut decompressor = pack::decompressor()?;
+    let mut scratch = vec![0u8; PAGE_SIZE];
+    for (dst, chain) in batch {
+        for (layer, loc) in chain.iter().enumerate() {
+            let pack = &packs[&*loc.pack];
+            let frame = pack.index.frame(&pack.bytes, loc.frame, &pack.what)?;
+            pack::decode_frame(
+                frame,
+                layer,
+                dst,
+                &mut scratch,
+                &mut decompressor,
+                &pack.what,
+            )?;
+        }
     }
     Ok(())
 }

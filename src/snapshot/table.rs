@@ -1,115 +1,215 @@
-//! The page table of the last committed checkpoint: for every page of every memory, its
-//! hash (to detect change) and where its committed bytes are stored (to write the next
-//! manifest without rereading anything).
+//! The page table: for every page of every memory, the chain of frames that rebuilds its
+//! newest captured version: a whole page first, then a bounded number of deltas. An
+//! empty chain is an all-zero page, which is never stored.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::store::manifest::{MemoryManifest, PageRef};
-use crate::store::pack::{Encoding, FrameRef};
+use crate::store::manifest::{MemoryManifest, PackRef, Run};
 
-use super::pages::memory_digest;
+/// By default, at most this many deltas on top of a whole page: a restore applies at most
+/// 8 frames after the first for any page.
+pub const DEFAULT_MAX_DELTAS: usize = 8;
 
-/// Where a page's committed bytes live.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredPage {
-    pub pack: Arc<str>,
-    pub encoding: Encoding,
-    pub frame: FrameRef,
+/// The most deltas a chain may have (a manifest holds at most 64 layers).
+pub const MAX_DELTAS_LIMIT: usize = crate::store::manifest::MAX_LAYERS - 1;
+
+/// One frame of one pack. Packs are shared by every entry that names them.
+#[derive(Clone, Debug)]
+pub struct FrameLoc {
+    pub pack: Arc<PackRef>,
+    pub frame: u32,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+impl PartialEq for FrameLoc {
+    fn eq(&self, other: &Self) -> bool {
+        self.frame == other.frame && *self.pack == *other.pack
+    }
+}
+
+/// A page's frames, whole page first; empty for a zero page.
+pub type Chain = Vec<FrameLoc>;
+
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct MemoryTable {
     pub byte_len: u64,
-    pub hashes: Vec<u64>,
-    /// `None` for an all-zero page, which is never stored.
-    pub stored: Vec<Option<StoredPage>>,
+    pub chains: Vec<Chain>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PageTable {
     pub memories: Vec<MemoryTable>,
 }
 
 impl PageTable {
-    /// The table before any checkpoint: every memory empty, so every page counts as new.
+    /// The table before any checkpoint.
     pub fn empty(memory_count: usize) -> Self {
         Self {
             memories: vec![MemoryTable::default(); memory_count],
         }
     }
 
-    /// The table a manifest describes, given the hashes of the memories it restored to.
-    pub fn from_manifest(manifest: &crate::store::Manifest, hashes: Vec<Vec<u64>>) -> Self {
-        let packs: Vec<Arc<str>> = manifest
-            .packs
-            .iter()
-            .map(|p| Arc::from(p.as_str()))
-            .collect();
+    /// The table a (decoded, so validated) manifest describes.
+    pub fn from_manifest(manifest: &crate::store::Manifest) -> Self {
+        let packs: Vec<Arc<PackRef>> = manifest.packs.iter().cloned().map(Arc::new).collect();
         let memories = manifest
             .memories
             .iter()
-            .zip(hashes)
-            .map(|(m, hashes)| {
-                let mut stored = vec![None; hashes.len()];
-                for p in &m.pages {
-                    stored[p.page as usize] = Some(StoredPage {
-                        pack: packs[p.pack as usize].clone(),
-                        encoding: p.encoding,
-                        frame: p.frame,
-                    });
+            .map(|m| {
+                let mut chains = vec![Chain::new(); crate::snapshot::pages::page_count(m.byte_len)];
+                for layer in &m.layers {
+                    for run in layer {
+                        for i in 0..run.pages {
+                            chains[(run.first_page + i) as usize].push(FrameLoc {
+                                pack: packs[run.pack as usize].clone(),
+                                frame: run.first_frame + i,
+                            });
+                        }
+                    }
                 }
                 MemoryTable {
                     byte_len: m.byte_len,
-                    hashes,
-                    stored,
+                    chains,
                 }
             })
             .collect();
         Self { memories }
     }
 
-    /// The pack list and per-memory page lists of a manifest for this table.
-    pub fn to_manifest_parts(&self) -> (Vec<String>, Vec<MemoryManifest>) {
-        let mut packs: Vec<String> = Vec::new();
-        let mut pack_index: HashMap<Arc<str>, u32> = HashMap::new();
+    /// The pack list and per-memory layers of a manifest for this table; `digests` are the
+    /// memories' digests. Runs join consecutive pages stored as consecutive frames.
+    pub fn to_manifest_parts(&self, digests: &[u64]) -> (Vec<PackRef>, Vec<MemoryManifest>) {
+        let mut packs: Vec<PackRef> = Vec::new();
+        let mut pack_index: HashMap<PackRef, u32> = HashMap::new();
         let memories = self
             .memories
             .iter()
-            .map(|m| {
-                let pages = m
-                    .stored
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(page, stored)| stored.as_ref().map(|s| (page, s)))
-                    .map(|(page, s)| {
-                        let pack = *pack_index.entry(s.pack.clone()).or_insert_with(|| {
-                            packs.push(s.pack.to_string());
-                            packs.len() as u32 - 1
-                        });
-                        PageRef {
-                            page: page as u32,
-                            encoding: s.encoding,
-                            pack,
-                            frame: s.frame,
+            .zip(digests)
+            .map(|(m, &digest)| {
+                let depth = m.chains.iter().map(Vec::len).max().unwrap_or(0);
+                let layers = (0..depth)
+                    .map(|layer| {
+                        let mut runs: Vec<Run> = Vec::new();
+                        for (page, chain) in m.chains.iter().enumerate() {
+                            let Some(loc) = chain.get(layer) else {
+                                continue;
+                            };
+                            let pack =
+                                *pack_index.entry((*loc.pack).clone()).or_insert_with(|| {
+                                    packs.push((*loc.pack).clone());
+                                    packs.len() as u32 - 1
+                                });
+                            let page = page as u32;
+                            match runs.last_mut() {
+                                Some(run)
+                                    if run.pack == pack
+                                        && run.first_page + run.pages == page
+                                        && run.first_frame + run.pages == loc.frame =>
+                                {
+                                    run.pages += 1
+                                }
+                                _ => runs.push(Run {
+                                    first_page: page,
+                                    pages: 1,
+                                    pack,
+                                    first_frame: loc.frame,
+                                }),
+                            }
                         }
+                        runs
                     })
                     .collect();
                 MemoryManifest {
                     byte_len: m.byte_len,
-                    digest: memory_digest(&m.hashes),
-                    pages,
+                    digest,
+                    layers,
                 }
             })
             .collect();
         (packs, memories)
     }
 
+    /// How many frames of each pack the table refers to.
+    pub fn live_frames(&self) -> HashMap<PackRef, u32> {
+        let mut live = HashMap::new();
+        for loc in self.frames() {
+            *live.entry((*loc.pack).clone()).or_insert(0) += 1;
+        }
+        live
+    }
+
+    fn frames(&self) -> impl Iterator<Item = &FrameLoc> {
+        self.memories.iter().flat_map(|m| m.chains.iter().flatten())
+    }
+
     /// Pages with stored bytes, all memories together.
     pub fn stored_pages(&self) -> usize {
         self.memories
             .iter()
-            .map(|m| m.stored.iter().filter(|s| s.is_some()).count())
+            .map(|m| m.chains.iter().filter(|c| !c.is_empty()).count())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Manifest;
+
+    fn pack(generation: u64, frames: u32) -> Arc<PackRef> {
+        Arc::new(PackRef {
+            generation,
+            writer_id: [1; 16],
+            frames,
+            bytes: 100,
+        })
+    }
+
+    #[test]
+    fn runs_join_consecutive_frames_and_round_trip_through_a_manifest() {
+        let (a, b) = (pack(1, 4), pack(2, 3));
+        let at = |p: &Arc<PackRef>, frame| FrameLoc {
+            pack: p.clone(),
+            frame,
+        };
+        let table = PageTable {
+            memories: vec![MemoryTable {
+                byte_len: 6 << 16,
+                chains: vec![
+                    vec![at(&a, 0)],
+                    vec![at(&a, 1), at(&b, 0)],
+                    vec![at(&a, 2), at(&b, 1), at(&b, 2)],
+                    vec![],
+                    vec![at(&a, 3)],
+                    vec![],
+                ],
+            }],
+        };
+        let (packs, memories) = table.to_manifest_parts(&[7]);
+        assert_eq!(packs.len(), 2);
+        let layers = &memories[0].layers;
+        assert_eq!(layers.len(), 3);
+        assert_eq!(layers[0].len(), 2, "pages 0-2 are one run, page 4 another");
+        assert_eq!(layers[1].len(), 1);
+        assert_eq!(layers[2].len(), 1);
+
+        let manifest = Manifest {
+            generation: 2,
+            writer_id: [1; 16],
+            module_sha256: [0; 32],
+            input_offset: 0,
+            output_marker: 0,
+            random_seed: 0,
+            random_position: 0,
+            created_unix_ms: 0,
+            run_state: crate::store::manifest::RunState::Records,
+            packs,
+            globals: vec![],
+            memories,
+        };
+        let decoded = Manifest::decode(&manifest.encode().unwrap(), "m").unwrap();
+        assert_eq!(PageTable::from_manifest(&decoded), table);
+        assert_eq!(table.live_frames()[&*a], 4);
+        assert_eq!(table.live_frames()[&*b], 3);
     }
 }

@@ -6,26 +6,44 @@
 use anyhow::{Context, Result, bail};
 
 use super::codec::{Put, Reader};
-use super::pack::{Encoding, FrameRef};
 use crate::guest::GlobalValue;
 
 pub const MANIFEST_MAGIC: &[u8; 8] = b"WASNAPMF";
-pub const MANIFEST_VERSION: u16 = 1;
+pub const MANIFEST_VERSION: u16 = 2;
 /// magic, version, flags, stored body length, raw body length.
 const HEADER_LEN: usize = 8 + 2 + 2 + 4 + 4;
 const FLAG_BODY_ZSTD: u16 = 1;
 /// A manifest body larger than this is refused rather than allocated.
 const MAX_BODY_LEN: usize = 1 << 30;
+/// More layers than this (a whole page and its deltas) is refused as corrupt.
+pub const MAX_LAYERS: usize = 64;
 
-/// One non-zero page of a memory and where its bytes are stored.
+/// A pack the manifest's page table refers to. Its object name follows from it
+/// (`store::pack_name`), and `frames` from its header.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PackRef {
+    pub generation: u64,
+    pub writer_id: [u8; 16],
+    /// How many frames the pack holds.
+    pub frames: u32,
+    /// The pack's size in bytes.
+    pub bytes: u64,
+}
+
+impl PackRef {
+    pub fn name(&self) -> String {
+        super::pack_name(self.generation, &self.writer_id)
+    }
+}
+
+/// Consecutive pages whose frames are consecutive in one pack: pages
+/// `first_page .. first_page + pages` are frames `first_frame ..` of `packs[pack]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageRef {
-    /// Page index within its memory (64 KiB pages).
-    pub page: u32,
-    pub encoding: Encoding,
-    /// Index into [`Manifest::packs`].
+pub struct Run {
+    pub first_page: u32,
+    pub pages: u32,
     pub pack: u32,
-    pub frame: FrameRef,
+    pub first_frame: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,8 +51,24 @@ pub struct MemoryManifest {
     pub byte_len: u64,
     /// XXH3-64 over the memory's page hashes (see `snapshot::pages::memory_digest`).
     pub digest: u64,
-    /// Non-zero pages in ascending page order; a page not listed is all zero.
-    pub pages: Vec<PageRef>,
+    /// Layer 0: the whole-page frame of every non-zero page (a page not in it is zero).
+    /// Layer k > 0: the k-th XOR delta on top, for the pages whose chain is that long.
+    /// Each layer is a list of runs in ascending page order.
+    pub layers: Vec<Vec<Run>>,
+}
+
+/// Where the guest was when the checkpoint was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// A record guest, between two records.
+    Records,
+    /// A stdio program not started yet: call `_start`.
+    ProgramStart,
+    /// A stdio program unwound at a stdin read, its stack saved at this address of
+    /// memory 0: rewind to go on.
+    ProgramSuspended { unwind_data: u32 },
+    /// A stdio program that ended, with this exit status.
+    ProgramExited(i32),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -50,36 +84,61 @@ pub struct Manifest {
     /// Bytes of the WASI random stream the guest had drawn.
     pub random_position: u64,
     pub created_unix_ms: u64,
-    /// Pack object names (relative to `packs/`) that the page table refers to.
-    pub packs: Vec<String>,
+    pub run_state: RunState,
+    /// The packs the page table refers to.
+    pub packs: Vec<PackRef>,
     pub globals: Vec<GlobalValue>,
     pub memories: Vec<MemoryManifest>,
 }
 
 impl Manifest {
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let mut body = Vec::with_capacity(
-            256 + self
-                .memories
-                .iter()
-                .map(|m| m.pages.len() * 21)
-                .sum::<usize>(),
-        );
-        body.put_u64(self.generation);
+        let mut body = Vec::with_capacity(256);
+        body.put_varint(self.generation);
         body.extend_from_slice(&self.writer_id);
         body.extend_from_slice(&self.module_sha256);
-        body.put_u64(self.input_offset);
-        body.put_u64(self.output_marker);
+        body.put_varint(self.input_offset);
+        body.put_varint(self.output_marker);
         body.put_u64(self.random_seed);
-        body.put_u64(self.random_position);
-        body.put_u64(self.created_unix_ms);
-        body.put_u32(self.packs.len() as u32);
-        for name in &self.packs {
-            let len = u16::try_from(name.len()).context("pack name too long")?;
-            body.put_u16(len);
-            body.extend_from_slice(name.as_bytes());
+        body.put_varint(self.random_position);
+        body.put_varint(self.created_unix_ms);
+        match self.run_state {
+            RunState::Records => body.put_u8(0),
+            RunState::ProgramStart => body.put_u8(1),
+            RunState::ProgramSuspended { unwind_data } => {
+                body.put_u8(2);
+                body.put_varint(unwind_data.into());
+            }
+            RunState::ProgramExited(status) => {
+                body.put_u8(3);
+                body.put_varint(u64::from(status as u32));
+            }
         }
-        body.put_u32(self.globals.len() as u32);
+        // Packs name their writer by index into a list of writers: most packs share one.
+        let mut writers: Vec<[u8; 16]> = Vec::new();
+        let pack_writers: Vec<usize> = self
+            .packs
+            .iter()
+            .map(|p| match writers.iter().position(|w| *w == p.writer_id) {
+                Some(i) => i,
+                None => {
+                    writers.push(p.writer_id);
+                    writers.len() - 1
+                }
+            })
+            .collect();
+        body.put_varint(writers.len() as u64);
+        for writer in &writers {
+            body.extend_from_slice(writer);
+        }
+        body.put_varint(self.packs.len() as u64);
+        for (pack, writer) in self.packs.iter().zip(pack_writers) {
+            body.put_varint(pack.generation);
+            body.put_varint(writer as u64);
+            body.put_varint(pack.frames.into());
+            body.put_varint(pack.bytes);
+        }
+        body.put_varint(self.globals.len() as u64);
         for global in &self.globals {
             match *global {
                 GlobalValue::I32(v) => {
@@ -104,17 +163,22 @@ impl Manifest {
                 }
             }
         }
-        body.put_u32(self.memories.len() as u32);
+        body.put_varint(self.memories.len() as u64);
         for memory in &self.memories {
-            body.put_u64(memory.byte_len);
+            body.put_varint(memory.byte_len);
             body.put_u64(memory.digest);
-            body.put_u32(memory.pages.len() as u32);
-            for p in &memory.pages {
-                body.put_u32(p.page);
-                body.put_u8(p.encoding as u8);
-                body.put_u32(p.pack);
-                body.put_u64(p.frame.offset);
-                body.put_u32(p.frame.len);
+            body.put_varint(memory.layers.len() as u64);
+            for layer in &memory.layers {
+                body.put_varint(layer.len() as u64);
+                let mut next_page = 0u64;
+                for run in layer {
+                    // Pages as the gap after the previous run: small numbers, short varints.
+                    body.put_varint(u64::from(run.first_page) - next_page);
+                    body.put_varint(run.pages.into());
+                    body.put_varint(run.pack.into());
+                    body.put_varint(run.first_frame.into());
+                    next_page = u64::from(run.first_page) + u64::from(run.pages);
+                }
             }
         }
 
@@ -178,22 +242,44 @@ impl Manifest {
 
     fn decode_body(body: &[u8], what: &str) -> Result<Self> {
         let mut r = Reader::new(body, what);
-        let generation = r.u64()?;
+        let generation = r.varint()?;
         let writer_id = r.array()?;
         let module_sha256 = r.array()?;
-        let input_offset = r.u64()?;
-        let output_marker = r.u64()?;
+        let input_offset = r.varint()?;
+        let output_marker = r.varint()?;
         let random_seed = r.u64()?;
-        let random_position = r.u64()?;
-        let created_unix_ms = r.u64()?;
-        let packs = (0..r.count(2)?)
+        let random_position = r.varint()?;
+        let created_unix_ms = r.varint()?;
+        let run_state = match r.u8()? {
+            0 => RunState::Records,
+            1 => RunState::ProgramStart,
+            2 => RunState::ProgramSuspended {
+                unwind_data: r.varint_u32()?,
+            },
+            3 => RunState::ProgramExited(r.varint_u32()? as i32),
+            other => bail!("{what} is corrupt: unknown run state {other}"),
+        };
+        let writers = (0..r.varint_count(16)?)
+            .map(|_| r.array::<16>())
+            .collect::<Result<Vec<_>>>()?;
+        let packs = (0..r.varint_count(4)?)
             .map(|_| {
-                let len = r.u16()? as usize;
-                String::from_utf8(r.bytes(len)?.to_vec())
-                    .with_context(|| format!("{what}: pack name is not UTF-8"))
+                let generation = r.varint()?;
+                let writer = r.varint()? as usize;
+                let frames = r.varint_u32()?;
+                let bytes = r.varint()?;
+                let writer_id = *writers
+                    .get(writer)
+                    .with_context(|| format!("{what} is corrupt: a pack names writer #{writer}"))?;
+                Ok(PackRef {
+                    generation,
+                    writer_id,
+                    frames,
+                    bytes,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        let globals = (0..r.count(5)?)
+        let globals = (0..r.varint_count(5)?)
             .map(|_| {
                 Ok(match r.u8()? {
                     0 => GlobalValue::I32(r.u32()? as i32),
@@ -205,44 +291,53 @@ impl Manifest {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let memories = (0..r.count(20)?)
+        let memories = (0..r.varint_count(10)?)
             .map(|index| {
-                let byte_len = r.u64()?;
+                let byte_len = r.varint()?;
                 let digest = r.u64()?;
-                let mut pages = Vec::with_capacity(r.remaining().min(1 << 20) / 21);
-                for _ in 0..r.count(21)? {
-                    let page = PageRef {
-                        page: r.u32()?,
-                        encoding: Encoding::from_byte(r.u8()?).with_context(|| what.to_string())?,
-                        pack: r.u32()?,
-                        frame: FrameRef {
-                            offset: r.u64()?,
-                            len: r.u32()?,
-                        },
-                    };
-                    if page.pack as usize >= packs.len() {
+                let page_count = crate::snapshot::pages::page_count(byte_len) as u64;
+                let layer_count = r.varint_count(1)?;
+                if layer_count > MAX_LAYERS {
+                    bail!("{what} is corrupt: memory {index} has {layer_count} layers");
+                }
+                let mut layers: Vec<Vec<Run>> = Vec::with_capacity(layer_count);
+                for depth in 0..layer_count {
+                    let mut layer = Vec::new();
+                    let mut next_page = 0u64;
+                    for _ in 0..r.varint_count(4)? {
+                        let first_page = next_page.saturating_add(r.varint()?);
+                        let pages = r.varint()?;
+                        let pack = r.varint()?;
+                        let first_frame = r.varint()?;
+                        let end_page = first_page.saturating_add(pages);
+                        let fits_pack = packs.get(pack as usize).is_some_and(|p| {
+                            first_frame.saturating_add(pages) <= u64::from(p.frames)
+                        });
+                        if pages == 0 || end_page > page_count || !fits_pack {
+                            bail!(
+                                "{what} is corrupt: memory {index} layer {depth} has a misplaced run of {pages} pages at page {first_page}"
+                            );
+                        }
+                        layer.push(Run {
+                            first_page: first_page as u32,
+                            pages: pages as u32,
+                            pack: pack as u32,
+                            first_frame: first_frame as u32,
+                        });
+                        next_page = end_page;
+                    }
+                    if depth > 0 && !covered_by(&layer, &layers[depth - 1]) {
                         bail!(
-                            "{what} is corrupt: memory {index} names pack #{} of {}",
-                            page.pack,
-                            packs.len()
+                            "{what} is corrupt: memory {index} has a delta on layer {depth} for a page without layer {}",
+                            depth - 1
                         );
                     }
-                    if pages
-                        .last()
-                        .is_some_and(|last: &PageRef| last.page >= page.page)
-                        || u64::from(page.page) * crate::snapshot::PAGE_SIZE as u64 >= byte_len
-                    {
-                        bail!(
-                            "{what} is corrupt: memory {index} has a misplaced page {}",
-                            page.page
-                        );
-                    }
-                    pages.push(page);
+                    layers.push(layer);
                 }
                 Ok(MemoryManifest {
                     byte_len,
                     digest,
-                    pages,
+                    layers,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -256,6 +351,7 @@ impl Manifest {
             random_seed,
             random_position,
             created_unix_ms,
+            run_state,
             packs,
             globals,
             memories,
@@ -269,8 +365,40 @@ impl Manifest {
 
     /// Non-zero pages in the table, all memories together.
     pub fn stored_pages(&self) -> usize {
-        self.memories.iter().map(|m| m.pages.len()).sum()
+        self.memories
+            .iter()
+            .filter_map(|m| m.layers.first())
+            .flatten()
+            .map(|run| run.pages as usize)
+            .sum()
     }
+
+    /// Frames the page table refers to in each of [`Self::packs`].
+    pub fn live_frames(&self) -> Vec<u32> {
+        let mut live = vec![0u32; self.packs.len()];
+        for run in self.memories.iter().flat_map(|m| m.layers.iter().flatten()) {
+            live[run.pack as usize] += run.pages;
+        }
+        live
+    }
+}
+
+/// Whether every page of `layer` (ascending, disjoint runs) is also in `below`.
+fn covered_by(layer: &[Run], below: &[Run]) -> bool {
+    let mut below = below.iter().peekable();
+    for run in layer {
+        let (mut page, end) = (run.first_page, run.first_page + run.pages);
+        while page < end {
+            while below.peek().is_some_and(|b| b.first_page + b.pages <= page) {
+                below.next();
+            }
+            match below.peek() {
+                Some(b) if b.first_page <= page => page = (b.first_page + b.pages).min(end),
+                _ => return false,
+            }
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -287,9 +415,20 @@ mod tests {
             random_seed: 5,
             random_position: 64,
             created_unix_ms: 1_700_000_000_000,
+            run_state: RunState::ProgramExited(-3),
             packs: vec![
-                "00000000000000000041-ab.pack".into(),
-                "00000000000000000042-cd.pack".into(),
+                PackRef {
+                    generation: 41,
+                    writer_id: [9; 16],
+                    frames: 10,
+                    bytes: 5000,
+                },
+                PackRef {
+                    generation: 42,
+                    writer_id: [8; 16],
+                    frames: 3,
+                    bytes: 700,
+                },
             ],
             globals: vec![
                 GlobalValue::I32(-5),
@@ -300,30 +439,35 @@ mod tests {
             ],
             memories: vec![
                 MemoryManifest {
-                    byte_len: 4 << 16,
+                    byte_len: 16 << 16,
                     digest: 0xdead_beef,
-                    pages: vec![
-                        PageRef {
-                            page: 0,
-                            encoding: Encoding::Zstd,
-                            pack: 0,
-                            frame: FrameRef {
-                                offset: 40,
-                                len: 100,
+                    layers: vec![
+                        vec![
+                            Run {
+                                first_page: 0,
+                                pages: 4,
+                                pack: 0,
+                                first_frame: 2,
                             },
-                        },
-                        PageRef {
-                            page: 3,
-                            encoding: Encoding::Zstd,
+                            Run {
+                                first_page: 9,
+                                pages: 1,
+                                pack: 1,
+                                first_frame: 0,
+                            },
+                        ],
+                        vec![Run {
+                            first_page: 1,
+                            pages: 2,
                             pack: 1,
-                            frame: FrameRef { offset: 40, len: 9 },
-                        },
+                            first_frame: 1,
+                        }],
                     ],
                 },
                 MemoryManifest {
                     byte_len: 0,
                     digest: 1,
-                    pages: vec![],
+                    layers: vec![],
                 },
             ],
         }
@@ -380,25 +524,47 @@ mod tests {
         #[test]
         fn random_manifests_round_trip(
             generation in 0u64..u64::MAX,
-            offsets in proptest::collection::vec((0u64..1 << 40, 1u32..70_000), 0..50),
+            runs in proptest::collection::vec((0u32..5, 1u32..9, 0u32..2), 0..50),
             globals in proptest::collection::vec(proptest::num::i64::ANY, 0..8),
         ) {
             let mut m = sample();
             m.generation = generation;
             m.globals = globals.into_iter().map(GlobalValue::I64).collect();
-            m.memories[0].byte_len = (offsets.len() as u64 + 1) << 16;
-            m.memories[0].pages = offsets
-                .iter()
-                .enumerate()
-                .map(|(i, (offset, len))| PageRef {
-                    page: i as u32,
-                    encoding: Encoding::Zstd,
-                    pack: (i % 2) as u32,
-                    frame: FrameRef { offset: *offset, len: *len },
-                })
-                .collect();
+            m.packs[0].frames = 1000;
+            let mut page = 0;
+            let mut layer = Vec::new();
+            for (gap, pages, pack) in runs {
+                let first_frame = if pack == 0 { page } else { 0 };
+                let pages = if pack == 0 { pages } else { 1 };
+                layer.push(Run { first_page: page + gap, pages, pack, first_frame });
+                page += gap + pages;
+            }
+            m.memories[0].byte_len = u64::from(page + 1) << 16;
+            m.memories[0].layers = vec![layer.clone(), layer];
             proptest::prop_assert_eq!(Manifest::decode(&m.encode().unwrap(), "m").unwrap(), m);
         }
+    }
+
+    #[test]
+    fn a_delta_without_a_page_below_it_or_a_run_past_its_pack_is_refused() {
+        let mut m = sample();
+        m.memories[0].layers[1][0].first_page = 5; // page 5 has no whole-page frame
+        let err = Manifest::decode(&m.encode().unwrap(), "m").unwrap_err();
+        assert!(err.to_string().contains("without layer 0"), "{err}");
+        let mut m = sample();
+        m.memories[0].layers[0][1].first_frame = 3; // pack 1 has frames 0..3
+        assert!(Manifest::decode(&m.encode().unwrap(), "m").is_err());
+        let mut m = sample();
+        m.memories[0].layers[0][1].first_page = 16; // memory has 16 pages
+        assert!(Manifest::decode(&m.encode().unwrap(), "m").is_err());
+    }
+
+    #[test]
+    fn a_tiny_guest_costs_a_few_hundred_bytes() {
+        let mut m = sample();
+        m.memories.truncate(1);
+        let len = m.encode().unwrap().len();
+        assert!(len < 300, "manifest is {len} bytes");
     }
 
     #[test]

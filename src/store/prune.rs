@@ -38,6 +38,17 @@ impl CheckpointStore {
     /// Keep the newest `retain` (at least 1) checkpoints up to `newest`; delete older
     /// manifests and every pack no kept manifest names.
     pub fn prune(&self, newest: u64, retain: usize) -> Result<PruneReport> {
+        self.prune_with(newest, retain, &|_| None)
+    }
+
+    /// [`Self::prune`], where `known` may give the pack names of a kept manifest without
+    /// reading it (the writer remembers what it committed).
+    pub fn prune_with(
+        &self,
+        newest: u64,
+        retain: usize,
+        known: &dyn Fn(u64) -> Option<Vec<String>>,
+    ) -> Result<PruneReport> {
         let retain = retain.max(1);
         let manifests: Vec<(u64, u64)> = self
             .list(MANIFESTS)?
@@ -55,8 +66,12 @@ impl CheckpointStore {
         // what only it would name needs no keeping.
         let mut live: HashSet<String> = HashSet::new();
         for (generation, _) in kept {
+            if let Some(names) = known(*generation) {
+                live.extend(names);
+                continue;
+            }
             match self.read_manifest(*generation) {
-                Ok(manifest) => live.extend(manifest.packs),
+                Ok(manifest) => live.extend(manifest.packs.iter().map(|p| p.name())),
                 Err(err) if err.is::<crate::error::StoreUnavailable>() => {
                     return Err(err.context("prune: nothing deleted"));
                 }

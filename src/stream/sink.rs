@@ -17,6 +17,25 @@ use crate::error::OutputLocked;
 /// Buffered output is written to the file (not yet fsynced) past this size.
 const WRITE_THRESHOLD: usize = 1 << 20;
 
+/// Makes an output durable from another thread (the checkpoint committer): fsync covers
+/// every byte written so far, and so every flush marker handed out before it.
+pub struct Durability {
+    file: std::result::Result<File, String>,
+    path: PathBuf,
+}
+
+impl Durability {
+    pub fn sync(&self) -> Result<()> {
+        let path = self.path.display();
+        let file = self
+            .file
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("cannot reopen output {path}: {e}"))?;
+        file.sync_data()
+            .with_context(|| format!("cannot fsync output {path}"))
+    }
+}
+
 pub struct FileSink {
     file: File,
     path: PathBuf,
@@ -115,11 +134,24 @@ impl FileSink {
 
     /// Write everything emitted so far and fsync it: returns the new flush marker.
     pub fn flush_durable(&mut self) -> Result<u64> {
+        let marker = self.flush()?;
+        self.durability().sync()?;
+        Ok(marker)
+    }
+
+    /// Write everything emitted so far, without fsync: returns the length that a later
+    /// [`Durability::sync`] makes durable, the flush marker of a checkpoint in flight.
+    pub fn flush(&mut self) -> Result<u64> {
         self.write_buffer()?;
-        self.file
-            .sync_data()
-            .with_context(|| format!("cannot fsync output {}", self.path.display()))?;
         Ok(self.written)
+    }
+
+    /// A handle that fsyncs this output from another thread.
+    pub fn durability(&self) -> Durability {
+        Durability {
+            file: self.file.try_clone().map_err(|e| e.to_string()),
+            path: self.path.clone(),
+        }
     }
 
     /// Output length including what is still buffered.

@@ -2,6 +2,7 @@
 //! project's script), inputs, and running the real `wasnap` binary.
 #![allow(dead_code)]
 
+pub mod faulty;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,199 @@
+//! The local page cache: the last captured version of every page, the base each dirty
+//! page is delta-encoded against. One memory-mapped file per guest memory, so a guest
+//! of many GiB does not need as much again in anonymous memory: the kernel pages the
+//! cache out and in.
+//!
+//! Never trusted blindly: before a cached page is used as a base its XXH3 hash is checked
+//! against the hash of the version last captured; a page that fails the check is written
+//! whole instead. After a restart the cache is brought back in line with the restored
+//! memory, page by page (a cache lost or damaged is thereby rebuilt).
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use memmap2::MmapMut;
+
+use super::pages::{self, PAGE_SIZE};
+
+pub struct PageCache {
+    dir: PathBuf,
+    memories: Vec<CachedMemory>,
+}
+
+struct CachedMemory {
+    file: File,
+    /// `None` while the memory is empty (a zero-length file cannot be mapped).
+    map: Option<MmapMut>,
+}
+
+impl PageCache {
+    /// Open (creating if needed) the cache files for `memory_count` memories in `dir`.
+    pub fn open(dir: &Path, memory_count: usize) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create page cache directory {}", dir.display()))?;
+        let memories = (0..memory_count)
+            .map(|index| {
+                let path = dir.join(format!("memory-{index}.pages"));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .with_context(|| format!("cannot open page cache {}", path.display()))?;
+                let mut memory = CachedMemory { file, map: None };
+                let len = memory.file.metadata()?.len();
+                memory.map_len(len, &path)?;
+                Ok(memory)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            memories,
+        })
+    }
+
+    fn path(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("memory-{index}.pages"))
+    }
+
+    /// Make memory `index`'s cache exactly `byte_len` bytes long (new pages read as zero).
+    /// Growth is allocated on disk for real first: a mapped sparse file on a full disk
+    /// would kill the process with SIGBUS at the first write, not return an error.
+    pub fn resize(&mut self, index: usize, byte_len: u64) -> Result<()> {
+        let path = self.path(index);
+        let memory = &mut self.memories[index];
+        let old_len = memory.map.as_ref().map_or(0, |m| m.len() as u64);
+        if old_len == byte_len {
+            return Ok(());
+        }
+        if byte_len > old_len {
+            allocate(&memory.file, old_len, byte_len).with_context(|| {
+                format!(
+                    "cannot grow page cache {} to {byte_len} bytes",
+                    path.display()
+                )
+            })?;
+        } else {
+            memory.map = None;
+            memory
+                .file
+                .set_len(byte_len)
+                .with_context(|| format!("cannot resize page cache {}", path.display()))?;
+        }
+        memory.map_len(byte_len, &path)
+    }
+
+    fn bytes(&self, index: usize) -> &[u8] {
+        self.memories[index].map.as_deref().unwrap_or(&[])
+    }
+
+    /// The cached version of page `page` of memory `index`, if the cache has that page and
+    /// its hash is `expected` (the hash of the version last captured).
+    pub fn verified_page(&self, index: usize, page: usize, expected: u64) -> Option<&[u8]> {
+        let bytes = self.bytes(index);
+        if page * PAGE_SIZE >= bytes.len() {
+            return None;
+        }
+        let cached = pages::page(bytes, page);
+        (pages::hash_page(cached) == expected).then_some(cached)
+    }
+
+    /// Overwrite page `page` of memory `index` (the cache must be long enough).
+    pub fn store_page(&mut self, index: usize, page: usize, bytes: &[u8]) {
+        let map = self.memories[index]
+            .map
+            .as_deref_mut()
+            .expect("page cache resized before use");
+        let start = page * PAGE_SIZE;
+        map[start..start + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// Bring memory `index`'s cache in line with `memory` (whose page hashes are
+    /// `hashes`): every page whose cached hash differs is rewritten. Returns how many were.
+    pub fn sync_with(&mut self, index: usize, memory: &[u8], hashes: &[u64]) -> Result<usize> {
+        self.resize(index, memory.len() as u64)?;
+        let cached_hashes = pages::hash_pages(self.bytes(index));
+        let mut rewritten = 0;
+        for (page, (hash, cached)) in hashes.iter().zip(&cached_hashes).enumerate() {
+            if hash != cached {
+                self.store_page(index, page, pages::page(memory, page));
+                rewritten += 1;
+            }
+        }
+        Ok(rewritten)
+    }
+}
+
+/// Extend `file` from `from` to `to` bytes with blocks really allocated (zeros).
+fn allocate(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (
+        libc::off_t::try_from(from),
+        libc::off_t::try_from(to - from),
+    ) else {
+        return Err(std::io::Error::other("page cache size out of range"));
+    };
+    // SAFETY: a plain syscall on a file descriptor this `File` owns.
+    match unsafe { libc::posix_fallocate(file.as_raw_fd(), offset, len) } {
+        0 => Ok(()),
+        errno => {
+            // Leave no half-allocated tail behind.
+            let _ = file.set_len(from);
+            Err(std::io::Error::from_raw_os_error(errno))
+        }
+    }
+}
+
+impl CachedMemory {
+    fn map_len(&mut self, len: u64, path: &Path) -> Result<()> {
+        if len == 0 {
+            self.map = None;
+            return Ok(());
+        }
+        // SAFETY: the file is private to this task: it sits beside the task's output,
+        // which this process holds an exclusive lock on, and nothing else maps it. A
+        // change behind our back would show as a hash mismatch, not as unsoundness in
+        // safe code, because the mapping is only read as plain bytes.
+        let map = unsafe { MmapMut::map_mut(&self.file) }
+            .with_context(|| format!("cannot map page cache {}", path.display()))?;
+        self.map = Some(map);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_are_verified_before_use_and_the_cache_resyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut memory = vec![0u8; 3 * PAGE_SIZE];
+        memory[PAGE_SIZE + 5] = 9;
+        let hashes = pages::hash_pages(&memory);
+
+        let mut cache = PageCache::open(dir.path(), 1).unwrap();
+        assert!(
+            cache.verified_page(0, 1, hashes[1]).is_none(),
+            "empty cache"
+        );
+        assert_eq!(cache.sync_with(0, &memory, &hashes).unwrap(), 1);
+        assert_eq!(
+            cache.verified_page(0, 1, hashes[1]).unwrap(),
+            &memory[PAGE_SIZE..2 * PAGE_SIZE]
+        );
+        drop(cache);
+
+        // Damage the file behind the cache's back: the page no longer verifies.
+        let path = dir.path().join("memory-0.pages");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[PAGE_SIZE + 6] = 1;
+        std::fs::write(&path, bytes).unwrap();
+        let mut cache = PageCache::open(dir.path(), 1).unwrap();
+        assert!(cache.verified_page(0, 1, hashes[1]).is_none());
+        assert_eq!(cache.sync_with(0, &memory, &hashes).unwrap(), 1);
+        assert!(cache.verified_page(0, 1, hashes[1]).is_some());
+    }
+}

@@ -1,0 +1,305 @@
+//! Encode: turn a capture into one pack and the next page table, off the guest's thread.
+//!
+//! - Each dirty page becomes a delta against its previous version (XOR, or zstd with the
+//!   previous version as prefix, whichever is smaller) when the delta compresses clearly
+//!   smaller than the whole page and the page's chain has room (at most `max_deltas`,
+//!   8 by default); otherwise a whole page, which starts a new chain.
+//! - Compaction: a pack of which under a quarter of the frames are still live has those
+//!   frames copied, byte for byte, into the new pack, so the old one can be pruned and
+//!   the store stays proportional to the guest's memory, not to its history.
+//! - Frames are ordered by (memory, layer, page), so the manifest's runs stay few.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::Arc;
+
+use anyhow::Result;
+use bytes::Bytes;
+
+use super::capture::{Capture, CapturedPage};
+use super::pages::page_count;
+use super::table::{FrameLoc, PageTable};
+use crate::store::manifest::PackRef;
+use crate::store::pack::{self, Encoding, PackBuilder, PackIndex};
+
+/// A delta at most this big is taken without also compressing the whole page.
+const SMALL_DELTA: usize = 2048;
+
+/// A live fraction of a pack's frames below 1 / `COMPACT_BELOW` makes it a compaction candidate.
+const COMPACT_BELOW: u32 = 4;
+
+/// A dirty page, compressed.
+pub struct EncodedPage {
+    pub memory: usize,
+    pub page: u32,
+    /// A delta on top of the page's chain, or a whole page that starts a new one.
+    pub encoding: Encoding,
+    pub payload: Vec<u8>,
+}
+
+/// Compress every dirty page, on all cores; `table` gives each page's chain length, and
+/// a chain that has `max_deltas` deltas gets a whole page next.
+pub fn encode_pages(
+    pages: &[CapturedPage],
+    table: &PageTable,
+    max_deltas: usize,
+) -> Result<Vec<EncodedPage>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = pages.len().div_ceil(threads).max(16);
+    let encode_chunk = |chunk: &[CapturedPage]| -> Result<Vec<EncodedPage>> {
+        let mut cctx = pack::compressor()?;
+        let mut xor = Vec::new();
+        chunk
+            .iter()
+            .map(|page| {
+                let chain_len = table.memories[page.memory]
+                    .chains
+                    .get(page.page as usize)
+                    .map_or(0, Vec::len);
+                encode_page(page, chain_len, max_deltas, &mut cctx, &mut xor)
+            })
+            .collect()
+    };
+    if pages.len() <= per_thread {
+        return encode_chunk(pages);
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = pages
+            .chunks(per_thread)
+            .map(|chunk| scope.spawn(move || encode_chunk(chunk)))
+            .collect();
+        let mut out = Vec::with_capacity(pages.len());
+        for worker in workers {
+            out.extend(worker.join().expect("page encoder panicked")?);
+        }
+        Ok(out)
+    })
+}
+
+/// The smallest of: an XOR delta (bytes changed in place), a prefix delta (bytes that
+/// moved), a whole page. A delta must beat the whole page by a fifth, since a whole page
+/// also resets the chain a restore has to walk.
+fn encode_page(
+    page: &CapturedPage,
+    chain_len: usize,
+    max_deltas: usize,
+    cctx: &mut zstd::zstd_safe::CCtx<'_>,
+    xor: &mut Vec<u8>,
+) -> Result<EncodedPage> {
+    let encoded = |encoding, payload| EncodedPage {
+        memory: page.memory,
+        page: page.page,
+        encoding,
+        payload,
+    };
+    let whole = |cctx: &mut zstd::zstd_safe::CCtx<'_>, xor: &mut Vec<u8>| {
+        pack::encode_payload(cctx, Encoding::Full, &page.bytes, &[], xor)
+    };
+    let base = match &page.base {
+        Some(base) if (1..=max_deltas).contains(&chain_len) => base,
+        _ => return Ok(encoded(Encoding::Full, whole(cctx, xor)?)),
+    };
+    let mut best = (
+        Encoding::XorDelta,
+        pack::encode_payload(cctx, Encoding::XorDelta, &page.bytes, base, xor)?,
+    );
+    if best.1.len() <= SMALL_DELTA {
+        return Ok(encoded(best.0, best.1));
+    }
+    if pack::prefix_usable(base) {
+        let prefix = pack::encode_payload(cctx, Encoding::PrefixDelta, &page.bytes, base, xor)?;
+        if prefix.len() < best.1.len() {
+            best = (Encoding::PrefixDelta, prefix);
+        }
+    }
+    let full = whole(cctx, xor)?;
+    if best.1.len() * 5 >= full.len() * 4 {
+        return Ok(encoded(Encoding::Full, full));
+    }
+    Ok(encoded(best.0, best.1))
+}
+
+/// What a checkpoint's pack holds, for the statistics.
+#[derive(Clone, Debug, Default)]
+pub struct PackContents {
+    pub delta_pages: usize,
+    pub whole_pages: usize,
+    /// Frames copied from sparse older packs.
+    pub compacted_frames: usize,
+    pub compacted_bytes: usize,
+    /// Bytes of the encoded dirty pages (frames included, compaction not).
+    pub encoded_bytes: usize,
+}
+
+/// The pack a checkpoint writes (if any frame) and the table once it is committed.
+pub struct Assembled {
+    pub pack: Option<(Arc<PackRef>, Vec<u8>)>,
+    pub table: PageTable,
+    pub contents: PackContents,
+}
+
+enum Source {
+    Fresh(Encoding, Vec<u8>),
+    Copied { pack: usize, frame: Range<usize> },
+}
+
+/// The packs to compact now: those of which under a quarter of the frames are live, but
+/// only once their dead bytes add up to the live bytes of the whole table (so sparse packs
+/// can at most double the store). Waiting for that much garbage keeps the copying
+/// amortised: a compaction copies under a third of the garbage it frees, and cold pages
+/// copied into a new pack are not copied again as soon as that pack looks sparse too.
+/// Live bytes are estimated from frame counts (`pack bytes × live frames / frames`).
+fn sparse_packs(table: &PageTable, generation: u64, fresh_bytes: u64) -> HashSet<PackRef> {
+    let mut live_bytes = fresh_bytes;
+    let mut dead_bytes = 0;
+    let mut candidates = HashSet::new();
+    for (pack, live) in table.live_frames() {
+        if pack.generation >= generation || pack.frames == 0 {
+            continue; // this checkpoint's own pack, still being built
+        }
+        let live_share = pack.bytes * u64::from(live) / u64::from(pack.frames);
+        live_bytes += live_share;
+        if live * COMPACT_BELOW < pack.frames {
+            dead_bytes += pack.bytes - live_share;
+            candidates.insert(pack);
+        }
+    }
+    if dead_bytes > 0 && dead_bytes >= live_bytes {
+        candidates
+    } else {
+        HashSet::new()
+    }
+}
+
+/// Build the pack for `generation` from the encoded pages, compacting sparse packs
+/// (read with `fetch`), and the table that results.
+pub fn assemble(
+    generation: u64,
+    writer_id: &[u8; 16],
+    table: &PageTable,
+    capture: &Capture,
+    encoded: Vec<EncodedPage>,
+    fetch: &mut dyn FnMut(&PackRef) -> Result<Bytes>,
+) -> Result<Assembled> {
+    let mut next = table.clone();
+    for (memory, captured) in next.memories.iter_mut().zip(&capture.memories) {
+        memory.byte_len = captured.byte_len;
+        memory
+            .chains
+            .resize(page_count(captured.byte_len), Vec::new());
+    }
+    for &(memory, page) in &capture.zeroed {
+        next.memories[memory].chains[page as usize].clear();
+    }
+
+    // (memory, layer, page, where the frame's bytes come from)
+    let mut frames: Vec<(usize, usize, u32, Source)> = Vec::with_capacity(encoded.len());
+    let mut contents = PackContents::default();
+    for page in encoded {
+        let chain = &mut next.memories[page.memory].chains[page.page as usize];
+        if page.encoding.is_delta() {
+            contents.delta_pages += 1;
+        } else {
+            contents.whole_pages += 1;
+            chain.clear();
+        }
+        contents.encoded_bytes += page.payload.len() + pack::FRAME_HEADER_LEN;
+        frames.push((
+            page.memory,
+            chain.len(),
+            page.page,
+            Source::Fresh(page.encoding, page.payload),
+        ));
+        // A placeholder until the pack's frame numbers are known.
+        chain.push(FrameLoc {
+            pack: Arc::new(PackRef {
+                generation,
+                writer_id: *writer_id,
+                frames: 0,
+                bytes: 0,
+            }),
+            frame: u32::MAX,
+        });
+    }
+
+    // Compaction: copy the live frames of sparse packs.
+    let sparse = sparse_packs(&next, generation, contents.encoded_bytes as u64);
+    let mut fetched: Vec<(Bytes, PackIndex)> = Vec::new();
+    if !sparse.is_empty() {
+        let mut sparse: Vec<PackRef> = sparse.into_iter().collect();
+        sparse.sort_by_key(|p| p.generation);
+        let mut index_of = std::collections::HashMap::new();
+        for pack_ref in &sparse {
+            let name = format!("pack {}", pack_ref.name());
+            let bytes = fetch(pack_ref)?;
+            let index = PackIndex::parse(&bytes, &name)?;
+            index_of.insert(pack_ref.clone(), fetched.len());
+            fetched.push((bytes, index));
+        }
+        for (memory, table) in next.memories.iter().enumerate() {
+            for (page, chain) in table.chains.iter().enumerate() {
+                for (layer, loc) in chain.iter().enumerate() {
+                    if let Some(&pack) = index_of.get(&*loc.pack) {
+                        let range = fetched[pack]
+                            .1
+                            .frames
+                            .get(loc.frame as usize)
+                            .cloned()
+                            .ok_or_else(|| {
+                                anyhow::anyhow!(
+                                    "pack {} is corrupt: it has no frame {}",
+                                    loc.pack.name(),
+                                    loc.frame
+                                )
+                            })?;
+                        contents.compacted_frames += 1;
+                        contents.compacted_bytes += range.len();
+                        frames.push((
+                            memory,
+                            layer,
+                            page as u32,
+                            Source::Copied { pack, frame: range },
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if frames.is_empty() {
+        return Ok(Assembled {
+            pack: None,
+            table: next,
+            contents,
+        });
+    }
+
+    frames.sort_by_key(|(memory, layer, page, _)| (*memory, *layer, *page));
+    let capacity = contents.encoded_bytes + contents.compacted_bytes;
+    let new_pack = Arc::new(PackRef {
+        generation,
+        writer_id: *writer_id,
+        frames: u32::try_from(frames.len())?,
+        bytes: (pack::PACK_HEADER_LEN + capacity) as u64,
+    });
+    let mut builder = PackBuilder::new(generation, writer_id, capacity);
+    for (memory, layer, page, source) in frames {
+        let frame = match source {
+            Source::Fresh(encoding, payload) => builder.push_payload(encoding, &payload)?,
+            Source::Copied { pack, frame } => {
+                let (bytes, _) = &fetched[pack];
+                builder.push_frame(&bytes[frame], "a frame being compacted")?
+            }
+        };
+        next.memories[memory].chains[page as usize][layer] = FrameLoc {
+            pack: new_pack.clone(),
+            frame,
+        };
+    }
+    let bytes = builder.finish();
+    debug_assert_eq!(bytes.len() as u64, new_pack.bytes);
+    Ok(Assembled {
+        pack: Some((new_pack, bytes)),
+        table: next,
+        contents,
+    })
+}

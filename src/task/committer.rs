@@ -1,0 +1,249 @@
+//! The committer: a thread that takes captured checkpoints, in order, and does everything
+//! after the pause: encode, compact, put the pack, make the output durable, commit the
+//! manifest, prune. The guest goes on meanwhile.
+//!
+//! Fail-closed as before: a manifest is put only after every frame it names is stored and
+//! the output it marks is fsynced; manifests commit strictly in generation order (one
+//! thread, one queue); after a failure every later checkpoint is dropped unwritten, since
+//! its deltas may stand on frames that were never stored.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+
+use super::CheckpointStats;
+use crate::snapshot::encode::{assemble, encode_pages};
+use crate::snapshot::{Capture, PageTable};
+use crate::store::{CheckpointStore, Manifest};
+use crate::stream::sink::Durability;
+
+/// A captured checkpoint, handed from the guest's thread to the committer.
+pub struct Job {
+    pub generation: u64,
+    pub capture: Capture,
+    pub run_state: crate::store::manifest::RunState,
+    pub input_offset: u64,
+    pub output_marker: u64,
+    pub random_position: u64,
+    /// When the guest was paused, and for how long (capture included).
+    pub paused_at: Instant,
+    pub stall: Duration,
+    pub hash: Duration,
+}
+
+/// How a checkpoint ended.
+pub struct Done {
+    pub generation: u64,
+    pub output_marker: u64,
+    pub outcome: Result<CheckpointStats>,
+}
+
+/// What the committer needs to write checkpoints of one task.
+pub struct CommitContext {
+    pub store: CheckpointStore,
+    /// The table of the newest capture handed over (committed or, later, in flight).
+    pub table: PageTable,
+    pub writer_id: [u8; 16],
+    pub module_sha256: [u8; 32],
+    pub random_seed: u64,
+    pub retain: usize,
+    /// Deltas a page's chain may have before its next version is written whole.
+    pub max_deltas: usize,
+    pub output: Durability,
+    /// Pack names of the manifests this writer committed, newest `retain`: a prune then
+    /// need not read back manifests it wrote itself.
+    pub known_packs: BTreeMap<u64, Vec<String>>,
+}
+
+pub struct Committer {
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Done>,
+    thread: Option<JoinHandle<()>>,
+    in_flight: usize,
+}
+
+impl Committer {
+    pub fn start(context: CommitContext) -> Result<Self> {
+        let (jobs, job_queue) = std::sync::mpsc::channel::<Job>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("wasnap-committer".into())
+            .spawn(move || {
+                let mut context = context;
+                let mut failed = false;
+                for job in job_queue {
+                    let generation = job.generation;
+                    let output_marker = job.output_marker;
+                    let outcome = if failed {
+                        Err(anyhow!(
+                            "checkpoint {generation} was dropped: an earlier checkpoint failed"
+                        ))
+                    } else {
+                        context.commit(job)
+                    };
+                    failed |= outcome.is_err();
+                    let done = Done {
+                        generation,
+                        output_marker,
+                        outcome,
+                    };
+                    if done_tx.send(done).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| anyhow!("cannot start the checkpoint committer: {e}"))?;
+        Ok(Self {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+            in_flight: 0,
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub fn submit(&mut self, job: Job) -> Result<()> {
+        self.jobs
+            .as_ref()
+            .and_then(|jobs| jobs.send(job).ok())
+            .ok_or_else(|| anyhow!("the checkpoint committer has stopped"))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// The next finished checkpoint, waiting for it if `block`; `None` if none is in flight
+    /// (or, not blocking, none has finished yet).
+    pub fn next_done(&mut self, block: bool) -> Option<Done> {
+        if self.in_flight == 0 {
+            return None;
+        }
+        let done = if block {
+            self.done.recv().ok()
+        } else {
+            self.done.try_recv().ok()
+        };
+        if done.is_some() {
+            self.in_flight -= 1;
+        } else if block {
+            // The thread is gone without answering: count what it held as lost.
+            self.in_flight = 0;
+        }
+        done
+    }
+}
+
+impl Drop for Committer {
+    /// Finish what was handed over (it was captured consistently), then stop.
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl CommitContext {
+    fn remember_packs(&mut self, manifest: &Manifest) {
+        let names = manifest.packs.iter().map(|p| p.name()).collect();
+        self.known_packs.insert(manifest.generation, names);
+        while self.known_packs.len() > self.retain.max(1) {
+            self.known_packs.pop_first();
+        }
+    }
+
+    fn commit(&mut self, job: Job) -> Result<CheckpointStats> {
+        let generation = job.generation;
+        let encoding = Instant::now();
+        let encoded = encode_pages(&job.capture.dirty, &self.table, self.max_deltas)?;
+        let store = &self.store;
+        let assembled = assemble(
+            generation,
+            &self.writer_id,
+            &self.table,
+            &job.capture,
+            encoded,
+            &mut |pack| store.read_pack(&pack.name()),
+        )?;
+        let encode = encoding.elapsed();
+
+        let putting = Instant::now();
+        let mut pack_bytes = 0;
+        if let Some((pack, bytes)) = assembled.pack {
+            pack_bytes = bytes.len();
+            self.store.put_pack(&pack.name(), bytes)?;
+        }
+        // The marker the manifest binds must be durable before the manifest exists.
+        self.output.sync()?;
+        let digests: Vec<u64> = job.capture.memories.iter().map(|m| m.digest).collect();
+        let (packs, memories) = assembled.table.to_manifest_parts(&digests);
+        let manifest = Manifest {
+            generation,
+            writer_id: self.writer_id,
+            module_sha256: self.module_sha256,
+            input_offset: job.input_offset,
+            output_marker: job.output_marker,
+            random_seed: self.random_seed,
+            random_position: job.random_position,
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            run_state: job.run_state,
+            packs,
+            globals: job.capture.globals,
+            memories,
+        };
+        let manifest_bytes = self.store.commit_manifest(&manifest)?;
+        let put = putting.elapsed();
+        let committed_after = job.paused_at.elapsed();
+        tracing::debug!(
+            generation,
+            input_offset = manifest.input_offset,
+            output_marker = manifest.output_marker,
+            pack_bytes,
+            manifest_bytes,
+            "checkpoint committed"
+        );
+        // Committed: the table this checkpoint described is now the base of the next.
+        self.table = assembled.table;
+
+        // Retention, strictly after the commit. A failed prune loses nothing (the next one
+        // retries), so it warns rather than stopping the run.
+        let pruning = Instant::now();
+        if self.retain != usize::MAX {
+            self.remember_packs(&manifest);
+            let known = |g: u64| self.known_packs.get(&g).cloned();
+            if let Err(err) = self.store.prune_with(generation, self.retain, &known) {
+                eprintln!("wasnap: warning: {err:#}");
+            }
+        }
+        let prune = pruning.elapsed();
+        let contents = assembled.contents;
+        Ok(CheckpointStats {
+            generation,
+            input_offset: manifest.input_offset,
+            output_marker: manifest.output_marker,
+            memory_bytes: manifest.memory_bytes(),
+            dirty_pages: job.capture.dirty.len(),
+            zero_pages: job.capture.zeroed.len(),
+            delta_pages: contents.delta_pages,
+            whole_pages: contents.whole_pages,
+            compacted_frames: contents.compacted_frames,
+            compacted_bytes: contents.compacted_bytes,
+            encoded_bytes: contents.encoded_bytes,
+            pack_bytes,
+            manifest_bytes,
+            stall: job.stall,
+            hash: job.hash,
+            encode,
+            put,
+            prune,
+            committed_after,
+        })
+    }
+}

@@ -1,0 +1,280 @@
+//! The checkpoint pipeline end to end: deltas and chains, the page cache (damaged or lost),
+//! compaction, and checkpoints in flight while the guest goes on (back-pressure).
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::faulty::{Fault, FaultyStore, Point};
+use common::*;
+use wasnap::CheckpointStats;
+use wasnap::guest::Guest;
+use wasnap::snapshot::{self, PAGE_SIZE};
+use wasnap::store::{CheckpointStore, open_object_store};
+use wasnap::task::{CheckpointObserver, NoObserver, RunConfig, Task};
+
+const PAGES: u32 = 64;
+
+/// A guest whose record says what to do to which pages: `r` rewrites each listed page with
+/// fresh noise (its delta is as big as the page), `t` touches one byte of each (a tiny
+/// delta). Page indices follow as little-endian u32s; records land in page 0, which the
+/// guest clears again.
+fn pages_guest(dir: &Path) -> std::path::PathBuf {
+    let wasm = wat::parse_str(format!(
+        r#"(module
+          (memory (export "memory") {PAGES})
+          (global $x (mut i64) (i64.const 0x9E3779B97F4A7C15))
+          (func (export "alloc") (param i32) (result i32) (i32.const 16))
+          (func (export "process") (param $ptr i32) (param $len i32)
+            (local $i i32) (local $addr i32) (local $end i32) (local $x i64)
+            (local.set $i (i32.const 1))
+            (block $done (loop $pages
+              (br_if $done (i32.ge_u (local.get $i) (local.get $len)))
+              (local.set $addr (i32.mul (i32.load (i32.add (local.get $ptr) (local.get $i))) (i32.const 65536)))
+              (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 114))
+                (then
+                  (local.set $end (i32.add (local.get $addr) (i32.const 65536)))
+                  (local.set $x (global.get $x))
+                  (loop $fill
+                    (local.set $x (i64.xor (local.get $x) (i64.shl (local.get $x) (i64.const 13))))
+                    (local.set $x (i64.xor (local.get $x) (i64.shr_u (local.get $x) (i64.const 7))))
+                    (local.set $x (i64.xor (local.get $x) (i64.shl (local.get $x) (i64.const 17))))
+                    (i64.store (local.get $addr) (local.get $x))
+                    (local.set $addr (i32.add (local.get $addr) (i32.const 8)))
+                    (br_if $fill (i32.lt_u (local.get $addr) (local.get $end))))
+                  (global.set $x (local.get $x)))
+                (else
+                  (i32.store8 (i32.add (local.get $addr) (i32.const 100))
+                    (i32.add (i32.load8_u (i32.add (local.get $addr) (i32.const 100))) (i32.const 1)))))
+              (local.set $i (i32.add (local.get $i) (i32.const 4)))
+              (br $pages)))
+            ;; Page 0 only ever holds the record being read: clear it, so it stays zero.
+            (memory.fill (local.get $ptr) (i32.const 0) (local.get $len)))
+        )"#
+    ))
+    .unwrap();
+    let path = dir.join("pages.wasm");
+    std::fs::write(&path, wasm).unwrap();
+    path
+}
+
+fn record(op: u8, pages: impl IntoIterator<Item = u32>) -> Vec<u8> {
+    let mut record = vec![op];
+    for page in pages {
+        record.extend_from_slice(&page.to_le_bytes());
+    }
+    record
+}
+
+/// A task of the pages guest, driven record by record through the library.
+fn pages_task(dir: &Path, retain: usize) -> (Task, RunConfig, String) {
+    let guest = pages_guest(dir);
+    let input = dir.join("in");
+    std::fs::write(&input, "").unwrap();
+    let config = RunConfig {
+        retain,
+        ..RunConfig::new(&guest, &input, dir.join("out"))
+    };
+    let store_url = dir.join("store").display().to_string();
+    let task = Task::open(&config, CheckpointStore::open(&store_url).unwrap()).unwrap();
+    (task, config, store_url)
+}
+
+/// Restore the newest checkpoint into a fresh instance and check it is the live memory.
+fn assert_newest_restores_to(task: &mut Task, config: &RunConfig, store_url: &str) {
+    let store = CheckpointStore::open(store_url).unwrap();
+    let newest = *store.generations().unwrap().last().unwrap();
+    let manifest = store.read_manifest(newest).unwrap();
+    let mut fresh = Guest::load(&config.guest)
+        .unwrap()
+        .instantiate(manifest.random_seed, manifest.random_position)
+        .unwrap();
+    snapshot::restore(&mut fresh, &manifest, &store).unwrap();
+    assert!(
+        fresh.memory(0) == task.instance().memory(0),
+        "checkpoint {newest} does not restore to the live memory"
+    );
+}
+
+fn step(task: &mut Task, op: u8, pages: impl IntoIterator<Item = u32>) -> CheckpointStats {
+    task.instance().process(&record(op, pages)).unwrap();
+    task.checkpoint(&mut NoObserver).unwrap()
+}
+
+#[test]
+fn small_changes_go_as_deltas_and_chains_stay_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut task, config, store_url) = pages_task(dir.path(), 3);
+    let first = step(&mut task, b'r', 1..PAGES);
+    assert_eq!(
+        first.whole_pages, first.dirty_pages,
+        "nothing to delta against yet"
+    );
+    let mut chained = 0;
+    for round in 0..20 {
+        let stats = step(&mut task, b't', 1..=20);
+        // Touched pages are deltas, except where a chain is full (every 9th version).
+        assert_eq!(stats.dirty_pages, 20, "round {round}");
+        assert!(
+            stats.delta_pages == 20 || stats.whole_pages == 20,
+            "round {round}: {stats:?}"
+        );
+        if stats.delta_pages == 20 {
+            chained += 1;
+            assert!(
+                stats.encoded_bytes < 20 * 200,
+                "round {round}: deltas of one byte: {stats:?}"
+            );
+        }
+        assert_newest_restores_to(&mut task, &config, &store_url);
+    }
+    assert_eq!(chained, 20 - 20 / 9, "a whole page every 9th version");
+    let store = CheckpointStore::open(&store_url).unwrap();
+    let newest = *store.generations().unwrap().last().unwrap();
+    let layers = store.read_manifest(newest).unwrap().memories[0]
+        .layers
+        .len();
+    assert!(layers <= 9, "a chain longer than 8 deltas: {layers} layers");
+}
+
+#[test]
+fn compaction_frees_old_packs_and_restores_stay_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut task, config, store_url) = pages_task(dir.path(), 2);
+    // Every round rewrites 15 hot pages and one new page that then stays cold: every pack
+    // but the newest ends up with one live frame of sixteen, pinned by its cold page.
+    const ROUNDS: u32 = 40;
+    let mut compacted = 0;
+    for round in 0..ROUNDS {
+        let stats = step(&mut task, b'r', (1..=15).chain([16 + round]));
+        compacted += stats.compacted_frames;
+        assert_newest_restores_to(&mut task, &config, &store_url);
+    }
+    assert!(compacted > 0, "the cold pages were never compacted");
+    let packs: Vec<String> = std::fs::read_dir(dir.path().join("store/packs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        !packs.iter().any(|p| p.starts_with(&format!("{:020}-", 1))),
+        "the first pack outlived its pages: {packs:?}"
+    );
+    // Without compaction every pack would stay (40 × 16 pages); with it, the store stays
+    // within a small multiple of the live pages.
+    let live = u64::from(15 + ROUNDS) * PAGE_SIZE as u64;
+    let total = CheckpointStore::open(&store_url)
+        .unwrap()
+        .total_bytes()
+        .unwrap();
+    assert!(
+        total < 3 * live,
+        "store is {total} bytes for {live} live bytes ({} packs)",
+        packs.len()
+    );
+}
+
+#[test]
+fn a_damaged_or_lost_page_cache_is_never_trusted_and_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut task, config, store_url) = pages_task(dir.path(), 3);
+    step(&mut task, b'r', 1..PAGES);
+    assert_eq!(step(&mut task, b't', 1..=20).delta_pages, 20);
+
+    // Scribble over the cached versions of pages 1..=10 behind the engine's back (the
+    // file is mapped shared, so the mapping sees it). Those must be written whole.
+    let cache_file = config.cache_dir().join("memory-0.pages");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&cache_file)
+            .unwrap();
+        for page in 1..=10u64 {
+            file.write_all_at(b"scribble", page * PAGE_SIZE as u64 + 500)
+                .unwrap();
+        }
+    }
+    let stats = step(&mut task, b't', 1..=20);
+    assert_eq!(
+        (stats.whole_pages, stats.delta_pages),
+        (10, 10),
+        "{stats:?}"
+    );
+    assert_newest_restores_to(&mut task, &config, &store_url);
+    drop(task);
+
+    // The cache lost altogether: the next run rebuilds it from the restored memory, and
+    // deltas work again at once.
+    std::fs::remove_dir_all(config.cache_dir()).unwrap();
+    let mut task = Task::open(&config, CheckpointStore::open(&store_url).unwrap()).unwrap();
+    let stats = step(&mut task, b't', 1..=20);
+    assert_eq!(stats.delta_pages, 20, "{stats:?}");
+    assert_newest_restores_to(&mut task, &config, &store_url);
+}
+
+/// Counts checkpoints started and not yet finished.
+#[derive(Default)]
+struct InFlight {
+    now: usize,
+    max: usize,
+    finished: usize,
+}
+
+impl CheckpointObserver for InFlight {
+    fn started(&mut self, _generation: u64) {
+        self.now += 1;
+        self.max = self.max.max(self.now);
+    }
+    fn finished(&mut self, _generation: u64, outcome: Result<&CheckpointStats, &anyhow::Error>) {
+        outcome.expect("checkpoint failed");
+        self.now -= 1;
+        self.finished += 1;
+    }
+}
+
+#[test]
+fn a_slow_store_is_overlapped_up_to_the_bound_and_then_holds_the_guest_back() {
+    let guest = guest("wordcount");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 3000, 500, false);
+    let reference = reference_output(&guest, &input);
+    for max_in_flight in [0, 1, 3] {
+        let case_dir = dir.path().join(format!("in-flight-{max_in_flight}"));
+        let store_url = case_dir.join("store").display().to_string();
+        let output = case_dir.join("out");
+        let config = RunConfig {
+            checkpoint_every: 200,
+            max_in_flight,
+            ..RunConfig::new(&guest, &input, &output)
+        };
+        // Every pack put after the first takes 300 ms: far slower than 200 records.
+        let slow = Arc::new(FaultyStore::new(
+            open_object_store(&store_url).unwrap(),
+            Point::PackPut,
+            Fault::Slow,
+            2,
+        ));
+        let store = CheckpointStore::from_object_store(slow.clone(), "slow").unwrap();
+        let mut task = Task::open(&config, store).unwrap();
+        let mut observer = InFlight::default();
+        let summary = task.run(&config, &mut observer).unwrap();
+        assert!(slow.injected() > 5, "the store was not slow");
+        assert_eq!(observer.now, 0, "a checkpoint was left unsettled");
+        assert_eq!(observer.finished as u64, summary.checkpoints);
+        // The guest captured the next checkpoint while the earlier ones were being
+        // written, but never more than the bound allows.
+        assert_eq!(
+            observer.max,
+            max_in_flight + 1,
+            "max_in_flight {max_in_flight}: at most {} started and unfinished",
+            observer.max
+        );
+        assert_same_output(
+            &std::fs::read(&output).unwrap(),
+            &reference,
+            &format!("max_in_flight {max_in_flight}"),
+        );
+    }
+}
