@@ -29,11 +29,19 @@ run() { # name guest input every
 }
 run counter counter "$out/counter.txt" 10000
 run wordcount-rust wordcount "$out/words.txt" 1000
-run wordcount-c c-sessions "$out/words.txt" 1000
+run wordcount-c c-wordcount "$out/words.txt" 1000
+run wordcount-as as-wordcount "$out/words.txt" 1000
+run sessions-c c-sessions "$out/words.txt" 1000
 run inventory-as as-inventory "$out/words.txt" 1000
 run window window "$out/numbers.txt" 1000
 head -n 30000 "$out/words.txt" > "$out/words-30k.txt"
 run bigstate bigstate "$out/words-30k.txt" 1000
+
+# Stdio mode: what the asyncify transform and checkpoints cost.
+for program in stdio-wordfreq stdio-c-wordfreq; do
+  echo "== $program (stdio mode, checkpoint every 64 KiB of input)"
+  "$wasnap" bench --stdio "target/guests/$program.wasm" --input "$out/words.txt" --checkpoint-every-bytes 65536
+done
 
 echo
 python3 scripts/bench-summary.py "${plots[@]#*=}"

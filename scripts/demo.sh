@@ -2,7 +2,8 @@
 # The main job, end to end, on the embedded default store (a local directory):
 # set up, build wasnap and the guests, run the Rust word-count guest over 300 000 records,
 # kill it with SIGKILL half-way, run the same command again to resume, and check the
-# output against an uninterrupted run. Everything lands under target/demo/.
+# output against an uninterrupted run. Then the same for an unmodified WASI program in
+# stdio mode. Everything lands under target/demo/.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -38,3 +39,22 @@ fi
 echo "demo: the last checkpoints in the store:"
 "$wasnap" inspect --store "$demo/store" | tail -n 4
 echo "demo: store size: $(du -sh "$demo/store" | cut -f1)"
+
+echo
+echo "demo: stdio mode: an ordinary Rust program (stdin().lines(), a HashMap), no wasnap ABI"
+stdio=("$wasnap" run --stdio target/guests/stdio-wordfreq.wasm --input "$demo/input.txt"
+       --output "$demo/stdio-output.txt" --store "$demo/stdio-store" --checkpoint-every-bytes 262144)
+echo "demo: ${stdio[*]}"
+"${stdio[@]}" & pid=$!
+sleep 0.5
+kill -9 "$pid" 2>/dev/null && echo "demo: killed the run with SIGKILL" || echo "demo: the run finished before the kill"
+wait "$pid" 2>/dev/null || true
+"${stdio[@]}"
+"$wasnap" run --stdio target/guests/stdio-wordfreq.wasm --input "$demo/input.txt" \
+  --output "$demo/stdio-reference.txt" --store memory:// --quiet
+if cmp -s "$demo/stdio-output.txt" "$demo/stdio-reference.txt"; then
+  echo "demo: stdio output is byte-identical to an uninterrupted run ($(wc -l < "$demo/stdio-output.txt") lines)"
+else
+  echo "demo: STDIO OUTPUT DIFFERS from an uninterrupted run" >&2
+  exit 1
+fi
