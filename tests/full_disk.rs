@@ -40,6 +40,21 @@ fn in_small_tmpfs(small: &Path, size: &str, script: &str, env: &[(&str, &Path)])
     panic!("cannot mount a tmpfs in a private namespace: {last_error}");
 }
 
+/// The run (whose shell printed `printed`, and whose stderr is in `err_path`) exited 1
+/// saying the disk is full. Returns its stderr.
+fn assert_stopped_on_full_disk(printed: &str, err_path: &Path) -> String {
+    let err = std::fs::read_to_string(err_path).unwrap();
+    assert!(
+        printed.contains("exit=1"),
+        "expected exit 1, got {printed} ({err})"
+    );
+    assert!(
+        err.contains("No space left on device"),
+        "the error does not say the disk is full: {err}"
+    );
+    err
+}
+
 fn setup(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
     let guest = guest("wordcount");
     let input = dir.join("in");
@@ -65,15 +80,7 @@ fn a_full_store_disk_stops_the_run_clearly_and_loses_nothing() {
         ),
         &[("ERR", &dir.path().join("err")), ("SAVED", &saved)],
     );
-    let err = std::fs::read_to_string(dir.path().join("err")).unwrap();
-    assert!(
-        printed.contains("exit=1"),
-        "expected exit 1, got {printed} ({err})"
-    );
-    assert!(
-        err.contains("No space left on device"),
-        "the error does not say the disk is full: {err}"
-    );
+    let err = assert_stopped_on_full_disk(&printed, &dir.path().join("err"));
     assert_eq!(err.lines().count(), 1, "expected one error line: {err}");
 
     // The checkpoints committed before the disk filled are all there and usable.
@@ -126,15 +133,7 @@ fn a_full_output_disk_stops_the_run_clearly_and_loses_nothing() {
         &format!("\"$WASNAP\" {args} 2>\"$ERR\"; echo \"exit=$?\"; cp \"$SMALL/out\" \"$SAVED\""),
         &[("ERR", &dir.path().join("err")), ("SAVED", &saved)],
     );
-    let err = std::fs::read_to_string(dir.path().join("err")).unwrap();
-    assert!(
-        printed.contains("exit=1"),
-        "expected exit 1, got {printed} ({err})"
-    );
-    assert!(
-        err.contains("No space left on device"),
-        "the error does not say the disk is full: {err}"
-    );
+    let err = assert_stopped_on_full_disk(&printed, &dir.path().join("err"));
     let store_url = store.to_str().unwrap();
     assert!(
         !open_store(store_url).generations().unwrap().is_empty(),

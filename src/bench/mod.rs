@@ -35,7 +35,7 @@ pub struct CheckpointRecord {
     pub memory_bytes: u64,
     pub dirty_pages: usize,
     pub zero_pages: usize,
-    /// Of the dirty pages, how many went as XOR deltas and how many whole.
+    /// Of the dirty pages, how many went as deltas (XOR or zstd-prefix) and how many whole.
     pub delta_pages: usize,
     pub whole_pages: usize,
     /// Frames copied out of sparse older packs (compaction).

@@ -116,7 +116,7 @@ pub struct CheckpointStats {
     pub dirty_pages: usize,
     /// Pages that changed to all-zero (recorded, not written).
     pub zero_pages: usize,
-    /// Dirty pages written as XOR deltas against their previous version.
+    /// Dirty pages written as deltas (XOR or zstd-prefix) against their previous version.
     pub delta_pages: usize,
     /// Dirty pages written whole (new pages, big changes, full chains).
     pub whole_pages: usize,
