@@ -132,7 +132,10 @@ fn sixteen_racing_writers_one_winner_every_round() {
                         let manifest = big_manifest(round, writer_id, pages, &mut rng);
                         let size = manifest.encode().unwrap().len();
                         store
-                            .put_pack(&pack_name(round, &writer_id), vec![w as u8; pack_bytes])
+                            .put_pack(
+                                &pack_name(round, &writer_id),
+                                vec![w as u8; pack_bytes].into(),
+                            )
                             .unwrap();
                         barrier.wait();
                         (w as u8, store.commit_manifest(&manifest), size)

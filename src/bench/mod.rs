@@ -38,6 +38,8 @@ pub struct CheckpointRecord {
     /// Of the dirty pages, how many went as deltas (XOR or zstd-prefix) and how many whole.
     pub delta_pages: usize,
     pub whole_pages: usize,
+    /// Of the deltas, those against the whole page of a full chain (rebased).
+    pub rebased_pages: usize,
     /// Frames copied out of sparse older packs (compaction).
     pub compacted_frames: usize,
     /// Everything put to the store for this checkpoint: pack + manifest.
@@ -103,6 +105,7 @@ impl CheckpointObserver for Recorder<'_> {
             dirty_pages: stats.dirty_pages,
             zero_pages: stats.zero_pages,
             delta_pages: stats.delta_pages,
+            rebased_pages: stats.rebased_pages,
             whole_pages: stats.whole_pages,
             compacted_frames: stats.compacted_frames,
             delta_bytes: stats.pack_bytes + stats.manifest_bytes,

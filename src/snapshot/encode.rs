@@ -1,26 +1,31 @@
 //! Encode: turn a capture into one pack and the next page table, off the guest's thread.
 //!
-//! - Each dirty page becomes a delta against its previous version (XOR, or zstd with the
-//!   previous version as prefix, whichever is smaller) when the delta compresses clearly
-//!   smaller than the whole page and the page's chain has room (at most `max_deltas`,
-//!   8 by default); otherwise a whole page, which starts a new chain.
+//! - Each dirty page becomes a delta against its previous version (the smallest of XOR,
+//!   word-wise subtraction, or zstd with the previous version as prefix) when the delta
+//!   compresses clearly smaller than the whole page and the page's chain has room (at
+//!   most `max_deltas`, 8 by default); otherwise a whole page, which starts a new chain.
+//! - A full chain is *rebased* (`rebase`): the new version becomes a delta against the
+//!   version an earlier layer of the chain rebuilds, and the layers above it are dropped;
+//!   the whole page is one more candidate. A page that changes a little at every
+//!   checkpoint thus keeps paying deltas, not a whole page every `max_deltas + 1`.
 //! - Compaction: a pack of which under a quarter of the frames are still live has those
 //!   frames copied, byte for byte, into the new pack, so the old one can be pruned and
 //!   the store stays proportional to the guest's memory, not to its history.
 //! - Frames are ordered by (memory, layer, page), so the manifest's runs stay few.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::Result;
-use bytes::Bytes;
 
 use super::capture::{Capture, CapturedPage};
 use super::pages::page_count;
+use super::rebase;
 use super::table::{FrameLoc, PageTable};
 use crate::store::manifest::PackRef;
-use crate::store::pack::{self, Encoding, PackBuilder, PackIndex};
+use crate::store::pack::{self, Encoding, PackBuilder};
+use crate::store::recent::LoadedPack;
 
 /// A delta at most this big is taken without also compressing the whole page.
 const SMALL_DELTA: usize = 2048;
@@ -32,31 +37,86 @@ const COMPACT_BELOW: u32 = 4;
 pub struct EncodedPage {
     pub memory: usize,
     pub page: u32,
-    /// A delta on top of the page's chain, or a whole page that starts a new one.
+    /// A whole page (`keep` is 0) or a delta against what the first `keep` frames of the
+    /// page's chain rebuild.
     pub encoding: Encoding,
+    /// How many frames of the page's chain the new frame stands on: all of them for a
+    /// plain delta, fewer for a rebased one, none for a whole page.
+    pub keep: usize,
     pub payload: Vec<u8>,
 }
 
-/// Compress every dirty page, on all cores; `table` gives each page's chain length, and
-/// a chain that has `max_deltas` deltas gets a whole page next.
+/// The packs a checkpoint's encoders may read chain frames from, by reference.
+pub type ChainPacks = HashMap<PackRef, Arc<LoadedPack>>;
+
+/// zstd contexts and scratch space of one encoding thread.
+pub struct Coder<'a> {
+    cctx: zstd::zstd_safe::CCtx<'a>,
+    pub(super) dctx: zstd::zstd_safe::DCtx<'a>,
+    scratch: Vec<u8>,
+}
+
+impl Coder<'_> {
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            cctx: pack::compressor()?,
+            dctx: pack::decompressor()?,
+            scratch: Vec::new(),
+        })
+    }
+
+    pub fn whole(&mut self, page: &[u8]) -> Result<(Encoding, Vec<u8>)> {
+        self.encode(Encoding::Full, page, &[])
+    }
+
+    fn encode(
+        &mut self,
+        encoding: Encoding,
+        page: &[u8],
+        base: &[u8],
+    ) -> Result<(Encoding, Vec<u8>)> {
+        let payload =
+            pack::encode_payload(&mut self.cctx, encoding, page, base, &mut self.scratch)?;
+        Ok((encoding, payload))
+    }
+
+    /// The smallest delta of `page` against `base`: XOR or subtraction (bytes changed in
+    /// place: flags and pointers, or counters), and unless one of those is already small,
+    /// a prefix delta (bytes that moved).
+    pub fn best_delta(&mut self, page: &[u8], base: &[u8]) -> Result<(Encoding, Vec<u8>)> {
+        let xor = self.encode(Encoding::XorDelta, page, base)?;
+        let sub = self.encode(Encoding::SubDelta, page, base)?;
+        let mut best = if sub.1.len() < xor.1.len() { sub } else { xor };
+        if best.1.len() > SMALL_DELTA && pack::prefix_usable(base) {
+            let prefix = self.encode(Encoding::PrefixDelta, page, base)?;
+            if prefix.1.len() < best.1.len() {
+                best = prefix;
+            }
+        }
+        Ok(best)
+    }
+}
+
+/// Compress every dirty page, on all cores; `table` gives each page's chain, and `packs`
+/// the packs its frames are in where a full chain is to be rebased.
 pub fn encode_pages(
     pages: &[CapturedPage],
     table: &PageTable,
     max_deltas: usize,
+    packs: &ChainPacks,
 ) -> Result<Vec<EncodedPage>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per_thread = pages.len().div_ceil(threads).max(16);
     let encode_chunk = |chunk: &[CapturedPage]| -> Result<Vec<EncodedPage>> {
-        let mut cctx = pack::compressor()?;
-        let mut xor = Vec::new();
+        let mut coder = Coder::new()?;
         chunk
             .iter()
             .map(|page| {
-                let chain_len = table.memories[page.memory]
+                let chain = table.memories[page.memory]
                     .chains
                     .get(page.page as usize)
-                    .map_or(0, Vec::len);
-                encode_page(page, chain_len, max_deltas, &mut cctx, &mut xor)
+                    .map_or(&[][..], Vec::as_slice);
+                encode_page(page, chain, max_deltas, packs, &mut coder)
             })
             .collect()
     };
@@ -76,53 +136,51 @@ pub fn encode_pages(
     })
 }
 
-/// The smallest of: an XOR delta (bytes changed in place), a prefix delta (bytes that
-/// moved), a whole page. A delta must beat the whole page by a fifth, since a whole page
-/// also resets the chain a restore has to walk.
+/// A delta on top of the whole chain while it has room (it must beat the whole page by a
+/// fifth, since a whole page also resets the chain a restore has to walk); a rebase once
+/// it is full; a whole page when there is no chain or no trusted previous version.
 fn encode_page(
     page: &CapturedPage,
-    chain_len: usize,
+    chain: &[FrameLoc],
     max_deltas: usize,
-    cctx: &mut zstd::zstd_safe::CCtx<'_>,
-    xor: &mut Vec<u8>,
+    packs: &ChainPacks,
+    coder: &mut Coder<'_>,
 ) -> Result<EncodedPage> {
-    let encoded = |encoding, payload| EncodedPage {
+    let (keep, (encoding, payload)) = match &page.base {
+        _ if chain.is_empty() || max_deltas == 0 => (0, coder.whole(&page.bytes)?),
+        Some(base) if chain.len() <= max_deltas => {
+            let delta = coder.best_delta(&page.bytes, base)?;
+            if delta.1.len() <= SMALL_DELTA {
+                (chain.len(), delta)
+            } else {
+                let whole = coder.whole(&page.bytes)?;
+                if delta.1.len() * 5 < whole.1.len() * 4 {
+                    (chain.len(), delta)
+                } else {
+                    (0, whole)
+                }
+            }
+        }
+        _ if chain.len() > max_deltas => {
+            rebase::best_rebase(&page.bytes, chain, max_deltas, packs, coder)?
+        }
+        _ => (0, coder.whole(&page.bytes)?),
+    };
+    Ok(EncodedPage {
         memory: page.memory,
         page: page.page,
         encoding,
+        keep,
         payload,
-    };
-    let whole = |cctx: &mut zstd::zstd_safe::CCtx<'_>, xor: &mut Vec<u8>| {
-        pack::encode_payload(cctx, Encoding::Full, &page.bytes, &[], xor)
-    };
-    let base = match &page.base {
-        Some(base) if (1..=max_deltas).contains(&chain_len) => base,
-        _ => return Ok(encoded(Encoding::Full, whole(cctx, xor)?)),
-    };
-    let mut best = (
-        Encoding::XorDelta,
-        pack::encode_payload(cctx, Encoding::XorDelta, &page.bytes, base, xor)?,
-    );
-    if best.1.len() <= SMALL_DELTA {
-        return Ok(encoded(best.0, best.1));
-    }
-    if pack::prefix_usable(base) {
-        let prefix = pack::encode_payload(cctx, Encoding::PrefixDelta, &page.bytes, base, xor)?;
-        if prefix.len() < best.1.len() {
-            best = (Encoding::PrefixDelta, prefix);
-        }
-    }
-    let full = whole(cctx, xor)?;
-    if best.1.len() * 5 >= full.len() * 4 {
-        return Ok(encoded(Encoding::Full, full));
-    }
-    Ok(encoded(best.0, best.1))
+    })
 }
 
 /// What a checkpoint's pack holds, for the statistics.
 #[derive(Clone, Debug, Default)]
 pub struct PackContents {
     pub delta_pages: usize,
+    /// Of the deltas, those of full chains, against an earlier layer's version.
+    pub rebased_pages: usize,
     pub whole_pages: usize,
     /// Frames copied from sparse older packs.
     pub compacted_frames: usize,
@@ -179,7 +237,7 @@ pub fn assemble(
     table: &PageTable,
     capture: &Capture,
     encoded: Vec<EncodedPage>,
-    fetch: &mut dyn FnMut(&PackRef) -> Result<Bytes>,
+    fetch: &mut dyn FnMut(&PackRef) -> Result<Arc<LoadedPack>>,
 ) -> Result<Assembled> {
     let mut next = table.clone();
     for (memory, captured) in next.memories.iter_mut().zip(&capture.memories) {
@@ -199,10 +257,13 @@ pub fn assemble(
         let chain = &mut next.memories[page.memory].chains[page.page as usize];
         if page.encoding.is_delta() {
             contents.delta_pages += 1;
+            if page.keep < chain.len() {
+                contents.rebased_pages += 1;
+            }
         } else {
             contents.whole_pages += 1;
-            chain.clear();
         }
+        chain.truncate(page.keep);
         contents.encoded_bytes += page.payload.len() + pack::FRAME_HEADER_LEN;
         frames.push((
             page.memory,
@@ -224,24 +285,21 @@ pub fn assemble(
 
     // Compaction: copy the live frames of sparse packs.
     let sparse = sparse_packs(&next, generation, contents.encoded_bytes as u64);
-    let mut fetched: Vec<(Bytes, PackIndex)> = Vec::new();
+    let mut fetched: Vec<Arc<LoadedPack>> = Vec::new();
     if !sparse.is_empty() {
         let mut sparse: Vec<PackRef> = sparse.into_iter().collect();
         sparse.sort_by_key(|p| p.generation);
-        let mut index_of = std::collections::HashMap::new();
+        let mut index_of = HashMap::new();
         for pack_ref in &sparse {
-            let name = format!("pack {}", pack_ref.name());
-            let bytes = fetch(pack_ref)?;
-            let index = PackIndex::parse(&bytes, &name)?;
             index_of.insert(pack_ref.clone(), fetched.len());
-            fetched.push((bytes, index));
+            fetched.push(fetch(pack_ref)?);
         }
         for (memory, table) in next.memories.iter().enumerate() {
             for (page, chain) in table.chains.iter().enumerate() {
                 for (layer, loc) in chain.iter().enumerate() {
                     if let Some(&pack) = index_of.get(&*loc.pack) {
                         let range = fetched[pack]
-                            .1
+                            .index
                             .frames
                             .get(loc.frame as usize)
                             .cloned()
@@ -286,8 +344,7 @@ pub fn assemble(
         let frame = match source {
             Source::Fresh(encoding, payload) => builder.push_payload(encoding, &payload)?,
             Source::Copied { pack, frame } => {
-                let (bytes, _) = &fetched[pack];
-                builder.push_frame(&bytes[frame], "a frame being compacted")?
+                builder.push_frame(&fetched[pack].bytes[frame], "a frame being compacted")?
             }
         };
         next.memories[memory].chains[page as usize][layer] = FrameLoc {

@@ -4,6 +4,7 @@
 //! - `cache`: the last captured version of every page, the base of deltas;
 //! - `capture`: on the guest's thread, the only pause: hash, copy dirty pages and bases;
 //! - `encode`: off the guest's thread: deltas or whole pages, compaction, the pack;
+//! - `rebase`: where a full chain's next delta stands;
 //! - `table`: every page's chain of frames (whole page, then deltas);
 //! - `restore`: rebuild memories and globals from a manifest and its packs.
 
@@ -11,6 +12,7 @@ pub mod cache;
 pub mod capture;
 pub mod encode;
 pub mod pages;
+pub mod rebase;
 pub mod restore;
 pub mod table;
 

@@ -6,13 +6,16 @@
 //! globals. The rebuilt memory is then hashed and checked against the manifest's digest,
 //! which both verifies the restore and gives the page table for the next checkpoint.
 
+use std::collections::HashMap;
+
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
 
 use super::pages::{self, PAGE_SIZE};
 use super::table::{Chain, PageTable};
 use crate::guest::GuestInstance;
-use crate::store::pack::{self, PackIndex};
+use crate::store::manifest::PackRef;
+use crate::store::pack;
+use crate::store::recent::LoadedPack;
 use crate::store::{CheckpointStore, Manifest};
 
 /// A restored checkpoint: the table for the next checkpoint and the page hashes of the
@@ -71,19 +74,9 @@ pub fn restore(
     Ok(Restored { table, hashes })
 }
 
-/// A fetched pack, its frame index, and its name for messages.
-struct FetchedPack {
-    bytes: Bytes,
-    index: PackIndex,
-    what: String,
-}
-
 /// Read and check every pack the manifest refers to: each must be the pack the manifest
-/// names (generation, writer, frame count), not just any pack.
-fn fetch_packs(
-    manifest: &Manifest,
-    store: &CheckpointStore,
-) -> Result<std::collections::HashMap<crate::store::manifest::PackRef, FetchedPack>> {
+/// names (generation, writer, frame count, size), not just any pack.
+fn fetch_packs(manifest: &Manifest, store: &CheckpointStore) -> Result<Packs> {
     let names: Vec<String> = manifest.packs.iter().map(|p| p.name()).collect();
     let fetched = store.read_packs(&names);
     manifest
@@ -94,24 +87,12 @@ fn fetch_packs(
         .map(|((pack_ref, name), bytes)| {
             let bytes = bytes
                 .with_context(|| format!("checkpoint {} needs pack {name}", manifest.generation))?;
-            let what = format!("pack {name}");
-            let index = PackIndex::parse(&bytes, &what)?;
-            if index.generation != pack_ref.generation
-                || index.writer_id != pack_ref.writer_id
-                || index.frames.len() != pack_ref.frames as usize
-                || bytes.len() as u64 != pack_ref.bytes
-            {
-                bail!(
-                    "{what} is not the pack checkpoint {} wrote",
-                    manifest.generation
-                );
-            }
-            Ok((pack_ref.clone(), FetchedPack { bytes, index, what }))
+            Ok((pack_ref.clone(), LoadedPack::parse(pack_ref, bytes)?))
         })
         .collect()
 }
 
-type Packs = std::collections::HashMap<crate::store::manifest::PackRef, FetchedPack>;
+type Packs = HashMap<PackRef, LoadedPack>;
 
 /// Below this many pages, decoding on the calling thread beats starting threads.
 const PARALLEL_DECODE_THRESHOLD: usize = 64;
@@ -141,16 +122,11 @@ fn decode_batch(batch: Vec<(&mut [u8], &Chain)>, packs: &Packs) -> Result<()> {
     let mut scratch = vec![0u8; PAGE_SIZE];
     for (dst, chain) in batch {
         for (layer, loc) in chain.iter().enumerate() {
-            let pack = &packs[&*loc.pack];
-            let frame = pack.index.frame(&pack.bytes, loc.frame, &pack.what)?;
-            pack::decode_frame(
-                frame,
-                layer,
-                dst,
-                &mut scratch,
-                &mut decompressor,
-                &pack.what,
-            )?;
+            let what = format!("pack {}", loc.pack.name());
+            let frame = packs[&*loc.pack]
+                .frame(loc.frame)
+                .with_context(|| format!("{what} has no frame {}", loc.frame))?;
+            pack::decode_frame(frame, layer, dst, &mut scratch, &mut decompressor, &what)?;
         }
     }
     Ok(())

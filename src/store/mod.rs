@@ -15,6 +15,7 @@ mod codec;
 pub mod manifest;
 pub mod pack;
 pub mod prune;
+pub mod recent;
 mod url;
 
 use std::sync::Arc;
@@ -196,7 +197,7 @@ impl CheckpointStore {
     }
 
     /// Write a pack. Its name is unique to this writer and generation, so a plain put is safe.
-    pub fn put_pack(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+    pub fn put_pack(&self, name: &str, bytes: Bytes) -> Result<()> {
         let path = pack_path(name);
         self.runtime
             .block_on(self.objects.put(&path, PutPayload::from(bytes)))

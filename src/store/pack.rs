@@ -22,9 +22,9 @@ pub const FRAME_HEADER_LEN: usize = 4 + 4 + 1;
 /// records/s of small fast guests by up to 3x on two cores, through back-pressure.
 pub const ZSTD_LEVEL: i32 = 3;
 
-/// zstd level for XOR deltas: mostly zeros, which level 1 already codes best (higher
-/// levels measured slightly larger).
-pub const XOR_ZSTD_LEVEL: i32 = 1;
+/// zstd level for XOR and subtraction deltas: mostly zeros, which level 1 already codes
+/// best (higher levels measured slightly larger).
+pub const DELTA_ZSTD_LEVEL: i32 = 1;
 
 /// What a frame holds, written in its header. A manifest's layer 0 holds whole pages; a
 /// layer k > 0 holds deltas, each against the version the layers below it rebuild.
@@ -38,6 +38,9 @@ pub enum Encoding {
     /// The page zstd-compressed with its previous version as a reference prefix: bytes
     /// that moved (a hash table resized, a heap compacted) are found where they were.
     PrefixDelta = 3,
+    /// The page minus its previous version, 32-bit little-endian word by word (wrapping),
+    /// zstd-compressed: counters that grew become small numbers, where XOR scatters bits.
+    SubDelta = 4,
 }
 
 impl Encoding {
@@ -46,6 +49,7 @@ impl Encoding {
             1 => Some(Self::Full),
             2 => Some(Self::XorDelta),
             3 => Some(Self::PrefixDelta),
+            4 => Some(Self::SubDelta),
             _ => None,
         }
     }
@@ -210,7 +214,9 @@ pub fn decode_frame(
     let out = &mut scratch[..dst.len()];
     let n = match encoding {
         Encoding::PrefixDelta => decompressor.decompress_using_dict(&mut *out, payload, dst),
-        Encoding::Full | Encoding::XorDelta => decompressor.decompress(&mut *out, payload),
+        Encoding::Full | Encoding::XorDelta | Encoding::SubDelta => {
+            decompressor.decompress(&mut *out, payload)
+        }
     }
     .map_err(zstd_error)
     .with_context(|| format!("{what} is corrupt: a frame does not decompress"))?;
@@ -222,6 +228,7 @@ pub fn decode_frame(
     }
     match encoding {
         Encoding::XorDelta => xor_into(dst, out),
+        Encoding::SubDelta => add_words(dst, out),
         Encoding::Full | Encoding::PrefixDelta => dst.copy_from_slice(out),
     }
     Ok(())
@@ -238,14 +245,14 @@ fn zstd_error(code: usize) -> anyhow::Error {
 }
 
 /// Compress `page` as a frame payload of `encoding`, given its previous version `base`
-/// (unused for `Full`). `xor` is scratch space. A `base` that starts with zstd's
+/// (unused for `Full`). `scratch` is scratch space. A `base` that starts with zstd's
 /// dictionary magic cannot serve as a raw prefix: use [`prefix_usable`] first.
 pub fn encode_payload(
     cctx: &mut zstd::zstd_safe::CCtx<'_>,
     encoding: Encoding,
     page: &[u8],
     base: &[u8],
-    xor: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
 ) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(page.len()));
     let level = |cctx: &mut zstd::zstd_safe::CCtx<'_>, level| {
@@ -257,12 +264,16 @@ pub fn encode_payload(
             level(cctx, ZSTD_LEVEL)?;
             cctx.compress2(&mut out, page)
         }
-        Encoding::XorDelta => {
-            xor.clear();
-            xor.extend_from_slice(page);
-            xor_into(xor, base);
-            level(cctx, XOR_ZSTD_LEVEL)?;
-            cctx.compress2(&mut out, xor)
+        Encoding::XorDelta | Encoding::SubDelta => {
+            scratch.clear();
+            scratch.extend_from_slice(page);
+            if encoding == Encoding::XorDelta {
+                xor_into(scratch, base);
+            } else {
+                sub_words(scratch, base);
+            }
+            level(cctx, DELTA_ZSTD_LEVEL)?;
+            cctx.compress2(&mut out, scratch)
         }
         // The previous version as a raw-content dictionary: zstd references it in place.
         Encoding::PrefixDelta => cctx.compress_using_dict(&mut out, page, base, ZSTD_LEVEL),
@@ -281,6 +292,32 @@ pub fn compressor<'a>() -> Result<zstd::zstd_safe::CCtx<'a>> {
 /// A decompression context.
 pub fn decompressor<'a>() -> Result<zstd::zstd_safe::DCtx<'a>> {
     zstd::zstd_safe::DCtx::try_create().context("cannot create a zstd context")
+}
+
+/// `dst -= src`, as little-endian 32-bit words (wrapping); a tail of under 4 bytes byte
+/// by byte. The inverse of [`add_words`].
+pub fn sub_words(dst: &mut [u8], src: &[u8]) {
+    word_op(dst, src, u32::wrapping_sub, u8::wrapping_sub)
+}
+
+/// `dst += src`, as little-endian 32-bit words (wrapping); the inverse of [`sub_words`].
+pub fn add_words(dst: &mut [u8], src: &[u8]) {
+    word_op(dst, src, u32::wrapping_add, u8::wrapping_add)
+}
+
+fn word_op(dst: &mut [u8], src: &[u8], word: fn(u32, u32) -> u32, byte: fn(u8, u8) -> u8) {
+    let mut d = dst.chunks_exact_mut(4);
+    let mut s = src.chunks_exact(4);
+    for (d, s) in (&mut d).zip(&mut s) {
+        let x = word(
+            u32::from_le_bytes(d.try_into().expect("4 bytes")),
+            u32::from_le_bytes(s.try_into().expect("4 bytes")),
+        );
+        d.copy_from_slice(&x.to_le_bytes());
+    }
+    for (d, s) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *d = byte(*d, *s);
+    }
 }
 
 /// `dst ^= src`, a word at a time.

@@ -8,6 +8,7 @@
 //! its deltas may stand on frames that were never stored.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,8 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 
 use super::CheckpointStats;
-use crate::snapshot::encode::{assemble, encode_pages};
+use crate::snapshot::encode::{ChainPacks, assemble, encode_pages};
+use crate::snapshot::rebase;
 use crate::snapshot::{Capture, PageTable};
+use crate::store::recent::{LoadedPack, RecentPacks};
 use crate::store::{CheckpointStore, Manifest};
 use crate::stream::sink::Durability;
 
@@ -56,7 +59,16 @@ pub struct CommitContext {
     /// Pack names of the manifests this writer committed, newest `retain`: a prune then
     /// need not read back manifests it wrote itself.
     pub known_packs: BTreeMap<u64, Vec<String>>,
+    /// Packs this writer put or read lately, for rebasing and compaction.
+    pub recent: RecentPacks,
 }
+
+/// Bytes of recent packs the committer keeps in memory.
+pub const RECENT_PACKS_BYTES: u64 = 64 << 20;
+
+/// Packs larger than this are not read back to rebase chains on (a first checkpoint's
+/// pack can hold a whole large memory); their pages are written whole instead.
+const REBASE_READ_LIMIT: u64 = 16 << 20;
 
 pub struct Committer {
     jobs: Option<Sender<Job>>,
@@ -149,6 +161,28 @@ impl Drop for Committer {
 }
 
 impl CommitContext {
+    /// The packs the full chains among `job`'s pages stand on, from memory or the store.
+    /// Best effort: a pack that cannot be read is left out, and its pages are written
+    /// whole rather than rebased.
+    fn chain_packs(&mut self, job: &Job) -> ChainPacks {
+        let wanted: Vec<_> =
+            rebase::packs_to_read(&job.capture.dirty, &self.table, self.max_deltas)
+                .into_iter()
+                .filter(|p| p.bytes <= REBASE_READ_LIMIT)
+                .collect();
+        let got = self.recent.get_many(&self.store, &wanted);
+        let mut packs = ChainPacks::new();
+        for (pack_ref, pack) in wanted.into_iter().zip(got) {
+            match pack {
+                Ok(pack) => {
+                    packs.insert(pack_ref, pack);
+                }
+                Err(err) => tracing::warn!("cannot rebase chains on {}: {err:#}", pack_ref.name()),
+            }
+        }
+        packs
+    }
+
     fn remember_packs(&mut self, manifest: &Manifest) {
         let names = manifest.packs.iter().map(|p| p.name()).collect();
         self.known_packs.insert(manifest.generation, names);
@@ -160,15 +194,16 @@ impl CommitContext {
     fn commit(&mut self, job: Job) -> Result<CheckpointStats> {
         let generation = job.generation;
         let encoding = Instant::now();
-        let encoded = encode_pages(&job.capture.dirty, &self.table, self.max_deltas)?;
-        let store = &self.store;
+        let packs = self.chain_packs(&job);
+        let encoded = encode_pages(&job.capture.dirty, &self.table, self.max_deltas, &packs)?;
+        let (store, recent) = (&self.store, &mut self.recent);
         let assembled = assemble(
             generation,
             &self.writer_id,
             &self.table,
             &job.capture,
             encoded,
-            &mut |pack| store.read_pack(&pack.name()),
+            &mut |pack| recent.get(store, pack),
         )?;
         let encode = encoding.elapsed();
 
@@ -176,7 +211,12 @@ impl CommitContext {
         let mut pack_bytes = 0;
         if let Some((pack, bytes)) = assembled.pack {
             pack_bytes = bytes.len();
-            self.store.put_pack(&pack.name(), bytes)?;
+            let bytes = bytes::Bytes::from(bytes);
+            self.store.put_pack(&pack.name(), bytes.clone())?;
+            // Kept for the rebases and compactions of the next checkpoints.
+            if let Ok(loaded) = LoadedPack::parse(&pack, bytes) {
+                self.recent.insert((*pack).clone(), Arc::new(loaded));
+            }
         }
         // The marker the manifest binds must be durable before the manifest exists.
         self.output.sync()?;
@@ -232,6 +272,7 @@ impl CommitContext {
             dirty_pages: job.capture.dirty.len(),
             zero_pages: job.capture.zeroed.len(),
             delta_pages: contents.delta_pages,
+            rebased_pages: contents.rebased_pages,
             whole_pages: contents.whole_pages,
             compacted_frames: contents.compacted_frames,
             compacted_bytes: contents.compacted_bytes,

@@ -27,6 +27,7 @@ use crate::error::{ModuleChanged, StoreUnavailable};
 use crate::guest::{Guest, GuestInstance, Limits, ProgramOutcome, random};
 use crate::snapshot::{self, PageCache, PageTable};
 use crate::store::manifest::RunState;
+use crate::store::recent::RecentPacks;
 use crate::store::{self, CheckpointStore, Manifest};
 use crate::stream::{FileSink, LineSource};
 use committer::{CommitContext, Committer, Done, Job};
@@ -118,6 +119,9 @@ pub struct CheckpointStats {
     pub zero_pages: usize,
     /// Dirty pages written as deltas (XOR or zstd-prefix) against their previous version.
     pub delta_pages: usize,
+    /// Of the deltas, those of full chains, against the chain's whole page (the deltas
+    /// in between dropped).
+    pub rebased_pages: usize,
     /// Dirty pages written whole (new pages, big changes, full chains).
     pub whole_pages: usize,
     /// Frames copied from sparse older packs (compaction), and their bytes.
@@ -296,6 +300,7 @@ impl Task {
             retain: config.retain,
             max_deltas: config.max_deltas.min(snapshot::table::MAX_DELTAS_LIMIT),
             known_packs: Default::default(),
+            recent: RecentPacks::new(committer::RECENT_PACKS_BYTES),
         })?;
         let input = match (guest.is_program(), start.run_state) {
             (false, RunState::Records) => {

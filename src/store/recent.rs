@@ -1,0 +1,171 @@
+//! Recent packs, kept in memory by the writer that put them: chain rebasing and compaction
+//! read old frames back, and most of what they read is what this writer wrote a few
+//! checkpoints ago. A pack not kept here is read from the store once and then kept.
+//! Bounded by bytes, oldest inserted dropped first. Packs are immutable under their
+//! names, so a kept copy never goes stale.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use anyhow::Result;
+use bytes::Bytes;
+
+use super::CheckpointStore;
+use super::manifest::PackRef;
+use super::pack::PackIndex;
+
+/// A pack's bytes and its frame index, checked against the reference that names it.
+pub struct LoadedPack {
+    pub bytes: Bytes,
+    pub index: PackIndex,
+}
+
+impl LoadedPack {
+    /// Parse `bytes` as the pack `pack_ref` names (generation, writer, frames, size).
+    pub fn parse(pack_ref: &PackRef, bytes: Bytes) -> Result<Self> {
+        let what = format!("pack {}", pack_ref.name());
+        let index = PackIndex::parse(&bytes, &what)?;
+        if index.generation != pack_ref.generation
+            || index.writer_id != pack_ref.writer_id
+            || index.frames.len() != pack_ref.frames as usize
+            || bytes.len() as u64 != pack_ref.bytes
+        {
+            anyhow::bail!("{what} is not the pack its checkpoint wrote");
+        }
+        Ok(Self { bytes, index })
+    }
+
+    /// The bytes of frame `frame` (header included), if the pack has it.
+    pub fn frame(&self, frame: u32) -> Option<&[u8]> {
+        let range = self.index.frames.get(frame as usize)?;
+        Some(&self.bytes[range.clone()])
+    }
+}
+
+pub struct RecentPacks {
+    packs: HashMap<PackRef, Arc<LoadedPack>>,
+    order: VecDeque<PackRef>,
+    bytes: u64,
+    limit: u64,
+}
+
+impl RecentPacks {
+    /// Keep at most `limit` bytes of packs.
+    pub fn new(limit: u64) -> Self {
+        Self {
+            packs: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            limit,
+        }
+    }
+
+    /// Remember a pack (one this writer just put, or one just read).
+    pub fn insert(&mut self, pack_ref: PackRef, pack: Arc<LoadedPack>) {
+        let size = pack.bytes.len() as u64;
+        if size > self.limit || self.packs.contains_key(&pack_ref) {
+            return;
+        }
+        while self.bytes + size > self.limit {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(dropped) = self.packs.remove(&oldest) {
+                self.bytes -= dropped.bytes.len() as u64;
+            }
+        }
+        self.bytes += size;
+        self.order.push_back(pack_ref.clone());
+        self.packs.insert(pack_ref, pack);
+    }
+
+    /// The packs `wanted`, from memory or else read from `store` (several at a time);
+    /// one result per pack, in order.
+    pub fn get_many(
+        &mut self,
+        store: &CheckpointStore,
+        wanted: &[PackRef],
+    ) -> Vec<Result<Arc<LoadedPack>>> {
+        let missing: Vec<&PackRef> = wanted
+            .iter()
+            .filter(|p| !self.packs.contains_key(*p))
+            .collect();
+        let names: Vec<String> = missing.iter().map(|p| p.name()).collect();
+        let mut read = HashMap::new();
+        for (pack_ref, bytes) in missing.into_iter().zip(store.read_packs(&names)) {
+            let loaded = bytes.and_then(|bytes| LoadedPack::parse(pack_ref, bytes).map(Arc::new));
+            if let Ok(pack) = &loaded {
+                self.insert(pack_ref.clone(), pack.clone());
+            }
+            read.insert(pack_ref.clone(), loaded);
+        }
+        wanted
+            .iter()
+            .map(|p| match self.packs.get(p) {
+                Some(pack) => Ok(pack.clone()),
+                None => read
+                    .remove(p)
+                    .unwrap_or_else(|| Err(anyhow::anyhow!("pack {} was not read", p.name()))),
+            })
+            .collect()
+    }
+
+    /// One pack, from memory or the store.
+    pub fn get(&mut self, store: &CheckpointStore, pack_ref: &PackRef) -> Result<Arc<LoadedPack>> {
+        self.get_many(store, std::slice::from_ref(pack_ref))
+            .pop()
+            .expect("one result per pack")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::pack::{Encoding, PackBuilder};
+
+    fn pack(generation: u64, payload_len: usize) -> (PackRef, Arc<LoadedPack>) {
+        let mut builder = PackBuilder::new(generation, &[1; 16], payload_len);
+        builder
+            .push_payload(Encoding::Full, &vec![0; payload_len])
+            .unwrap();
+        let bytes = Bytes::from(builder.finish());
+        let pack_ref = PackRef {
+            generation,
+            writer_id: [1; 16],
+            frames: 1,
+            bytes: bytes.len() as u64,
+        };
+        let loaded = Arc::new(LoadedPack::parse(&pack_ref, bytes).unwrap());
+        (pack_ref, loaded)
+    }
+
+    #[test]
+    fn packs_read_once_are_kept_the_oldest_go_first_and_the_bound_holds() {
+        let store = CheckpointStore::open("memory://").unwrap();
+        let (a, pa) = pack(1, 400);
+        let (b, pb) = pack(2, 400);
+        let (c, pc) = pack(3, 400);
+        store.put_pack(&a.name(), pa.bytes.clone()).unwrap();
+        let limit = 2 * pa.bytes.len() as u64;
+        let mut recent = RecentPacks::new(limit);
+        recent.insert(b.clone(), pb);
+        recent.insert(c.clone(), pc);
+        // Pack 1 comes from the store, is kept, and pushes out pack 2, the oldest.
+        assert_eq!(recent.get(&store, &a).unwrap().bytes, pa.bytes);
+        assert_eq!(recent.bytes, limit);
+        assert!(recent.packs.contains_key(&a) && recent.packs.contains_key(&c));
+        let got = recent.get_many(&store, &[a, b, c]);
+        assert!(
+            got[1].is_err(),
+            "pack 2 was dropped, and the store never had it"
+        );
+        assert!(got[0].is_ok() && got[2].is_ok());
+    }
+
+    #[test]
+    fn a_pack_that_is_not_the_one_named_is_refused() {
+        let (mut pack_ref, loaded) = pack(5, 100);
+        pack_ref.generation = 6;
+        assert!(LoadedPack::parse(&pack_ref, loaded.bytes.clone()).is_err());
+    }
+}
