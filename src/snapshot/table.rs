@@ -19,6 +19,9 @@ pub const MAX_DELTAS_LIMIT: usize = crate::store::manifest::MAX_LAYERS - 1;
 pub struct FrameLoc {
     pub pack: Arc<PackRef>,
     pub frame: u32,
+    /// The frame's bytes in its pack, header included (what compaction would copy); not
+    /// in manifests, so 0 until a restore has read the pack.
+    pub len: u32,
 }
 
 impl PartialEq for FrameLoc {
@@ -63,6 +66,7 @@ impl PageTable {
                             chains[(run.first_page + i) as usize].push(FrameLoc {
                                 pack: packs[run.pack as usize].clone(),
                                 frame: run.first_frame + i,
+                                len: 0,
                             });
                         }
                     }
@@ -129,17 +133,26 @@ impl PageTable {
         (packs, memories)
     }
 
-    /// How many frames of each pack the table refers to.
-    pub fn live_frames(&self) -> HashMap<PackRef, u32> {
+    /// How many frames of each pack the table refers to, and their bytes.
+    pub fn live_frames(&self) -> HashMap<PackRef, (u32, u64)> {
         let mut live = HashMap::new();
-        for loc in self.frames() {
-            *live.entry((*loc.pack).clone()).or_insert(0) += 1;
+        for loc in self.memories.iter().flat_map(|m| m.chains.iter().flatten()) {
+            let (frames, bytes) = live.entry((*loc.pack).clone()).or_insert((0, 0));
+            *frames += 1;
+            *bytes += u64::from(loc.len);
         }
         live
     }
 
-    fn frames(&self) -> impl Iterator<Item = &FrameLoc> {
-        self.memories.iter().flat_map(|m| m.chains.iter().flatten())
+    /// Fill in every frame's length with `len_of(pack, frame)`.
+    pub fn set_frame_lens(&mut self, len_of: impl Fn(&PackRef, u32) -> Option<u32>) {
+        for loc in self
+            .memories
+            .iter_mut()
+            .flat_map(|m| m.chains.iter_mut().flatten())
+        {
+            loc.len = len_of(&loc.pack, loc.frame).unwrap_or(0);
+        }
     }
 
     /// Pages with stored bytes, all memories together.
@@ -171,6 +184,7 @@ mod tests {
         let at = |p: &Arc<PackRef>, frame| FrameLoc {
             pack: p.clone(),
             frame,
+            len: 10,
         };
         let table = PageTable {
             memories: vec![MemoryTable {
@@ -209,7 +223,7 @@ mod tests {
         };
         let decoded = Manifest::decode(&manifest.encode().unwrap(), "m").unwrap();
         assert_eq!(PageTable::from_manifest(&decoded), table);
-        assert_eq!(table.live_frames()[&*a], 4);
-        assert_eq!(table.live_frames()[&*b], 3);
+        assert_eq!(table.live_frames()[&*a], (4, 40));
+        assert_eq!(table.live_frames()[&*b], (3, 30));
     }
 }
