@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use common::faulty::{ALL_FAULTS, ALL_POINTS, Fault, FaultyStore, Point};
 use common::*;
+use wasnap::CheckpointStats;
 use wasnap::store::{CheckpointStore, open_object_store};
-use wasnap::task::{NoObserver, RunConfig, Task};
+use wasnap::task::{CheckpointObserver, NoObserver, RunConfig, Task};
 
 fn run_task(config: &RunConfig, store: CheckpointStore) -> anyhow::Result<()> {
     let mut task = Task::open(config, store)?;
@@ -88,4 +89,68 @@ fn every_fault_at_every_point_commits_or_aborts_and_a_restart_is_exact() {
             }
         }
     }
+}
+
+/// Every start and every end an observer hears of.
+#[derive(Default)]
+struct Ledger {
+    started: Vec<u64>,
+    finished: Vec<(u64, bool)>,
+}
+
+impl CheckpointObserver for Ledger {
+    fn started(&mut self, generation: u64) {
+        self.started.push(generation);
+    }
+    fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &anyhow::Error>) {
+        self.finished.push((generation, outcome.is_ok()));
+    }
+}
+
+#[test]
+fn a_committer_that_dies_fails_the_run_and_observers_hear_of_every_checkpoint() {
+    let guest = guest("wordcount");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 3000, 2000, false);
+    let reference = reference_output(&guest, &input);
+    let store_dir = dir.path().join("store");
+    let store_url = store_dir.to_str().unwrap();
+    let config = RunConfig {
+        checkpoint_every: 250,
+        ..RunConfig::new(&guest, &input, dir.path().join("out"))
+    };
+
+    // The third pack put panics, on the committer's thread.
+    let faulty = Arc::new(FaultyStore::new(
+        open_object_store(store_url).unwrap(),
+        Point::PackPut,
+        Fault::Panic,
+        3,
+    ));
+    let store = CheckpointStore::from_object_store(faulty.clone(), "faulty").unwrap();
+    let mut ledger = Ledger::default();
+    let outcome = Task::open(&config, store).and_then(|mut task| task.run(&config, &mut ledger));
+    assert_eq!(faulty.injected(), 1, "the fault never struck");
+    let err = outcome.expect_err("a run whose committer died cannot succeed");
+    assert!(
+        format!("{err:#}").contains("committer stopped unexpectedly"),
+        "{err:#}"
+    );
+
+    // Every checkpoint started ended exactly once, in order; the first two committed and
+    // the third, whose pack put panicked, did not.
+    let finished: Vec<u64> = ledger.finished.iter().map(|(g, _)| *g).collect();
+    assert_eq!(finished, ledger.started, "{:?}", ledger.finished);
+    assert_eq!(ledger.finished[..3], [(1, true), (2, true), (3, false)]);
+    assert!(ledger.finished[3..].iter().all(|(_, ok)| !ok));
+
+    let restart = Task::open(&config, CheckpointStore::open(store_url).unwrap())
+        .and_then(|mut task| task.run(&config, &mut NoObserver));
+    restart.unwrap_or_else(|err| panic!("restart failed: {err:#}"));
+    assert_same_output(
+        &std::fs::read(dir.path().join("out")).unwrap(),
+        &reference,
+        "after the committer died and the run restarted",
+    );
 }

@@ -7,9 +7,9 @@
 //! thread, one queue); after a failure every later checkpoint is dropped unwritten, since
 //! its deltas may stand on frames that were never stored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -74,7 +74,9 @@ pub struct Committer {
     jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
     thread: Option<JoinHandle<()>>,
-    in_flight: usize,
+    /// Generation and flush marker of every checkpoint handed over and not yet answered,
+    /// oldest first (the thread answers in order).
+    in_flight: VecDeque<(u64, u64)>,
 }
 
 impl Committer {
@@ -112,41 +114,48 @@ impl Committer {
             jobs: Some(jobs),
             done,
             thread: Some(thread),
-            in_flight: 0,
+            in_flight: VecDeque::new(),
         })
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight
+        self.in_flight.len()
     }
 
     pub fn submit(&mut self, job: Job) -> Result<()> {
+        let handed = (job.generation, job.output_marker);
         self.jobs
             .as_ref()
             .and_then(|jobs| jobs.send(job).ok())
             .ok_or_else(|| anyhow!("the checkpoint committer has stopped"))?;
-        self.in_flight += 1;
+        self.in_flight.push_back(handed);
         Ok(())
     }
 
     /// The next finished checkpoint, waiting for it if `block`; `None` if none is in flight
-    /// (or, not blocking, none has finished yet).
+    /// (or, not blocking, none has finished yet). If the thread died (a panic), every
+    /// checkpoint it held ends with an error: none of them is known to be committed.
     pub fn next_done(&mut self, block: bool) -> Option<Done> {
-        if self.in_flight == 0 {
-            return None;
-        }
-        let done = if block {
-            self.done.recv().ok()
+        let &(generation, output_marker) = self.in_flight.front()?;
+        let received = if block {
+            self.done.recv().map_err(|_| TryRecvError::Disconnected)
         } else {
-            self.done.try_recv().ok()
+            self.done.try_recv()
         };
-        if done.is_some() {
-            self.in_flight -= 1;
-        } else if block {
-            // The thread is gone without answering: count what it held as lost.
-            self.in_flight = 0;
-        }
-        done
+        let done = match received {
+            Ok(done) => done,
+            Err(TryRecvError::Empty) => return None,
+            Err(TryRecvError::Disconnected) => Done {
+                generation,
+                output_marker,
+                outcome: Err(anyhow!(
+                    "checkpoint {generation} was lost: the checkpoint committer stopped \
+                     unexpectedly (see the panic message above)"
+                )),
+            },
+        };
+        self.in_flight.pop_front();
+        Some(done)
     }
 }
 

@@ -537,7 +537,10 @@ impl Task {
         observer.captured(generation, &self.instance);
         self.captured_generation = generation;
         self.records_since_checkpoint = 0;
-        self.committer.submit(job)?;
+        if let Err(err) = self.committer.submit(job) {
+            observer.finished(generation, Err(&err));
+            return Err(err);
+        }
         while self.committer.in_flight() > self.max_in_flight && self.failure.is_none() {
             self.settle(observer, true);
         }

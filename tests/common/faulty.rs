@@ -36,6 +36,9 @@ pub enum Fault {
     LostReply,
     /// Every operation at the point from the n-th on happens after a pause: a slow store.
     Slow,
+    /// The operation panics: a bug in a store backend, or anything else that kills the
+    /// thread it runs on.
+    Panic,
 }
 
 pub const ALL_FAULTS: [Fault; 4] = [Fault::Fail, Fault::Delay, Fault::Tear, Fault::LostReply];
@@ -158,6 +161,7 @@ impl ObjectStore for FaultyStore {
                 self.inner.put_opts(location, payload, opts).await?;
                 Err(self.plan.error())
             }
+            Fault::Panic => panic!("{}", self.plan.error()),
         }
     }
 
@@ -199,6 +203,7 @@ impl ObjectStore for FaultyStore {
                             inner.delete(&location).await?;
                             Err(plan.error())
                         }
+                        Fault::Panic => panic!("{}", plan.error()),
                     }
                 }
             })
