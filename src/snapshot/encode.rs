@@ -30,6 +30,11 @@ use crate::store::recent::LoadedPack;
 /// A delta at most this big is taken without also compressing the whole page.
 const SMALL_DELTA: usize = 2048;
 
+/// Below this, an XOR or subtraction delta is not worth a prefix delta's compression (the
+/// costliest: zstd indexes the previous version first). Prefix deltas win where bytes
+/// moved, and then by far; with bytes changed in place they win a few percent at most.
+const PREFIX_WORTH: usize = 8192;
+
 /// A live fraction of a pack's frames and bytes below 1 / `COMPACT_BELOW` makes it a
 /// compaction candidate.
 const COMPACT_BELOW: u32 = 4;
@@ -81,14 +86,19 @@ impl Coder<'_> {
         Ok((encoding, payload))
     }
 
-    /// The smallest delta of `page` against `base`: XOR or subtraction (bytes changed in
-    /// place: flags and pointers, or counters), and unless one of those is already small,
-    /// a prefix delta (bytes that moved).
+    /// The smallest delta of `page` against `base`: XOR (bytes changed in place: flags,
+    /// pointers); unless that is already small, subtraction (counters that grew); and if
+    /// both are big, a prefix delta (bytes that moved).
     pub fn best_delta(&mut self, page: &[u8], base: &[u8]) -> Result<(Encoding, Vec<u8>)> {
-        let xor = self.encode(Encoding::XorDelta, page, base)?;
+        let mut best = self.encode(Encoding::XorDelta, page, base)?;
+        if best.1.len() <= SMALL_DELTA {
+            return Ok(best);
+        }
         let sub = self.encode(Encoding::SubDelta, page, base)?;
-        let mut best = if sub.1.len() < xor.1.len() { sub } else { xor };
-        if best.1.len() > SMALL_DELTA && pack::prefix_usable(base) {
+        if sub.1.len() < best.1.len() {
+            best = sub;
+        }
+        if best.1.len() > PREFIX_WORTH && pack::prefix_usable(base) {
             let prefix = self.encode(Encoding::PrefixDelta, page, base)?;
             if prefix.1.len() < best.1.len() {
                 best = prefix;
