@@ -149,3 +149,30 @@ fn the_stdio_bench_reports_the_transform_and_its_cost() {
         .unwrap();
     assert!(checkpoints > reads, "expected more than {reads}: {text}");
 }
+
+#[test]
+fn a_reader_that_stops_early_is_no_error() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 5000, 300, false);
+    let mut child = wasnap()
+        .args(["bench", guest("wordcount").to_str().unwrap(), "--input"])
+        .arg(&input)
+        .args(["--checkpoint-every", "100", "--json", "--no-baseline"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Like `| head -n 1`: one line, then the pipe is closed.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("{\"generation\":1,"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
-use std::io::Write as _;
 
 use anyhow::Result;
 
@@ -92,9 +91,5 @@ pub fn inspect(url: &str) -> Result<()> {
         human_bytes(live_bytes as f64),
         human_bytes(total.saturating_sub(live_bytes) as f64),
     )?;
-    // A reader that stops early (`| head`) is not an error.
-    match std::io::stdout().lock().write_all(out.as_bytes()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
+    super::print_out(&out)
 }

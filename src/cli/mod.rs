@@ -204,7 +204,7 @@ pub fn main() -> ExitCode {
             input,
             ..
         } => bench::stdio::bench_stdio(&guest, &input, checkpoint_every_bytes)
-            .map(|report| print!("{}", report.summary(&guest.display().to_string()))),
+            .and_then(|report| print_out(&report.summary(&guest.display().to_string()))),
         Command::Bench {
             guest,
             input,
@@ -223,18 +223,20 @@ pub fn main() -> ExitCode {
                 baseline: !no_baseline,
                 max_deltas: max_deltas as usize,
             };
+            // The first failure to print is reported once the run is over.
+            let mut printed = Ok(());
             let mut print = |record: &bench::CheckpointRecord| {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string(record).expect("a record serialises")
-                    );
+                if json && printed.is_ok() {
+                    let line = serde_json::to_string(record).expect("a record serialises");
+                    printed = print_out(&format!("{line}\n"));
                 }
             };
-            bench::bench(&config, &mut print).map(|report| {
-                if !json {
-                    print!("{}", report.summary(&config.guest.display().to_string()));
+            bench::bench(&config, &mut print).and_then(|report| {
+                printed?;
+                if json {
+                    return Ok(());
                 }
+                print_out(&report.summary(&config.guest.display().to_string()))
             })
         }
         Command::Inspect { store } => inspect::inspect(&store),
@@ -259,19 +261,29 @@ pub fn main() -> ExitCode {
 fn gc(url: &str, retain: usize) -> anyhow::Result<()> {
     let store = crate::store::CheckpointStore::open(url)?;
     let Some(&newest) = store.generations()?.last() else {
-        println!("no checkpoints in {url}");
-        return Ok(());
+        return print_out(&format!("no checkpoints in {url}\n"));
     };
     let before = store.total_bytes()?;
     let report = store.prune(newest, retain)?;
-    println!(
-        "kept checkpoints {:?}; deleted {} manifests and {} packs, freed {} bytes ({} -> {} bytes)",
+    print_out(&format!(
+        "kept checkpoints {:?}; deleted {} manifests and {} packs, freed {} bytes ({} -> {} bytes)\n",
         report.retained,
         report.manifests_deleted,
         report.packs_deleted,
         report.bytes_freed,
         before,
         store.total_bytes()?
-    );
-    Ok(())
+    ))
+}
+
+/// Write to standard output. A reader that stops early (`wasnap bench --json | head`) is
+/// not an error: the rest is dropped. Any other failure (a full disk behind a redirect) is.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other.context("cannot write to standard output")?),
+    }
 }
