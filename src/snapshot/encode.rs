@@ -39,6 +39,9 @@ const PREFIX_WORTH: usize = 8192;
 /// compaction candidate.
 const COMPACT_BELOW: u32 = 4;
 
+/// Past this many packs in a checkpoint (what a restore reads), the emptiest are merged.
+const MANY_PACKS: usize = 128;
+
 /// A dirty page, compressed.
 pub struct EncodedPage {
     pub memory: usize,
@@ -225,10 +228,15 @@ enum Source {
 /// live deltas beside big dead whole pages look sparse, and once copied they sit beside
 /// the next short-lived whole pages, to be copied again (the C sessions guest recopied
 /// one chain every other checkpoint, 10 % more bytes).
+///
+/// A restore reads every pack the table names, so their number is bounded too: past
+/// `MANY_PACKS`, the packs with the fewest live bytes (the cheapest to copy) are merged
+/// until `MANY_PACKS / 2` remain, which buys as many checkpoints before the next merge.
 fn sparse_packs(table: &PageTable, generation: u64, fresh_bytes: u64) -> HashSet<PackRef> {
     let mut live_bytes = fresh_bytes;
     let mut dead_bytes = 0;
-    let mut candidates = HashSet::new();
+    // (live bytes, pack): sparse by both measures, and the others.
+    let (mut sparse, mut others) = (Vec::new(), Vec::new());
     for (pack, (frames, bytes)) in table.live_frames() {
         if pack.generation >= generation {
             continue; // this checkpoint's own pack, still being built
@@ -237,14 +245,23 @@ fn sparse_packs(table: &PageTable, generation: u64, fresh_bytes: u64) -> HashSet
         live_bytes += bytes;
         if frames * COMPACT_BELOW < pack.frames && bytes * u64::from(COMPACT_BELOW) < pack.bytes {
             dead_bytes += pack.bytes - bytes;
-            candidates.insert(pack);
+            sparse.push((bytes, pack));
+        } else {
+            others.push((bytes, pack));
         }
     }
+    let mut candidates = HashSet::new();
     if dead_bytes > 0 && dead_bytes >= live_bytes {
-        candidates
+        candidates.extend(sparse.into_iter().map(|(_, pack)| pack));
     } else {
-        HashSet::new()
+        others.append(&mut sparse);
     }
+    if others.len() > MANY_PACKS {
+        others.sort_unstable_by_key(|(bytes, pack)| (*bytes, pack.generation));
+        let merge = others.len() - MANY_PACKS / 2;
+        candidates.extend(others.drain(..merge).map(|(_, pack)| pack));
+    }
+    candidates
 }
 
 /// Build the pack for `generation` from the encoded pages, compacting sparse packs
@@ -386,4 +403,85 @@ pub fn assemble(
         table: next,
         contents,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::table::MemoryTable;
+
+    /// A pack of `frames` frames and `bytes` bytes, written at `generation`.
+    fn pack(generation: u64, frames: u32, bytes: u64) -> Arc<PackRef> {
+        Arc::new(PackRef {
+            generation,
+            writer_id: [1; 16],
+            frames,
+            bytes,
+        })
+    }
+
+    /// A table with one page per live frame: `(pack, frame lengths still in use)`.
+    fn table(live: &[(&Arc<PackRef>, &[u32])]) -> PageTable {
+        let chains = live
+            .iter()
+            .flat_map(|(pack, lens)| {
+                lens.iter().enumerate().map(|(frame, len)| {
+                    vec![FrameLoc {
+                        pack: (*pack).clone(),
+                        frame: frame as u32,
+                        len: *len,
+                    }]
+                })
+            })
+            .collect();
+        PageTable {
+            memories: vec![MemoryTable {
+                byte_len: 0,
+                chains,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_pack_is_compacted_only_when_sparse_by_frames_and_by_bytes() {
+        // One big live page among eight dead small deltas: sparse by frames only.
+        let big_live = pack(1, 9, 40_000);
+        // Two small live deltas beside two dead whole pages: sparse by bytes only.
+        let small_live = pack(2, 4, 60_000);
+        // One small live frame of eight, the rest dead: sparse both ways.
+        let empty = pack(3, 8, 200_000);
+        let live = table(&[
+            (&big_live, &[30_000]),
+            (&small_live, &[500, 500]),
+            (&empty, &[1_000]),
+        ]);
+        let chosen = sparse_packs(&live, 10, 0);
+        assert_eq!(chosen, HashSet::from([(*empty).clone()]));
+
+        // Too little garbage yet to be worth a copy: nothing.
+        let live = table(&[(&big_live, &[30_000]), (&pack(3, 8, 20_000), &[1_000])]);
+        assert!(sparse_packs(&live, 10, 0).is_empty());
+    }
+
+    #[test]
+    fn past_many_packs_the_emptiest_are_merged() {
+        let packs: Vec<_> = (1..=MANY_PACKS as u64 + 10)
+            .map(|g| pack(g, 1, 1_000 + g))
+            .collect();
+        let lens: Vec<[u32; 1]> = packs.iter().map(|p| [p.bytes as u32]).collect();
+        let live: Vec<_> = packs.iter().zip(&lens).map(|(p, l)| (p, &l[..])).collect();
+        let chosen = sparse_packs(&table(&live), 1_000, 0);
+        // Fully live packs, no garbage: merged only for their number, smallest first.
+        assert_eq!(chosen.len(), packs.len() - MANY_PACKS / 2);
+        let kept_smallest = packs
+            .iter()
+            .filter(|p| !chosen.contains(p))
+            .map(|p| p.bytes)
+            .min()
+            .unwrap();
+        assert!(chosen.iter().all(|p| p.bytes < kept_smallest));
+        // Under the bound, nothing.
+        let live = table(&live[..MANY_PACKS]);
+        assert!(sparse_packs(&live, 1_000, 0).is_empty());
+    }
 }
