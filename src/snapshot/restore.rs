@@ -42,10 +42,7 @@ pub fn restore(
     let packs = fetch_packs(manifest, store)?;
     let mut table = PageTable::from_manifest(manifest);
     // Compaction judges packs by the bytes still in use, which only the packs tell.
-    table.set_frame_lens(|pack, frame| {
-        let range = packs.get(pack)?.index.frames.get(frame as usize)?;
-        u32::try_from(range.len()).ok()
-    });
+    table.set_frame_lens(|pack, frame| u32::try_from(packs.get(pack)?.frame(frame)?.len()).ok());
 
     let mut hashes = Vec::with_capacity(manifest.memories.len());
     for (index, (memory, chains)) in manifest.memories.iter().zip(&table.memories).enumerate() {

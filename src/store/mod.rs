@@ -141,10 +141,6 @@ impl CheckpointStore {
         Ok(manifest)
     }
 
-    pub fn read_pack(&self, name: &str) -> Result<Bytes> {
-        self.get(&pack_path(name))
-    }
-
     /// Read several packs, a few at a time; one result per name, in order.
     pub fn read_packs(&self, names: &[String]) -> Vec<Result<Bytes>> {
         use futures::StreamExt;

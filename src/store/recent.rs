@@ -37,8 +37,7 @@ impl LoadedPack {
 
     /// The bytes of frame `frame` (header included), if the pack has it.
     pub fn frame(&self, frame: u32) -> Option<&[u8]> {
-        let range = self.index.frames.get(frame as usize)?;
-        Some(&self.bytes[range.clone()])
+        self.index.frame(&self.bytes, frame)
     }
 }
 
