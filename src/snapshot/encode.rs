@@ -8,9 +8,11 @@
 //!   version an earlier layer of the chain rebuilds, and the layers above it are dropped;
 //!   the whole page is one more candidate. A page that changes a little at every
 //!   checkpoint thus keeps paying deltas, not a whole page every `max_deltas + 1`.
-//! - Compaction: a pack of which under a quarter of the frames are still live has those
-//!   frames copied, byte for byte, into the new pack, so the old one can be pruned and
-//!   the store stays proportional to the guest's memory, not to its history.
+//! - Compaction: a pack of which under a quarter of the frames and of the bytes are still
+//!   live has those frames copied, byte for byte, into the new pack, so the old one can
+//!   be pruned and the store stays proportional to the guest's memory, not to its
+//!   history; past `MANY_PACKS` packs the emptiest are merged, bounding what a restore
+//!   reads.
 //! - Frames are ordered by (memory, layer, page), so the manifest's runs stay few.
 
 use std::collections::{HashMap, HashSet};

@@ -373,7 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn whole_pages_and_both_kinds_of_delta_round_trip() {
+    fn whole_pages_and_every_kind_of_delta_round_trip() {
         let pages = sample_pages();
         let pack = whole(&pages);
         let index = PackIndex::parse(&pack, "pack").unwrap();
@@ -388,8 +388,9 @@ mod tests {
         let pack = build(&[
             (Encoding::XorDelta, &pages[1], &pages[0]),
             (Encoding::PrefixDelta, &pages[1], &pages[0]),
+            (Encoding::SubDelta, &pages[1], &pages[0]),
         ]);
-        for frame in [0, 1] {
+        for frame in [0, 1, 2] {
             let mut out = pages[0].clone();
             decode(&pack, frame, 1, &mut out).unwrap();
             assert_eq!(out, pages[1], "frame {frame}");
@@ -422,6 +423,39 @@ mod tests {
             prefix < 2000 && xor > 60_000,
             "prefix {prefix} B, xor {xor} B"
         );
+    }
+
+    #[test]
+    fn subtraction_deltas_make_grown_counters_small_and_undo_exactly() {
+        // Counters (u32 LE) that each grew by 1, on a page with a 3-byte tail.
+        let old: Vec<u8> = (0..16_385u32)
+            .flat_map(|i| (i.wrapping_mul(2_654_435_761)).to_le_bytes())
+            .take(65_539)
+            .collect();
+        let mut new = old.clone();
+        for word in new.chunks_exact_mut(4) {
+            let grown = u32::from_le_bytes(word.try_into().unwrap()).wrapping_add(1);
+            word.copy_from_slice(&grown.to_le_bytes());
+        }
+        new[65_538] = new[65_538].wrapping_add(7);
+        let mut delta = new.clone();
+        sub_words(&mut delta, &old);
+        assert!(delta.chunks_exact(4).all(|w| w == [1, 0, 0, 0]));
+        assert_eq!(&delta[65_536..], &[0, 0, 7]);
+        let mut back = old.clone();
+        add_words(&mut back, &delta);
+        assert_eq!(back, new);
+
+        let pack = build(&[
+            (Encoding::SubDelta, &new, &old),
+            (Encoding::XorDelta, &new, &old),
+        ]);
+        let mut out = old.clone();
+        decode(&pack, 0, 1, &mut out).unwrap();
+        assert_eq!(out, new);
+        let index = PackIndex::parse(&pack, "pack").unwrap();
+        let (sub, xor) = (index.frames[0].len(), index.frames[1].len());
+        assert!(sub * 10 < xor, "subtraction {sub} B, XOR {xor} B");
     }
 
     #[test]
