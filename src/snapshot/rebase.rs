@@ -240,15 +240,7 @@ mod tests {
         let max_deltas = 2;
         let all = versions(max_deltas);
         let (chain, packs) = chain_of(&all);
-        let mut x = 99u64;
-        let noise: Vec<u8> = (0..PAGE_SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = pack::noise(99, PAGE_SIZE);
         let mut coder = Coder::new().unwrap();
         let (keep, frame) = best_rebase(&noise, &chain, max_deltas, &packs, &mut coder).unwrap();
         assert_eq!((keep, frame.0), (0, Encoding::Full));

@@ -329,6 +329,20 @@ pub fn xor_into(dst: &mut [u8], src: &[u8]) {
     }
 }
 
+/// `len` bytes of xorshift noise from `seed` (incompressible test data).
+#[cfg(test)]
+pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,15 +410,7 @@ mod tests {
             assert_eq!(out, pages[1], "frame {frame}");
         }
         // Incompressible bytes that moved by 1000: a prefix delta finds them, XOR cannot.
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let noise: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = noise(0x9E37_79B9_7F4A_7C15, 65536);
         let moved: Vec<u8> = noise[1000..]
             .iter()
             .chain(&noise[..1000])
