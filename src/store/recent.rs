@@ -79,32 +79,33 @@ impl RecentPacks {
     }
 
     /// The packs `wanted`, from memory or else read from `store` (several at a time);
-    /// one result per pack, in order.
+    /// one result per pack, in order. What is in memory is taken first, so packs read
+    /// now cannot push out a wanted one before it is handed over.
     pub fn get_many(
         &mut self,
         store: &CheckpointStore,
         wanted: &[PackRef],
     ) -> Vec<Result<Arc<LoadedPack>>> {
-        let missing: Vec<&PackRef> = wanted
+        let kept: Vec<Option<Arc<LoadedPack>>> =
+            wanted.iter().map(|p| self.packs.get(p).cloned()).collect();
+        let names: Vec<String> = wanted
             .iter()
-            .filter(|p| !self.packs.contains_key(*p))
+            .zip(&kept)
+            .filter(|(_, kept)| kept.is_none())
+            .map(|(p, _)| p.name())
             .collect();
-        let names: Vec<String> = missing.iter().map(|p| p.name()).collect();
-        let mut read = HashMap::new();
-        for (pack_ref, bytes) in missing.into_iter().zip(store.read_packs(&names)) {
-            let loaded = bytes.and_then(|bytes| LoadedPack::parse(pack_ref, bytes).map(Arc::new));
-            if let Ok(pack) = &loaded {
-                self.insert(pack_ref.clone(), pack.clone());
-            }
-            read.insert(pack_ref.clone(), loaded);
-        }
+        let mut read = store.read_packs(&names).into_iter();
         wanted
             .iter()
-            .map(|p| match self.packs.get(p) {
-                Some(pack) => Ok(pack.clone()),
-                None => read
-                    .remove(p)
-                    .unwrap_or_else(|| Err(anyhow::anyhow!("pack {} was not read", p.name()))),
+            .zip(kept)
+            .map(|(pack_ref, kept)| {
+                if let Some(pack) = kept {
+                    return Ok(pack);
+                }
+                let bytes = read.next().expect("one read per pack not kept");
+                let pack = Arc::new(LoadedPack::parse(pack_ref, bytes?)?);
+                self.insert(pack_ref.clone(), pack.clone());
+                Ok(pack)
             })
             .collect()
     }
