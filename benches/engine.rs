@@ -1,6 +1,9 @@
 //! Criterion benchmarks of the engine's hot paths, with the comparison each target needs:
 //!
 //! - `page_hashing`: XXH3 over 64 KiB pages vs. a plain memcpy of the same bytes;
+//! - `page_delta`: each frame encoding of one 64 KiB page, for three kinds of change
+//!   (scattered counters, values appended over zeros, a heap rewritten in part), beside
+//!   the whole page: what trying one more candidate costs the committer;
 //! - `checkpoint`: 16 MiB / 256 MiB / 1 GiB guests at 0.1 %, 1 % and 10 % dirty pages,
 //!   to a local-disk store with fsync: `commit` is the whole protocol (capture, encode,
 //!   pack put, fsync, commit), `stall` only the part the guest waits for (capture);
@@ -105,6 +108,71 @@ impl SizedTask {
         let record: Vec<u8> = pages.iter().flat_map(|p| p.to_le_bytes()).collect();
         self.task.instance().process(&record).unwrap();
     }
+}
+
+/// xorshift64.
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// (name, previous version, new version) of a page, for three kinds of change.
+fn page_changes() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let words = |v: Vec<u32>| -> Vec<u8> { v.iter().flat_map(|w| w.to_le_bytes()).collect() };
+    // A histogram: 250 of 16 384 counters bumped.
+    let counters: Vec<u32> = (0..16_384).map(|_| (next(&mut x) % 50) as u32).collect();
+    let mut bumped = counters.clone();
+    for _ in 0..250 {
+        bumped[(next(&mut x) % 16_384) as usize] += 1;
+    }
+    // A ring: 1000 i64 values in ±500 000 written over zeros.
+    let mut ring = vec![0u8; PAGE_SIZE];
+    for slot in ring.chunks_exact_mut(8).take(1000) {
+        let v = (next(&mut x) % 1_000_000) as i64 - 500_000;
+        slot.copy_from_slice(&v.to_le_bytes());
+    }
+    // A heap: small integers and pointers, 40 % of its words rewritten.
+    let heap: Vec<u32> = (0..16_384)
+        .map(|_| next(&mut x).is_multiple_of(4) as u32 * (next(&mut x) as u32 % 0x20_0000))
+        .collect();
+    let mut churned = heap.clone();
+    for w in churned.iter_mut() {
+        if next(&mut x) % 5 < 2 {
+            *w = next(&mut x) as u32 % 0x20_0000;
+        }
+    }
+    vec![
+        ("counters", words(counters), words(bumped)),
+        ("ring", vec![0u8; PAGE_SIZE], ring),
+        ("heap", words(heap), words(churned)),
+    ]
+}
+
+fn page_delta(c: &mut Criterion) {
+    use wasnap::store::pack::{self, Encoding};
+    let mut group = c.benchmark_group("page_delta");
+    group.throughput(Throughput::Bytes(PAGE_SIZE as u64));
+    let mut cctx = pack::compressor().unwrap();
+    let mut scratch = Vec::new();
+    for (change, old, new) in page_changes() {
+        for encoding in [
+            Encoding::Full,
+            Encoding::XorDelta,
+            Encoding::SparseDelta,
+            Encoding::PrefixDelta,
+        ] {
+            let id = BenchmarkId::new(format!("{encoding:?}"), change);
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    pack::encode_payload(&mut cctx, encoding, &new, &old, &mut scratch).unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
 }
 
 fn page_hashing(c: &mut Criterion) {
@@ -275,6 +343,7 @@ fn record_call(c: &mut Criterion) {
 criterion_group!(
     benches,
     page_hashing,
+    page_delta,
     record_call,
     warm_resume,
     checkpoint,

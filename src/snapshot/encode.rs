@@ -1,9 +1,10 @@
 //! Encode: turn a capture into one pack and the next page table, off the guest's thread.
 //!
 //! - Each dirty page becomes a delta against its previous version (the smallest of XOR,
-//!   word-wise subtraction, or zstd with the previous version as prefix) when the delta
-//!   compresses clearly smaller than the whole page and the page's chain has room (at
-//!   most `max_deltas`, 8 by default); otherwise a whole page, which starts a new chain.
+//!   the changed words alone, word-wise subtraction, or zstd with the previous version as
+//!   prefix) when the delta compresses clearly smaller than the whole page and the page's
+//!   chain has room (at most `max_deltas`, 8 by default); otherwise a whole page, which
+//!   starts a new chain.
 //! - A full chain is *rebased* (`rebase`): the new version becomes a delta against the
 //!   version an earlier layer of the chain rebuilds, and the layers above it are dropped;
 //!   the whole page is one more candidate. A page that changes a little at every
@@ -32,7 +33,7 @@ use crate::store::recent::LoadedPack;
 /// A delta at most this big is taken without also compressing the whole page.
 const SMALL_DELTA: usize = 2048;
 
-/// Below this, an XOR or subtraction delta is not worth a prefix delta's compression (the
+/// Below this, an XOR or sparse delta is not worth a prefix delta's compression (the
 /// costliest: zstd indexes the previous version first). Prefix deltas win where bytes
 /// moved, and then by far; with bytes changed in place they win a few percent at most.
 const PREFIX_WORTH: usize = 8192;
@@ -65,6 +66,8 @@ pub struct Coder<'a> {
     cctx: zstd::zstd_safe::CCtx<'a>,
     pub(super) dctx: zstd::zstd_safe::DCtx<'a>,
     scratch: Vec<u8>,
+    /// For decoding chain frames (`rebase`); kept, as a sparse frame needs 2.5 pages.
+    pub(super) decode_scratch: Vec<u8>,
 }
 
 impl Coder<'_> {
@@ -73,6 +76,7 @@ impl Coder<'_> {
             cctx: pack::compressor()?,
             dctx: pack::decompressor()?,
             scratch: Vec::new(),
+            decode_scratch: Vec::new(),
         })
     }
 
@@ -92,16 +96,15 @@ impl Coder<'_> {
     }
 
     /// The smallest delta of `page` against `base`: XOR (bytes changed in place: flags,
-    /// pointers); unless that is already small, subtraction (counters that grew); and if
-    /// both are big, a prefix delta (bytes that moved).
+    /// pointers) or the changed words alone (scattered counters and slots); and if both
+    /// are big, a prefix delta (bytes that moved). Dense subtraction (encoding 4) is no
+    /// longer tried: on the memory of four guests over 38 checkpoints, taking it where
+    /// it beat both saved under 0.01 %.
     pub fn best_delta(&mut self, page: &[u8], base: &[u8]) -> Result<(Encoding, Vec<u8>)> {
         let mut best = self.encode(Encoding::XorDelta, page, base)?;
-        if best.1.len() <= SMALL_DELTA {
-            return Ok(best);
-        }
-        let sub = self.encode(Encoding::SubDelta, page, base)?;
-        if sub.1.len() < best.1.len() {
-            best = sub;
+        let sparse = self.encode(Encoding::SparseDelta, page, base)?;
+        if sparse.1.len() < best.1.len() {
+            best = sparse;
         }
         if best.1.len() > PREFIX_WORTH && pack::prefix_usable(base) {
             let prefix = self.encode(Encoding::PrefixDelta, page, base)?;
@@ -410,6 +413,7 @@ pub fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::PAGE_SIZE;
     use crate::snapshot::table::MemoryTable;
 
     /// A pack of `frames` frames and `bytes` bytes, written at `generation`.
@@ -442,6 +446,35 @@ mod tests {
                 chains,
             }],
         }
+    }
+
+    #[test]
+    fn the_best_delta_is_the_smallest_kind_for_each_change_and_any_change_encodes() {
+        let mut coder = Coder::new().unwrap();
+        let old = pack::noise(1, PAGE_SIZE);
+        // Scattered counters: sparse. Single bytes set in place (a hash table's
+        // control bytes): XOR, as a byte's change high in a word is a large difference.
+        // Moved: prefix.
+        let mut counters = old.clone();
+        let mut flags = old.clone();
+        let spots = pack::noise(3, 600);
+        for (i, spot) in spots.chunks_exact(2).enumerate() {
+            let at = (usize::from(spot[0]) + 256 * (i % 256)) & !3;
+            counters[at] = counters[at].wrapping_add(1);
+            flags[at + 2] = spot[1];
+        }
+        let moved = [&old[100..], &old[..100]].concat();
+        for (page, expected) in [
+            (&counters, Encoding::SparseDelta),
+            (&flags, Encoding::XorDelta),
+            (&moved, Encoding::PrefixDelta),
+        ] {
+            assert_eq!(coder.best_delta(page, &old).unwrap().0, expected);
+        }
+        // Every word changed: the sparse stream is longer than the page, and still no error.
+        let noise = pack::noise(2, PAGE_SIZE);
+        let (_, payload) = coder.best_delta(&noise, &old).unwrap();
+        assert!(payload.len() > PAGE_SIZE);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use super::encode::{ChainPacks, Coder};
 use super::table::{FrameLoc, PageTable};
 use crate::store::manifest::PackRef;
 use crate::store::pack::{self, Encoding};
+use crate::store::sparse;
 
 /// The packs holding the frames that rebasing the full chains among `pages` may read.
 pub fn packs_to_read(pages: &[CapturedPage], table: &PageTable, max_deltas: usize) -> Vec<PackRef> {
@@ -64,7 +65,6 @@ pub fn best_rebase(
     // bought: (layer, words changed, that version).
     let mut chosen: Option<(usize, usize, Vec<u8>)> = None;
     let mut version = vec![0u8; page.len()];
-    let mut scratch = vec![0u8; page.len()];
     for (layer, loc) in chain.iter().take(max_deltas).enumerate() {
         let Some(frame) = packs.get(&loc.pack).and_then(|p| p.frame(loc.frame)) else {
             break;
@@ -73,7 +73,7 @@ pub fn best_rebase(
             frame,
             layer,
             &mut version,
-            &mut scratch,
+            &mut coder.decode_scratch,
             &mut coder.dctx,
             "a chain's pack",
         );
@@ -81,7 +81,7 @@ pub fn best_rebase(
             tracing::warn!("cannot rebase on pack {}: {err:#}", loc.pack.name());
             break;
         }
-        let changed = changed_words(page, &version);
+        let changed = sparse::changed_words(page, &version);
         // changed / (max_deltas - layer) < best / (max_deltas - best layer)
         let better = chosen.as_ref().is_none_or(|(best_layer, best, _)| {
             changed * (max_deltas - best_layer) < best * (max_deltas - layer)
@@ -110,13 +110,6 @@ pub fn best_rebase(
         return Ok((0, whole));
     }
     Ok((0, coder.whole(page)?))
-}
-
-/// How many 32-bit words of `a` and `b` differ (a tail of under 4 bytes counts as one).
-fn changed_words(a: &[u8], b: &[u8]) -> usize {
-    let (x, y) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail = usize::from(x.remainder() != y.remainder());
-    x.zip(y).filter(|(x, y)| x != y).count() + tail
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod pack;
 pub mod prune;
 pub mod recent;
+pub mod sparse;
 mod url;
 
 use std::sync::Arc;

@@ -8,6 +8,7 @@ use std::ops::Range;
 use anyhow::{Context, Result, bail};
 
 use super::codec::{Put, Reader};
+use super::sparse;
 
 pub const PACK_MAGIC: &[u8; 8] = b"WASNAPPK";
 pub const PACK_VERSION: u16 = 2;
@@ -40,7 +41,11 @@ pub enum Encoding {
     PrefixDelta = 3,
     /// The page minus its previous version, 32-bit little-endian word by word (wrapping),
     /// zstd-compressed: counters that grew become small numbers, where XOR scatters bits.
+    /// Read, no longer written: `SparseDelta` codes the same differences smaller.
     SubDelta = 4,
+    /// Only the 32-bit words that changed, as gaps and differences (`sparse`),
+    /// zstd-compressed: scattered small changes cost a byte or two each.
+    SparseDelta = 5,
 }
 
 impl Encoding {
@@ -50,6 +55,7 @@ impl Encoding {
             2 => Some(Self::XorDelta),
             3 => Some(Self::PrefixDelta),
             4 => Some(Self::SubDelta),
+            5 => Some(Self::SparseDelta),
             _ => None,
         }
     }
@@ -192,13 +198,13 @@ fn frame_payload<'a>(frame: &'a [u8], what: &str) -> Result<(Encoding, &'a [u8])
 }
 
 /// Decode one frame into `dst` (exactly a page's length): a whole page if `layer` is 0,
-/// else a delta applied to what `dst` holds (the previous version). `scratch` is a buffer
-/// of at least `dst.len()`.
+/// else a delta applied to what `dst` holds (the previous version). `scratch` is scratch
+/// space, grown as needed.
 pub fn decode_frame(
     frame: &[u8],
     layer: usize,
     dst: &mut [u8],
-    scratch: &mut [u8],
+    scratch: &mut Vec<u8>,
     decompressor: &mut zstd::zstd_safe::DCtx<'_>,
     what: &str,
 ) -> Result<()> {
@@ -206,24 +212,34 @@ pub fn decode_frame(
     if encoding.is_delta() != (layer > 0) {
         bail!("{what} is corrupt: a {encoding:?} frame on layer {layer}");
     }
-    let out = &mut scratch[..dst.len()];
+    // A sparse stream's length is its own; every other payload is exactly a page.
+    let capacity = match encoding {
+        Encoding::SparseDelta => sparse::max_stream_len(dst.len()),
+        _ => dst.len(),
+    };
+    if scratch.len() < capacity {
+        scratch.resize(capacity, 0);
+    }
+    let out = &mut scratch[..capacity];
     let n = match encoding {
         Encoding::PrefixDelta => decompressor.decompress_using_dict(&mut *out, payload, dst),
-        Encoding::Full | Encoding::XorDelta | Encoding::SubDelta => {
+        Encoding::Full | Encoding::XorDelta | Encoding::SubDelta | Encoding::SparseDelta => {
             decompressor.decompress(&mut *out, payload)
         }
     }
     .map_err(zstd_error)
     .with_context(|| format!("{what} is corrupt: a frame does not decompress"))?;
-    if n != out.len() {
+    let out = &out[..n];
+    if encoding != Encoding::SparseDelta && n != dst.len() {
         bail!(
             "{what} is corrupt: a frame holds {n} bytes, expected {}",
-            out.len()
+            dst.len()
         );
     }
     match encoding {
         Encoding::XorDelta => xor_into(dst, out),
         Encoding::SubDelta => add_words(dst, out),
+        Encoding::SparseDelta => sparse::apply(dst, out, what)?,
         Encoding::Full | Encoding::PrefixDelta => dst.copy_from_slice(out),
     }
     Ok(())
@@ -249,7 +265,12 @@ pub fn encode_payload(
     base: &[u8],
     scratch: &mut Vec<u8>,
 ) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(page.len()));
+    // A sparse stream can be longer than the page (every word changed).
+    let longest = match encoding {
+        Encoding::SparseDelta => sparse::max_stream_len(page.len()),
+        _ => page.len(),
+    };
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(longest));
     let level = |cctx: &mut zstd::zstd_safe::CCtx<'_>, level| {
         cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))
             .map_err(zstd_error)
@@ -267,6 +288,11 @@ pub fn encode_payload(
             } else {
                 sub_words(scratch, base);
             }
+            level(cctx, DELTA_ZSTD_LEVEL)?;
+            cctx.compress2(&mut out, scratch)
+        }
+        Encoding::SparseDelta => {
+            sparse::encode(page, base, scratch);
             level(cctx, DELTA_ZSTD_LEVEL)?;
             cctx.compress2(&mut out, scratch)
         }
@@ -403,8 +429,9 @@ mod tests {
             (Encoding::XorDelta, &pages[1], &pages[0]),
             (Encoding::PrefixDelta, &pages[1], &pages[0]),
             (Encoding::SubDelta, &pages[1], &pages[0]),
+            (Encoding::SparseDelta, &pages[1], &pages[0]),
         ]);
-        for frame in [0, 1, 2] {
+        for frame in [0, 1, 2, 3] {
             let mut out = pages[0].clone();
             decode(&pack, frame, 1, &mut out).unwrap();
             assert_eq!(out, pages[1], "frame {frame}");
@@ -462,6 +489,38 @@ mod tests {
         let index = PackIndex::parse(&pack, "pack").unwrap();
         let (sub, xor) = (index.frames[0].len(), index.frames[1].len());
         assert!(sub * 10 < xor, "subtraction {sub} B, XOR {xor} B");
+    }
+
+    #[test]
+    fn scattered_counters_go_sparse_at_a_fraction_of_a_dense_delta() {
+        // A histogram page: 250 of 16 384 counters bumped, spread over the page.
+        let old: Vec<u8> = (0..16_384u32)
+            .flat_map(|i| (i.wrapping_mul(2_654_435_761) % 50).to_le_bytes())
+            .collect();
+        let mut new = old.clone();
+        for k in 0..250usize {
+            let at = (k * 2_654_435_761usize) % 16_384 * 4;
+            new[at] += 1;
+        }
+        let pack = build(&[
+            (Encoding::SparseDelta, &new, &old),
+            (Encoding::SubDelta, &new, &old),
+            (Encoding::XorDelta, &new, &old),
+        ]);
+        for frame in 0..3 {
+            let mut out = old.clone();
+            decode(&pack, frame, 1, &mut out).unwrap();
+            assert_eq!(out, new, "frame {frame}");
+        }
+        let index = PackIndex::parse(&pack, "pack").unwrap();
+        let sizes: Vec<usize> = index.frames.iter().map(|f| f.len()).collect();
+        assert!(
+            sizes[0] * 2 < sizes[1].min(sizes[2]),
+            "sparse, subtraction, XOR: {sizes:?} B"
+        );
+        // A sparse stream for a page of another length does not decode.
+        let mut short = vec![0; 4096];
+        assert!(decode(&pack, 0, 1, &mut short).is_err());
     }
 
     #[test]
