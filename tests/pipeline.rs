@@ -11,6 +11,7 @@ use common::*;
 use wasnap::CheckpointStats;
 use wasnap::guest::Guest;
 use wasnap::snapshot::{self, PAGE_SIZE};
+use wasnap::store::pack::Encoding;
 use wasnap::store::{CheckpointStore, open_object_store};
 use wasnap::task::{CheckpointObserver, NoObserver, RunConfig, Task};
 
@@ -281,4 +282,39 @@ fn a_slow_store_is_overlapped_up_to_the_bound_and_then_holds_the_guest_back() {
             &format!("max_in_flight {max_in_flight}"),
         );
     }
+}
+
+#[test]
+fn a_real_histogram_goes_as_sparse_deltas_and_restores_exactly() {
+    // The window guest bumps one of 65 536 histogram buckets (four pages) per record:
+    // each checkpoint changes a few hundred scattered words on each of those pages.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("numbers");
+    write_input(&input, 6000, 0, true);
+    let store_url = dir.path().join("store").display().to_string();
+    let config = RunConfig {
+        checkpoint_every: 500,
+        retain: usize::MAX, // every pack stays, to be counted
+        ..RunConfig::new(guest("window"), &input, dir.path().join("output"))
+    };
+    let mut task = Task::open(&config, CheckpointStore::open(&store_url).unwrap()).unwrap();
+    let summary = task.run(&config, &mut NoObserver).unwrap();
+    assert_eq!(summary.checkpoints, 12);
+    assert_newest_restores_to(&mut task, &config, &store_url);
+
+    let mut encodings = std::collections::BTreeMap::new();
+    for pack in std::fs::read_dir(dir.path().join("store/packs")).unwrap() {
+        let bytes = std::fs::read(pack.unwrap().path()).unwrap();
+        let index = wasnap::store::pack::PackIndex::parse(&bytes, "pack").unwrap();
+        for frame in &index.frames {
+            let encoding = bytes[frame.start + wasnap::store::pack::FRAME_HEADER_LEN - 1];
+            *encodings.entry(encoding).or_insert(0) += 1;
+        }
+    }
+    let sparse = encodings
+        .get(&(Encoding::SparseDelta as u8))
+        .copied()
+        .unwrap_or(0);
+    // Four histogram pages at each of the 11 checkpoints after the first.
+    assert!(sparse >= 4 * 11, "frames by encoding: {encodings:?}");
 }
