@@ -1,10 +1,9 @@
 //! Encode: turn a capture into one pack and the next page table, off the guest's thread.
 //!
 //! - Each dirty page becomes a delta against its previous version (the smallest of XOR,
-//!   the changed words alone, word-wise subtraction, or zstd with the previous version as
-//!   prefix) when the delta compresses clearly smaller than the whole page and the page's
-//!   chain has room (at most `max_deltas`, 8 by default); otherwise a whole page, which
-//!   starts a new chain.
+//!   the changed words alone, or zstd with the previous version as prefix) when the delta
+//!   compresses clearly smaller than the whole page and the page's chain has room (at
+//!   most `max_deltas`, 8 by default); otherwise a whole page, which starts a new chain.
 //! - A full chain is *rebased* (`rebase`): the new version becomes a delta against the
 //!   version an earlier layer of the chain rebuilds, and the layers above it are dropped;
 //!   the whole page is one more candidate. A page that changes a little at every
