@@ -63,6 +63,15 @@ impl Encoding {
     pub fn is_delta(self) -> bool {
         self != Self::Full
     }
+
+    /// The most a payload of this encoding decompresses to, for a page of `page_len`
+    /// bytes: the page itself, or a sparse stream, which can be longer.
+    fn max_decoded_len(self, page_len: usize) -> usize {
+        match self {
+            Self::SparseDelta => sparse::max_stream_len(page_len),
+            _ => page_len,
+        }
+    }
 }
 
 /// Builds a pack frame by frame.
@@ -212,11 +221,7 @@ pub fn decode_frame(
     if encoding.is_delta() != (layer > 0) {
         bail!("{what} is corrupt: a {encoding:?} frame on layer {layer}");
     }
-    // A sparse stream's length is its own; every other payload is exactly a page.
-    let capacity = match encoding {
-        Encoding::SparseDelta => sparse::max_stream_len(dst.len()),
-        _ => dst.len(),
-    };
+    let capacity = encoding.max_decoded_len(dst.len());
     if scratch.len() < capacity {
         scratch.resize(capacity, 0);
     }
@@ -265,11 +270,7 @@ pub fn encode_payload(
     base: &[u8],
     scratch: &mut Vec<u8>,
 ) -> Result<Vec<u8>> {
-    // A sparse stream can be longer than the page (every word changed).
-    let longest = match encoding {
-        Encoding::SparseDelta => sparse::max_stream_len(page.len()),
-        _ => page.len(),
-    };
+    let longest = encoding.max_decoded_len(page.len());
     let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(longest));
     let level = |cctx: &mut zstd::zstd_safe::CCtx<'_>, level| {
         cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))

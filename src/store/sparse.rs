@@ -35,43 +35,38 @@ pub fn max_stream_len(len: usize) -> usize {
 /// of under 4 bytes counts as one).
 pub fn changed_words(page: &[u8], base: &[u8]) -> usize {
     let mut changed = 0;
-    let pairs = page.chunks_exact(8).zip(base.chunks_exact(8));
-    for (new, old) in pairs {
-        // Either half of the XOR is one word (which half is which does not matter here).
-        let x = u64::from_ne_bytes(new.try_into().expect("8 bytes"))
-            ^ u64::from_ne_bytes(old.try_into().expect("8 bytes"));
-        changed += usize::from(x as u32 != 0) + usize::from(x >> 32 != 0);
-    }
-    let last = page.len() / 8 * 8;
-    let (new, old) = (&page[last..], &base[last..]);
-    let word = new.len() / 4 * 4;
-    changed + usize::from(new[..word] != old[..word]) + usize::from(new[word..] != old[word..])
-}
-
-fn word(bytes: &[u8]) -> u32 {
-    u32::from_le_bytes(bytes.try_into().expect("4 bytes"))
+    for_each_change(page, base, |_, _| changed += 1);
+    let tail = page.len() / 4 * 4;
+    changed + usize::from(page[tail..] != base[tail..])
 }
 
 /// Call `f(index, new - old)` for each 32-bit word that differs, in order. Equal pairs of
 /// words are skipped 8 bytes at a time: most of a page did not change.
 fn for_each_change(page: &[u8], base: &[u8], mut f: impl FnMut(usize, u32)) {
-    let mut check = |i: usize, new: &[u8], old: &[u8]| {
-        let (new, old) = (word(new), word(old));
-        if new != old {
-            f(i, new.wrapping_sub(old));
-        }
-    };
     let pairs = page.chunks_exact(8).zip(base.chunks_exact(8));
     for (i, (new, old)) in pairs.enumerate() {
+        let new = u64::from_le_bytes(new.try_into().expect("8 bytes"));
+        let old = u64::from_le_bytes(old.try_into().expect("8 bytes"));
         if new != old {
-            check(2 * i, &new[..4], &old[..4]);
-            check(2 * i + 1, &new[4..], &old[4..]);
+            for (half, shift) in [(0, 0), (1, 32)] {
+                let (new, old) = ((new >> shift) as u32, (old >> shift) as u32);
+                if new != old {
+                    f(2 * i + half, new.wrapping_sub(old));
+                }
+            }
         }
     }
     let last = page.len() / 8 * 8;
     if page.len() - last >= 4 {
-        check(last / 4, &page[last..last + 4], &base[last..last + 4]);
+        let (new, old) = (word(&page[last..last + 4]), word(&base[last..last + 4]));
+        if new != old {
+            f(last / 4, new.wrapping_sub(old));
+        }
     }
+}
+
+fn word(bytes: &[u8]) -> u32 {
+    u32::from_le_bytes(bytes.try_into().expect("4 bytes"))
 }
 
 /// Write the stream of `page` against `base` (same length) into `out`.
