@@ -405,6 +405,20 @@ mod tests {
         builder.finish()
     }
 
+    /// `new` as a delta over `old` in each of `encodings`, in one pack: checks that every
+    /// frame rebuilds `new` exactly, and returns the frames' sizes.
+    fn delta_sizes(encodings: &[Encoding], new: &[u8], old: &[u8]) -> Vec<usize> {
+        let frames: Vec<_> = encodings.iter().map(|e| (*e, new, old)).collect();
+        let pack = build(&frames);
+        for (frame, encoding) in encodings.iter().enumerate() {
+            let mut out = old.to_vec();
+            decode(&pack, frame as u32, 1, &mut out).unwrap();
+            assert!(out == new, "a {encoding:?} frame does not rebuild the page");
+        }
+        let index = PackIndex::parse(&pack, "pack").unwrap();
+        index.frames.iter().map(|f| f.len()).collect()
+    }
+
     fn whole(pages: &[Vec<u8>]) -> Vec<u8> {
         let frames: Vec<_> = pages
             .iter()
@@ -426,17 +440,13 @@ mod tests {
             assert_eq!(&out, page);
         }
         // Page 1 as deltas on top of page 0.
-        let pack = build(&[
-            (Encoding::XorDelta, &pages[1], &pages[0]),
-            (Encoding::PrefixDelta, &pages[1], &pages[0]),
-            (Encoding::SubDelta, &pages[1], &pages[0]),
-            (Encoding::SparseDelta, &pages[1], &pages[0]),
-        ]);
-        for frame in [0, 1, 2, 3] {
-            let mut out = pages[0].clone();
-            decode(&pack, frame, 1, &mut out).unwrap();
-            assert_eq!(out, pages[1], "frame {frame}");
-        }
+        let every_delta = [
+            Encoding::XorDelta,
+            Encoding::PrefixDelta,
+            Encoding::SubDelta,
+            Encoding::SparseDelta,
+        ];
+        delta_sizes(&every_delta, &pages[1], &pages[0]);
         // Incompressible bytes that moved by 1000: a prefix delta finds them, XOR cannot.
         let noise = noise(0x9E37_79B9_7F4A_7C15, 65536);
         let moved: Vec<u8> = noise[1000..]
@@ -444,15 +454,8 @@ mod tests {
             .chain(&noise[..1000])
             .copied()
             .collect();
-        let pack = build(&[
-            (Encoding::PrefixDelta, &moved, &noise),
-            (Encoding::XorDelta, &moved, &noise),
-        ]);
-        let mut out = noise.clone();
-        decode(&pack, 0, 1, &mut out).unwrap();
-        assert_eq!(out, moved);
-        let index = PackIndex::parse(&pack, "pack").unwrap();
-        let (prefix, xor) = (index.frames[0].len(), index.frames[1].len());
+        let sizes = delta_sizes(&[Encoding::PrefixDelta, Encoding::XorDelta], &moved, &noise);
+        let (prefix, xor) = (sizes[0], sizes[1]);
         assert!(
             prefix < 2000 && xor > 60_000,
             "prefix {prefix} B, xor {xor} B"
@@ -480,15 +483,8 @@ mod tests {
         add_words(&mut back, &delta);
         assert_eq!(back, new);
 
-        let pack = build(&[
-            (Encoding::SubDelta, &new, &old),
-            (Encoding::XorDelta, &new, &old),
-        ]);
-        let mut out = old.clone();
-        decode(&pack, 0, 1, &mut out).unwrap();
-        assert_eq!(out, new);
-        let index = PackIndex::parse(&pack, "pack").unwrap();
-        let (sub, xor) = (index.frames[0].len(), index.frames[1].len());
+        let sizes = delta_sizes(&[Encoding::SubDelta, Encoding::XorDelta], &new, &old);
+        let (sub, xor) = (sizes[0], sizes[1]);
         assert!(sub * 10 < xor, "subtraction {sub} B, XOR {xor} B");
     }
 
@@ -503,23 +499,18 @@ mod tests {
             let at = (k * 2_654_435_761usize) % 16_384 * 4;
             new[at] += 1;
         }
-        let pack = build(&[
-            (Encoding::SparseDelta, &new, &old),
-            (Encoding::SubDelta, &new, &old),
-            (Encoding::XorDelta, &new, &old),
-        ]);
-        for frame in 0..3 {
-            let mut out = old.clone();
-            decode(&pack, frame, 1, &mut out).unwrap();
-            assert_eq!(out, new, "frame {frame}");
-        }
-        let index = PackIndex::parse(&pack, "pack").unwrap();
-        let sizes: Vec<usize> = index.frames.iter().map(|f| f.len()).collect();
+        let kinds = [
+            Encoding::SparseDelta,
+            Encoding::SubDelta,
+            Encoding::XorDelta,
+        ];
+        let sizes = delta_sizes(&kinds, &new, &old);
         assert!(
             sizes[0] * 2 < sizes[1].min(sizes[2]),
             "sparse, subtraction, XOR: {sizes:?} B"
         );
         // A sparse stream for a page of another length does not decode.
+        let pack = build(&[(Encoding::SparseDelta, &new, &old)]);
         let mut short = vec![0; 4096];
         assert!(decode(&pack, 0, 1, &mut short).is_err());
     }
