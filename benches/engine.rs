@@ -7,6 +7,9 @@
 //! - `checkpoint`: 16 MiB / 256 MiB / 1 GiB guests at 0.1 %, 1 % and 10 % dirty pages,
 //!   to a local-disk store with fsync: `commit` is the whole protocol (capture, encode,
 //!   pack put, fsync, commit), `stall` only the part the guest waits for (capture);
+//! - `dirty_tracking`: the same guests and changes with each dirty tracker, hashing every
+//!   page and the kernel's record of written pages: `pause` is the stall alone,
+//!   `writes+pause` adds the guest's writes, where the kernel's first-write faults fall;
 //! - `restore`: the same sizes from local disk, vs. reading the same bytes from the page cache;
 //! - `warm_resume`: instantiate + restore + first `process` of a small guest (module compiled);
 //! - `record_call`: one record through a trivial guest.
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wasnap::guest::Guest;
-use wasnap::snapshot::{self, PAGE_SIZE};
+use wasnap::snapshot::{self, DirtyTracking, PAGE_SIZE};
 use wasnap::store::CheckpointStore;
 use wasnap::task::{NoObserver, RunConfig, Task};
 
@@ -76,13 +79,20 @@ struct SizedTask {
 
 impl SizedTask {
     fn new(mib: usize) -> Self {
+        Self::with_tracking(mib, DirtyTracking::default())
+    }
+
+    fn with_tracking(mib: usize, dirty_tracking: DirtyTracking) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let guest_path = dir.path().join("guest.wasm");
         std::fs::write(&guest_path, sized_guest(mib)).unwrap();
         let input = dir.path().join("input");
         std::fs::write(&input, "").unwrap();
         let store_url = dir.path().join("store").display().to_string();
-        let config = RunConfig::new(&guest_path, &input, dir.path().join("output"));
+        let config = RunConfig {
+            dirty_tracking,
+            ..RunConfig::new(&guest_path, &input, dir.path().join("output"))
+        };
         let mut task = Task::open(&config, CheckpointStore::open(&store_url).unwrap()).unwrap();
         task.instance().process(&u32::MAX.to_le_bytes()).unwrap();
         task.checkpoint(&mut NoObserver).unwrap(); // the first, full checkpoint
@@ -232,6 +242,51 @@ fn checkpoint(c: &mut Criterion) {
     group.finish();
 }
 
+fn dirty_tracking(c: &mut Criterion) {
+    let mut group = c.benchmark_group("dirty_tracking");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    for mib in sizes_mib() {
+        for tracking in [DirtyTracking::Hash, DirtyTracking::Kernel] {
+            let mut sized = SizedTask::with_tracking(mib, tracking);
+            // Armed by the first checkpoint; the second is the first the kernel can answer.
+            sized.dirty(1);
+            sized.task.checkpoint(&mut NoObserver).unwrap();
+            for permille in [1usize, 10, 100] {
+                let dirty = (sized.pages * permille / 1000).max(1);
+                let case = format!("{mib}MiB/{:.1}%_dirty", permille as f64 / 10.0);
+                let id = BenchmarkId::new(format!("{tracking}/pause"), &case);
+                group.bench_function(id, |b| {
+                    b.iter_custom(|iters| {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            sized.dirty(dirty);
+                            total += sized.task.checkpoint(&mut NoObserver).unwrap().stall;
+                        }
+                        total
+                    })
+                });
+                let id = BenchmarkId::new(format!("{tracking}/writes+pause"), &case);
+                group.bench_function(id, |b| {
+                    b.iter_custom(|iters| {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            let started = Instant::now();
+                            sized.dirty(dirty);
+                            let writes = started.elapsed();
+                            total += writes + sized.task.checkpoint(&mut NoObserver).unwrap().stall;
+                        }
+                        total
+                    })
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
 fn restore(c: &mut Criterion) {
     let mut group = c.benchmark_group("restore");
     group
@@ -347,6 +402,7 @@ criterion_group!(
     record_call,
     warm_resume,
     checkpoint,
+    dirty_tracking,
     restore
 );
 criterion_main!(benches);

@@ -74,6 +74,11 @@ fn native_rust_program() -> PathBuf {
 /// Kill a stdio run of `program` ten times at random points, finish it, and compare the
 /// output with an uninterrupted run and with the native program's.
 fn crash_test(program: &str, native: &Path) {
+    program_crash_test(program, native, &[]);
+}
+
+/// [`crash_test`], every run given `extra` arguments too.
+fn program_crash_test(program: &str, native: &Path, extra: &[&str]) {
     let program = guest(program);
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input");
@@ -97,7 +102,8 @@ fn crash_test(program: &str, native: &Path) {
     );
 
     let output = dir.path().join("out");
-    let args = stdio_args(&program, &input, &output, store, 64 << 10);
+    let mut args = stdio_args(&program, &input, &output, store, 64 << 10);
+    args.extend(extra.iter().map(|a| a.to_string()));
     let mut rng = Rng::from_env_or_clock("stdio");
     let window = (Duration::from_millis(30), Duration::from_millis(300));
     run_with_kills(&args, 10, window, &mut rng, || {
@@ -125,6 +131,23 @@ fn a_rust_program_reading_stdin_lines_survives_kill_9() {
 fn a_c_program_reading_stdin_with_fgets_survives_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     crash_test("stdio-c-wordfreq", &native_c_program(dir.path()));
+}
+
+const KERNEL_TRACKING: [&str; 2] = ["--dirty-tracking", "kernel"];
+
+#[test]
+fn a_rust_program_survives_kill_9_with_kernel_dirty_tracking() {
+    program_crash_test("stdio-wordfreq", &native_rust_program(), &KERNEL_TRACKING);
+}
+
+#[test]
+fn a_c_program_survives_kill_9_with_kernel_dirty_tracking() {
+    let dir = tempfile::tempdir().unwrap();
+    program_crash_test(
+        "stdio-c-wordfreq",
+        &native_c_program(dir.path()),
+        &KERNEL_TRACKING,
+    );
 }
 
 fn run_wat(dir: &Path, wat: &str, stdio: bool) -> std::process::Output {

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::guest::GuestInstance;
+use crate::snapshot::DirtyTracking;
 use crate::store::CheckpointStore;
 use crate::task::{CheckpointObserver, CheckpointStats, RunConfig, RunSummary, Task};
 use baseline::{BaselineSnapshot, WasmanBaseline};
@@ -25,6 +26,8 @@ pub struct BenchConfig {
     pub baseline: bool,
     /// See [`RunConfig::max_deltas`].
     pub max_deltas: usize,
+    /// See [`RunConfig::dirty_tracking`].
+    pub dirty_tracking: DirtyTracking,
 }
 
 /// One checkpoint, as `--json` prints it.
@@ -35,6 +38,10 @@ pub struct CheckpointRecord {
     pub memory_bytes: u64,
     pub dirty_pages: usize,
     pub zero_pages: usize,
+    /// Pages hashed in the stall, and whether the kernel said which (`kernel`), or every
+    /// page was hashed (`hash`); `mixed` when memories differed.
+    pub hashed_pages: usize,
+    pub tracker: &'static str,
     /// Of the dirty pages, how many went as deltas (XOR or zstd-prefix) and how many whole.
     pub delta_pages: usize,
     pub whole_pages: usize,
@@ -70,13 +77,15 @@ pub struct CheckpointRecord {
 
 pub struct BenchReport {
     pub run: RunSummary,
+    pub dirty_tracking: DirtyTracking,
     pub checkpoints: Vec<CheckpointRecord>,
 }
 
 struct Recorder<'a> {
     baseline: Option<WasmanBaseline>,
-    /// The baseline's figures for checkpoints captured and not yet finished.
-    pending: std::collections::BTreeMap<u64, Option<BaselineSnapshot>>,
+    /// The memory count and the baseline's figures of checkpoints captured and not yet
+    /// finished.
+    pending: std::collections::BTreeMap<u64, (usize, Option<BaselineSnapshot>)>,
     records: Vec<CheckpointRecord>,
     on_record: &'a mut dyn FnMut(&CheckpointRecord),
 }
@@ -90,11 +99,12 @@ impl CheckpointObserver for Recorder<'_> {
                 .collect();
             b.snapshot(&memory)
         });
-        self.pending.insert(generation, baseline);
+        self.pending
+            .insert(generation, (instance.memory_count(), baseline));
     }
 
     fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &anyhow::Error>) {
-        let baseline = self.pending.remove(&generation).flatten();
+        let (memories, baseline) = self.pending.remove(&generation).unwrap_or((0, None));
         let Ok(stats) = outcome else {
             return;
         };
@@ -104,6 +114,12 @@ impl CheckpointObserver for Recorder<'_> {
             memory_bytes: stats.memory_bytes,
             dirty_pages: stats.dirty_pages,
             zero_pages: stats.zero_pages,
+            hashed_pages: stats.hashed_pages,
+            tracker: match stats.kernel_tracked_memories {
+                0 => "hash",
+                n if n == memories => "kernel",
+                _ => "mixed",
+            },
             delta_pages: stats.delta_pages,
             rebased_pages: stats.rebased_pages,
             whole_pages: stats.whole_pages,
@@ -147,6 +163,7 @@ pub fn bench(
         // The bench accounts for every byte put; retention would delete some of them.
         retain: usize::MAX,
         max_deltas: config.max_deltas,
+        dirty_tracking: config.dirty_tracking,
         ..RunConfig::new(&config.guest, &config.input, scratch.path().join("output"))
     };
     let mut task = Task::open(&run_config, store)?;
@@ -159,6 +176,7 @@ pub fn bench(
     let run = task.run(&run_config, &mut recorder)?;
     Ok(BenchReport {
         run,
+        dirty_tracking: config.dirty_tracking,
         checkpoints: recorder.records,
     })
 }
@@ -207,6 +225,14 @@ impl BenchReport {
             "{:<24} {:>14.1}\n",
             "dirty pages per ckpt",
             sum(|r| r.dirty_pages as u64) as f64 / n
+        );
+        let kernel = c.iter().filter(|r| r.tracker == "kernel").count();
+        out += &format!(
+            "{:<24} {:>14.1}   dirty tracking {}: the kernel's record at {kernel} of {} checkpoints\n",
+            "hashed pages per ckpt",
+            sum(|r| r.hashed_pages as u64) as f64 / n,
+            self.dirty_tracking,
+            c.len(),
         );
         let ms = |us: f64| format!("{:.2} ms", us / 1000.0);
         out += &format!(

@@ -91,5 +91,11 @@ pub fn inspect(url: &str) -> Result<()> {
         human_bytes(live_bytes as f64),
         human_bytes(total.saturating_sub(live_bytes) as f64),
     )?;
+    // Not a property of the store, but what a run here would do; users ask it here.
+    writeln!(
+        out,
+        "dirty tracking on this machine: {}",
+        crate::snapshot::DirtyTracking::Auto.describe()
+    )?;
     super::print_out(&out)
 }

@@ -5,10 +5,12 @@ mod inspect;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand};
 
 use crate::bench;
 use crate::error::{Fenced, OutputLocked};
+use crate::snapshot::DirtyTracking;
 use crate::task::{self, NoObserver, RunConfig};
 
 #[derive(Parser)]
@@ -73,6 +75,13 @@ enum Command {
         /// deltas) [default: OUTPUT.wasnap-cache beside the output].
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// How a checkpoint finds the changed pages: the kernel's record of written pages
+        /// (Linux 6.7+), hashing every page, auto (kernel for large memories where the
+        /// kernel offers it), or verify (kernel, checked by hashing everything).
+        #[arg(long, default_value_t = DirtyTracking::Auto,
+              value_parser = clap::builder::PossibleValuesParser::new(DirtyTracking::NAMES)
+                  .map(|s| s.parse::<DirtyTracking>().expect("a listed name")))]
+        dirty_tracking: DirtyTracking,
         /// No progress lines on stderr.
         #[arg(long, short)]
         quiet: bool,
@@ -116,6 +125,11 @@ enum Command {
         #[arg(long, default_value_t = crate::snapshot::table::DEFAULT_MAX_DELTAS as u64,
               value_parser = clap::value_parser!(u64).range(0..=crate::snapshot::table::MAX_DELTAS_LIMIT as u64))]
         max_deltas: u64,
+        /// How a checkpoint finds the changed pages (see `run`).
+        #[arg(long, default_value_t = DirtyTracking::Auto,
+              value_parser = clap::builder::PossibleValuesParser::new(DirtyTracking::NAMES)
+                  .map(|s| s.parse::<DirtyTracking>().expect("a listed name")))]
+        dirty_tracking: DirtyTracking,
     },
     /// List the checkpoints in a store.
     Inspect {
@@ -128,8 +142,11 @@ enum Command {
 pub const EXIT_FENCED: u8 = 3;
 
 pub fn main() -> ExitCode {
+    // Warnings (a tracker that fell back to hashing, say) show without WASNAP_LOG.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WASNAP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("wasnap=warn"));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("WASNAP_LOG"))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -149,6 +166,7 @@ pub fn main() -> ExitCode {
             max_in_flight,
             max_deltas,
             cache_dir,
+            dirty_tracking,
             quiet,
         } => {
             let config = RunConfig {
@@ -168,6 +186,7 @@ pub fn main() -> ExitCode {
                 max_deltas: max_deltas as usize,
                 stdio,
                 checkpoint_every_bytes,
+                dirty_tracking,
             };
             task::run(&config, &store, &mut NoObserver).map(|summary| {
                 if !quiet {
@@ -213,6 +232,7 @@ pub fn main() -> ExitCode {
             json,
             no_baseline,
             max_deltas,
+            dirty_tracking,
             ..
         } => {
             let config = bench::BenchConfig {
@@ -222,6 +242,7 @@ pub fn main() -> ExitCode {
                 store,
                 baseline: !no_baseline,
                 max_deltas: max_deltas as usize,
+                dirty_tracking,
             };
             // The first failure to print is reported once the run is over.
             let mut printed = Ok(());

@@ -1,6 +1,7 @@
 //! Capturing a paused guest's state, encoding it, and restoring it into a fresh instance.
 //!
 //! - `pages`: hash 64 KiB pages, diff against the last capture;
+//! - `dirty`: which pages may have changed (hashing them all, or the kernel's record);
 //! - `cache`: the last captured version of every page, the base of deltas;
 //! - `capture`: on the guest's thread, the only pause: hash, copy dirty pages and bases;
 //! - `encode`: off the guest's thread: deltas or whole pages, compaction, the pack;
@@ -10,6 +11,7 @@
 
 pub mod cache;
 pub mod capture;
+pub mod dirty;
 pub mod encode;
 pub mod pages;
 pub mod rebase;
@@ -18,6 +20,7 @@ pub mod table;
 
 pub use cache::PageCache;
 pub use capture::{Capture, capture};
+pub use dirty::{DirtyTracker, DirtyTracking};
 pub use pages::PAGE_SIZE;
 pub use restore::{Restored, restore};
 pub use table::PageTable;

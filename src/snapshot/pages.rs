@@ -64,6 +64,44 @@ pub fn hash_pages(memory: &[u8]) -> Vec<u64> {
     hashes
 }
 
+/// The hashes of `memory` when only the `listed` pages (ascending) may differ from the
+/// memory `previous` describes: `previous` with the listed pages hashed anew. `None` when
+/// `previous` lacks a page that is not listed (it describes a smaller memory).
+pub fn rehash_listed(memory: &[u8], previous: &[u64], listed: &[usize]) -> Option<Vec<u64>> {
+    let count = page_count(memory.len() as u64);
+    let new_pages = count.saturating_sub(previous.len());
+    let listed_new = listed.len() - listed.partition_point(|p| *p < previous.len());
+    if previous.len() > count || listed_new != new_pages || listed.last() >= Some(&count) {
+        return None;
+    }
+    let mut hashes = previous.to_vec();
+    hashes.resize(count, 0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if listed.len() * PAGE_SIZE < PARALLEL_HASH_THRESHOLD || threads == 1 {
+        for &index in listed {
+            hashes[index] = hash_page(page(memory, index));
+        }
+        return Some(hashes);
+    }
+    let per_thread = listed.len().div_ceil(threads);
+    let computed: Vec<Vec<u64>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = listed
+            .chunks(per_thread)
+            .map(|chunk| {
+                scope.spawn(move || chunk.iter().map(|&i| hash_page(page(memory, i))).collect())
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("page hasher panicked"))
+            .collect()
+    });
+    for (&index, hash) in listed.iter().zip(computed.into_iter().flatten()) {
+        hashes[index] = hash;
+    }
+    Some(hashes)
+}
+
 /// Digest of a whole memory, from its page hashes: written into the manifest so a restore
 /// can check that the memory it rebuilt is the memory that was captured.
 pub fn memory_digest(hashes: &[u64]) -> u64 {
@@ -170,6 +208,45 @@ mod tests {
         }
         let sequential: Vec<u64> = mem.chunks(PAGE_SIZE).map(hash_page).collect();
         assert_eq!(hash_pages(&mem), sequential);
+    }
+
+    #[test]
+    fn rehashing_the_listed_pages_matches_hashing_everything() {
+        let mut mem = memory(6);
+        let previous = hash_pages(&mem);
+        mem[PAGE_SIZE * 2 + 5] = 1;
+        mem[PAGE_SIZE * 4] = 7;
+        assert_eq!(
+            rehash_listed(&mem, &previous, &[2, 4]),
+            Some(hash_pages(&mem))
+        );
+        // Listing more than changed is fine; listing less is the tracker's fault, and
+        // shows: the unlisted change is not seen.
+        assert_eq!(
+            rehash_listed(&mem, &previous, &[0, 2, 3, 4]),
+            Some(hash_pages(&mem))
+        );
+        assert_ne!(rehash_listed(&mem, &previous, &[2]), Some(hash_pages(&mem)));
+        // Grown pages must be listed; a page past the end cannot be.
+        mem.extend(memory(2));
+        mem[PAGE_SIZE * 7] = 3;
+        assert_eq!(
+            rehash_listed(&mem, &previous, &[2, 4, 6, 7]),
+            Some(hash_pages(&mem))
+        );
+        assert_eq!(rehash_listed(&mem, &previous, &[2, 4, 7]), None);
+        assert_eq!(rehash_listed(&mem, &previous, &[2, 4, 6, 7, 8]), None);
+        // Many listed pages are hashed on several threads, with the same result.
+        let mut big = vec![0u8; PARALLEL_HASH_THRESHOLD * 2];
+        let before = hash_pages(&big);
+        let listed: Vec<usize> = (0..big.len() / PAGE_SIZE).step_by(2).collect();
+        for &p in &listed {
+            big[p * PAGE_SIZE + 3] = p as u8 | 1;
+        }
+        assert_eq!(
+            rehash_listed(&big, &before, &listed),
+            Some(hash_pages(&big))
+        );
     }
 
     #[test]

@@ -280,6 +280,8 @@ impl CommitContext {
             memory_bytes: manifest.memory_bytes(),
             dirty_pages: job.capture.dirty.len(),
             zero_pages: job.capture.zeroed.len(),
+            hashed_pages: job.capture.hashed_pages,
+            kernel_tracked_memories: job.capture.kernel_tracked_memories,
             delta_pages: contents.delta_pages,
             rebased_pages: contents.rebased_pages,
             whole_pages: contents.whole_pages,

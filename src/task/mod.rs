@@ -25,7 +25,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::error::{ModuleChanged, StoreUnavailable};
 use crate::guest::{Guest, GuestInstance, Limits, ProgramOutcome, random};
-use crate::snapshot::{self, PageCache, PageTable};
+use crate::snapshot::{self, DirtyTracker, DirtyTracking, PageCache, PageTable};
 use crate::store::manifest::RunState;
 use crate::store::recent::RecentPacks;
 use crate::store::{self, CheckpointStore, Manifest};
@@ -71,6 +71,8 @@ pub struct RunConfig {
     pub stdio: bool,
     /// Stdio mode: checkpoint at the first stdin read after this many bytes.
     pub checkpoint_every_bytes: u64,
+    /// How a capture finds the pages that changed (`snapshot::dirty`).
+    pub dirty_tracking: DirtyTracking,
 }
 
 impl RunConfig {
@@ -93,6 +95,7 @@ impl RunConfig {
             max_deltas: snapshot::table::DEFAULT_MAX_DELTAS,
             stdio: false,
             checkpoint_every_bytes: DEFAULT_CHECKPOINT_EVERY_BYTES,
+            dirty_tracking: DirtyTracking::default(),
         }
     }
 
@@ -117,6 +120,11 @@ pub struct CheckpointStats {
     pub dirty_pages: usize,
     /// Pages that changed to all-zero (recorded, not written).
     pub zero_pages: usize,
+    /// Pages hashed during the stall: all of them, or those the dirty tracker reported.
+    pub hashed_pages: usize,
+    /// Memories whose changed pages the kernel reported (`snapshot::dirty`); the others
+    /// were hashed whole.
+    pub kernel_tracked_memories: usize,
     /// Dirty pages written as deltas (XOR or zstd-prefix) against their previous version.
     pub delta_pages: usize,
     /// Of the deltas, those of full chains, against the chain's whole page (the deltas
@@ -198,6 +206,9 @@ pub struct Task {
     /// Page hashes of the newest capture, and its pages in the cache: the base of the next.
     hashes: Vec<Vec<u64>>,
     cache: PageCache,
+    /// Armed whenever `hashes` describe the memories exactly: which pages the next
+    /// capture must hash.
+    tracker: Box<dyn DirtyTracker>,
     /// The newest generation captured (0 before the first).
     captured_generation: u64,
     /// The newest committed checkpoint's generation and flush marker.
@@ -232,6 +243,8 @@ impl Task {
     ) -> Result<Self> {
         let module_sha256 = guest.module_sha256();
         let writer_id = new_writer_id()?;
+        // Before anything is touched: a tracker that cannot be had stops the task here.
+        let mut tracker = config.dirty_tracking.tracker()?;
         // Lock the output before reading the store: a second writer must stop here, before
         // it could cut back output that the live one commits meanwhile.
         let mut sink = FileSink::open(&config.output)?;
@@ -284,10 +297,15 @@ impl Task {
 
         // The cache must hold exactly the restored pages; whatever differs is rewritten.
         let mut cache = PageCache::open(&config.cache_dir(), instance.memory_count())?;
+        tracing::debug!("dirty tracking: {}", config.dirty_tracking.describe());
         for (index, hashes) in hashes.iter().enumerate() {
             if !hashes.is_empty() {
                 let rewritten = cache.sync_with(index, instance.memory(index), hashes)?;
                 tracing::debug!(memory = index, rewritten, "page cache synced");
+                // A restore wrote every page: only writes from here on are news.
+                if let Err(err) = tracker.arm(index, instance.memory(index)) {
+                    tracing::warn!("{err:#}");
+                }
             }
         }
         let committer = Committer::start(CommitContext {
@@ -354,6 +372,7 @@ impl Task {
             committer,
             hashes,
             cache,
+            tracker,
             captured_generation: start.generation,
             committed_generation: start.generation,
             committed_marker: start.output_marker,
@@ -555,7 +574,12 @@ impl Task {
         let paused_at = Instant::now();
         let output_marker = self.sink.flush()?;
         let capturing = Instant::now();
-        let capture = snapshot::capture(&mut self.instance, &mut self.hashes, &mut self.cache)?;
+        let capture = snapshot::capture(
+            &mut self.instance,
+            &mut self.hashes,
+            &mut self.cache,
+            self.tracker.as_mut(),
+        )?;
         let hash = capturing.elapsed();
         let stall = paused_at.elapsed();
         Ok(Job {
@@ -610,6 +634,12 @@ impl Task {
 
     pub fn instance(&mut self) -> &mut GuestInstance {
         &mut self.instance
+    }
+
+    /// Replace the dirty tracker (an embedder's own, say). The next capture hashes every
+    /// page, since the new tracker has seen none of the writes so far.
+    pub fn set_dirty_tracker(&mut self, tracker: Box<dyn DirtyTracker>) {
+        self.tracker = tracker;
     }
 }
 

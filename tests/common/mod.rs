@@ -354,6 +354,18 @@ pub fn assert_same_output(actual: &[u8], expected: &[u8], what: &str) {
 /// Kill a run of `guest_name` over `records` generated records `KILLS` times, finish it,
 /// and compare with an uninterrupted run; the checkpoints go to `store`.
 pub fn crash_test_on(guest_name: &str, records: usize, numbers: bool, every: u64, store: &str) {
+    crash_test_with(guest_name, records, numbers, every, store, &[]);
+}
+
+/// [`crash_test_on`], every run of `wasnap run` given `extra` arguments too.
+pub fn crash_test_with(
+    guest_name: &str,
+    records: usize,
+    numbers: bool,
+    every: u64,
+    store: &str,
+    extra: &[&str],
+) {
     let guest = guest(guest_name);
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input");
@@ -363,7 +375,8 @@ pub fn crash_test_on(guest_name: &str, records: usize, numbers: bool, every: u64
     assert!(!expected.is_empty());
 
     let output = dir.path().join("output");
-    let args = run_args(&guest, &input, &output, store, every);
+    let mut args = run_args(&guest, &input, &output, store, every);
+    args.extend(extra.iter().map(|a| a.to_string()));
     let mut rng = Rng::from_env_or_clock(guest_name);
     let window = (Duration::from_millis(20), Duration::from_millis(250));
     let killed = run_with_kills(&args, KILLS, window, &mut rng, || {

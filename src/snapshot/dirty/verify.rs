@@ -1,0 +1,105 @@
+//! A tracker that checks another: it hashes every page at `arm` and again at `collect`,
+//! and fails with [`MissedWrites`] if a page changed that the inner tracker did not
+//! report. What it returns is the inner tracker's answer, so the rest of the pipeline
+//! runs exactly as it would without the check. Twice the cost of hashing: for checking a
+//! kernel or a container before trusting kernel tracking, and for the tests.
+
+use anyhow::Result;
+
+use super::{Dirty, DirtyTracker};
+use crate::snapshot::pages;
+
+/// The inner tracker missed changed pages: trusting it would lose data.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "dirty tracking missed writes: memory {memory} pages {pages:?} changed since the last \
+     checkpoint but were not reported (this kernel's write tracking cannot be trusted here; \
+     use --dirty-tracking hash)"
+)]
+pub struct MissedWrites {
+    pub memory: usize,
+    pub pages: Vec<usize>,
+}
+
+pub struct VerifyingTracker<T> {
+    inner: T,
+    /// Every page's hash at the last `arm`, per memory.
+    armed: Vec<Option<Vec<u64>>>,
+}
+
+impl<T: DirtyTracker> VerifyingTracker<T> {
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            armed: Vec::new(),
+        }
+    }
+}
+
+impl<T: DirtyTracker> DirtyTracker for VerifyingTracker<T> {
+    fn collect(&mut self, index: usize, memory: &[u8]) -> Result<Dirty> {
+        let dirty = self.inner.collect(index, memory)?;
+        let before = self.armed.get_mut(index).and_then(Option::take);
+        let (Dirty::Pages(reported), Some(before)) = (&dirty, before) else {
+            return Ok(dirty);
+        };
+        let now = pages::hash_pages(memory);
+        let missed: Vec<usize> = now
+            .iter()
+            .enumerate()
+            .filter(|(page, hash)| {
+                before.get(*page) != Some(*hash) && reported.binary_search(page).is_err()
+            })
+            .map(|(page, _)| page)
+            .collect();
+        if missed.is_empty() {
+            Ok(dirty)
+        } else {
+            Err(MissedWrites {
+                memory: index,
+                pages: missed,
+            }
+            .into())
+        }
+    }
+
+    fn arm(&mut self, index: usize, memory: &[u8]) -> Result<()> {
+        self.inner.arm(index, memory)?;
+        if self.armed.len() <= index {
+            self.armed.resize(index + 1, None);
+        }
+        self.armed[index] = Some(pages::hash_pages(memory));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tracker that reports a fixed answer: here, one that forgets page 2.
+    struct Forgetful;
+    impl DirtyTracker for Forgetful {
+        fn collect(&mut self, _: usize, _: &[u8]) -> Result<Dirty> {
+            Ok(Dirty::Pages(vec![1]))
+        }
+        fn arm(&mut self, _: usize, _: &[u8]) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_change_the_inner_tracker_did_not_report_fails_the_collect() {
+        let mut memory = vec![0u8; 4 * pages::PAGE_SIZE];
+        let mut tracker = VerifyingTracker::new(Forgetful);
+        tracker.arm(0, &memory).unwrap();
+        memory[pages::PAGE_SIZE] = 1;
+        assert_eq!(tracker.collect(0, &memory).unwrap(), Dirty::Pages(vec![1]));
+        tracker.arm(0, &memory).unwrap();
+        memory[pages::PAGE_SIZE + 1] = 1;
+        memory[2 * pages::PAGE_SIZE] = 1;
+        let err = tracker.collect(0, &memory).unwrap_err();
+        let missed = err.downcast_ref::<MissedWrites>().expect("MissedWrites");
+        assert_eq!((missed.memory, missed.pages.clone()), (0, vec![2]));
+    }
+}
