@@ -36,6 +36,11 @@ struct Watched {
     armed: bool,
     /// Watched again after a failed scan: one more failure gives the memory up.
     after_failure: bool,
+    /// Adaptive trackers: scans in a row that found the guest writing so much that its
+    /// first-write faults cost more than hashing would have.
+    heavy_scans: u32,
+    /// Adaptive trackers: checkpoints to leave the memory to hashing when it next rests.
+    next_rest: u32,
 }
 
 enum Slot {
@@ -44,6 +49,9 @@ enum Slot {
     Watched(Watched),
     /// A scan failed (the registration is in doubt): the next `arm` watches it anew.
     Failed,
+    /// Adaptive trackers: left to hashing for `left` more checkpoints, since the guest
+    /// wrote too much of it for tracking to pay; then watched again, to see.
+    Resting { left: u32, next_rest: u32 },
     /// Given up after an error registering or protecting it: hashed from now on.
     GivenUp,
 }
@@ -53,6 +61,8 @@ pub struct KernelTracker {
     pagemap: File,
     /// Memories smaller than this are left to hashing (until they grow past it).
     min_bytes: usize,
+    /// Rest a memory whose guest writes too much of it (auto mode).
+    adaptive: bool,
     memories: Vec<Slot>,
     regions: Vec<page_region>,
 }
@@ -60,17 +70,38 @@ pub struct KernelTracker {
 /// Regions one `PAGEMAP_SCAN` call may return (a region is a run of written pages).
 const SCAN_REGIONS: usize = 512;
 
+/// Bytes hashing gets through in the time one first-write fault takes: about 2 µs
+/// against 34 ms per GiB, measured here (README, "Dirty tracking").
+const FAULT_COST_IN_HASHED_BYTES: usize = 64 << 10;
+/// A memory rests after this many heavy scans in a row...
+const HEAVY_SCANS_TO_REST: u32 = 3;
+/// ...for this many checkpoints the first time, twice as many each time after.
+const FIRST_REST: u32 = 16;
+const LONGEST_REST: u32 = 1024;
+
 impl KernelTracker {
     /// A tracker for memories of at least `min_bytes`. Fails where the kernel does not
     /// offer asynchronous write-protection (check [`kernel_tracking_available`] first for
     /// a reason worth showing a user).
     pub fn new(min_bytes: usize) -> Result<Self> {
+        Self::with_policy(min_bytes, false)
+    }
+
+    /// [`KernelTracker::new`], that leaves a memory to hashing for a while whenever the
+    /// guest writes so much of it between checkpoints that the first-write faults cost
+    /// more than hashing it would (auto mode).
+    pub fn adaptive(min_bytes: usize) -> Result<Self> {
+        Self::with_policy(min_bytes, true)
+    }
+
+    fn with_policy(min_bytes: usize, adaptive: bool) -> Result<Self> {
         let uffd = sys::open_async_wp_userfaultfd().context("cannot open a userfaultfd")?;
         let pagemap = File::open("/proc/self/pagemap").context("cannot open /proc/self/pagemap")?;
         Ok(Self {
             uffd,
             pagemap,
             min_bytes,
+            adaptive,
             memories: Vec::new(),
             regions: vec![page_region::default(); SCAN_REGIONS],
         })
@@ -114,6 +145,7 @@ impl DirtyTracker for KernelTracker {
             return Ok(Dirty::All);
         }
         let (registered, after_failure) = (watched.registered, watched.after_failure);
+        let mut written = 0usize;
         let mut dirty: Vec<usize> = Vec::new();
         let mut add = |page: usize| {
             if dirty.last() != Some(&page) {
@@ -126,6 +158,7 @@ impl DirtyTracker for KernelTracker {
             base + registered,
             &mut self.regions,
             |start, end| {
+                written += (end - start) as usize;
                 let first = (start as usize - base) / PAGE_SIZE;
                 let last = (end as usize - 1 - base) / PAGE_SIZE;
                 (first..=last).for_each(&mut add);
@@ -145,6 +178,23 @@ impl DirtyTracker for KernelTracker {
         }
         if let Slot::Watched(w) = &mut self.memories[index] {
             w.after_failure = false;
+            let heavy = written.saturating_mul(FAULT_COST_IN_HASHED_BYTES / 4096) > registered;
+            w.heavy_scans = if heavy { w.heavy_scans + 1 } else { 0 };
+            if self.adaptive && w.heavy_scans >= HEAVY_SCANS_TO_REST {
+                tracing::debug!(
+                    memory = index,
+                    written,
+                    checkpoints = w.next_rest,
+                    "the guest writes too much of this memory for kernel tracking to pay: hashing it"
+                );
+                // Stop the faults; the pages just reported are still this capture's.
+                let _ = sys::unregister(&self.uffd, base, registered);
+                let next_rest = (w.next_rest * 2).min(LONGEST_REST);
+                self.memories[index] = Slot::Resting {
+                    left: w.next_rest,
+                    next_rest,
+                };
+            }
         }
         // Grown since the last arm: not watched yet, so dirty (from the page that held
         // the old end, in case the memory's size is not a whole number of pages).
@@ -156,9 +206,18 @@ impl DirtyTracker for KernelTracker {
         let (base, len) = (memory.as_ptr() as usize, memory.len());
         let min_bytes = self.min_bytes;
         let mut after_failure = false;
+        let mut next_rest = FIRST_REST;
         // What is to be newly watched.
         let new_range = match self.slot(index) {
             Slot::GivenUp => return Ok(()),
+            Slot::Resting { left, .. } if *left > 0 => {
+                *left -= 1;
+                return Ok(());
+            }
+            Slot::Resting { next_rest: next, .. } => {
+                next_rest = *next;
+                (base, len)
+            }
             Slot::Unwatched if len == 0 || len < min_bytes => return Ok(()),
             Slot::Unwatched => (base, len),
             Slot::Failed => {
@@ -166,9 +225,13 @@ impl DirtyTracker for KernelTracker {
                 (base, len)
             }
             // Moved: the old mapping, and its registration, are gone.
-            Slot::Watched(w) if w.base != base => (base, len),
+            Slot::Watched(w) if w.base != base => {
+                next_rest = w.next_rest;
+                (base, len)
+            }
             Slot::Watched(w) => {
                 after_failure = w.after_failure;
+                next_rest = w.next_rest;
                 let grown = (base + w.registered, len.saturating_sub(w.registered));
                 if grown.1 == 0 {
                     w.armed = true;
@@ -186,6 +249,8 @@ impl DirtyTracker for KernelTracker {
                     registered: len,
                     armed: true,
                     after_failure,
+                    heavy_scans: 0,
+                    next_rest,
                 });
                 Ok(())
             }
@@ -357,6 +422,57 @@ mod tests {
             pages(tracker.collect(1, &big).unwrap()),
             Vec::<usize>::new()
         );
+    }
+
+    #[test]
+    fn an_adaptive_tracker_rests_a_memory_the_guest_rewrites_and_watches_it_again_later() {
+        if !available() {
+            return;
+        }
+        let mut tracker = KernelTracker::adaptive(0).unwrap();
+        let mut memory = memmap2::MmapMut::map_anon(16 * PAGE_SIZE).unwrap();
+        tracker.arm(0, &memory).unwrap();
+        let mut checkpoint = |memory: &mut [u8], rewrite: bool| {
+            if rewrite {
+                memory.iter_mut().step_by(4096).for_each(|b| *b += 1);
+            } else {
+                memory[0] += 1;
+            }
+            let dirty = tracker.collect(0, memory).unwrap();
+            tracker.arm(0, memory).unwrap();
+            dirty
+        };
+        let all_pages: Vec<usize> = (0..16).collect();
+        // A light writer is tracked however long it runs.
+        for _ in 0..10 {
+            assert_eq!(checkpoint(&mut memory, false), Dirty::Pages(vec![0]));
+        }
+        // A heavy one is tracked for three checkpoints (their answers still hold)...
+        for _ in 0..HEAVY_SCANS_TO_REST {
+            assert_eq!(checkpoint(&mut memory, true), Dirty::Pages(all_pages.clone()));
+        }
+        // ...then hashed for FIRST_REST checkpoints, then watched again.
+        for _ in 0..FIRST_REST {
+            assert_eq!(checkpoint(&mut memory, true), Dirty::All);
+        }
+        assert_eq!(checkpoint(&mut memory, false), Dirty::Pages(vec![0]));
+        // Heavy again: the rest is twice as long.
+        for _ in 0..HEAVY_SCANS_TO_REST {
+            checkpoint(&mut memory, true);
+        }
+        for _ in 0..FIRST_REST * 2 {
+            assert_eq!(checkpoint(&mut memory, false), Dirty::All);
+        }
+        assert_eq!(checkpoint(&mut memory, false), Dirty::Pages(vec![0]));
+        // A tracker that is not adaptive never rests.
+        let mut steady = KernelTracker::new(0).unwrap();
+        let mut other = memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap();
+        steady.arm(0, &other).unwrap();
+        for _ in 0..HEAVY_SCANS_TO_REST * 2 {
+            other.iter_mut().step_by(4096).for_each(|b| *b += 1);
+            assert_eq!(steady.collect(0, &other).unwrap(), Dirty::Pages(vec![0, 1, 2, 3]));
+            steady.arm(0, &other).unwrap();
+        }
     }
 
     #[test]

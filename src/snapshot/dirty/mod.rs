@@ -72,8 +72,10 @@ impl fmt::Display for TrackerKind {
 /// `--dirty-tracking`: what the user asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DirtyTracking {
-    /// Kernel tracking where it works here and pays (memories of at least
-    /// [`AUTO_KERNEL_MIN_BYTES`]), hashing otherwise.
+    /// Kernel tracking where it works here and pays: memories of at least
+    /// [`AUTO_KERNEL_MIN_BYTES`], except while the guest rewrites so much of one between
+    /// checkpoints that the first-write faults cost more than hashing (it is then hashed
+    /// for a while, and tried again). Hashing otherwise.
     #[default]
     Auto,
     /// Kernel tracking for every memory; an error where the kernel does not offer it.
@@ -98,7 +100,7 @@ impl DirtyTracking {
         match self {
             DirtyTracking::Hash => Ok(Box::new(HashTracker)),
             DirtyTracking::Auto => match kernel_tracking_available() {
-                Ok(()) => Ok(Box::new(KernelTracker::new(AUTO_KERNEL_MIN_BYTES)?)),
+                Ok(()) => Ok(Box::new(KernelTracker::adaptive(AUTO_KERNEL_MIN_BYTES)?)),
                 Err(why) => {
                     tracing::debug!("kernel dirty tracking unavailable ({why}); hashing");
                     Ok(Box::new(HashTracker))
