@@ -48,6 +48,9 @@ for program in stdio-wordfreq stdio-c-wordfreq; do
   "$wasnap" bench --stdio "target/guests/$program.wasm" --input "$out/words.txt" --checkpoint-every-bytes 65536
 done
 
+echo "== dirty tracking: hashing vs the kernel's record"
+scripts/bench-tracking.sh
+
 echo
 python3 scripts/bench-summary.py "${plots[@]#*=}"
 python3 scripts/plot-bench.py docs/bench.svg "${plots[@]}"

@@ -6,7 +6,8 @@
 //! guest.wasm ─guest::instrument─▶ every memory and mutable global exported
 //!            ─guest::instance──▶ wasmtime instance + `wasnap.emit` + WASI preview 1
 //! stream::LineSource ─record─▶ guest.process ─emit─▶ stream::FileSink
-//! every N records (task): snapshot::capture ─▶ store::pack ─▶ store::manifest (the commit)
+//! every N records (task): snapshot::dirty (which pages changed: hashing, or the kernel's
+//!                          record) ─▶ snapshot::capture ─▶ store::pack ─▶ store::manifest (the commit)
 //! restart (task): newest manifest ─▶ snapshot::restore ─▶ seek input, cut output back
 //! ```
 

@@ -51,7 +51,10 @@ enum Slot {
     Failed,
     /// Adaptive trackers: left to hashing for `left` more checkpoints, since the guest
     /// wrote too much of it for tracking to pay; then watched again, to see.
-    Resting { left: u32, next_rest: u32 },
+    Resting {
+        left: u32,
+        next_rest: u32,
+    },
     /// Given up after an error registering or protecting it: hashed from now on.
     GivenUp,
 }
@@ -214,7 +217,9 @@ impl DirtyTracker for KernelTracker {
                 *left -= 1;
                 return Ok(());
             }
-            Slot::Resting { next_rest: next, .. } => {
+            Slot::Resting {
+                next_rest: next, ..
+            } => {
                 next_rest = *next;
                 (base, len)
             }
@@ -449,7 +454,10 @@ mod tests {
         }
         // A heavy one is tracked for three checkpoints (their answers still hold)...
         for _ in 0..HEAVY_SCANS_TO_REST {
-            assert_eq!(checkpoint(&mut memory, true), Dirty::Pages(all_pages.clone()));
+            assert_eq!(
+                checkpoint(&mut memory, true),
+                Dirty::Pages(all_pages.clone())
+            );
         }
         // ...then hashed for FIRST_REST checkpoints, then watched again.
         for _ in 0..FIRST_REST {
@@ -470,7 +478,10 @@ mod tests {
         steady.arm(0, &other).unwrap();
         for _ in 0..HEAVY_SCANS_TO_REST * 2 {
             other.iter_mut().step_by(4096).for_each(|b| *b += 1);
-            assert_eq!(steady.collect(0, &other).unwrap(), Dirty::Pages(vec![0, 1, 2, 3]));
+            assert_eq!(
+                steady.collect(0, &other).unwrap(),
+                Dirty::Pages(vec![0, 1, 2, 3])
+            );
             steady.arm(0, &other).unwrap();
         }
     }
