@@ -91,6 +91,10 @@ impl SizedTask {
         let store_url = dir.path().join("store").display().to_string();
         let config = RunConfig {
             dirty_tracking,
+            // The page cache's file system matters: see `cache_dir` in the README.
+            cache_dir: std::env::var_os("WASNAP_BENCH_CACHE_DIR").map(|d| {
+                std::path::Path::new(&d).join(format!("cache-{}-{mib}", std::process::id()))
+            }),
             ..RunConfig::new(&guest_path, &input, dir.path().join("output"))
         };
         let mut task = Task::open(&config, CheckpointStore::open(&store_url).unwrap()).unwrap();

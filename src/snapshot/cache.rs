@@ -89,6 +89,11 @@ impl PageCache {
         self.memories[index].map.as_deref().unwrap_or(&[])
     }
 
+    /// Every cached page of memory `index`, writable (the capture updates the dirty ones).
+    pub fn bytes_mut(&mut self, index: usize) -> &mut [u8] {
+        self.memories[index].map.as_deref_mut().unwrap_or(&mut [])
+    }
+
     /// The cached version of page `page` of memory `index`, if the cache has that page and
     /// its hash is `expected` (the hash of the version last captured).
     pub fn verified_page(&self, index: usize, page: usize, expected: u64) -> Option<&[u8]> {
@@ -97,7 +102,7 @@ impl PageCache {
             return None;
         }
         let cached = pages::page(bytes, page);
-        (pages::hash_page(cached) == expected).then_some(cached)
+        vouches_for(cached, expected).then_some(cached)
     }
 
     /// Overwrite page `page` of memory `index` (the cache must be long enough).
@@ -124,6 +129,12 @@ impl PageCache {
         }
         Ok(rewritten)
     }
+}
+
+/// Whether a cached page is the version whose hash is `expected`: the check before any
+/// cached page is used.
+pub fn vouches_for(cached: &[u8], expected: u64) -> bool {
+    pages::hash_page(cached) == expected
 }
 
 /// Extend `file` from `from` to `to` bytes with blocks really allocated (zeros).

@@ -11,9 +11,10 @@
 
 use anyhow::Result;
 
-use super::cache::PageCache;
+use super::buffers::PageBuffers;
+use super::cache::{self, PageCache};
 use super::dirty::{Dirty, DirtyTracker, MissedWrites};
-use super::pages::{self, PageChange};
+use super::pages::{self, PAGE_SIZE, PageChange};
 use crate::guest::{GlobalValue, GuestInstance};
 
 /// A dirty page, copied out of the guest.
@@ -52,11 +53,13 @@ impl Capture {
 /// Capture `instance`. `hashes` holds the page hashes of the last capture (empty before
 /// the first) and is advanced to this one; `cache` holds that capture's pages and is
 /// advanced too; `tracker` was armed at the last capture (or restore) and is armed again.
+/// The copies go into `buffers` the committer gave back, where it has.
 pub fn capture(
     instance: &mut GuestInstance,
     hashes: &mut [Vec<u64>],
     cache: &mut PageCache,
     tracker: &mut dyn DirtyTracker,
+    buffers: &PageBuffers,
 ) -> Result<Capture> {
     let globals = instance.globals()?;
     let mut memories = Vec::with_capacity(instance.memory_count());
@@ -89,33 +92,16 @@ pub fn capture(
         };
         let changes = pages::diff(memory, &new_hashes, previous);
         cache.resize(index, memory.len() as u64)?;
-        for (page, change) in changes {
-            let bytes = pages::page(memory, page);
-            match change {
-                PageChange::Dirty => {
-                    let base = previous
-                        .get(page)
-                        .filter(|hash| **hash != *pages::ZERO_PAGE_HASH)
-                        .and_then(|hash| cache.verified_page(index, page, *hash))
-                        .map(<[u8]>::to_vec);
-                    dirty.push(CapturedPage {
-                        memory: index,
-                        page: page as u32,
-                        bytes: bytes.to_vec(),
-                        base,
-                    });
-                }
-                PageChange::Zeroed => {
-                    zeroed.push((index, page as u32));
-                    // A grown page is zero in the cache already; writing it would only
-                    // allocate file pages for nothing.
-                    if previous.get(page).is_none() {
-                        continue;
-                    }
-                }
-            }
-            cache.store_page(index, page, bytes);
-        }
+        let (pages_dirty, pages_zeroed) = copy_out(
+            index,
+            memory,
+            previous,
+            &changes,
+            cache.bytes_mut(index),
+            buffers,
+        );
+        dirty.extend(pages_dirty);
+        zeroed.extend(pages_zeroed);
         memories.push(CapturedMemory {
             byte_len: memory.len() as u64,
             digest: pages::memory_digest(&new_hashes),
@@ -133,4 +119,141 @@ pub fn capture(
         hashed_pages,
         kernel_tracked_memories,
     })
+}
+
+/// Below this many changed pages, copying on the guest's thread beats starting threads.
+const PARALLEL_COPY_THRESHOLD: usize = 32;
+
+/// For each changed page of memory `index`: copy it, and its previous version from the
+/// cache when the cache can vouch for it (by hash), out of the guest; then put the new
+/// version in the cache. Pages changed to zero are only listed (and zeroed in the
+/// cache). On several threads when many pages changed: once hashing is left to the
+/// kernel's record, these copies are most of the pause.
+fn copy_out(
+    index: usize,
+    memory: &[u8],
+    previous: &[u64],
+    changes: &[(usize, PageChange)],
+    cached: &mut [u8],
+    buffers: &PageBuffers,
+) -> (Vec<CapturedPage>, Vec<(usize, u32)>) {
+    // Each change with its page of the cache (changes are in ascending page order).
+    let mut work = Vec::with_capacity(changes.len());
+    let mut changes_left = changes.iter().peekable();
+    for (page, slot) in cached.chunks_mut(PAGE_SIZE).enumerate() {
+        let Some(&&(changed, change)) = changes_left.peek() else {
+            break;
+        };
+        if changed == page {
+            work.push((page, change, slot));
+            changes_left.next();
+        }
+    }
+    let one_page = |(page, change, slot): (usize, PageChange, &mut [u8])| {
+        let bytes = pages::page(memory, page);
+        let previous = previous.get(page);
+        let captured = match change {
+            PageChange::Dirty => {
+                let base = previous
+                    .filter(|hash| **hash != *pages::ZERO_PAGE_HASH)
+                    .filter(|hash| cache::vouches_for(slot, **hash))
+                    .map(|_| buffers.copy_of(slot));
+                Some(CapturedPage {
+                    memory: index,
+                    page: page as u32,
+                    bytes: buffers.copy_of(bytes),
+                    base,
+                })
+            }
+            // A grown page is zero in the cache already; writing it would only allocate
+            // file pages for nothing.
+            PageChange::Zeroed if previous.is_none() => return None,
+            PageChange::Zeroed => None,
+        };
+        slot.copy_from_slice(bytes);
+        captured
+    };
+    let split = |captured: Vec<(usize, PageChange, Option<CapturedPage>)>| {
+        let mut dirty = Vec::new();
+        let mut zeroed = Vec::new();
+        for (page, change, page_copy) in captured {
+            match (change, page_copy) {
+                (PageChange::Zeroed, _) => zeroed.push((index, page as u32)),
+                (PageChange::Dirty, Some(copy)) => dirty.push(copy),
+                (PageChange::Dirty, None) => unreachable!("a dirty page is always copied"),
+            }
+        }
+        (dirty, zeroed)
+    };
+    let run = |batch: Vec<(usize, PageChange, &mut [u8])>| -> Vec<_> {
+        batch
+            .into_iter()
+            .map(|(page, change, slot)| (page, change, one_page((page, change, slot))))
+            .collect()
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if work.len() < PARALLEL_COPY_THRESHOLD || threads == 1 {
+        return split(run(work));
+    }
+    let per_thread = work.len().div_ceil(threads);
+    let mut batches = Vec::new();
+    while !work.is_empty() {
+        let rest = work.split_off(per_thread.min(work.len()));
+        batches.push(std::mem::replace(&mut work, rest));
+    }
+    let captured = std::thread::scope(|scope| {
+        let workers: Vec<_> = batches
+            .into_iter()
+            .map(|batch| scope.spawn(|| run(batch)))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("page copier panicked"))
+            .collect()
+    });
+    split(captured)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many changed pages (the threaded path): each dirty page is copied with its cached
+    /// base where the cache vouches for it, the cache ends up holding the new versions,
+    /// and zeroed pages are listed, not copied.
+    #[test]
+    fn copying_out_many_pages_keeps_order_bases_and_the_cache_right() {
+        let pages_n = PARALLEL_COPY_THRESHOLD * 3;
+        let old: Vec<u8> = (0..pages_n * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8 + 1)
+            .collect();
+        let previous: Vec<u64> = old.chunks(PAGE_SIZE).map(pages::hash_page).collect();
+        let mut cached = old.clone();
+        cached[5 * PAGE_SIZE + 9] ^= 1; // a damaged cache page: no base for page 5
+        let mut memory: Vec<u8> = old.iter().map(|b| b.wrapping_mul(3)).collect();
+        memory[7 * PAGE_SIZE..8 * PAGE_SIZE].fill(0); // page 7 becomes zero
+        memory.extend(vec![0u8; 2 * PAGE_SIZE]); // grown by two zero pages
+        cached.extend(vec![0u8; 2 * PAGE_SIZE]);
+        let hashes = pages::hash_pages(&memory);
+        let changes = pages::diff(&memory, &hashes, &previous);
+        assert_eq!(changes.len(), pages_n + 2);
+        let buffers = PageBuffers::default();
+        let (dirty, zeroed) = copy_out(0, &memory, &previous, &changes, &mut cached, &buffers);
+        assert_eq!(
+            zeroed,
+            vec![(0, 7), (0, pages_n as u32), (0, pages_n as u32 + 1)]
+        );
+        let order: Vec<u32> = dirty.iter().map(|p| p.page).collect();
+        let expected: Vec<u32> = (0..pages_n as u32).filter(|p| *p != 7).collect();
+        assert_eq!(order, expected);
+        for page in &dirty {
+            let at = page.page as usize * PAGE_SIZE;
+            assert_eq!(page.bytes, memory[at..at + PAGE_SIZE]);
+            match page.page {
+                5 => assert!(page.base.is_none(), "a damaged cache page became a base"),
+                _ => assert_eq!(page.base.as_deref(), Some(&old[at..at + PAGE_SIZE])),
+            }
+        }
+        assert_eq!(cached, memory, "the cache does not hold the new versions");
+    }
 }

@@ -3,12 +3,14 @@
 //! - `pages`: hash 64 KiB pages, diff against the last capture;
 //! - `dirty`: which pages may have changed (hashing them all, or the kernel's record);
 //! - `cache`: the last captured version of every page, the base of deltas;
+//! - `buffers`: page copies the committer hands back for the next capture;
 //! - `capture`: on the guest's thread, the only pause: hash, copy dirty pages and bases;
 //! - `encode`: off the guest's thread: deltas or whole pages, compaction, the pack;
 //! - `rebase`: where a full chain's next delta stands;
 //! - `table`: every page's chain of frames (whole page, then deltas);
 //! - `restore`: rebuild memories and globals from a manifest and its packs.
 
+pub mod buffers;
 pub mod cache;
 pub mod capture;
 pub mod dirty;
@@ -18,6 +20,7 @@ pub mod rebase;
 pub mod restore;
 pub mod table;
 
+pub use buffers::PageBuffers;
 pub use cache::PageCache;
 pub use capture::{Capture, capture};
 pub use dirty::{DirtyTracker, DirtyTracking};

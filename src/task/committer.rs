@@ -47,6 +47,8 @@ pub struct Done {
 /// What the committer needs to write checkpoints of one task.
 pub struct CommitContext {
     pub store: CheckpointStore,
+    /// Where the capture's page copies go once encoded, for the next capture to reuse.
+    pub buffers: crate::snapshot::PageBuffers,
     /// The table of the newest capture handed over (committed or, later, in flight).
     pub table: PageTable,
     pub writer_id: [u8; 16],
@@ -200,7 +202,7 @@ impl CommitContext {
         }
     }
 
-    fn commit(&mut self, job: Job) -> Result<CheckpointStats> {
+    fn commit(&mut self, mut job: Job) -> Result<CheckpointStats> {
         let generation = job.generation;
         let encoding = Instant::now();
         let packs = self.chain_packs(&job);
@@ -215,6 +217,13 @@ impl CommitContext {
             &mut |pack| recent.get(store, pack),
         )?;
         let encode = encoding.elapsed();
+        let dirty_pages = job.capture.dirty.len();
+        self.buffers.give_back(
+            std::mem::take(&mut job.capture.dirty)
+                .into_iter()
+                .flat_map(|page| [Some(page.bytes), page.base])
+                .flatten(),
+        );
 
         let putting = Instant::now();
         let mut pack_bytes = 0;
@@ -278,7 +287,7 @@ impl CommitContext {
             input_offset: manifest.input_offset,
             output_marker: manifest.output_marker,
             memory_bytes: manifest.memory_bytes(),
-            dirty_pages: job.capture.dirty.len(),
+            dirty_pages,
             zero_pages: job.capture.zeroed.len(),
             hashed_pages: job.capture.hashed_pages,
             kernel_tracked_memories: job.capture.kernel_tracked_memories,

@@ -25,7 +25,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::error::{ModuleChanged, StoreUnavailable};
 use crate::guest::{Guest, GuestInstance, Limits, ProgramOutcome, random};
-use crate::snapshot::{self, DirtyTracker, DirtyTracking, PageCache, PageTable};
+use crate::snapshot::{self, DirtyTracker, DirtyTracking, PageBuffers, PageCache, PageTable};
 use crate::store::manifest::RunState;
 use crate::store::recent::RecentPacks;
 use crate::store::{self, CheckpointStore, Manifest};
@@ -209,6 +209,8 @@ pub struct Task {
     /// Armed whenever `hashes` describe the memories exactly: which pages the next
     /// capture must hash.
     tracker: Box<dyn DirtyTracker>,
+    /// Where captures copy pages; the committer gives the copies back.
+    buffers: PageBuffers,
     /// The newest generation captured (0 before the first).
     captured_generation: u64,
     /// The newest committed checkpoint's generation and flush marker.
@@ -308,7 +310,9 @@ impl Task {
                 }
             }
         }
+        let buffers = PageBuffers::default();
         let committer = Committer::start(CommitContext {
+            buffers: buffers.clone(),
             output: sink.durability(),
             store,
             table,
@@ -373,6 +377,7 @@ impl Task {
             hashes,
             cache,
             tracker,
+            buffers,
             captured_generation: start.generation,
             committed_generation: start.generation,
             committed_marker: start.output_marker,
@@ -579,6 +584,7 @@ impl Task {
             &mut self.hashes,
             &mut self.cache,
             self.tracker.as_mut(),
+            &self.buffers,
         )?;
         let hash = capturing.elapsed();
         let stall = paused_at.elapsed();

@@ -113,8 +113,8 @@ impl DirtyTracking {
                 Ok(()) => Ok(Box::new(KernelTracker::new(0)?)),
                 Err(why) => bail!(
                     "kernel dirty tracking is not available here: {why} (it needs Linux 6.7+ \
-                     with userfaultfd allowed, which Docker's default seccomp profile is not; \
-                     use --dirty-tracking auto or hash)"
+                     and the userfaultfd system call, which Docker's default seccomp profile \
+                     blocks; use --dirty-tracking auto or hash)"
                 ),
             },
         }
