@@ -12,6 +12,13 @@ use crate::store::{CheckpointStore, MANIFESTS, PACKS};
 pub fn inspect(url: &str) -> Result<()> {
     let store = CheckpointStore::open(url)?;
     let mut out = String::new();
+    // Not a property of the store but what a run here would do, first: the store's
+    // summary stays the last line.
+    writeln!(
+        out,
+        "dirty tracking on this machine: {}",
+        crate::snapshot::DirtyTracking::Auto.describe()
+    )?;
     let manifest_sizes: BTreeMap<String, u64> = store.list(MANIFESTS)?.into_iter().collect();
     let pack_sizes: BTreeMap<String, u64> = store.list(PACKS)?.into_iter().collect();
     let generations = store.generations()?;
@@ -90,12 +97,6 @@ pub fn inspect(url: &str) -> Result<()> {
         human_bytes(total as f64),
         human_bytes(live_bytes as f64),
         human_bytes(total.saturating_sub(live_bytes) as f64),
-    )?;
-    // Not a property of the store, but what a run here would do; users ask it here.
-    writeln!(
-        out,
-        "dirty tracking on this machine: {}",
-        crate::snapshot::DirtyTracking::Auto.describe()
     )?;
     super::print_out(&out)
 }
