@@ -28,6 +28,8 @@ pub struct BenchConfig {
     pub max_deltas: usize,
     /// See [`RunConfig::dirty_tracking`].
     pub dirty_tracking: DirtyTracking,
+    /// See [`RunConfig::cache_dir`]; by default beside the bench's scratch output.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// One checkpoint, as `--json` prints it.
@@ -164,6 +166,7 @@ pub fn bench(
         retain: usize::MAX,
         max_deltas: config.max_deltas,
         dirty_tracking: config.dirty_tracking,
+        cache_dir: config.cache_dir.clone(),
         ..RunConfig::new(&config.guest, &config.input, scratch.path().join("output"))
     };
     let mut task = Task::open(&run_config, store)?;

@@ -130,6 +130,9 @@ enum Command {
               value_parser = clap::builder::PossibleValuesParser::new(DirtyTracking::NAMES)
                   .map(|s| s.parse::<DirtyTracking>().expect("a listed name")))]
         dirty_tracking: DirtyTracking,
+        /// Page cache directory (see `run`) [default: in the bench's scratch directory].
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
     },
     /// List the checkpoints in a store.
     Inspect {
@@ -233,6 +236,7 @@ pub fn main() -> ExitCode {
             no_baseline,
             max_deltas,
             dirty_tracking,
+            cache_dir,
             ..
         } => {
             let config = bench::BenchConfig {
@@ -243,6 +247,7 @@ pub fn main() -> ExitCode {
                 baseline: !no_baseline,
                 max_deltas: max_deltas as usize,
                 dirty_tracking,
+                cache_dir,
             };
             // The first failure to print is reported once the run is over.
             let mut printed = Ok(());
