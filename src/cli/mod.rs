@@ -147,7 +147,7 @@ pub const EXIT_FENCED: u8 = 3;
 pub fn main() -> ExitCode {
     // Warnings (a tracker that fell back to hashing, say) show without WASNAP_LOG.
     let filter = tracing_subscriber::EnvFilter::try_from_env("WASNAP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("wasnap=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,wasnap=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

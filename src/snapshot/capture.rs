@@ -152,66 +152,65 @@ fn copy_out(
     let one_page = |(page, change, slot): (usize, PageChange, &mut [u8])| {
         let bytes = pages::page(memory, page);
         let previous = previous.get(page);
-        let captured = match change {
+        match change {
             PageChange::Dirty => {
                 let base = previous
                     .filter(|hash| **hash != *pages::ZERO_PAGE_HASH)
                     .filter(|hash| cache::vouches_for(slot, **hash))
                     .map(|_| buffers.copy_of(slot));
-                Some(CapturedPage {
+                slot.copy_from_slice(bytes);
+                Copied::Page(CapturedPage {
                     memory: index,
                     page: page as u32,
                     bytes: buffers.copy_of(bytes),
                     base,
                 })
             }
-            // A grown page is zero in the cache already; writing it would only allocate
-            // file pages for nothing.
-            PageChange::Zeroed if previous.is_none() => return None,
-            PageChange::Zeroed => None,
-        };
-        slot.copy_from_slice(bytes);
-        captured
-    };
-    let split = |captured: Vec<(usize, PageChange, Option<CapturedPage>)>| {
-        let mut dirty = Vec::new();
-        let mut zeroed = Vec::new();
-        for (page, change, page_copy) in captured {
-            match (change, page_copy) {
-                (PageChange::Zeroed, _) => zeroed.push((index, page as u32)),
-                (PageChange::Dirty, Some(copy)) => dirty.push(copy),
-                (PageChange::Dirty, None) => unreachable!("a dirty page is always copied"),
+            PageChange::Zeroed => {
+                // A grown page is zero in the cache already; writing it would only
+                // allocate file pages for nothing.
+                if previous.is_some() {
+                    slot.fill(0);
+                }
+                Copied::Zeroed((index, page as u32))
             }
         }
-        (dirty, zeroed)
-    };
-    let run = |batch: Vec<(usize, PageChange, &mut [u8])>| -> Vec<_> {
-        batch
-            .into_iter()
-            .map(|(page, change, slot)| (page, change, one_page((page, change, slot))))
-            .collect()
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if work.len() < PARALLEL_COPY_THRESHOLD || threads == 1 {
-        return split(run(work));
+    let copied: Vec<Copied> = if work.len() < PARALLEL_COPY_THRESHOLD || threads == 1 {
+        work.into_iter().map(one_page).collect()
+    } else {
+        let per_thread = work.len().div_ceil(threads);
+        let mut batches = Vec::new();
+        while !work.is_empty() {
+            let rest = work.split_off(per_thread.min(work.len()));
+            batches.push(std::mem::replace(&mut work, rest));
+        }
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = batches
+                .into_iter()
+                .map(|batch| scope.spawn(|| batch.into_iter().map(one_page).collect::<Vec<_>>()))
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("page copier panicked"))
+                .collect()
+        })
+    };
+    let (mut dirty, mut zeroed) = (Vec::new(), Vec::new());
+    for copy in copied {
+        match copy {
+            Copied::Page(page) => dirty.push(page),
+            Copied::Zeroed(page) => zeroed.push(page),
+        }
     }
-    let per_thread = work.len().div_ceil(threads);
-    let mut batches = Vec::new();
-    while !work.is_empty() {
-        let rest = work.split_off(per_thread.min(work.len()));
-        batches.push(std::mem::replace(&mut work, rest));
-    }
-    let captured = std::thread::scope(|scope| {
-        let workers: Vec<_> = batches
-            .into_iter()
-            .map(|batch| scope.spawn(|| run(batch)))
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("page copier panicked"))
-            .collect()
-    });
-    split(captured)
+    (dirty, zeroed)
+}
+
+/// What `copy_out` made of one changed page.
+enum Copied {
+    Page(CapturedPage),
+    Zeroed((usize, u32)),
 }
 
 #[cfg(test)]
