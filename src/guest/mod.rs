@@ -150,7 +150,11 @@ fn engine_config(limits: Limits) -> Config {
     config
         .wasm_multi_memory(true)
         .wasm_memory64(true)
-        .epoch_interruption(limits.call_timeout.is_some());
+        .epoch_interruption(limits.call_timeout.is_some())
+        // Said outright because kernel dirty tracking depends on it: the on-demand
+        // allocator never resets a live memory behind the tracker's back, as the pooling
+        // allocator does when it recycles a slot (`snapshot::dirty::kernel`).
+        .allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
     config
 }
 
