@@ -13,7 +13,7 @@ use anyhow::Result;
 
 use super::buffers::PageBuffers;
 use super::cache::{self, PageCache};
-use super::dirty::{Dirty, DirtyTracker, MissedWrites};
+use super::dirty::{ALL_PARTS, Dirty, DirtyTracker, MissedWrites, PART_SIZE};
 use super::pages::{self, PAGE_SIZE, PageChange};
 use crate::guest::{GlobalValue, GuestInstance};
 
@@ -24,6 +24,45 @@ pub struct CapturedPage {
     pub bytes: Vec<u8>,
     /// The version last captured, when the cache could vouch for it: the delta base.
     pub base: Option<Vec<u8>>,
+    /// Instead of `base`, when the kernel said only some 4 KiB parts were written: the
+    /// previous version of those parts. [`CapturedPage::resolve_base`] (off the guest's
+    /// thread) rebuilds the base from them and `bytes`, and checks it.
+    pub base_parts: Option<BaseParts>,
+}
+
+/// The previous version of a page's written parts, and the hash the whole previous
+/// version must have.
+pub struct BaseParts {
+    /// Bit `i`: part `i` (bytes `i * PART_SIZE ..`) is in `bytes`, in order.
+    pub parts: u16,
+    pub bytes: Vec<u8>,
+    pub hash: u64,
+}
+
+impl CapturedPage {
+    /// Turn `base_parts` into `base`: this version with its written parts put back to what
+    /// they were, if that is the version last captured (its hash says so). A cache that
+    /// did not hold that version (damaged) leaves no base: the page goes whole.
+    pub fn resolve_base(&mut self, buffers: &PageBuffers) {
+        let Some(previous) = self.base_parts.take() else {
+            return;
+        };
+        let mut base = buffers.copy_of(&self.bytes);
+        let mut taken = previous.bytes.chunks(PART_SIZE);
+        for (part, slot) in base.chunks_mut(PART_SIZE).enumerate() {
+            if previous.parts & (1 << part) != 0
+                && let Some(old) = taken.next()
+            {
+                slot.copy_from_slice(old);
+            }
+        }
+        if cache::vouches_for(&base, previous.hash) {
+            self.base = Some(base);
+        } else {
+            buffers.give_back([base]);
+        }
+        buffers.give_back([previous.bytes]);
+    }
 }
 
 pub struct CapturedMemory {
@@ -68,9 +107,12 @@ pub fn capture(
     let (mut hashed_pages, mut kernel_tracked_memories) = (0, 0);
     for (index, previous) in hashes.iter_mut().enumerate() {
         let memory = instance.memory(index);
+        let mut listed = Vec::new();
         let tracked = match tracker.collect(index, memory) {
-            Ok(Dirty::Pages(listed)) => {
-                pages::rehash_listed(memory, previous, &listed).map(|hashes| (hashes, listed.len()))
+            Ok(Dirty::Pages(reported)) => {
+                listed = reported;
+                let numbers: Vec<usize> = listed.iter().map(|p| p.page).collect();
+                pages::rehash_listed(memory, previous, &numbers).map(|h| (h, numbers.len()))
             }
             Ok(Dirty::All) => None,
             Err(err) if err.is::<MissedWrites>() => return Err(err),
@@ -86,17 +128,23 @@ pub fn capture(
                 hashes
             }
             None => {
+                listed.clear(); // every part of every page may have changed
                 hashed_pages += pages::page_count(memory.len() as u64);
                 pages::hash_pages(memory)
             }
         };
         let changes = pages::diff(memory, &new_hashes, previous);
         cache.resize(index, memory.len() as u64)?;
+        let parts = |page: usize| match listed.binary_search_by_key(&page, |p| p.page) {
+            Ok(at) => listed[at].parts,
+            Err(_) => ALL_PARTS,
+        };
         let (pages_dirty, pages_zeroed) = copy_out(
             index,
             memory,
             previous,
             &changes,
+            &parts,
             cache.bytes_mut(index),
             buffers,
         );
@@ -124,16 +172,25 @@ pub fn capture(
 /// Below this many changed pages, copying on the guest's thread beats starting threads.
 const PARALLEL_COPY_THRESHOLD: usize = 32;
 
+/// Pages with more written parts than this are copied whole: copying parts one by one
+/// no longer saves much.
+const MOST_PARTS_COPIED_ALONE: u32 = 8;
+
 /// For each changed page of memory `index`: copy it, and its previous version from the
 /// cache when the cache can vouch for it (by hash), out of the guest; then put the new
-/// version in the cache. Pages changed to zero are only listed (and zeroed in the
-/// cache). On several threads when many pages changed: once hashing is left to the
-/// kernel's record, these copies are most of the pause.
+/// version in the cache. Where the kernel said only some 4 KiB parts of a page were
+/// written (`parts`), only those parts of the previous version are copied and only those
+/// parts of the cache rewritten: the rest is the same in both versions, and the base is
+/// rebuilt and checked off the guest's thread (`resolve_base`). Pages changed to zero
+/// are only listed (and zeroed in the cache). On several threads when many pages
+/// changed: once hashing is left to the kernel's record, these copies are most of the
+/// pause.
 fn copy_out(
     index: usize,
     memory: &[u8],
     previous: &[u64],
     changes: &[(usize, PageChange)],
+    parts: &(dyn Fn(usize) -> u16 + Sync),
     cached: &mut [u8],
     buffers: &PageBuffers,
 ) -> (Vec<CapturedPage>, Vec<(usize, u32)>) {
@@ -154,16 +211,40 @@ fn copy_out(
         let previous = previous.get(page);
         match change {
             PageChange::Dirty => {
-                let base = previous
-                    .filter(|hash| **hash != *pages::ZERO_PAGE_HASH)
-                    .filter(|hash| cache::vouches_for(slot, **hash))
-                    .map(|_| buffers.copy_of(slot));
-                slot.copy_from_slice(bytes);
+                let written = parts(page);
+                let previous = previous.filter(|hash| **hash != *pages::ZERO_PAGE_HASH);
+                let (mut base, mut base_parts) = (None, None);
+                if written.count_ones() <= MOST_PARTS_COPIED_ALONE {
+                    base_parts = previous.map(|hash| {
+                        let mut old = buffers.copy_of(&[]);
+                        let written_parts = slot.chunks(PART_SIZE).enumerate();
+                        written_parts
+                            .filter(|(part, _)| written & (1 << part) != 0)
+                            .for_each(|(_, bytes)| old.extend_from_slice(bytes));
+                        BaseParts {
+                            parts: written,
+                            bytes: old,
+                            hash: *hash,
+                        }
+                    });
+                    let parts_of_both = slot.chunks_mut(PART_SIZE).zip(bytes.chunks(PART_SIZE));
+                    for (part, (cached, new)) in parts_of_both.enumerate() {
+                        if written & (1 << part) != 0 {
+                            cached.copy_from_slice(new);
+                        }
+                    }
+                } else {
+                    base = previous
+                        .filter(|hash| cache::vouches_for(slot, **hash))
+                        .map(|_| buffers.copy_of(slot));
+                    slot.copy_from_slice(bytes);
+                }
                 Copied::Page(CapturedPage {
                     memory: index,
                     page: page as u32,
                     bytes: buffers.copy_of(bytes),
                     base,
+                    base_parts,
                 })
             }
             PageChange::Zeroed => {
@@ -237,7 +318,9 @@ mod tests {
         let changes = pages::diff(&memory, &hashes, &previous);
         assert_eq!(changes.len(), pages_n + 2);
         let buffers = PageBuffers::default();
-        let (dirty, zeroed) = copy_out(0, &memory, &previous, &changes, &mut cached, &buffers);
+        let all = |_| ALL_PARTS;
+        let (dirty, zeroed) =
+            copy_out(0, &memory, &previous, &changes, &all, &mut cached, &buffers);
         assert_eq!(
             zeroed,
             vec![(0, 7), (0, pages_n as u32), (0, pages_n as u32 + 1)]
@@ -254,5 +337,79 @@ mod tests {
             }
         }
         assert_eq!(cached, memory, "the cache does not hold the new versions");
+    }
+
+    /// Pages whose written parts the kernel named: only those parts of the previous
+    /// version are copied, the base is rebuilt from them off the guest's thread and
+    /// checked: a cache whose copied part was damaged gives no base; damage in a part
+    /// that was not written does not matter to the base (that part comes from this
+    /// version, which is the same there).
+    #[test]
+    fn copying_out_written_parts_rebuilds_the_base_and_refuses_a_damaged_cache() {
+        let pages_n = PARALLEL_COPY_THRESHOLD * 2;
+        let old: Vec<u8> = (0..pages_n * PAGE_SIZE)
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
+        let previous: Vec<u64> = old.chunks(PAGE_SIZE).map(pages::hash_page).collect();
+        let mut memory = old.clone();
+        let mut written = vec![0u16; pages_n];
+        for (page, parts) in written.iter_mut().enumerate() {
+            // Parts 1 and (page % 16) written; page 9 has most parts written (copied whole).
+            *parts = if page == 9 {
+                0xFFF0
+            } else {
+                1 << 1 | 1 << (page % 16)
+            };
+            for part in 0..16 {
+                if *parts & (1 << part) != 0 {
+                    memory[page * PAGE_SIZE + part * PART_SIZE + 7] ^= 0x5A;
+                }
+            }
+        }
+        let mut cached = old.clone();
+        cached[3 * PAGE_SIZE + PART_SIZE + 100] ^= 1; // in a written part of page 3
+        cached[4 * PAGE_SIZE + 12 * PART_SIZE] ^= 1; // in a part page 4 did not write
+        let hashes = pages::hash_pages(&memory);
+        let changes = pages::diff(&memory, &hashes, &previous);
+        assert_eq!(changes.len(), pages_n);
+        let buffers = PageBuffers::default();
+        let parts = |page: usize| written[page];
+        let (mut dirty, zeroed) = copy_out(
+            0,
+            &memory,
+            &previous,
+            &changes,
+            &parts,
+            &mut cached,
+            &buffers,
+        );
+        assert!(zeroed.is_empty());
+        for page in &mut dirty {
+            let n = page.page as usize;
+            assert_eq!(
+                page.base.is_some(),
+                n == 9,
+                "page {n}: only page 9 is copied whole"
+            );
+            if n != 9 {
+                let copied = page.base_parts.as_ref().unwrap().bytes.len();
+                assert_eq!(copied, written[n].count_ones() as usize * PART_SIZE);
+            }
+            page.resolve_base(&buffers);
+            let at = n * PAGE_SIZE;
+            assert_eq!(page.bytes, memory[at..at + PAGE_SIZE]);
+            match n {
+                3 => assert!(page.base.is_none(), "a damaged cache gave a base"),
+                _ => assert_eq!(
+                    page.base.as_deref(),
+                    Some(&old[at..at + PAGE_SIZE]),
+                    "page {n}"
+                ),
+            }
+        }
+        // The cache holds the new versions, but for the damage no write covered.
+        let mut expected = memory.clone();
+        expected[4 * PAGE_SIZE + 12 * PART_SIZE] ^= 1;
+        assert_eq!(cached, expected);
     }
 }

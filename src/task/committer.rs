@@ -205,6 +205,9 @@ impl CommitContext {
     fn commit(&mut self, mut job: Job) -> Result<CheckpointStats> {
         let generation = job.generation;
         let encoding = Instant::now();
+        for page in &mut job.capture.dirty {
+            page.resolve_base(&self.buffers);
+        }
         let packs = self.chain_packs(&job);
         let encoded = encode_pages(&job.capture.dirty, &self.table, self.max_deltas, &packs)?;
         let (store, recent) = (&self.store, &mut self.recent);

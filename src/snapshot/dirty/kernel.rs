@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result};
 
 use super::sys::{self, page_region};
-use super::{Dirty, DirtyTracker};
+use super::{ALL_PARTS, Dirty, DirtyPage, DirtyTracker, PART_SIZE};
 use crate::snapshot::pages::{PAGE_SIZE, page_count};
 
 /// One memory under watch.
@@ -149,11 +149,10 @@ impl DirtyTracker for KernelTracker {
         }
         let (registered, after_failure) = (watched.registered, watched.after_failure);
         let mut written = 0usize;
-        let mut dirty: Vec<usize> = Vec::new();
-        let mut add = |page: usize| {
-            if dirty.last() != Some(&page) {
-                dirty.push(page);
-            }
+        let mut dirty: Vec<DirtyPage> = Vec::new();
+        let mut add = |page: usize, parts: u16| match dirty.last_mut() {
+            Some(last) if last.page == page => last.parts |= parts,
+            _ => dirty.push(DirtyPage { page, parts }),
         };
         let scanned = sys::scan_written_and_protect(
             &self.pagemap,
@@ -161,10 +160,14 @@ impl DirtyTracker for KernelTracker {
             base + registered,
             &mut self.regions,
             |start, end| {
-                written += (end - start) as usize;
-                let first = (start as usize - base) / PAGE_SIZE;
-                let last = (end as usize - 1 - base) / PAGE_SIZE;
-                (first..=last).for_each(&mut add);
+                let (start, end) = (start as usize - base, end as usize - base);
+                written += end - start;
+                for page in start / PAGE_SIZE..=(end - 1) / PAGE_SIZE {
+                    let page_start = page * PAGE_SIZE;
+                    let first = (start.max(page_start) - page_start) / PART_SIZE;
+                    let last = (end.min(page_start + PAGE_SIZE) - 1 - page_start) / PART_SIZE;
+                    add(page, parts_mask(first, last));
+                }
             },
         );
         if let Err(err) = scanned {
@@ -201,7 +204,9 @@ impl DirtyTracker for KernelTracker {
         }
         // Grown since the last arm: not watched yet, so dirty (from the page that held
         // the old end, in case the memory's size is not a whole number of pages).
-        (registered / PAGE_SIZE..page_count(memory.len() as u64)).for_each(add);
+        for page in registered / PAGE_SIZE..page_count(memory.len() as u64) {
+            add(page, ALL_PARTS);
+        }
         Ok(Dirty::Pages(dirty))
     }
 
@@ -269,6 +274,16 @@ impl DirtyTracker for KernelTracker {
     }
 }
 
+/// Bits `first..=last` set.
+fn parts_mask(first: usize, last: usize) -> u16 {
+    let through_last = if last >= 15 {
+        u16::MAX
+    } else {
+        (1u16 << (last + 1)) - 1
+    };
+    through_last & !((1u16 << first) - 1)
+}
+
 /// Whether kernel dirty tracking works in this process, checked once: a small mapping is
 /// registered, protected, written and scanned, and the scan must report exactly the pages
 /// written. `Err` says why not.
@@ -299,7 +314,12 @@ fn probe() -> Result<(), String> {
         }
         let got = tracker.collect(0, mapping).map_err(|e| format!("{e:#}"))?;
         tracker.arm(0, mapping).map_err(|e| format!("{e:#}"))?;
-        if got == Dirty::Pages(writes.to_vec()) {
+        // Each write is to the second part of its page.
+        let expected: Vec<DirtyPage> = writes
+            .iter()
+            .map(|&page| DirtyPage { page, parts: 0b10 })
+            .collect();
+        if got == Dirty::Pages(expected) {
             Ok(())
         } else {
             Err(format!(
@@ -332,10 +352,40 @@ mod tests {
     }
 
     fn pages(dirty: Dirty) -> Vec<usize> {
-        match dirty {
-            Dirty::Pages(p) => p,
-            Dirty::All => panic!("expected tracked pages, got All"),
+        dirty
+            .page_numbers()
+            .expect("expected tracked pages, got All")
+    }
+
+    #[test]
+    fn parts_are_the_4_kib_pieces_written() {
+        if !available() {
+            return;
         }
+        let mut tracker = KernelTracker::new(0).unwrap();
+        let mut memory = memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap();
+        tracker.arm(0, &memory).unwrap();
+        memory[PAGE_SIZE + 5] = 1; // part 0 of page 1
+        memory[PAGE_SIZE + 15 * PART_SIZE] = 1; // part 15 of page 1
+        memory[3 * PAGE_SIZE + 2 * PART_SIZE..3 * PAGE_SIZE + 5 * PART_SIZE].fill(1); // 2..=4
+        let Dirty::Pages(got) = tracker.collect(0, &memory).unwrap() else {
+            panic!("All");
+        };
+        assert_eq!(
+            got,
+            vec![
+                DirtyPage {
+                    page: 1,
+                    parts: 1 | 1 << 15
+                },
+                DirtyPage {
+                    page: 3,
+                    parts: 0b1_1100
+                },
+            ]
+        );
+        assert_eq!(parts_mask(0, 15), ALL_PARTS);
+        assert_eq!(parts_mask(3, 3), 1 << 3);
     }
 
     #[test]
@@ -445,33 +495,30 @@ mod tests {
             }
             let dirty = tracker.collect(0, memory).unwrap();
             tracker.arm(0, memory).unwrap();
-            dirty
+            dirty.page_numbers()
         };
         let all_pages: Vec<usize> = (0..16).collect();
         // A light writer is tracked however long it runs.
         for _ in 0..10 {
-            assert_eq!(checkpoint(&mut memory, false), Dirty::Pages(vec![0]));
+            assert_eq!(checkpoint(&mut memory, false), Some(vec![0]));
         }
         // A heavy one is tracked for three checkpoints (their answers still hold)...
         for _ in 0..HEAVY_SCANS_TO_REST {
-            assert_eq!(
-                checkpoint(&mut memory, true),
-                Dirty::Pages(all_pages.clone())
-            );
+            assert_eq!(checkpoint(&mut memory, true), Some(all_pages.clone()));
         }
         // ...then hashed for FIRST_REST checkpoints, then watched again.
         for _ in 0..FIRST_REST {
-            assert_eq!(checkpoint(&mut memory, true), Dirty::All);
+            assert_eq!(checkpoint(&mut memory, true), None);
         }
-        assert_eq!(checkpoint(&mut memory, false), Dirty::Pages(vec![0]));
+        assert_eq!(checkpoint(&mut memory, false), Some(vec![0]));
         // Heavy again: the rest is twice as long.
         for _ in 0..HEAVY_SCANS_TO_REST {
             checkpoint(&mut memory, true);
         }
         for _ in 0..FIRST_REST * 2 {
-            assert_eq!(checkpoint(&mut memory, false), Dirty::All);
+            assert_eq!(checkpoint(&mut memory, false), None);
         }
-        assert_eq!(checkpoint(&mut memory, false), Dirty::Pages(vec![0]));
+        assert_eq!(checkpoint(&mut memory, false), Some(vec![0]));
         // A tracker that is not adaptive never rests.
         let mut steady = KernelTracker::new(0).unwrap();
         let mut other = memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap();
@@ -479,8 +526,8 @@ mod tests {
         for _ in 0..HEAVY_SCANS_TO_REST * 2 {
             other.iter_mut().step_by(4096).for_each(|b| *b += 1);
             assert_eq!(
-                steady.collect(0, &other).unwrap(),
-                Dirty::Pages(vec![0, 1, 2, 3])
+                steady.collect(0, &other).unwrap().page_numbers(),
+                Some(vec![0, 1, 2, 3])
             );
             steady.arm(0, &other).unwrap();
         }

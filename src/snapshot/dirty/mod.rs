@@ -38,7 +38,31 @@ pub enum Dirty {
     All,
     /// Only these pages (ascending, no repeats), which include every page past the
     /// memory's size when armed (grown since).
-    Pages(Vec<usize>),
+    Pages(Vec<DirtyPage>),
+}
+
+/// Bytes per part of a page: the granularity at which the kernel reports writes (its
+/// page size on x86-64; a larger kernel page sets several parts).
+pub const PART_SIZE: usize = 4096;
+/// Every part of a 64 KiB page.
+pub const ALL_PARTS: u16 = u16::MAX;
+
+/// A page that may have changed, and which of its 4 KiB parts were written (bit `i`:
+/// bytes `i * PART_SIZE ..`): a part not written is the same as at the last `arm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyPage {
+    pub page: usize,
+    pub parts: u16,
+}
+
+impl Dirty {
+    /// The page numbers, or `None` for `All`.
+    pub fn page_numbers(&self) -> Option<Vec<usize>> {
+        match self {
+            Dirty::All => None,
+            Dirty::Pages(pages) => Some(pages.iter().map(|p| p.page).collect()),
+        }
+    }
 }
 
 /// The seam between a capture and whatever knows what the guest wrote.

@@ -1,13 +1,13 @@
-//! A tracker that checks another: it hashes every page at `arm` and again at `collect`,
-//! and fails with [`MissedWrites`] if a page changed that the inner tracker did not
-//! report. What it returns is the inner tracker's answer, so the rest of the pipeline
+//! A tracker that checks another: it hashes every 4 KiB part of every page at `arm` and
+//! again at `collect`, and fails with [`MissedWrites`] if a part changed that the inner
+//! tracker did not report (its page, or that part of its page). What it returns is the inner tracker's answer, so the rest of the pipeline
 //! runs exactly as it would without the check. Twice the cost of hashing: for checking a
 //! kernel or a container before trusting kernel tracking, and for the tests.
 
 use anyhow::Result;
 
-use super::{Dirty, DirtyTracker};
-use crate::snapshot::pages;
+use super::{Dirty, DirtyTracker, PART_SIZE};
+use crate::snapshot::pages::{self, PAGE_SIZE};
 
 /// The inner tracker missed changed pages: trusting it would lose data.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +23,7 @@ pub struct MissedWrites {
 
 pub struct VerifyingTracker<T> {
     inner: T,
-    /// Every page's hash at the last `arm`, per memory.
+    /// Every part's hash at the last `arm`, per memory.
     armed: Vec<Option<Vec<u64>>>,
 }
 
@@ -43,15 +43,19 @@ impl<T: DirtyTracker> DirtyTracker for VerifyingTracker<T> {
         let (Dirty::Pages(reported), Some(before)) = (&dirty, before) else {
             return Ok(dirty);
         };
-        let now = pages::hash_pages(memory);
-        let missed: Vec<usize> = now
-            .iter()
-            .enumerate()
-            .filter(|(page, hash)| {
-                before.get(*page) != Some(*hash) && reported.binary_search(page).is_err()
-            })
-            .map(|(page, _)| page)
-            .collect();
+        let mut missed: Vec<usize> = Vec::new();
+        for (part, bytes) in memory.chunks(PART_SIZE).enumerate() {
+            if before.get(part) == Some(&pages::hash_page(bytes)) {
+                continue;
+            }
+            let (page, bit) = (part * PART_SIZE / PAGE_SIZE, part % (PAGE_SIZE / PART_SIZE));
+            let reported = reported
+                .binary_search_by_key(&page, |p| p.page)
+                .is_ok_and(|i| reported[i].parts & (1 << bit) != 0);
+            if !reported && missed.last() != Some(&page) {
+                missed.push(page);
+            }
+        }
         if missed.is_empty() {
             Ok(dirty)
         } else {
@@ -68,7 +72,7 @@ impl<T: DirtyTracker> DirtyTracker for VerifyingTracker<T> {
         if self.armed.len() <= index {
             self.armed.resize(index + 1, None);
         }
-        self.armed[index] = Some(pages::hash_pages(memory));
+        self.armed[index] = Some(memory.chunks(PART_SIZE).map(pages::hash_page).collect());
         Ok(())
     }
 }
@@ -76,12 +80,13 @@ impl<T: DirtyTracker> DirtyTracker for VerifyingTracker<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::dirty::DirtyPage;
 
-    /// A tracker that reports a fixed answer: here, one that forgets page 2.
+    /// A tracker that reports a fixed answer: part 0 of page 1, and nothing else.
     struct Forgetful;
     impl DirtyTracker for Forgetful {
         fn collect(&mut self, _: usize, _: &[u8]) -> Result<Dirty> {
-            Ok(Dirty::Pages(vec![1]))
+            Ok(Dirty::Pages(vec![DirtyPage { page: 1, parts: 1 }]))
         }
         fn arm(&mut self, _: usize, _: &[u8]) -> Result<()> {
             Ok(())
@@ -90,16 +95,22 @@ mod tests {
 
     #[test]
     fn a_change_the_inner_tracker_did_not_report_fails_the_collect() {
-        let mut memory = vec![0u8; 4 * pages::PAGE_SIZE];
+        let mut memory = vec![0u8; 4 * PAGE_SIZE];
         let mut tracker = VerifyingTracker::new(Forgetful);
         tracker.arm(0, &memory).unwrap();
-        memory[pages::PAGE_SIZE] = 1;
-        assert_eq!(tracker.collect(0, &memory).unwrap(), Dirty::Pages(vec![1]));
-        tracker.arm(0, &memory).unwrap();
-        memory[pages::PAGE_SIZE + 1] = 1;
-        memory[2 * pages::PAGE_SIZE] = 1;
-        let err = tracker.collect(0, &memory).unwrap_err();
-        let missed = err.downcast_ref::<MissedWrites>().expect("MissedWrites");
-        assert_eq!((missed.memory, missed.pages.clone()), (0, vec![2]));
+        memory[PAGE_SIZE] = 1;
+        assert_eq!(
+            tracker.collect(0, &memory).unwrap().page_numbers(),
+            Some(vec![1])
+        );
+        // A page not reported, and a part of a reported page that was not.
+        for (at, page) in [(2 * PAGE_SIZE, 2), (PAGE_SIZE + 3 * PART_SIZE, 1)] {
+            tracker.arm(0, &memory).unwrap();
+            memory[PAGE_SIZE + 1] += 1;
+            memory[at] += 1;
+            let err = tracker.collect(0, &memory).unwrap_err();
+            let missed = err.downcast_ref::<MissedWrites>().expect("MissedWrites");
+            assert_eq!((missed.memory, missed.pages.clone()), (0, vec![page]));
+        }
     }
 }
