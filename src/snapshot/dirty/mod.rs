@@ -106,8 +106,8 @@ pub enum DirtyTracking {
     Kernel,
     /// Hash every page at every checkpoint.
     Hash,
-    /// Kernel tracking, and every checkpoint also hashes every page and fails if the
-    /// kernel missed a changed one: to check a kernel or container before trusting it.
+    /// Kernel tracking, and every checkpoint also hashes every 4 KiB part and fails if
+    /// the kernel missed a changed one: to check a kernel or container before trusting it.
     Verify,
 }
 
