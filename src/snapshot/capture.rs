@@ -15,6 +15,7 @@ use super::buffers::PageBuffers;
 use super::cache::{self, PageCache};
 use super::dirty::{ALL_PARTS, Dirty, DirtyTracker, MissedWrites, PART_SIZE};
 use super::pages::{self, PAGE_SIZE, PageChange};
+use super::parallel;
 use crate::guest::{GlobalValue, GuestInstance};
 
 /// A dirty page, copied out of the guest.
@@ -107,13 +108,8 @@ pub fn capture(
     let (mut hashed_pages, mut kernel_tracked_memories) = (0, 0);
     for (index, previous) in hashes.iter_mut().enumerate() {
         let memory = instance.memory(index);
-        let mut listed = Vec::new();
-        let tracked = match tracker.collect(index, memory) {
-            Ok(Dirty::Pages(reported)) => {
-                listed = reported;
-                let numbers: Vec<usize> = listed.iter().map(|p| p.page).collect();
-                pages::rehash_listed(memory, previous, &numbers).map(|h| (h, numbers.len()))
-            }
+        let reported = match tracker.collect(index, memory) {
+            Ok(Dirty::Pages(reported)) => Some(reported),
             Ok(Dirty::All) => None,
             Err(err) if err.is::<MissedWrites>() => return Err(err),
             Err(err) => {
@@ -121,16 +117,21 @@ pub fn capture(
                 None
             }
         };
-        let new_hashes = match tracked {
+        let rehashed = reported.and_then(|listed| {
+            let numbers: Vec<usize> = listed.iter().map(|p| p.page).collect();
+            pages::rehash_listed(memory, previous, &numbers).map(|hashes| (hashes, listed))
+        });
+        // `listed`: the pages the kernel named, with their written parts; empty when
+        // every part of every page may have changed.
+        let (new_hashes, listed) = match rehashed {
             Some((hashes, listed)) => {
                 kernel_tracked_memories += 1;
-                hashed_pages += listed;
-                hashes
+                hashed_pages += listed.len();
+                (hashes, listed)
             }
             None => {
-                listed.clear(); // every part of every page may have changed
                 hashed_pages += pages::page_count(memory.len() as u64);
-                pages::hash_pages(memory)
+                (pages::hash_pages(memory), Vec::new())
             }
         };
         let changes = pages::diff(memory, &new_hashes, previous);
@@ -257,27 +258,7 @@ fn copy_out(
             }
         }
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let copied: Vec<Copied> = if work.len() < PARALLEL_COPY_THRESHOLD || threads == 1 {
-        work.into_iter().map(one_page).collect()
-    } else {
-        let per_thread = work.len().div_ceil(threads);
-        let mut batches = Vec::new();
-        while !work.is_empty() {
-            let rest = work.split_off(per_thread.min(work.len()));
-            batches.push(std::mem::replace(&mut work, rest));
-        }
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = batches
-                .into_iter()
-                .map(|batch| scope.spawn(|| batch.into_iter().map(one_page).collect::<Vec<_>>()))
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().expect("page copier panicked"))
-                .collect()
-        })
-    };
+    let copied = parallel::map_in_order(work, PARALLEL_COPY_THRESHOLD, one_page);
     let (mut dirty, mut zeroed) = (Vec::new(), Vec::new());
     for copy in copied {
         match copy {

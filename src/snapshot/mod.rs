@@ -16,6 +16,7 @@ pub mod capture;
 pub mod dirty;
 pub mod encode;
 pub mod pages;
+mod parallel;
 pub mod rebase;
 pub mod restore;
 pub mod table;

@@ -76,27 +76,12 @@ pub fn rehash_listed(memory: &[u8], previous: &[u64], listed: &[usize]) -> Optio
     }
     let mut hashes = previous.to_vec();
     hashes.resize(count, 0);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if listed.len() * PAGE_SIZE < PARALLEL_HASH_THRESHOLD || threads == 1 {
-        for &index in listed {
-            hashes[index] = hash_page(page(memory, index));
-        }
-        return Some(hashes);
-    }
-    let per_thread = listed.len().div_ceil(threads);
-    let computed: Vec<Vec<u64>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = listed
-            .chunks(per_thread)
-            .map(|chunk| {
-                scope.spawn(move || chunk.iter().map(|&i| hash_page(page(memory, i))).collect())
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("page hasher panicked"))
-            .collect()
-    });
-    for (&index, hash) in listed.iter().zip(computed.into_iter().flatten()) {
+    let hashed = super::parallel::map_in_order(
+        listed.to_vec(),
+        PARALLEL_HASH_THRESHOLD / PAGE_SIZE,
+        |index| hash_page(page(memory, index)),
+    );
+    for (&index, hash) in listed.iter().zip(hashed) {
         hashes[index] = hash;
     }
     Some(hashes)

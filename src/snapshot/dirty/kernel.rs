@@ -351,6 +351,13 @@ mod tests {
         }
     }
 
+    /// A fresh anonymous memory of `pages` 64 KiB pages, armed in `tracker` as memory 0.
+    fn armed(tracker: &mut KernelTracker, pages: usize) -> memmap2::MmapMut {
+        let memory = memmap2::MmapMut::map_anon(pages * PAGE_SIZE).unwrap();
+        tracker.arm(0, &memory).unwrap();
+        memory
+    }
+
     fn pages(dirty: Dirty) -> Vec<usize> {
         dirty
             .page_numbers()
@@ -363,8 +370,7 @@ mod tests {
             return;
         }
         let mut tracker = KernelTracker::new(0).unwrap();
-        let mut memory = memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap();
-        tracker.arm(0, &memory).unwrap();
+        let mut memory = armed(&mut tracker, 4);
         memory[PAGE_SIZE + 5] = 1; // part 0 of page 1
         memory[PAGE_SIZE + 15 * PART_SIZE] = 1; // part 15 of page 1
         memory[3 * PAGE_SIZE + 2 * PART_SIZE..3 * PAGE_SIZE + 5 * PART_SIZE].fill(1); // 2..=4
@@ -485,8 +491,7 @@ mod tests {
             return;
         }
         let mut tracker = KernelTracker::adaptive(0).unwrap();
-        let mut memory = memmap2::MmapMut::map_anon(16 * PAGE_SIZE).unwrap();
-        tracker.arm(0, &memory).unwrap();
+        let mut memory = armed(&mut tracker, 16);
         let mut checkpoint = |memory: &mut [u8], rewrite: bool| {
             if rewrite {
                 memory.iter_mut().step_by(4096).for_each(|b| *b += 1);
@@ -521,8 +526,7 @@ mod tests {
         assert_eq!(checkpoint(&mut memory, false), Some(vec![0]));
         // A tracker that is not adaptive never rests.
         let mut steady = KernelTracker::new(0).unwrap();
-        let mut other = memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap();
-        steady.arm(0, &other).unwrap();
+        let mut other = armed(&mut steady, 4);
         for _ in 0..HEAVY_SCANS_TO_REST * 2 {
             other.iter_mut().step_by(4096).for_each(|b| *b += 1);
             assert_eq!(
@@ -556,8 +560,7 @@ mod tests {
             return;
         }
         let mut tracker = KernelTracker::new(0).unwrap();
-        let mut memory = memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap();
-        tracker.arm(0, &memory).unwrap();
+        let mut memory = armed(&mut tracker, 4);
         memory[0] = 1;
         tracker.lose_registrations();
         let err = tracker.collect(0, &memory).unwrap_err();

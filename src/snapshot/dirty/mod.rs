@@ -76,23 +76,6 @@ pub trait DirtyTracker: Send {
     fn arm(&mut self, index: usize, memory: &[u8]) -> Result<()>;
 }
 
-/// What a tracker does for a memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TrackerKind {
-    Hash,
-    Kernel,
-}
-
-impl fmt::Display for TrackerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            TrackerKind::Hash => "hash",
-            TrackerKind::Kernel => "kernel",
-        })
-    }
-}
-
 /// `--dirty-tracking`: what the user asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DirtyTracking {
