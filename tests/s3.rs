@@ -90,6 +90,8 @@ fn big_manifest(generation: u64, writer_id: [u8; 16], pages: u32, rng: &mut Rng)
         module_sha256: [1; 32],
         input_offset: rng.next(),
         output_marker: rng.next(),
+        input_position: vec![],
+        output_position: vec![],
         random_seed: 0,
         random_position: 0,
         created_unix_ms: 0,

@@ -134,6 +134,15 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
+    /// Write the committed output of an object-storage output (`--output s3://…`,
+    /// `file:///DIR` or a directory) to stdout, in order. With `--store`, exactly what the
+    /// store's newest checkpoint committed.
+    Cat {
+        #[arg(long)]
+        output: String,
+        #[arg(long)]
+        store: Option<String>,
+    },
     /// List the checkpoints in a store.
     Inspect {
         #[arg(long)]
@@ -266,6 +275,7 @@ pub fn main() -> ExitCode {
             })
         }
         Command::Inspect { store } => inspect::inspect(&store),
+        Command::Cat { output, store } => cat(&output, store.as_deref()),
         Command::Gc { store, retain } => gc(&store, usize::try_from(retain).unwrap_or(usize::MAX)),
     };
     match result {
@@ -282,6 +292,29 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn cat(output: &str, store: Option<&str>) -> anyhow::Result<()> {
+    let marker = match store {
+        None => None,
+        Some(url) => {
+            let store = crate::store::CheckpointStore::open(url)?;
+            match store.generations()?.last() {
+                Some(&newest) => Some(store.read_manifest(newest)?.output_position),
+                None => anyhow::bail!("store {url} holds no checkpoint"),
+            }
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    crate::stream::object_output::cat(output, marker.as_deref(), &mut out)?;
+    use std::io::Write;
+    out.flush().or_else(|e| {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Ok(())
+        } else {
+            Err(anyhow::Error::from(e).context("cannot write to standard output"))
+        }
+    })
 }
 
 fn gc(url: &str, retain: usize) -> anyhow::Result<()> {

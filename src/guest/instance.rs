@@ -299,8 +299,7 @@ impl GuestInstance {
     /// left the program's stack (from the checkpoint), if it was ever unwound.
     pub fn attach_stdin(
         &mut self,
-        file: std::fs::File,
-        offset: u64,
+        source: Box<dyn crate::stream::Source>,
         checkpoint_every: u64,
         data: Option<u32>,
     ) -> Result<()> {
@@ -313,7 +312,7 @@ impl GuestInstance {
                 bail!("the program's memory does not hold its unwind data (store corrupt?)");
             }
         }
-        let mut stdin = stdio::StdinState::new(file, offset, checkpoint_every.max(1), data);
+        let mut stdin = stdio::StdinState::new(source, checkpoint_every.max(1), data);
         stdin.asyncify = Some(asyncify.clone());
         self.store.data_mut().stdin = Some(stdin);
         Ok(())
@@ -322,6 +321,16 @@ impl GuestInstance {
     /// Where the program's stack was unwound to, once it has been.
     pub fn unwind_data(&self) -> Option<u32> {
         self.store.data().stdin.as_ref().and_then(|s| s.data)
+    }
+
+    /// The input's position after the stdin bytes handed to the program (empty before
+    /// stdin is attached).
+    pub fn stdin_position(&self) -> Vec<u8> {
+        self.store
+            .data()
+            .stdin
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.position())
     }
 
     /// Stdin bytes handed to the program so far.

@@ -16,9 +16,7 @@
 //!
 //! Everything else is WASI preview 1 as for record guests.
 
-use std::fs::File;
 use std::io::Write as _;
-use std::os::unix::fs::FileExt;
 
 use anyhow::{Result, anyhow, bail};
 use wasmtime::{Caller, ExternType, Instance, Linker, Module, Store, TypedFunc};
@@ -70,7 +68,7 @@ impl Asyncify {
 
 /// The program's standard input, and the unwind/rewind bookkeeping `fd_read` needs.
 pub struct StdinState {
-    file: File,
+    source: Box<dyn crate::stream::Source>,
     /// Input bytes handed to the program so far: a checkpoint's input offset.
     pub offset: u64,
     /// Take a checkpoint at the first stdin read after this many bytes since the last one.
@@ -86,9 +84,19 @@ pub struct StdinState {
 }
 
 impl StdinState {
-    pub fn new(file: File, offset: u64, checkpoint_every: u64, data: Option<u32>) -> Self {
+    /// The input's position after the bytes handed to the program.
+    pub fn position(&self) -> Vec<u8> {
+        self.source.position()
+    }
+
+    pub fn new(
+        source: Box<dyn crate::stream::Source>,
+        checkpoint_every: u64,
+        data: Option<u32>,
+    ) -> Self {
+        let offset = source.offset();
         Self {
-            file,
+            source,
             offset,
             checkpoint_every,
             last_checkpoint: offset,
@@ -228,12 +236,9 @@ fn fd_read(
         let mut filled = 0;
         while filled < len {
             let n = stdin
-                .file
-                .read_at(
-                    &mut data[buf + filled..buf + len],
-                    stdin.offset + total as u64,
-                )
-                .map_err(|e| wasmtime::Error::msg(format!("cannot read the input: {e}")))?;
+                .source
+                .read(&mut data[buf + filled..buf + len])
+                .map_err(|e| wasmtime::Error::msg(format!("{e:#}")))?;
             if n == 0 {
                 break 'buffers;
             }

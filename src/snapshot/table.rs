@@ -213,6 +213,8 @@ mod tests {
             module_sha256: [0; 32],
             input_offset: 0,
             output_marker: 0,
+            input_position: vec![],
+            output_position: vec![],
             random_seed: 0,
             random_position: 0,
             created_unix_ms: 0,

@@ -9,7 +9,10 @@ use super::codec::{Put, Reader};
 use crate::guest::GlobalValue;
 
 pub const MANIFEST_MAGIC: &[u8; 8] = b"WASNAPMF";
-pub const MANIFEST_VERSION: u16 = 2;
+pub const MANIFEST_VERSION: u16 = 3;
+/// Version 2 had no stream positions, only the two byte counts; it is still read (its
+/// positions are the counts as varints, which is what the file input and output use).
+const MANIFEST_VERSION_2: u16 = 2;
 /// magic, version, flags, stored body length, raw body length.
 const HEADER_LEN: usize = 8 + 2 + 2 + 4 + 4;
 const FLAG_BODY_ZSTD: u16 = 1;
@@ -80,6 +83,11 @@ pub struct Manifest {
     pub input_offset: u64,
     /// Output bytes made durable at this checkpoint; a restore cuts the output back to it.
     pub output_marker: u64,
+    /// Where the input goes on, in the source's own terms (`stream::Source::position`):
+    /// opaque to the engine, handed back to the source on restore.
+    pub input_position: Vec<u8>,
+    /// What the output committed, in the sink's own terms (`stream::Sink::checkpoint`).
+    pub output_position: Vec<u8>,
     pub random_seed: u64,
     /// Bytes of the WASI random stream the guest had drawn.
     pub random_position: u64,
@@ -93,12 +101,23 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn encode(&self) -> Result<Vec<u8>> {
+        self.encode_as(MANIFEST_VERSION)
+    }
+
+    /// Encode in `version` (3, or 2 for the compatibility tests: without positions).
+    fn encode_as(&self, version: u16) -> Result<Vec<u8>> {
         let mut body = Vec::with_capacity(256);
         body.put_varint(self.generation);
         body.extend_from_slice(&self.writer_id);
         body.extend_from_slice(&self.module_sha256);
         body.put_varint(self.input_offset);
         body.put_varint(self.output_marker);
+        if version != MANIFEST_VERSION_2 {
+            body.put_varint(self.input_position.len() as u64);
+            body.extend_from_slice(&self.input_position);
+            body.put_varint(self.output_position.len() as u64);
+            body.extend_from_slice(&self.output_position);
+        }
         body.put_u64(self.random_seed);
         body.put_varint(self.random_position);
         body.put_varint(self.created_unix_ms);
@@ -185,7 +204,7 @@ impl Manifest {
         let stored = zstd::bulk::compress(&body, 3)?;
         let mut out = Vec::with_capacity(HEADER_LEN + stored.len() + 4);
         out.extend_from_slice(MANIFEST_MAGIC);
-        out.put_u16(MANIFEST_VERSION);
+        out.put_u16(version);
         out.put_u16(FLAG_BODY_ZSTD);
         out.put_u32(u32::try_from(stored.len()).context("manifest too large")?);
         out.put_u32(u32::try_from(body.len()).context("manifest too large")?);
@@ -202,7 +221,7 @@ impl Manifest {
             bail!("{what} is not a wasnap manifest (bad magic)");
         }
         let version = r.u16()?;
-        if version != MANIFEST_VERSION {
+        if version != MANIFEST_VERSION && version != MANIFEST_VERSION_2 {
             bail!(
                 "{what} has manifest format version {version}; this wasnap reads version {MANIFEST_VERSION}"
             );
@@ -237,16 +256,24 @@ impl Manifest {
         } else {
             stored.to_vec()
         };
-        Self::decode_body(&body, what)
+        Self::decode_body(&body, version, what)
     }
 
-    fn decode_body(body: &[u8], what: &str) -> Result<Self> {
+    fn decode_body(body: &[u8], version: u16, what: &str) -> Result<Self> {
         let mut r = Reader::new(body, what);
         let generation = r.varint()?;
         let writer_id = r.array()?;
         let module_sha256 = r.array()?;
         let input_offset = r.varint()?;
         let output_marker = r.varint()?;
+        let (input_position, output_position) = if version == MANIFEST_VERSION_2 {
+            (varint_bytes(input_offset), varint_bytes(output_marker))
+        } else {
+            let n = r.varint_count(1)?;
+            let input = r.bytes(n)?.to_vec();
+            let n = r.varint_count(1)?;
+            (input, r.bytes(n)?.to_vec())
+        };
         let random_seed = r.u64()?;
         let random_position = r.varint()?;
         let created_unix_ms = r.varint()?;
@@ -348,6 +375,8 @@ impl Manifest {
             module_sha256,
             input_offset,
             output_marker,
+            input_position,
+            output_position,
             random_seed,
             random_position,
             created_unix_ms,
@@ -384,6 +413,12 @@ impl Manifest {
 }
 
 /// Whether every page of `layer` (ascending, disjoint runs) is also in `below`.
+fn varint_bytes(v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.put_varint(v);
+    out
+}
+
 fn covered_by(layer: &[Run], below: &[Run]) -> bool {
     let mut below = below.iter().peekable();
     for run in layer {
@@ -412,6 +447,8 @@ mod tests {
             module_sha256: [7; 32],
             input_offset: 123_456,
             output_marker: 7_890,
+            input_position: b"opaque input position".to_vec(),
+            output_position: vec![0, 1, 2, 255],
             random_seed: 5,
             random_position: 64,
             created_unix_ms: 1_700_000_000_000,
@@ -477,6 +514,30 @@ mod tests {
     fn round_trips() {
         let m = sample();
         assert_eq!(Manifest::decode(&m.encode().unwrap(), "m").unwrap(), m);
+    }
+
+    #[test]
+    fn a_version_2_manifest_reads_with_its_byte_counts_as_positions() {
+        let manifest = sample();
+        let v2 = manifest.encode_as(MANIFEST_VERSION_2).unwrap();
+        assert_eq!(u16::from_le_bytes([v2[8], v2[9]]), 2);
+        let read = Manifest::decode(&v2, "v2").unwrap();
+        assert_eq!(read.input_position, varint_bytes(manifest.input_offset));
+        assert_eq!(read.output_position, varint_bytes(manifest.output_marker));
+        let expected = Manifest {
+            input_position: read.input_position.clone(),
+            output_position: read.output_position.clone(),
+            ..manifest
+        };
+        assert_eq!(read, expected);
+    }
+
+    #[test]
+    fn a_newer_manifest_version_is_refused_by_name() {
+        let mut bytes = sample().encode().unwrap();
+        bytes[8] = 9;
+        let err = Manifest::decode(&bytes, "m").unwrap_err();
+        assert!(format!("{err:#}").contains("format version 9"), "{err:#}");
     }
 
     #[test]

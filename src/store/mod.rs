@@ -11,7 +11,7 @@
 //! disk (hard link), on S3 (`If-None-Match: *`) and in memory. A writer that loses the
 //! race for a generation gets `AlreadyExists`: that is fencing.
 
-mod codec;
+pub(crate) mod codec;
 pub mod manifest;
 pub mod pack;
 pub mod prune;

@@ -1,8 +1,47 @@
-//! Exactly-once streams: an input whose position is a byte offset, and an output that
-//! can be made durable up to a flush marker and cut back to it.
+//! Exactly-once streams: the `Source` and `Sink` seams, and their implementations (local
+//! files; objects in object storage). `open_source` and `open_sink` pick one by the
+//! `--input` and `--output` argument.
 
+pub mod object_input;
+pub mod object_output;
 pub mod sink;
 pub mod source;
 
-pub use sink::FileSink;
-pub use source::LineSource;
+use std::path::Path;
+
+use anyhow::Result;
+
+pub use object_input::ObjectSource;
+pub use object_output::ObjectSink;
+pub use sink::{FileSink, OutputCommit, OutputFlush, Sink};
+pub use source::{LineSource, Source};
+
+/// Whether an `--input`/`--output` argument names object storage rather than a local file.
+pub fn is_object_url(arg: &Path) -> bool {
+    let arg = arg.to_string_lossy();
+    arg.starts_with("s3://") || arg.starts_with("file://")
+}
+
+/// Open the input `--input` names, at `position` (`None` on a fresh start): `s3://BUCKET/KEY`
+/// is an object, `file:///PATH` and a plain path a local file.
+pub fn open_source(input: &Path, position: Option<&[u8]>) -> Result<Box<dyn Source>> {
+    let arg = input.to_string_lossy();
+    if arg.starts_with("s3://") {
+        return Ok(Box::new(ObjectSource::open_object(&arg, position)?));
+    }
+    let path = match arg.strip_prefix("file://") {
+        Some(path) => Path::new(path),
+        None => input,
+    };
+    Ok(Box::new(LineSource::open_file(path, position)?))
+}
+
+/// Open the output `--output` names: `s3://BUCKET/PREFIX`, `file:///DIR` and an existing
+/// directory hold parts (`object_output`); any other path is a file, locked against a second
+/// writer.
+pub fn open_sink(output: &Path) -> Result<Box<dyn Sink>> {
+    if is_object_url(output) || output.is_dir() {
+        return Ok(Box::new(ObjectSink::open(&output.to_string_lossy())?));
+    }
+    Ok(Box::new(FileSink::open(output)?))
+}

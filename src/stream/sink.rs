@@ -1,4 +1,11 @@
-//! Output: a file that each `emit` appends one record and `\n` to.
+//! Output: the `Sink` seam, and a local file that each `emit` appends one record and `\n` to.
+//!
+//! A sink's part in a checkpoint has three steps. At the pause, [`Sink::checkpoint`] closes
+//! what was emitted so far and returns the marker the manifest stores, with an
+//! [`OutputCommit`]. Off the pause, the committer calls [`OutputCommit::make_durable`]
+//! before it puts the manifest, and [`OutputCommit::publish`] after the manifest committed
+//! (and before the next one): what an outside reader sees changes only there. A restore
+//! hands the marker back to [`Sink::resume_at`].
 //!
 //! Bytes are written at positions the sink tracks itself (not `O_APPEND`), so a restore can
 //! cut the file back to a checkpoint's flush marker and continue from there. The marker is
@@ -13,6 +20,65 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::error::OutputLocked;
+use crate::store::codec::{Put, Reader};
+
+/// Where a task's output goes.
+pub trait Sink: Send {
+    /// Continue after the checkpoint whose output marker is `marker` (`None`: a fresh
+    /// start): drop whatever no checkpoint committed, check the output is still the one the
+    /// checkpoint wrote, and make visible what it committed if that had not happened yet.
+    fn resume_at(&mut self, marker: Option<&[u8]>) -> Result<()>;
+    /// Where emitted bytes go (whole records with their newlines).
+    fn buffer(&mut self) -> &mut Vec<u8>;
+    /// Hand on the buffer if it has grown large.
+    fn maybe_write(&mut self) -> Result<()>;
+    /// At a checkpoint's pause: everything emitted so far belongs to this checkpoint.
+    fn checkpoint(&mut self, generation: u64, writer_id: &[u8; 16]) -> Result<OutputFlush>;
+    /// Output bytes emitted so far, buffered included.
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One checkpoint's output: its marker, and the work that commits it.
+pub struct OutputFlush {
+    /// Opaque: stored in the manifest, handed back to [`Sink::resume_at`].
+    pub marker: Vec<u8>,
+    /// Output bytes this checkpoint commits in all (what `inspect` and stats show).
+    pub bytes: u64,
+    pub commit: Box<dyn OutputCommit>,
+}
+
+/// Run by the committer, off the guest's thread, in generation order.
+pub trait OutputCommit: Send {
+    /// Before the manifest is put: the output the marker names must survive a crash.
+    fn make_durable(&mut self) -> Result<()>;
+    /// After the manifest committed: make the output visible to readers.
+    fn publish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The marker of a file output: its length, as a varint.
+pub fn file_marker(len: u64) -> Vec<u8> {
+    let mut marker = Vec::new();
+    marker.put_varint(len);
+    marker
+}
+
+fn parse_file_marker(marker: &[u8], path: &Path) -> Result<u64> {
+    let what = format!("the checkpoint's marker for output {}", path.display());
+    let mut r = Reader::new(marker, &what);
+    let len = r.varint()?;
+    if r.remaining() != 0 {
+        bail!(
+            "output {} is a local file, but the checkpoint wrote its output to object storage; run the task with the same --output",
+            path.display()
+        );
+    }
+    Ok(len)
+}
 
 /// Buffered output is written to the file (not yet fsynced) past this size.
 const WRITE_THRESHOLD: usize = 1 << 20;
@@ -22,6 +88,12 @@ const WRITE_THRESHOLD: usize = 1 << 20;
 pub struct Durability {
     file: std::result::Result<File, String>,
     path: PathBuf,
+}
+
+impl OutputCommit for Durability {
+    fn make_durable(&mut self) -> Result<()> {
+        self.sync()
+    }
 }
 
 impl Durability {
@@ -106,20 +178,6 @@ impl FileSink {
         Ok(())
     }
 
-    /// Append emitted bytes (whole records with their newlines).
-    pub fn buffer(&mut self) -> &mut Vec<u8> {
-        &mut self.buffer
-    }
-
-    /// Write the buffer to the file if it has grown large.
-    pub fn maybe_write(&mut self) -> Result<()> {
-        if self.buffer.len() >= WRITE_THRESHOLD {
-            self.write_buffer()
-        } else {
-            Ok(())
-        }
-    }
-
     fn write_buffer(&mut self) -> Result<()> {
         if self.buffer.is_empty() {
             return Ok(());
@@ -154,15 +212,6 @@ impl FileSink {
         }
     }
 
-    /// Output length including what is still buffered.
-    pub fn len(&self) -> u64 {
-        self.written + self.buffer.len() as u64
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Drop everything after `marker` (after a failed run: only committed output stays).
     pub fn cut_back(&mut self, marker: u64) -> Result<()> {
         self.buffer.clear();
@@ -173,6 +222,41 @@ impl FileSink {
         self.file
             .sync_all()
             .with_context(|| format!("cannot fsync output {}", self.path.display()))
+    }
+}
+
+impl Sink for FileSink {
+    fn resume_at(&mut self, marker: Option<&[u8]>) -> Result<()> {
+        let len = match marker {
+            None => 0,
+            Some(marker) => parse_file_marker(marker, &self.path)?,
+        };
+        FileSink::resume_at(self, len)
+    }
+
+    fn buffer(&mut self) -> &mut Vec<u8> {
+        &mut self.buffer
+    }
+
+    fn maybe_write(&mut self) -> Result<()> {
+        if self.buffer.len() >= WRITE_THRESHOLD {
+            self.write_buffer()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn checkpoint(&mut self, _generation: u64, _writer_id: &[u8; 16]) -> Result<OutputFlush> {
+        let len = self.flush()?;
+        Ok(OutputFlush {
+            marker: file_marker(len),
+            bytes: len,
+            commit: Box::new(self.durability()),
+        })
+    }
+
+    fn len(&self) -> u64 {
+        self.written + self.buffer.len() as u64
     }
 }
 

@@ -1,21 +1,124 @@
-//! Input: a file of newline-delimited records. The newline is not part of the record; a
-//! last line without one is still a record. The offset after a record is the byte
-//! position just past it (past its newline), which is what a checkpoint records.
+//! Input: the `Source` seam, and the newline-delimited sources over a byte stream (a local
+//! file here, an object in `object_input`).
+//!
+//! A record is a line without its newline; a last line without one is still a record. The
+//! offset after a record is the byte position just past it (past its newline). A byte
+//! source's position is that offset as a varint, followed by whatever the source needs to
+//! recognise its input again (an object's ETag and size); a file's position is the bare
+//! varint, which is also what a version 2 manifest's input offset reads as.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-pub struct LineSource {
-    reader: BufReader<File>,
-    offset: u64,
-    path: PathBuf,
+use crate::store::codec::{Put, Reader};
+
+/// Where a task's input comes from. A checkpoint stores [`Source::position`]; a restore
+/// opens the source at it again (each source's constructor takes a position).
+pub trait Source: Send {
+    /// Read the next record into `record` (cleared first). `false` at the end of input.
+    fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool>;
+    /// The input as one byte stream (stdio mode's stdin): fill `buf` from the current
+    /// position, returning how many bytes were read; 0 at the end of input.
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize>;
+    /// Opaque bytes that name the position after everything returned so far.
+    fn position(&self) -> Vec<u8>;
+    /// Input bytes consumed so far (progress and statistics; not used to resume).
+    fn offset(&self) -> u64;
 }
 
-impl LineSource {
-    /// Open `path` positioned at `offset` (0 on a fresh start; a checkpoint's offset on restore).
+/// Newline-delimited records over any byte stream positioned at `offset`.
+pub struct ByteLines<R: Read> {
+    reader: BufReader<R>,
+    offset: u64,
+    /// Appended to the offset in `position`: what identifies the input.
+    identity: Vec<u8>,
+    label: String,
+}
+
+impl<R: Read + Send> ByteLines<R> {
+    pub fn new(inner: R, offset: u64, identity: Vec<u8>, label: String) -> Self {
+        Self {
+            reader: BufReader::with_capacity(1 << 20, inner),
+            offset,
+            identity,
+            label,
+        }
+    }
+}
+
+impl<R: Read + Send> Source for ByteLines<R> {
+    fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool> {
+        record.clear();
+        let n = self
+            .reader
+            .read_until(b'\n', record)
+            .with_context(|| format!("cannot read input {}", self.label))?;
+        if n == 0 {
+            return Ok(false);
+        }
+        self.offset += n as u64;
+        if record.last() == Some(&b'\n') {
+            record.pop();
+        }
+        Ok(true)
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let n = self
+            .reader
+            .read(buf)
+            .with_context(|| format!("cannot read input {}", self.label))?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+
+    fn position(&self) -> Vec<u8> {
+        let mut position = Vec::with_capacity(10 + self.identity.len());
+        position.put_varint(self.offset);
+        position.extend_from_slice(&self.identity);
+        position
+    }
+
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+/// Split a byte source's position into its offset and the identity bytes after it.
+pub fn parse_byte_position<'a>(position: &'a [u8], input: &str) -> Result<(u64, &'a [u8])> {
+    let what = format!("the checkpoint's position in input {input}");
+    let mut r = Reader::new(position, &what);
+    let offset = r.varint()?;
+    let rest = r.remaining();
+    Ok((offset, &position[position.len() - rest..]))
+}
+
+/// A local file of newline-delimited records.
+pub type LineSource = ByteLines<File>;
+
+impl ByteLines<File> {
+    /// Open `path` at `position` (`None` on a fresh start; a checkpoint's on restore).
+    pub fn open_file(path: &Path, position: Option<&[u8]>) -> Result<Self> {
+        let label = path.display().to_string();
+        let offset = match position {
+            None => 0,
+            Some(position) => {
+                let (offset, identity) = parse_byte_position(position, &label)?;
+                if !identity.is_empty() {
+                    bail!(
+                        "input {label} is a local file, but the checkpoint was taken reading an object (its position names an object version); run the task with the same --input"
+                    );
+                }
+                offset
+            }
+        };
+        Self::open(path, offset)
+    }
+
+    /// Open `path` positioned at byte `offset`.
     pub fn open(path: &Path, offset: u64) -> Result<Self> {
         let mut file =
             File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
@@ -31,33 +134,12 @@ impl LineSource {
         }
         file.seek(SeekFrom::Start(offset))
             .with_context(|| format!("cannot seek input {}", path.display()))?;
-        Ok(Self {
-            reader: BufReader::with_capacity(1 << 20, file),
+        Ok(Self::new(
+            file,
             offset,
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// Read the next record into `record` (cleared first). `false` at the end of input.
-    pub fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool> {
-        record.clear();
-        let n = self
-            .reader
-            .read_until(b'\n', record)
-            .with_context(|| format!("cannot read input {}", self.path.display()))?;
-        if n == 0 {
-            return Ok(false);
-        }
-        self.offset += n as u64;
-        if record.last() == Some(&b'\n') {
-            record.pop();
-        }
-        Ok(true)
-    }
-
-    /// Byte position after the last record returned.
-    pub fn offset(&self) -> u64 {
-        self.offset
+            Vec::new(),
+            PathBuf::from(path).display().to_string(),
+        ))
     }
 }
 
@@ -65,7 +147,7 @@ impl LineSource {
 mod tests {
     use super::*;
 
-    fn records(source: &mut LineSource) -> Vec<(String, u64)> {
+    fn records(source: &mut dyn Source) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         let mut buf = Vec::new();
         while source.next_record(&mut buf).unwrap() {
@@ -79,7 +161,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("in");
         std::fs::write(&path, "ab\n\ncde\nlast").unwrap();
-        let all = records(&mut LineSource::open(&path, 0).unwrap());
+        let all = records(&mut LineSource::open_file(&path, None).unwrap());
         assert_eq!(
             all,
             vec![
@@ -89,8 +171,26 @@ mod tests {
                 ("last".into(), 12)
             ]
         );
-        let resumed = records(&mut LineSource::open(&path, 4).unwrap());
+        let mut source = LineSource::open(&path, 0).unwrap();
+        let mut record = Vec::new();
+        source.next_record(&mut record).unwrap();
+        source.next_record(&mut record).unwrap();
+        let position = source.position();
+        let resumed = records(&mut LineSource::open_file(&path, Some(&position)).unwrap());
         assert_eq!(resumed, all[2..].to_vec());
+    }
+
+    #[test]
+    fn bytes_and_records_share_one_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in");
+        std::fs::write(&path, "ab\ncd\n").unwrap();
+        let mut source = LineSource::open(&path, 1).unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(source.read(&mut buf).unwrap(), 4);
+        assert_eq!(&buf, b"b\ncd");
+        assert_eq!(source.offset(), 5);
+        assert_eq!(records(&mut source), vec![("".into(), 6)]);
     }
 
     #[test]
@@ -100,5 +200,17 @@ mod tests {
         std::fs::write(&path, "ab\n").unwrap();
         let err = LineSource::open(&path, 10).err().unwrap();
         assert!(format!("{err:#}").contains("replaced or truncated"));
+    }
+
+    #[test]
+    fn an_object_position_does_not_open_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in");
+        std::fs::write(&path, "ab\n").unwrap();
+        let mut position = Vec::new();
+        position.put_varint(1);
+        position.extend_from_slice(b"etag");
+        let err = LineSource::open_file(&path, Some(&position)).err().unwrap();
+        assert!(format!("{err:#}").contains("reading an object"), "{err:#}");
     }
 }

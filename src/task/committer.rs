@@ -13,7 +13,7 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 
 use super::CheckpointStats;
 use crate::snapshot::encode::{ChainPacks, assemble, encode_pages};
@@ -21,7 +21,6 @@ use crate::snapshot::rebase;
 use crate::snapshot::{Capture, PageTable};
 use crate::store::recent::{LoadedPack, RecentPacks};
 use crate::store::{CheckpointStore, Manifest};
-use crate::stream::sink::Durability;
 
 /// A captured checkpoint, handed from the guest's thread to the committer.
 pub struct Job {
@@ -29,7 +28,9 @@ pub struct Job {
     pub capture: Capture,
     pub run_state: crate::store::manifest::RunState,
     pub input_offset: u64,
-    pub output_marker: u64,
+    pub input_position: Vec<u8>,
+    /// The sink's marker, and the work that commits its output.
+    pub output: crate::stream::OutputFlush,
     pub random_position: u64,
     /// When the guest was paused, and for how long (capture included).
     pub paused_at: Instant,
@@ -40,7 +41,7 @@ pub struct Job {
 /// How a checkpoint ended.
 pub struct Done {
     pub generation: u64,
-    pub output_marker: u64,
+    pub output_marker: Vec<u8>,
     pub outcome: Result<CheckpointStats>,
 }
 
@@ -57,7 +58,6 @@ pub struct CommitContext {
     pub retain: usize,
     /// Deltas a page's chain may have before its next version is written whole.
     pub max_deltas: usize,
-    pub output: Durability,
     /// Pack names of the manifests this writer committed, newest `retain`: a prune then
     /// need not read back manifests it wrote itself.
     pub known_packs: BTreeMap<u64, Vec<String>>,
@@ -78,7 +78,7 @@ pub struct Committer {
     thread: Option<JoinHandle<()>>,
     /// Generation and flush marker of every checkpoint handed over and not yet answered,
     /// oldest first (the thread answers in order).
-    in_flight: VecDeque<(u64, u64)>,
+    in_flight: VecDeque<(u64, Vec<u8>)>,
 }
 
 impl Committer {
@@ -92,7 +92,7 @@ impl Committer {
                 let mut failed = false;
                 for job in job_queue {
                     let generation = job.generation;
-                    let output_marker = job.output_marker;
+                    let output_marker = job.output.marker.clone();
                     let outcome = if failed {
                         Err(anyhow!(
                             "checkpoint {generation} was dropped: an earlier checkpoint failed"
@@ -125,7 +125,7 @@ impl Committer {
     }
 
     pub fn submit(&mut self, job: Job) -> Result<()> {
-        let handed = (job.generation, job.output_marker);
+        let handed = (job.generation, job.output.marker.clone());
         self.jobs
             .as_ref()
             .and_then(|jobs| jobs.send(job).ok())
@@ -138,7 +138,7 @@ impl Committer {
     /// (or, not blocking, none has finished yet). If the thread died (a panic), every
     /// checkpoint it held ends with an error: none of them is known to be committed.
     pub fn next_done(&mut self, block: bool) -> Option<Done> {
-        let &(generation, output_marker) = self.in_flight.front()?;
+        let (generation, output_marker) = self.in_flight.front()?.clone();
         let received = if block {
             self.done.recv().map_err(|_| TryRecvError::Disconnected)
         } else {
@@ -239,8 +239,8 @@ impl CommitContext {
                 self.recent.insert((*pack).clone(), Arc::new(loaded));
             }
         }
-        // The marker the manifest binds must be durable before the manifest exists.
-        self.output.sync()?;
+        // The output the manifest binds must be durable before the manifest exists.
+        job.output.commit.make_durable()?;
         let digests: Vec<u64> = job.capture.memories.iter().map(|m| m.digest).collect();
         let (packs, memories) = assembled.table.to_manifest_parts(&digests);
         let manifest = Manifest {
@@ -248,7 +248,9 @@ impl CommitContext {
             writer_id: self.writer_id,
             module_sha256: self.module_sha256,
             input_offset: job.input_offset,
-            output_marker: job.output_marker,
+            output_marker: job.output.bytes,
+            input_position: std::mem::take(&mut job.input_position),
+            output_position: job.output.marker.clone(),
             random_seed: self.random_seed,
             random_position: job.random_position,
             created_unix_ms: std::time::SystemTime::now()
@@ -272,6 +274,12 @@ impl CommitContext {
         );
         // Committed: the table this checkpoint described is now the base of the next.
         self.table = assembled.table;
+        // And its output may be shown: before the next manifest, so every manifest but the
+        // newest has its output published (a restore publishes the newest's).
+        job.output
+            .commit
+            .publish()
+            .with_context(|| format!("checkpoint {generation} committed, but its output could not be published; the next run publishes it"))?;
 
         // Retention, strictly after the commit. A failed prune loses nothing (the next one
         // retries), so it warns rather than stopping the run.

@@ -29,7 +29,7 @@ use crate::snapshot::{self, DirtyTracker, DirtyTracking, PageBuffers, PageCache,
 use crate::store::manifest::RunState;
 use crate::store::recent::RecentPacks;
 use crate::store::{self, CheckpointStore, Manifest};
-use crate::stream::{FileSink, LineSource};
+use crate::stream::{self as streams, Sink, Source};
 use committer::{CommitContext, Committer, Done, Job};
 
 /// How many checkpoints a task keeps by default.
@@ -100,7 +100,17 @@ impl RunConfig {
     }
 
     /// The page cache directory this configuration uses.
+    /// Beside a file output; for an object-storage output, under the user's cache
+    /// directory (`$XDG_CACHE_HOME` or `~/.cache`), named by a hash of the output URL.
     pub fn cache_dir(&self) -> PathBuf {
+        if self.cache_dir.is_none() && streams::is_object_url(&self.output) {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir);
+            let key = twox_hash::XxHash3_64::oneshot(self.output.as_os_str().as_encoded_bytes());
+            return base.join("wasnap").join(format!("{key:016x}"));
+        }
         self.cache_dir.clone().unwrap_or_else(|| {
             let mut name = self.output.file_name().unwrap_or_default().to_os_string();
             name.push(".wasnap-cache");
@@ -186,7 +196,7 @@ pub struct RunSummary {
 /// Where the guest's input comes from.
 enum Input {
     /// Records, one `process` call each.
-    Records(LineSource),
+    Records(Box<dyn Source>),
     /// A stdio program reads its stdin itself; this is where the program is.
     Program(ProgramState),
 }
@@ -201,8 +211,10 @@ enum ProgramState {
 pub struct Task {
     instance: GuestInstance,
     input: Input,
-    sink: FileSink,
+    sink: Box<dyn Sink>,
     committer: Committer,
+    /// This process's id in the names of what it writes (packs, output parts).
+    writer_id: [u8; 16],
     /// Page hashes of the newest capture, and its pages in the cache: the base of the next.
     hashes: Vec<Vec<u64>>,
     cache: PageCache,
@@ -213,9 +225,10 @@ pub struct Task {
     buffers: PageBuffers,
     /// The newest generation captured (0 before the first).
     captured_generation: u64,
-    /// The newest committed checkpoint's generation and flush marker.
+    /// The newest committed checkpoint's generation and output marker (`None` before the
+    /// first checkpoint of a fresh start).
     committed_generation: u64,
-    committed_marker: u64,
+    committed_marker: Option<Vec<u8>>,
     records_since_checkpoint: u64,
     resumed_from: Option<u64>,
     max_in_flight: usize,
@@ -249,20 +262,20 @@ impl Task {
         let mut tracker = config.dirty_tracking.tracker()?;
         // Lock the output before reading the store: a second writer must stop here, before
         // it could cut back output that the live one commits meanwhile.
-        let mut sink = FileSink::open(&config.output)?;
+        let mut sink = streams::open_sink(&config.output)?;
         let generations = store.generations()?;
 
         // Where the task starts: from nothing, or from the newest usable checkpoint.
         let (mut instance, table, hashes, start) = match generations.last() {
             None => {
                 let mut instance = guest.instantiate(config.random_seed, 0)?;
-                sink.resume_at(0)?;
+                sink.resume_at(None)?;
                 instance.start_fresh()?;
                 instance.take_emitted(sink.buffer());
                 let memories = instance.memory_count();
                 let start = Start {
-                    input_offset: 0,
-                    output_marker: 0,
+                    input_position: None,
+                    output_marker: None,
                     random_seed: config.random_seed,
                     generation: 0,
                     resumed_from: None,
@@ -282,10 +295,10 @@ impl Task {
             Some(&newest) => {
                 let (manifest, instance, restored) =
                     restore_newest_usable(guest, &store, &generations)?;
-                sink.resume_at(manifest.output_marker)?;
+                sink.resume_at(Some(&manifest.output_position))?;
                 let start = Start {
-                    input_offset: manifest.input_offset,
-                    output_marker: manifest.output_marker,
+                    input_position: Some(manifest.input_position.clone()),
+                    output_marker: Some(manifest.output_position.clone()),
                     random_seed: manifest.random_seed,
                     // The next commit follows the newest generation in the store, even when
                     // that one was unusable and an older one was restored: generations only go up.
@@ -313,7 +326,6 @@ impl Task {
         let buffers = PageBuffers::default();
         let committer = Committer::start(CommitContext {
             buffers: buffers.clone(),
-            output: sink.durability(),
             store,
             table,
             writer_id,
@@ -325,9 +337,10 @@ impl Task {
             recent: RecentPacks::new(committer::RECENT_PACKS_BYTES),
         })?;
         let input = match (guest.is_program(), start.run_state) {
-            (false, RunState::Records) => {
-                Input::Records(LineSource::open(&config.input, start.input_offset)?)
-            }
+            (false, RunState::Records) => Input::Records(streams::open_source(
+                &config.input,
+                start.input_position.as_deref(),
+            )?),
             (true, RunState::Records) | (false, _) => bail!(
                 "the store's checkpoints were taken in {} mode; run this task {}",
                 if guest.is_program() {
@@ -342,26 +355,12 @@ impl Task {
                 },
             ),
             (true, state) => {
-                let file = std::fs::File::open(&config.input)
-                    .with_context(|| format!("cannot open input {}", config.input.display()))?;
-                let len = file.metadata()?.len();
-                if len < start.input_offset {
-                    bail!(
-                        "input {} is {len} bytes but the checkpoint consumed {}: the input was truncated or replaced",
-                        config.input.display(),
-                        start.input_offset
-                    );
-                }
+                let stdin = streams::open_source(&config.input, start.input_position.as_deref())?;
                 let unwind_data = match state {
                     RunState::ProgramSuspended { unwind_data } => Some(unwind_data),
                     _ => None,
                 };
-                instance.attach_stdin(
-                    file,
-                    start.input_offset,
-                    config.checkpoint_every_bytes,
-                    unwind_data,
-                )?;
+                instance.attach_stdin(stdin, config.checkpoint_every_bytes, unwind_data)?;
                 Input::Program(match state {
                     RunState::ProgramSuspended { .. } => ProgramState::Suspended,
                     RunState::ProgramExited(status) => ProgramState::Exited(status),
@@ -374,6 +373,7 @@ impl Task {
             instance,
             sink,
             committer,
+            writer_id,
             hashes,
             cache,
             tracker,
@@ -415,7 +415,9 @@ impl Task {
             // Only committed output may stay: the next run replays from the checkpoint. But
             // a failed commit may have landed all the same (a lost reply): then the newest
             // committed marker is unknown, and the output stays for the next run to cut.
-            if !checkpoint_failed && let Err(cut) = self.sink.resume_at(self.committed_marker) {
+            if !checkpoint_failed
+                && let Err(cut) = self.sink.resume_at(self.committed_marker.as_deref())
+            {
                 return Err(err.context(format!("and the output could not be cut back: {cut:#}")));
             }
             return Err(err);
@@ -502,6 +504,14 @@ impl Task {
         }
     }
 
+    /// The input's position, as a checkpoint stores it.
+    fn input_position(&self) -> Vec<u8> {
+        match &self.input {
+            Input::Records(source) => source.position(),
+            Input::Program(_) => self.instance.stdin_position(),
+        }
+    }
+
     /// Input bytes consumed so far: records read, or stdin handed to the program.
     fn input_offset(&self) -> u64 {
         match &self.input {
@@ -577,7 +587,7 @@ impl Task {
     /// The pause: everything the committer needs, copied out of the guest.
     fn capture(&mut self, generation: u64) -> Result<Job> {
         let paused_at = Instant::now();
-        let output_marker = self.sink.flush()?;
+        let output = self.sink.checkpoint(generation, &self.writer_id)?;
         let capturing = Instant::now();
         let capture = snapshot::capture(
             &mut self.instance,
@@ -593,7 +603,8 @@ impl Task {
             capture,
             run_state: self.run_state(),
             input_offset: self.input_offset(),
-            output_marker,
+            input_position: self.input_position(),
+            output,
             random_position: self.instance.random_position(),
             paused_at,
             stall,
@@ -613,7 +624,7 @@ impl Task {
             match outcome {
                 Ok(_) => {
                     self.committed_generation = generation;
-                    self.committed_marker = output_marker;
+                    self.committed_marker = Some(output_marker);
                 }
                 Err(err) => {
                     self.committer_failed = true;
@@ -686,8 +697,8 @@ pub fn run(
 
 /// Where a task's streams and numbering start.
 struct Start {
-    input_offset: u64,
-    output_marker: u64,
+    input_position: Option<Vec<u8>>,
+    output_marker: Option<Vec<u8>>,
     random_seed: u64,
     generation: u64,
     resumed_from: Option<u64>,
