@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wasnap::guest::Guest;
-use wasnap::snapshot::{self, DirtyTracking, PAGE_SIZE};
+use wasnap::snapshot::{self, DirtyTracking};
+use wasnap::state::PAGE_SIZE;
 use wasnap::store::CheckpointStore;
-use wasnap::task::{NoObserver, RunConfig, Task};
+use wasnap::{NoObserver, RunConfig, Task, TaskConfig};
 
 const MIB: usize = 1 << 20;
 
@@ -90,14 +91,19 @@ impl SizedTask {
         std::fs::write(&input, "").unwrap();
         let store_url = dir.path().join("store").display().to_string();
         let config = RunConfig {
-            dirty_tracking,
-            // The page cache's file system matters: see `cache_dir` in the README.
-            cache_dir: std::env::var_os("WASNAP_BENCH_CACHE_DIR").map(|d| {
-                std::path::Path::new(&d).join(format!("cache-{}-{mib}", std::process::id()))
-            }),
+            task: TaskConfig {
+                dirty_tracking,
+                // The page cache's file system matters: see `cache_dir` in the README.
+                cache_dir: std::env::var_os("WASNAP_BENCH_CACHE_DIR").map(|d| {
+                    std::path::Path::new(&d).join(format!("cache-{}-{mib}", std::process::id()))
+                }),
+                ..TaskConfig::default()
+            },
             ..RunConfig::new(&guest_path, &input, dir.path().join("output"))
         };
-        let mut task = Task::open(&config, CheckpointStore::open(&store_url).unwrap()).unwrap();
+        let mut task = config
+            .open(CheckpointStore::open(&store_url).unwrap())
+            .unwrap();
         task.instance().process(&u32::MAX.to_le_bytes()).unwrap();
         task.checkpoint(&mut NoObserver).unwrap(); // the first, full checkpoint
         Self {
@@ -166,10 +172,10 @@ fn page_changes() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
 }
 
 fn page_delta(c: &mut Criterion) {
-    use wasnap::store::pack::{self, Encoding};
+    use wasnap::delta::{self, Encoding};
     let mut group = c.benchmark_group("page_delta");
     group.throughput(Throughput::Bytes(PAGE_SIZE as u64));
-    let mut cctx = pack::compressor().unwrap();
+    let mut cctx = delta::compressor().unwrap();
     let mut scratch = Vec::new();
     for (change, old, new) in page_changes() {
         for encoding in [
@@ -181,7 +187,7 @@ fn page_delta(c: &mut Criterion) {
             let id = BenchmarkId::new(format!("{encoding:?}"), change);
             group.bench_function(id, |b| {
                 b.iter(|| {
-                    pack::encode_payload(&mut cctx, encoding, &new, &old, &mut scratch).unwrap()
+                    delta::encode_payload(&mut cctx, encoding, &new, &old, &mut scratch).unwrap()
                 })
             });
         }
@@ -335,10 +341,7 @@ fn small_guest_task(dir: &Path) -> (std::path::PathBuf, String) {
         .collect();
     std::fs::write(&input, text).unwrap();
     let store_url = dir.join("store").display().to_string();
-    let config = RunConfig {
-        checkpoint_every: 1000,
-        ..RunConfig::new(&guest, &input, dir.join("output"))
-    };
+    let config = RunConfig::new(&guest, &input, dir.join("output"));
     wasnap::task::run(&config, &store_url, &mut NoObserver).unwrap();
     (guest, store_url)
 }

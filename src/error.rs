@@ -1,5 +1,194 @@
-//! Errors a caller may want to tell apart (everything else is a plain `anyhow::Error`
-//! with context naming the cause).
+//! Errors. Inside the engine every fallible step returns an `anyhow::Error` whose chain
+//! names the cause, outermost context first; a few links in that chain say what *kind* of
+//! failure it is. At the library's edge the chain becomes one [`Error`] with an
+//! [`ErrorKind`], which the command line maps to its exit codes and an embedder to its
+//! retry policy.
+
+use std::fmt;
+
+/// What kind of failure an [`Error`] is: what a caller may do about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Another writer owns the task: it committed a generation this writer tried to, or
+    /// holds the output file's lock. Retrying will not help; this writer must stop.
+    Fenced,
+    /// The guest module is not the one the store's checkpoints were taken of.
+    ModuleChanged,
+    /// The store, the input or the output could not be reached, or failed a request.
+    /// Nothing committed was lost; retrying later may work.
+    StoreUnavailable,
+    /// An object in the store is damaged or missing (and no older checkpoint was usable).
+    Corrupt,
+    /// The input or output is not what the checkpoint recorded: replaced, truncated,
+    /// deleted, another task's, or of another kind (a file where an object was).
+    StreamChanged,
+    /// The guest failed while running: a trap, a resource limit, a broken ABI contract at
+    /// run time, or a stdio program that exited with a non-zero status.
+    Guest,
+    /// The module cannot be run: not wasm, missing exports, features wasnap cannot
+    /// snapshot faithfully (mutable tables, imported memories), a failed transform.
+    InvalidGuest,
+    /// Anything else: a local I/O error (a full disk), a bad configuration.
+    Other,
+}
+
+/// An error from the engine: a kind and a message naming the cause.
+pub struct Error {
+    kind: ErrorKind,
+    inner: anyhow::Error,
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// A link of the chain of type `E` ([`Fenced`], say, for its generation).
+    pub fn downcast_ref<E: fmt::Display + fmt::Debug + Send + Sync + 'static>(&self) -> Option<&E> {
+        self.inner.downcast_ref()
+    }
+
+    /// The whole chain, for callers that want to walk it.
+    pub fn into_anyhow(self) -> anyhow::Error {
+        self.inner
+    }
+}
+
+impl From<anyhow::Error> for Error {
+    fn from(inner: anyhow::Error) -> Self {
+        Self {
+            kind: kind_of(&inner),
+            inner,
+        }
+    }
+}
+
+/// One line, outermost context first: what the command line prints.
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#}", self.inner)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} error: {:#}", self.kind, self.inner)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The kind of `err`: a fencing or a changed module wherever it is in the chain, then an
+/// unavailable store, then the outermost link that carries a kind; `Other` if none does.
+/// (Context links are reached through anyhow's downcasting, which sees every layer.)
+pub(crate) fn kind_of(err: &anyhow::Error) -> ErrorKind {
+    if err.is::<Fenced>() || err.is::<OutputLocked>() {
+        ErrorKind::Fenced
+    } else if err.is::<ModuleChanged>() {
+        ErrorKind::ModuleChanged
+    } else if err.is::<StoreUnavailable>() {
+        ErrorKind::StoreUnavailable
+    } else if let Some(error) = err.downcast_ref::<Error>() {
+        error.kind
+    } else if let Some(kinded) = err.downcast_ref::<Kinded>() {
+        kinded.kind
+    } else {
+        ErrorKind::Other
+    }
+}
+
+/// A link that carries only a kind and its message (its Display is the message).
+#[derive(Debug)]
+pub(crate) struct Kinded {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl fmt::Display for Kinded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Kinded {}
+
+impl Kinded {
+    pub(crate) fn new(kind: ErrorKind, message: impl fmt::Display) -> Self {
+        Self {
+            kind,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// An `io::Error` as an error chain, keeping the kind of a [`Kinded`] it carries (a
+/// stream's reader reports kinds through `io::Read`, which has only `io::Error`).
+pub(crate) fn from_io(e: std::io::Error) -> anyhow::Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Kinded>()) {
+        let inner = e.into_inner().expect("checked").downcast::<Kinded>();
+        return anyhow::Error::new(*inner.expect("checked"));
+    }
+    e.into()
+}
+
+/// A new error of `kind`.
+pub(crate) fn error(kind: ErrorKind, message: impl fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(Kinded {
+        kind,
+        message: message.to_string(),
+    })
+}
+
+/// Context that also says what kind of failure the error is.
+pub(crate) trait KindContext<T> {
+    fn kind_context(self, kind: ErrorKind, message: impl fmt::Display) -> anyhow::Result<T>;
+    fn with_kind_context<M: fmt::Display>(
+        self,
+        kind: ErrorKind,
+        message: impl FnOnce() -> M,
+    ) -> anyhow::Result<T>;
+}
+
+impl<T> KindContext<T> for anyhow::Result<T> {
+    fn kind_context(self, kind: ErrorKind, message: impl fmt::Display) -> anyhow::Result<T> {
+        self.map_err(|e| {
+            e.context(Kinded {
+                kind,
+                message: message.to_string(),
+            })
+        })
+    }
+
+    fn with_kind_context<M: fmt::Display>(
+        self,
+        kind: ErrorKind,
+        message: impl FnOnce() -> M,
+    ) -> anyhow::Result<T> {
+        self.map_err(|e| {
+            e.context(Kinded {
+                kind,
+                message: message().to_string(),
+            })
+        })
+    }
+}
+
+/// `corrupt!("{what} is corrupt: …")`: a damaged store object or position.
+macro_rules! corrupt {
+    ($($arg:tt)*) => {
+        $crate::error::error($crate::error::ErrorKind::Corrupt, format!($($arg)*))
+    };
+}
+pub(crate) use corrupt;
+
+/// `changed!(…)`: the input or output is not what the checkpoint recorded.
+macro_rules! changed {
+    ($($arg:tt)*) => {
+        $crate::error::error($crate::error::ErrorKind::StreamChanged, format!($($arg)*))
+    };
+}
+pub(crate) use changed;
 
 /// Another writer committed the generation this one tried to commit: it owns the task now.
 #[derive(Debug, thiserror::Error)]
@@ -40,4 +229,40 @@ pub struct OutputLocked {
 #[error("store {store} is unavailable")]
 pub struct StoreUnavailable {
     pub store: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context as _;
+
+    #[test]
+    fn the_outermost_kind_wins_and_the_message_keeps_every_link() {
+        let inner: anyhow::Result<()> = Err(corrupt!("pack p is corrupt: CRC mismatch"));
+        let err: Error = inner
+            .context("cannot restore checkpoint 3")
+            .unwrap_err()
+            .into();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            err.to_string(),
+            "cannot restore checkpoint 3: pack p is corrupt: CRC mismatch"
+        );
+
+        let unavailable = anyhow::anyhow!("connection refused")
+            .context(StoreUnavailable {
+                store: "s3://b".into(),
+            })
+            .context("cannot read manifest 4");
+        assert_eq!(Error::from(unavailable).kind(), ErrorKind::StoreUnavailable);
+
+        let guest: anyhow::Result<()> = Err(anyhow::anyhow!("unreachable executed"));
+        let err = guest
+            .kind_context(ErrorKind::Guest, "the guest trapped in `process`")
+            .context("record at input byte offset 7")
+            .unwrap_err();
+        assert_eq!(kind_of(&err), ErrorKind::Guest);
+        assert_eq!(kind_of(&anyhow::anyhow!("disk full")), ErrorKind::Other);
+        assert_eq!(kind_of(&Fenced { generation: 2 }.into()), ErrorKind::Fenced);
+    }
 }

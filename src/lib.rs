@@ -1,24 +1,135 @@
 //! wasnap: durable, exactly-once execution of unmodified stateful WebAssembly stream guests.
 //!
+//! A [`Task`] runs a [`Guest`] over a [`Source`] into a [`Sink`] and checkpoints it into a
+//! [`CheckpointStore`]: the guest's whole linear memory and every mutable global, with no
+//! help from the guest, bound in one atomic manifest to the input's position and the
+//! output's marker. Open the same task again after a crash and it resumes exactly once.
+//!
+//! ```
+//! use wasnap::{CheckpointStore, Guest, NoObserver, Sink, Source, Task, TaskConfig};
+//! # use wasnap::{OutputCommit, OutputFlush};
+//! # use anyhow::Result;
+//! # use std::sync::{Arc, Mutex};
+//!
+//! /// Records from memory; the position is the index of the next one.
+//! struct Lines { lines: Vec<&'static str>, next: usize }
+//!
+//! impl Source for Lines {
+//!     fn resume_at(&mut self, position: Option<&[u8]>) -> Result<()> {
+//!         self.next = position.map_or(0, |p| p[0] as usize);
+//!         Ok(())
+//!     }
+//!     fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool> {
+//!         let Some(line) = self.lines.get(self.next) else { return Ok(false) };
+//!         record.clear();
+//!         record.extend_from_slice(line.as_bytes());
+//!         self.next += 1;
+//!         Ok(true)
+//!     }
+//!     fn read(&mut self, _buf: &mut [u8]) -> Result<usize> { unimplemented!("stdio mode only") }
+//!     fn position(&self) -> Vec<u8> { vec![self.next as u8] }
+//!     fn offset(&self) -> u64 { self.next as u64 }
+//! }
+//!
+//! /// Output to memory, shared with the caller; the marker is the committed length.
+//! struct Collect { out: Arc<Mutex<Vec<u8>>>, buffer: Vec<u8> }
+//!
+//! struct Nothing;
+//! impl OutputCommit for Nothing {
+//!     fn make_durable(&mut self) -> Result<()> { Ok(()) }
+//! }
+//!
+//! impl Sink for Collect {
+//!     fn resume_at(&mut self, marker: Option<&[u8]>) -> Result<()> {
+//!         let len = marker.map_or(0, |m| u64::from_le_bytes(m.try_into().unwrap()));
+//!         self.out.lock().unwrap().truncate(len as usize);
+//!         Ok(())
+//!     }
+//!     fn buffer(&mut self) -> &mut Vec<u8> { &mut self.buffer }
+//!     fn maybe_write(&mut self) -> Result<()> { Ok(()) }
+//!     fn checkpoint(&mut self, _generation: u64, _writer: &[u8; 16]) -> Result<OutputFlush> {
+//!         let mut out = self.out.lock().unwrap();
+//!         out.append(&mut self.buffer);
+//!         let len = out.len() as u64;
+//!         Ok(OutputFlush { marker: len.to_le_bytes().to_vec(), bytes: len, commit: Box::new(Nothing) })
+//!     }
+//!     fn len(&self) -> u64 { self.out.lock().unwrap().len() as u64 + self.buffer.len() as u64 }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A guest that counts its records and emits the count after each.
+//! let guest = Guest::from_wasm(&wat::parse_str(r#"(module
+//!     (import "wasnap" "emit" (func $emit (param i32 i32)))
+//!     (memory (export "memory") 1)
+//!     (global $count (mut i32) (i32.const 0))
+//!     (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+//!     (func (export "process") (param i32 i32)
+//!         (global.set $count (i32.add (global.get $count) (i32.const 1)))
+//!         (i32.store8 (i32.const 0) (i32.add (i32.const 48) (global.get $count)))
+//!         (call $emit (i32.const 0) (i32.const 1))))"#)?)?;
+//! let store = CheckpointStore::open("memory://")?;
+//! let out = Arc::new(Mutex::new(Vec::new()));
+//! let cache = tempfile::tempdir()?;
+//! let config = TaskConfig { cache_dir: Some(cache.path().into()), ..TaskConfig::default() };
+//! let source = Lines { lines: vec!["a", "b", "c"], next: 0 };
+//! let sink = Collect { out: out.clone(), buffer: Vec::new() };
+//! let mut task = Task::open(&config, &guest, store, Box::new(source), Box::new(sink))?;
+//! let summary = task.run(&mut NoObserver)?;
+//! assert_eq!(summary.records, 3);
+//! assert_eq!(*out.lock().unwrap(), b"1\n2\n3\n");
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! The pipeline, one stage per module:
 //!
 //! ```text
 //! guest.wasm ─guest::instrument─▶ every memory and mutable global exported
 //!            ─guest::instance──▶ wasmtime instance + `wasnap.emit` + WASI preview 1
-//! stream::LineSource ─record─▶ guest.process ─emit─▶ stream::FileSink
+//! stream::Source ─record─▶ guest.process ─emit─▶ stream::Sink
 //! every N records (task): snapshot::dirty (which pages changed: hashing, or the kernel's
-//!                          record) ─▶ snapshot::capture ─▶ store::pack ─▶ store::manifest (the commit)
-//! restart (task): newest manifest ─▶ snapshot::restore ─▶ seek input, cut output back
+//!                          record) ─▶ snapshot::capture ─▶ delta (page codecs)
+//!                          ─▶ store::pack ─▶ store::manifest (the commit)
+//! restart (task): newest manifest ─▶ snapshot::restore ─▶ position the source and the sink
 //! ```
+//!
+//! The stages are private. The `internals` feature makes them public for wasnap's own
+//! tests and benchmarks; they are not a stable API.
 
-pub mod bench;
-pub mod cli;
+/// Declares a stage: public with the `internals` feature, crate-private otherwise.
+macro_rules! stages {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = "internals")]
+            #[doc(hidden)]
+            pub mod $name;
+            #[cfg(not(feature = "internals"))]
+            mod $name;
+        )*
+    };
+}
+
+stages!(
+    bench, cli, codec, delta, guest, hex, snapshot, state, store, stream, task
+);
+
 pub mod error;
-pub mod guest;
-pub mod snapshot;
-pub mod store;
-pub mod stream;
-pub mod task;
 
-pub use error::{Fenced, ModuleChanged, OutputLocked};
-pub use task::{CheckpointObserver, CheckpointStats, RunConfig, RunSummary, Task};
+pub use error::{Error, ErrorKind};
+pub use guest::{Guest, Limits};
+pub use snapshot::DirtyTracking;
+pub use store::CheckpointStore;
+pub use stream::{
+    ByteInput, ByteLines, FileSink, LineSource, ObjectSink, ObjectSource, OutputCommit,
+    OutputFlush, Sink, Source, open_sink, open_source,
+};
+pub use task::{
+    CheckpointObserver, CheckpointStats, Mode, NoObserver, RunConfig, RunSummary, Task, TaskConfig,
+    run,
+};
+
+/// The `wasnap` command line (the binary's `main`): not part of the library's API.
+#[doc(hidden)]
+pub fn cli_main() -> std::process::ExitCode {
+    cli::main()
+}

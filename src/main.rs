@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    wasnap::cli::main()
+    wasnap::cli_main()
 }

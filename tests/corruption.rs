@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use wasnap::guest::Guest;
 use wasnap::store::CheckpointStore;
-use wasnap::task::{NoObserver, RunConfig, Task};
+use wasnap::{Mode, NoObserver, RunConfig, TaskConfig};
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
@@ -40,14 +40,17 @@ fn every_flipped_byte_of_every_store_object_is_detected_or_harmless() {
     let store_dir = dir.path().join("store");
     let store_url = store_dir.to_str().unwrap();
     let config = RunConfig {
-        checkpoint_every: 100,
-        retain: usize::MAX,
+        task: TaskConfig {
+            mode: Mode::records(100),
+            retain: usize::MAX,
+            ..TaskConfig::default()
+        },
         ..RunConfig::new(&guest_path, &input, &output)
     };
     let resume = || -> anyhow::Result<Option<u64>> {
         let store = CheckpointStore::open(store_url).unwrap();
-        let mut task = Task::open_with_guest(&config, &guest, store)?;
-        Ok(task.run(&config, &mut NoObserver)?.resumed_from)
+        let mut task = config.open_with_guest(&guest, store)?;
+        Ok(task.run(&mut NoObserver)?.resumed_from)
     };
     assert_eq!(resume().unwrap(), None);
     assert_eq!(std::fs::read(&output).unwrap(), reference);

@@ -8,17 +8,18 @@ use std::process::Stdio;
 
 use common::*;
 use wasnap::CheckpointStats;
+use wasnap::snapshot::DirtyTracking;
 use wasnap::snapshot::dirty::{Dirty, DirtyTracker, KernelTracker};
-use wasnap::snapshot::{DirtyTracking, PAGE_SIZE};
+use wasnap::state::PAGE_SIZE;
 use wasnap::store::CheckpointStore;
-use wasnap::task::{CheckpointObserver, RunConfig, Task};
+use wasnap::{CheckpointObserver, Mode, RunConfig, TaskConfig};
 
 /// Every checkpoint's stats, in order; a failed checkpoint fails the test.
 #[derive(Default)]
 struct Stats(Vec<CheckpointStats>);
 
 impl CheckpointObserver for Stats {
-    fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &anyhow::Error>) {
+    fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &wasnap::Error>) {
         match outcome {
             Ok(stats) => self.0.push(stats.clone()),
             Err(err) => panic!("checkpoint {generation} failed: {err:#}"),
@@ -28,9 +29,9 @@ impl CheckpointObserver for Stats {
 
 /// Run `config` to the end of its input on the store at `store`, returning its stats.
 fn run_task(config: &RunConfig, store: &str) -> Vec<CheckpointStats> {
-    let mut task = Task::open(config, CheckpointStore::open(store).unwrap()).unwrap();
+    let mut task = config.open(CheckpointStore::open(store).unwrap()).unwrap();
     let mut stats = Stats::default();
-    task.run(config, &mut stats).unwrap();
+    task.run(&mut stats).unwrap();
     stats.0
 }
 
@@ -91,8 +92,11 @@ fn the_kernel_reports_every_page_hashing_finds_on_every_guest() {
         std::fs::write(&input, &full[..cut]).unwrap();
         let store = case.join("store").display().to_string();
         let config = RunConfig {
-            checkpoint_every: 500,
-            dirty_tracking: DirtyTracking::Verify,
+            task: TaskConfig {
+                mode: Mode::records(500),
+                dirty_tracking: DirtyTracking::Verify,
+                ..TaskConfig::default()
+            },
             ..RunConfig::new(&guest, &input, case.join("output"))
         };
         let first = run_task(&config, &store);
@@ -126,17 +130,22 @@ fn the_kernel_reports_every_page_hashing_finds_on_stdio_programs() {
         let input = dir.path().join("input");
         write_input(&input, 30_000, 3000, false);
         let config = RunConfig {
-            stdio: true,
-            checkpoint_every_bytes: 16 << 10,
-            dirty_tracking: DirtyTracking::Verify,
+            task: TaskConfig {
+                mode: Mode::stdio(16 << 10),
+                dirty_tracking: DirtyTracking::Verify,
+                ..TaskConfig::default()
+            },
             ..RunConfig::new(guest(name), &input, dir.path().join("output"))
         };
         let stats = run_task(&config, dir.path().join("store").to_str().unwrap());
         assert!(stats.len() >= 10, "{name}: {} checkpoints", stats.len());
         assert_kernel_answered(name, &stats, 1, 1);
         let hash_config = RunConfig {
-            dirty_tracking: DirtyTracking::Hash,
             output: dir.path().join("hashed-output"),
+            task: TaskConfig {
+                dirty_tracking: DirtyTracking::Hash,
+                ..config.task.clone()
+            },
             ..config.clone()
         };
         run_task(
@@ -186,8 +195,11 @@ fn grown_memories_several_memories_and_memory64_are_tracked() {
     let expected = reference_output(&guest, &input);
     let store = dir.path().join("store").display().to_string();
     let config = RunConfig {
-        checkpoint_every: 50,
-        dirty_tracking: DirtyTracking::Verify,
+        task: TaskConfig {
+            mode: Mode::records(50),
+            dirty_tracking: DirtyTracking::Verify,
+            ..TaskConfig::default()
+        },
         ..RunConfig::new(&guest, &input, dir.path().join("output"))
     };
     let stats = run_task(&config, &store);
@@ -234,17 +246,20 @@ fn a_tracker_failing_mid_run_falls_back_to_hashing_and_loses_nothing() {
     write_input(&input, 10_000, 3000, false);
     let expected = reference_output(&guest, &input);
     let config = RunConfig {
-        checkpoint_every: 250,
+        task: TaskConfig {
+            mode: Mode::records(250),
+            ..TaskConfig::default()
+        },
         ..RunConfig::new(&guest, &input, dir.path().join("output"))
     };
     let store = dir.path().join("store").display().to_string();
-    let mut task = Task::open(&config, CheckpointStore::open(&store).unwrap()).unwrap();
+    let mut task = config.open(CheckpointStore::open(&store).unwrap()).unwrap();
     task.set_dirty_tracker(Box::new(Flaky {
         inner: KernelTracker::new(0).unwrap(),
         collects: 0,
     }));
     let mut stats = Stats::default();
-    task.run(&config, &mut stats).unwrap();
+    task.run(&mut stats).unwrap();
     drop(task);
     let kernel = stats
         .0

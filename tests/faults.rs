@@ -12,11 +12,11 @@ use common::faulty::{ALL_FAULTS, ALL_POINTS, Fault, FaultyStore, Point};
 use common::*;
 use wasnap::CheckpointStats;
 use wasnap::store::{CheckpointStore, open_object_store};
-use wasnap::task::{CheckpointObserver, NoObserver, RunConfig, Task};
+use wasnap::{CheckpointObserver, Mode, NoObserver, RunConfig, TaskConfig};
 
 fn run_task(config: &RunConfig, store: CheckpointStore) -> anyhow::Result<()> {
-    let mut task = Task::open(config, store)?;
-    task.run(config, &mut NoObserver)?;
+    let mut task = config.open(store)?;
+    task.run(&mut NoObserver)?;
     Ok(())
 }
 
@@ -38,8 +38,11 @@ fn every_fault_at_every_point_commits_or_aborts_and_a_restart_is_exact() {
                 let store_url = store_dir.to_str().unwrap();
                 let output = case_dir.join("out");
                 let config = RunConfig {
-                    checkpoint_every: 250,
-                    retain: 2,
+                    task: TaskConfig {
+                        mode: Mode::records(250),
+                        retain: 2,
+                        ..TaskConfig::default()
+                    },
                     ..RunConfig::new(&guest, &input, &output)
                 };
 
@@ -102,7 +105,7 @@ impl CheckpointObserver for Ledger {
     fn started(&mut self, generation: u64) {
         self.started.push(generation);
     }
-    fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &anyhow::Error>) {
+    fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &wasnap::Error>) {
         self.finished.push((generation, outcome.is_ok()));
     }
 }
@@ -117,7 +120,10 @@ fn a_committer_that_dies_fails_the_run_and_observers_hear_of_every_checkpoint() 
     let store_dir = dir.path().join("store");
     let store_url = store_dir.to_str().unwrap();
     let config = RunConfig {
-        checkpoint_every: 250,
+        task: TaskConfig {
+            mode: Mode::records(250),
+            ..TaskConfig::default()
+        },
         ..RunConfig::new(&guest, &input, dir.path().join("out"))
     };
 
@@ -130,7 +136,9 @@ fn a_committer_that_dies_fails_the_run_and_observers_hear_of_every_checkpoint() 
     ));
     let store = CheckpointStore::from_object_store(faulty.clone(), "faulty").unwrap();
     let mut ledger = Ledger::default();
-    let outcome = Task::open(&config, store).and_then(|mut task| task.run(&config, &mut ledger));
+    let outcome = config
+        .open(store)
+        .and_then(|mut task| task.run(&mut ledger));
     assert_eq!(faulty.injected(), 1, "the fault never struck");
     let err = outcome.expect_err("a run whose committer died cannot succeed");
     assert!(
@@ -145,8 +153,9 @@ fn a_committer_that_dies_fails_the_run_and_observers_hear_of_every_checkpoint() 
     assert_eq!(ledger.finished[..3], [(1, true), (2, true), (3, false)]);
     assert!(ledger.finished[3..].iter().all(|(_, ok)| !ok));
 
-    let restart = Task::open(&config, CheckpointStore::open(store_url).unwrap())
-        .and_then(|mut task| task.run(&config, &mut NoObserver));
+    let restart = config
+        .open(CheckpointStore::open(store_url).unwrap())
+        .and_then(|mut task| task.run(&mut NoObserver));
     restart.unwrap_or_else(|err| panic!("restart failed: {err:#}"));
     assert_same_output(
         &std::fs::read(dir.path().join("out")).unwrap(),

@@ -5,10 +5,11 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use wasnap::CheckpointStats;
+use wasnap::error::Fenced;
 use wasnap::guest::Guest;
 use wasnap::store::CheckpointStore;
-use wasnap::task::{CheckpointObserver, NoObserver, RunConfig, Task};
-use wasnap::{CheckpointStats, Fenced};
+use wasnap::{CheckpointObserver, Mode, NoObserver, RunConfig, Task, TaskConfig};
 
 fn lines(from: usize, to: usize) -> String {
     (from..to).map(|i| format!("record number {i}\n")).collect()
@@ -29,17 +30,24 @@ fn resume_after_append(
     let store_url = store_dir.to_str().unwrap();
     std::fs::write(&input, lines(0, 400)).unwrap();
     let config = RunConfig {
-        checkpoint_every: 100,
+        task: TaskConfig {
+            mode: Mode::records(100),
+            ..TaskConfig::default()
+        },
         ..RunConfig::new(&guest, &input, &output)
     };
-    let mut task = Task::open(&config, CheckpointStore::open(store_url).unwrap()).unwrap();
-    task.run(&config, &mut NoObserver).unwrap();
+    let mut task = config
+        .open(CheckpointStore::open(store_url).unwrap())
+        .unwrap();
+    task.run(&mut NoObserver).unwrap();
     drop(task);
 
     std::fs::write(&input, lines(0, 800)).unwrap();
-    let mut task = Task::open(&config, CheckpointStore::open(store_url).unwrap()).unwrap();
+    let mut task = config
+        .open(CheckpointStore::open(store_url).unwrap())
+        .unwrap();
     tamper(&mut task);
-    task.run(&config, &mut NoObserver)?;
+    task.run(&mut NoObserver)?;
     Ok(std::fs::read(&output).unwrap())
 }
 
@@ -104,7 +112,7 @@ impl CheckpointObserver for Recorder {
     fn started(&mut self, generation: u64) {
         self.events.push(format!("start {generation}"));
     }
-    fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &anyhow::Error>) {
+    fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &wasnap::Error>) {
         self.events.push(match outcome {
             Ok(stats) => format!("ok {generation} offset={}", stats.input_offset),
             Err(e) if e.downcast_ref::<Fenced>().is_some() => format!("fenced {generation}"),
@@ -121,17 +129,27 @@ fn a_second_writer_on_the_same_store_is_fenced_and_observers_hear_of_it() {
     let store_url = dir.path().join("store");
     let store_url = store_url.to_str().unwrap();
     let config_a = RunConfig {
-        checkpoint_every: 10,
+        task: TaskConfig {
+            mode: Mode::records(10),
+            ..TaskConfig::default()
+        },
         ..RunConfig::new(guest("wordcount"), &input, dir.path().join("a"))
     };
     let config_b = RunConfig {
-        checkpoint_every: 10,
+        task: TaskConfig {
+            mode: Mode::records(10),
+            ..TaskConfig::default()
+        },
         ..RunConfig::new(guest("wordcount"), &input, dir.path().join("b"))
     };
 
     // Both writers start from the same (empty) store.
-    let mut a = Task::open(&config_a, CheckpointStore::open(store_url).unwrap()).unwrap();
-    let mut b = Task::open(&config_b, CheckpointStore::open(store_url).unwrap()).unwrap();
+    let mut a = config_a
+        .open(CheckpointStore::open(store_url).unwrap())
+        .unwrap();
+    let mut b = config_b
+        .open(CheckpointStore::open(store_url).unwrap())
+        .unwrap();
     let (mut seen_a, mut seen_b) = (Recorder::default(), Recorder::default());
     a.checkpoint(&mut seen_a).unwrap();
     let err = b.checkpoint(&mut seen_b).unwrap_err();
@@ -146,7 +164,7 @@ fn a_second_writer_on_the_same_store_is_fenced_and_observers_hear_of_it() {
     assert_eq!(seen_b.events, vec!["start 1", "fenced 1"]);
 
     // The winner goes on; what is in the store is the winner's.
-    a.run(&config_a, &mut seen_a).unwrap();
+    a.run(&mut seen_a).unwrap();
     assert_eq!(seen_a.events.len(), 2 + 2 * 5);
     let store = CheckpointStore::open(store_url).unwrap();
     let newest = store
@@ -170,16 +188,12 @@ fn commits_are_create_only_on_every_backend() {
         let config_a = RunConfig::new(guest("wat-globals"), &input, dir.path().join("out-a"));
         let config_b = RunConfig::new(guest("wat-globals"), &input, dir.path().join("out-b"));
         let shared = store.object_store().clone();
-        let mut a = Task::open(
-            &config_a,
-            CheckpointStore::from_object_store(shared.clone(), url).unwrap(),
-        )
-        .unwrap();
-        let mut b = Task::open(
-            &config_b,
-            CheckpointStore::from_object_store(shared, url).unwrap(),
-        )
-        .unwrap();
+        let mut a = config_a
+            .open(CheckpointStore::from_object_store(shared.clone(), url).unwrap())
+            .unwrap();
+        let mut b = config_b
+            .open(CheckpointStore::from_object_store(shared, url).unwrap())
+            .unwrap();
         a.checkpoint(&mut NoObserver).unwrap();
         assert!(
             b.checkpoint(&mut NoObserver)

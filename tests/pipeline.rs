@@ -9,11 +9,12 @@ use std::sync::Arc;
 use common::faulty::{Fault, FaultyStore, Point};
 use common::*;
 use wasnap::CheckpointStats;
+use wasnap::delta::Encoding;
 use wasnap::guest::Guest;
-use wasnap::snapshot::{self, PAGE_SIZE};
-use wasnap::store::pack::Encoding;
+use wasnap::snapshot;
+use wasnap::state::PAGE_SIZE;
 use wasnap::store::{CheckpointStore, open_object_store};
-use wasnap::task::{CheckpointObserver, NoObserver, RunConfig, Task};
+use wasnap::{CheckpointObserver, Mode, NoObserver, RunConfig, Task, TaskConfig};
 
 const PAGES: u32 = 64;
 
@@ -74,11 +75,16 @@ fn pages_task(dir: &Path, retain: usize) -> (Task, RunConfig, String) {
     let input = dir.join("in");
     std::fs::write(&input, "").unwrap();
     let config = RunConfig {
-        retain,
+        task: TaskConfig {
+            retain,
+            ..TaskConfig::default()
+        },
         ..RunConfig::new(&guest, &input, dir.join("out"))
     };
     let store_url = dir.join("store").display().to_string();
-    let task = Task::open(&config, CheckpointStore::open(&store_url).unwrap()).unwrap();
+    let task = config
+        .open(CheckpointStore::open(&store_url).unwrap())
+        .unwrap();
     (task, config, store_url)
 }
 
@@ -212,7 +218,9 @@ fn a_damaged_or_lost_page_cache_is_never_trusted_and_is_rebuilt() {
     // The cache lost altogether: the next run rebuilds it from the restored memory, and
     // deltas work again at once.
     std::fs::remove_dir_all(config.cache_dir()).unwrap();
-    let mut task = Task::open(&config, CheckpointStore::open(&store_url).unwrap()).unwrap();
+    let mut task = config
+        .open(CheckpointStore::open(&store_url).unwrap())
+        .unwrap();
     let stats = step(&mut task, b't', 1..=20);
     assert_eq!(stats.delta_pages, 20, "{stats:?}");
     assert_newest_restores_to(&mut task, &config, &store_url);
@@ -231,7 +239,7 @@ impl CheckpointObserver for InFlight {
         self.now += 1;
         self.max = self.max.max(self.now);
     }
-    fn finished(&mut self, _generation: u64, outcome: Result<&CheckpointStats, &anyhow::Error>) {
+    fn finished(&mut self, _generation: u64, outcome: Result<&CheckpointStats, &wasnap::Error>) {
         outcome.expect("checkpoint failed");
         self.now -= 1;
         self.finished += 1;
@@ -250,8 +258,11 @@ fn a_slow_store_is_overlapped_up_to_the_bound_and_then_holds_the_guest_back() {
         let store_url = case_dir.join("store").display().to_string();
         let output = case_dir.join("out");
         let config = RunConfig {
-            checkpoint_every: 200,
-            max_in_flight,
+            task: TaskConfig {
+                mode: Mode::records(200),
+                max_in_flight,
+                ..TaskConfig::default()
+            },
             ..RunConfig::new(&guest, &input, &output)
         };
         // Every pack put after the first takes 300 ms: far slower than 200 records.
@@ -262,9 +273,9 @@ fn a_slow_store_is_overlapped_up_to_the_bound_and_then_holds_the_guest_back() {
             2,
         ));
         let store = CheckpointStore::from_object_store(slow.clone(), "slow").unwrap();
-        let mut task = Task::open(&config, store).unwrap();
+        let mut task = config.open(store).unwrap();
         let mut observer = InFlight::default();
-        let summary = task.run(&config, &mut observer).unwrap();
+        let summary = task.run(&mut observer).unwrap();
         assert!(slow.injected() > 5, "the store was not slow");
         assert_eq!(observer.now, 0, "a checkpoint was left unsettled");
         assert_eq!(observer.finished as u64, summary.checkpoints);
@@ -293,12 +304,18 @@ fn a_real_histogram_goes_as_sparse_deltas_and_restores_exactly() {
     write_input(&input, 6000, 0, true);
     let store_url = dir.path().join("store").display().to_string();
     let config = RunConfig {
-        checkpoint_every: 500,
-        retain: usize::MAX, // every pack stays, to be counted
+        task: TaskConfig {
+            mode: Mode::records(500),
+            // Every pack stays, to be counted.
+            retain: usize::MAX,
+            ..TaskConfig::default()
+        },
         ..RunConfig::new(guest("window"), &input, dir.path().join("output"))
     };
-    let mut task = Task::open(&config, CheckpointStore::open(&store_url).unwrap()).unwrap();
-    let summary = task.run(&config, &mut NoObserver).unwrap();
+    let mut task = config
+        .open(CheckpointStore::open(&store_url).unwrap())
+        .unwrap();
+    let summary = task.run(&mut NoObserver).unwrap();
     assert_eq!(summary.checkpoints, 12);
     assert_newest_restores_to(&mut task, &config, &store_url);
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
 use common::*;
-use wasnap::Fenced;
-use wasnap::guest::GlobalValue;
+use wasnap::error::Fenced;
+use wasnap::state::GlobalValue;
 use wasnap::store::manifest::{Manifest, MemoryManifest, PackRef, Run};
 use wasnap::store::pack_name;
 

@@ -298,7 +298,7 @@ fn the_transformed_module_is_cached_by_the_originals_hash_and_a_bad_entry_is_red
     assert_eq!(entries.len(), 1, "{entries:?}");
     let sha = {
         use sha2::Digest;
-        wasnap::store::hex(&sha2::Sha256::digest(std::fs::read(&program).unwrap()))
+        wasnap::hex::encode(&sha2::Sha256::digest(std::fs::read(&program).unwrap()))
     };
     let name = entries[0]
         .file_name()

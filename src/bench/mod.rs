@@ -9,26 +9,29 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::guest::GuestInstance;
 use crate::snapshot::DirtyTracking;
 use crate::store::CheckpointStore;
-use crate::task::{CheckpointObserver, CheckpointStats, RunConfig, RunSummary, Task};
+use crate::task::{CheckpointObserver, CheckpointStats, Mode, RunConfig, RunSummary, TaskConfig};
 use baseline::{BaselineSnapshot, WasmanBaseline};
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
     pub guest: PathBuf,
+    /// A file or `s3://BUCKET/KEY`.
     pub input: PathBuf,
+    /// Where the output goes (a file, a directory or `s3://BUCKET/PREFIX`); a scratch
+    /// file if `None`.
+    pub output: Option<PathBuf>,
     pub checkpoint_every: u64,
     /// Where checkpoints go; a fresh temporary directory (local disk, fsync) if `None`.
     pub store: Option<String>,
     /// Also compute the Wasman-style baseline.
     pub baseline: bool,
-    /// See [`RunConfig::max_deltas`].
+    /// See [`TaskConfig::max_deltas`].
     pub max_deltas: usize,
-    /// See [`RunConfig::dirty_tracking`].
+    /// See [`TaskConfig::dirty_tracking`].
     pub dirty_tracking: DirtyTracking,
-    /// See [`RunConfig::cache_dir`]; by default beside the bench's scratch output.
+    /// See [`TaskConfig::cache_dir`]; by default beside the bench's scratch output.
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -64,6 +67,8 @@ pub struct CheckpointRecord {
     /// Off the guest's thread: compression, then pack put + output fsync + commit.
     pub encode_us: u64,
     pub put_us: u64,
+    /// After the commit: publishing the output (object outputs).
+    pub publish_us: u64,
     /// From the pause to the commit.
     pub commit_latency_us: u64,
     /// What the Wasman-style baseline writes for the same memory (absent with `--no-baseline`).
@@ -93,19 +98,13 @@ struct Recorder<'a> {
 }
 
 impl CheckpointObserver for Recorder<'_> {
-    fn captured(&mut self, generation: u64, instance: &GuestInstance) {
+    fn captured(&mut self, generation: u64, memories: &[&[u8]]) {
         // The guest is paused exactly as captured: the baseline snapshots the same memory.
-        let baseline = self.baseline.as_mut().map(|b| {
-            let memory: Vec<u8> = (0..instance.memory_count())
-                .flat_map(|i| instance.memory(i).iter().copied())
-                .collect();
-            b.snapshot(&memory)
-        });
-        self.pending
-            .insert(generation, (instance.memory_count(), baseline));
+        let baseline = self.baseline.as_mut().map(|b| b.snapshot(&memories.concat()));
+        self.pending.insert(generation, (memories.len(), baseline));
     }
 
-    fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &anyhow::Error>) {
+    fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &crate::Error>) {
         let (memories, baseline) = self.pending.remove(&generation).unwrap_or((0, None));
         let Ok(stats) = outcome else {
             return;
@@ -135,6 +134,7 @@ impl CheckpointObserver for Recorder<'_> {
             hash_us: stats.hash.as_micros() as u64,
             encode_us: stats.encode.as_micros() as u64,
             put_us: stats.put.as_micros() as u64,
+            publish_us: stats.publish.as_micros() as u64,
             commit_latency_us: stats.committed_after.as_micros() as u64,
             baseline_bytes: baseline.as_ref().map(|b| b.bytes),
             baseline_full: baseline.as_ref().map(|b| b.full),
@@ -161,22 +161,29 @@ pub fn bench(
         anyhow::bail!("bench needs an empty store, and {store_url} holds checkpoints");
     }
     let run_config = RunConfig {
-        checkpoint_every: config.checkpoint_every,
-        // The bench accounts for every byte put; retention would delete some of them.
-        retain: usize::MAX,
-        max_deltas: config.max_deltas,
-        dirty_tracking: config.dirty_tracking,
-        cache_dir: config.cache_dir.clone(),
-        ..RunConfig::new(&config.guest, &config.input, scratch.path().join("output"))
+        task: TaskConfig {
+            mode: Mode::records(config.checkpoint_every),
+            // The bench accounts for every byte put; retention would delete some of them.
+            retain: usize::MAX,
+            max_deltas: config.max_deltas,
+            dirty_tracking: config.dirty_tracking,
+            cache_dir: config.cache_dir.clone(),
+            ..TaskConfig::default()
+        },
+        ..RunConfig::new(
+            &config.guest,
+            &config.input,
+            (config.output.clone()).unwrap_or_else(|| scratch.path().join("output")),
+        )
     };
-    let mut task = Task::open(&run_config, store)?;
+    let mut task = run_config.open(store)?;
     let mut recorder = Recorder {
         baseline: config.baseline.then(WasmanBaseline::default),
         pending: Default::default(),
         records: Vec::new(),
         on_record,
     };
-    let run = task.run(&run_config, &mut recorder)?;
+    let run = task.run(&mut recorder)?;
     Ok(BenchReport {
         run,
         dirty_tracking: config.dirty_tracking,
@@ -255,11 +262,14 @@ impl BenchReport {
             ms(sum(|r| r.hash_us) as f64 / n),
             baseline_hash.map_or("-".into(), |h| ms(h as f64 / n))
         );
-        out += &format!(
-            "{:<24} {:>14}\n",
-            "put (encode+store), mean",
-            ms(sum(|r| r.put_us) as f64 / n)
-        );
+        for (what, us) in [
+            ("encode, mean", sum(|r| r.encode_us)),
+            ("put (pack+output+commit)", sum(|r| r.put_us)),
+            ("publish output, mean", sum(|r| r.publish_us)),
+            ("pause to commit, mean", sum(|r| r.commit_latency_us)),
+        ] {
+            out += &format!("{what:<24} {:>14}\n", ms(us as f64 / n));
+        }
         if let Some(total) = baseline_total {
             out += &format!(
                 "\nwasnap wrote {:.2}x {} bytes than the baseline (full gzip every 5th, FNV-64a 4 KiB deltas otherwise)\n",

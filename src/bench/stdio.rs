@@ -14,7 +14,7 @@ use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 
 use crate::guest::asyncify;
 use crate::store::CheckpointStore;
-use crate::task::{NoObserver, RunConfig, Task};
+use crate::task::{Mode, NoObserver, RunConfig};
 
 pub struct StdioBenchReport {
     pub original_bytes: usize,
@@ -64,15 +64,11 @@ fn run_plain(program: &[u8], input: Vec<u8>) -> Result<(Vec<u8>, Duration)> {
 fn run_wasnap(program: &Path, input: &Path, every_bytes: u64) -> Result<(Vec<u8>, Duration, u64)> {
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
     let output = scratch.path().join("output");
-    let config = RunConfig {
-        stdio: true,
-        checkpoint_every_bytes: every_bytes,
-        retain: usize::MAX,
-        ..RunConfig::new(program, input, &output)
-    };
+    let mut config = RunConfig::new(program, input, &output).with_mode(Mode::stdio(every_bytes));
+    config.task.retain = usize::MAX;
     let store = CheckpointStore::open(&scratch.path().join("store").display().to_string())?;
-    let mut task = Task::open(&config, store)?;
-    let summary = task.run(&config, &mut NoObserver)?;
+    let mut task = config.open(store)?;
+    let summary = task.run(&mut NoObserver)?;
     drop(task);
     Ok((
         std::fs::read(&output)?,

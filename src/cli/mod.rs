@@ -1,6 +1,7 @@
 //! The `wasnap` command line.
 
 mod inspect;
+mod log;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,9 +10,9 @@ use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand};
 
 use crate::bench;
-use crate::error::{Fenced, OutputLocked};
+use crate::error::ErrorKind;
 use crate::snapshot::DirtyTracking;
-use crate::task::{self, NoObserver, RunConfig};
+use crate::task::{self, Mode, RunConfig, TaskConfig};
 
 #[derive(Parser)]
 #[command(
@@ -38,17 +39,18 @@ enum Command {
         #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY_BYTES,
               value_parser = clap::value_parser!(u64).range(1..))]
         checkpoint_every_bytes: u64,
-        /// Newline-delimited input records.
+        /// Newline-delimited input records: a file, file:///PATH or s3://BUCKET/KEY.
         #[arg(long)]
         input: PathBuf,
-        /// Output file: one line per emitted record.
+        /// Where emitted records go, one line each: a file, or a directory, file:///DIR or
+        /// s3://BUCKET/PREFIX of output parts (read them with `wasnap cat`).
         #[arg(long)]
         output: PathBuf,
-        /// Checkpoint store: a directory, file:///DIR or memory://.
+        /// Checkpoint store: a directory, file:///DIR, s3://BUCKET/PREFIX or memory://.
         #[arg(long)]
         store: String,
         /// Take a checkpoint every N records (and always at the end of input).
-        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1..))]
         checkpoint_every: u64,
         /// Seed of the guest's deterministic WASI random stream on a fresh start.
         #[arg(long, default_value_t = crate::guest::random::DEFAULT_SEED)]
@@ -106,11 +108,14 @@ enum Command {
         #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY_BYTES,
               value_parser = clap::value_parser!(u64).range(1..))]
         checkpoint_every_bytes: u64,
-        /// Newline-delimited input records.
+        /// Newline-delimited input records: a file or s3://BUCKET/KEY.
         #[arg(long)]
         input: PathBuf,
+        /// Where the output goes (see `run`); default: a scratch file.
+        #[arg(long)]
+        output: Option<PathBuf>,
         /// Take a checkpoint every N records (and at the end of input).
-        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1..))]
         checkpoint_every: u64,
         /// Checkpoint store (must be empty); default: a fresh temporary directory.
         #[arg(long)]
@@ -154,15 +159,17 @@ enum Command {
 pub const EXIT_FENCED: u8 = 3;
 
 pub fn main() -> ExitCode {
-    // Warnings (a tracker that fell back to hashing, say) show without WASNAP_LOG.
+    // Warnings (a tracker that fell back to hashing, a checkpoint that is unusable) show
+    // without WASNAP_LOG.
     let filter = tracing_subscriber::EnvFilter::try_from_env("WASNAP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,wasnap=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .event_format(log::Lines)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result: Result<(), crate::Error> = match cli.command {
         Command::Run {
             guest,
             stdio,
@@ -185,22 +192,26 @@ pub fn main() -> ExitCode {
                 guest,
                 input,
                 output,
-                checkpoint_every,
-                random_seed: seed,
-                progress: !quiet,
-                retain: usize::try_from(retain).unwrap_or(usize::MAX),
                 limits: crate::guest::Limits {
                     max_memory_bytes: max_memory_mib.map(|m| m.saturating_mul(1 << 20)),
                     call_timeout: call_timeout_ms.map(std::time::Duration::from_millis),
                 },
-                max_in_flight: usize::try_from(max_in_flight).unwrap_or(usize::MAX),
-                cache_dir,
-                max_deltas: max_deltas as usize,
-                stdio,
-                checkpoint_every_bytes,
-                dirty_tracking,
+                task: TaskConfig {
+                    mode: if stdio {
+                        Mode::stdio(checkpoint_every_bytes)
+                    } else {
+                        Mode::records(checkpoint_every)
+                    },
+                    random_seed: seed,
+                    retain: usize::try_from(retain).unwrap_or(usize::MAX),
+                    max_in_flight: usize::try_from(max_in_flight).unwrap_or(usize::MAX),
+                    cache_dir,
+                    max_deltas: max_deltas as usize,
+                    dirty_tracking,
+                },
             };
-            task::run(&config, &store, &mut NoObserver).map(|summary| {
+            let mut progress = log::Progress::new(!quiet);
+            task::run(&config, &store, &mut progress).map(|summary| {
                 if !quiet {
                     let resumed = summary
                         .resumed_from
@@ -235,10 +246,12 @@ pub fn main() -> ExitCode {
             input,
             ..
         } => bench::stdio::bench_stdio(&guest, &input, checkpoint_every_bytes)
-            .and_then(|report| print_out(&report.summary(&guest.display().to_string()))),
+            .and_then(|report| print_out(&report.summary(&guest.display().to_string())))
+            .map_err(Into::into),
         Command::Bench {
             guest,
             input,
+            output,
             checkpoint_every,
             store,
             json,
@@ -251,6 +264,7 @@ pub fn main() -> ExitCode {
             let config = bench::BenchConfig {
                 guest,
                 input,
+                output,
                 checkpoint_every,
                 store,
                 baseline: !no_baseline,
@@ -273,22 +287,22 @@ pub fn main() -> ExitCode {
                 }
                 print_out(&report.summary(&config.guest.display().to_string()))
             })
+            .map_err(Into::into)
         }
-        Command::Inspect { store } => inspect::inspect(&store),
-        Command::Cat { output, store } => cat(&output, store.as_deref()),
-        Command::Gc { store, retain } => gc(&store, usize::try_from(retain).unwrap_or(usize::MAX)),
+        Command::Inspect { store } => inspect::inspect(&store).map_err(Into::into),
+        Command::Cat { output, store } => cat(&output, store.as_deref()).map_err(Into::into),
+        Command::Gc { store, retain } => {
+            gc(&store, usize::try_from(retain).unwrap_or(usize::MAX)).map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line naming the cause, outermost context first.
-            eprintln!("wasnap: error: {err:#}");
-            if err.downcast_ref::<Fenced>().is_some()
-                || err.downcast_ref::<OutputLocked>().is_some()
-            {
-                ExitCode::from(EXIT_FENCED)
-            } else {
-                ExitCode::FAILURE
+            eprintln!("wasnap: error: {err}");
+            match err.kind() {
+                ErrorKind::Fenced => ExitCode::from(EXIT_FENCED),
+                _ => ExitCode::FAILURE,
             }
         }
     }
@@ -306,7 +320,11 @@ fn cat(output: &str, store: Option<&str>) -> anyhow::Result<()> {
         }
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    crate::stream::object_output::cat(output, marker.as_deref(), &mut out)?;
+    if std::path::Path::new(output).is_file() {
+        crate::stream::sink::cat_file(std::path::Path::new(output), marker.as_deref(), &mut out)?;
+    } else {
+        crate::stream::object_output::cat(output, marker.as_deref(), &mut out)?;
+    }
     use std::io::Write;
     out.flush().or_else(|e| {
         if e.kind() == std::io::ErrorKind::BrokenPipe {

@@ -49,8 +49,8 @@ pub fn asyncify(original: &[u8]) -> Result<Vec<u8>> {
     let key = {
         let mut h = Sha256::new();
         h.update(original);
-        let original_sha = crate::store::hex(&h.finalize());
-        let version_sha = crate::store::hex(&Sha256::digest(version.as_bytes())[..8]);
+        let original_sha = crate::hex::encode(&h.finalize());
+        let version_sha = crate::hex::encode(&Sha256::digest(version.as_bytes())[..8]);
         format!("{original_sha}-{version_sha}.wasm")
     };
     let cached = cache_dir().map(|dir| dir.join("asyncify").join(&key));

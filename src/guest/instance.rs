@@ -2,28 +2,15 @@
 //! and typed handles on everything the run loop and the snapshot stage touch.
 
 use anyhow::{Context, Result, anyhow, bail};
-use wasmtime::{
-    Caller, Global, Linker, Memory, Store, StoreLimits, StoreLimitsBuilder, TypedFunc, Val,
-};
+use wasmtime::{Global, Memory, Store, StoreLimits, StoreLimitsBuilder, TypedFunc, Val};
 use wasmtime_wasi::WasiCtxBuilder;
-use wasmtime_wasi::p1::WasiP1Ctx;
 
-use super::abi::{EMIT_MODULE, EMIT_NAME};
+use super::host::HostState;
 use super::random::DeterministicRandom;
-use super::{GlobalKind, Guest, GuestKind, Limits, stdio};
-
-/// What host functions can reach.
-pub struct HostState {
-    wasi: WasiP1Ctx,
-    /// The ABI memory, cached so `emit` does not look it up by name on every call.
-    pub(super) memory: Option<Memory>,
-    /// Output since the run loop last drained it: emitted records, each followed by
-    /// `\n`, or a stdio program's stdout.
-    pub(super) emitted: Vec<u8>,
-    /// A stdio program's standard input.
-    pub(super) stdin: Option<stdio::StdinState>,
-    limits: StoreLimits,
-}
+use super::stdin::{Asyncify, StdinState, UNWIND_DATA_BYTES};
+use super::{Guest, GuestKind, Limits};
+use crate::error::{ErrorKind, KindContext, Kinded, error, kind_of};
+use crate::state::{GlobalKind, GlobalValue};
 
 /// How a guest is entered.
 enum Entry {
@@ -37,7 +24,7 @@ enum Entry {
     /// An asyncified WASI command: `_start`, unwound and rewound around checkpoints.
     Program {
         start: TypedFunc<(), ()>,
-        asyncify: stdio::Asyncify,
+        asyncify: Asyncify,
     },
 }
 
@@ -50,46 +37,24 @@ pub enum ProgramOutcome {
     Exited(i32),
 }
 
-/// The value of one mutable global, as written into a manifest.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum GlobalValue {
-    I32(i32),
-    I64(i64),
-    F32(u32),
-    F64(u64),
-    V128(u128),
+fn global_value(val: Val) -> Result<GlobalValue> {
+    Ok(match val {
+        Val::I32(v) => GlobalValue::I32(v),
+        Val::I64(v) => GlobalValue::I64(v),
+        Val::F32(v) => GlobalValue::F32(v),
+        Val::F64(v) => GlobalValue::F64(v),
+        Val::V128(v) => GlobalValue::V128(v.as_u128()),
+        other => bail!("cannot snapshot a global of type {:?}", other),
+    })
 }
 
-impl GlobalValue {
-    pub fn kind(&self) -> GlobalKind {
-        match self {
-            GlobalValue::I32(_) => GlobalKind::I32,
-            GlobalValue::I64(_) => GlobalKind::I64,
-            GlobalValue::F32(_) => GlobalKind::F32,
-            GlobalValue::F64(_) => GlobalKind::F64,
-            GlobalValue::V128(_) => GlobalKind::V128,
-        }
-    }
-
-    fn from_val(val: Val) -> Result<Self> {
-        Ok(match val {
-            Val::I32(v) => GlobalValue::I32(v),
-            Val::I64(v) => GlobalValue::I64(v),
-            Val::F32(v) => GlobalValue::F32(v),
-            Val::F64(v) => GlobalValue::F64(v),
-            Val::V128(v) => GlobalValue::V128(v.as_u128()),
-            other => bail!("cannot snapshot a global of type {:?}", other),
-        })
-    }
-
-    fn to_val(self) -> Val {
-        match self {
-            GlobalValue::I32(v) => Val::I32(v),
-            GlobalValue::I64(v) => Val::I64(v),
-            GlobalValue::F32(v) => Val::F32(v),
-            GlobalValue::F64(v) => Val::F64(v),
-            GlobalValue::V128(v) => Val::V128(v.into()),
-        }
+fn wasm_value(value: GlobalValue) -> Val {
+    match value {
+        GlobalValue::I32(v) => Val::I32(v),
+        GlobalValue::I64(v) => Val::I64(v),
+        GlobalValue::F32(v) => Val::F32(v),
+        GlobalValue::F64(v) => Val::F64(v),
+        GlobalValue::V128(v) => Val::V128(v.into()),
     }
 }
 
@@ -118,21 +83,18 @@ impl GuestInstance {
             .build_p1();
         let mut store = Store::new(
             &guest.engine,
-            HostState {
+            HostState::new(
                 wasi,
-                memory: None,
-                emitted: Vec::new(),
-                stdin: None,
-                limits: match guest.limits.max_memory_bytes {
+                match guest.limits.max_memory_bytes {
                     Some(max) => StoreLimitsBuilder::new()
                         .memory_size(usize::try_from(max).unwrap_or(usize::MAX))
                         .trap_on_grow_failure(true)
                         .build(),
                     None => StoreLimits::default(),
                 },
-            },
+            ),
         );
-        store.limiter(|s| &mut s.limits);
+        store.limiter(HostState::limits);
         if let Some(ticks) = guest.limits.deadline_ticks() {
             // The start function runs inside instantiate: it gets a deadline too.
             store.set_epoch_deadline(ticks);
@@ -142,7 +104,10 @@ impl GuestInstance {
             .pre
             .instantiate(&mut store)
             .map_err(anyhow::Error::from)
-            .context("cannot instantiate the guest (its start function failed?)")?;
+            .kind_context(
+                ErrorKind::Guest,
+                "cannot instantiate the guest (its start function failed?)",
+            )?;
 
         let abi_memory = instance
             .get_memory(&mut store, "memory")
@@ -193,7 +158,7 @@ impl GuestInstance {
             },
             GuestKind::Program => Entry::Program {
                 start: instance.get_typed_func(&mut store, "_start")?,
-                asyncify: stdio::Asyncify::lookup(&instance, &mut store)?,
+                asyncify: Asyncify::lookup(&instance, &mut store)?,
             },
         };
         Ok(Self {
@@ -216,25 +181,35 @@ impl GuestInstance {
     }
 
     /// A guest error as one line: a trap with its message, a limit, `proc_exit`, or a host error.
+    /// Of kind `Guest`, unless a host function the guest called failed for a reason of
+    /// its own (the input became unavailable under a stdio program's `fd_read`).
     fn describe(&self, err: wasmtime::Error, function: &str) -> anyhow::Error {
+        let guest = |message: String| error(ErrorKind::Guest, message);
         if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
-            return anyhow!("the guest called proc_exit({}) in `{function}`", exit.0);
+            return guest(format!("the guest called proc_exit({}) in `{function}`", exit.0));
         }
         if let Some(wasmtime::Trap::Interrupt) = err.downcast_ref::<wasmtime::Trap>() {
             let ms = self.limits.call_timeout.map_or(0, |t| t.as_millis());
-            return anyhow!("the guest ran past its time limit of {ms} ms in `{function}`");
+            return guest(format!(
+                "the guest ran past its time limit of {ms} ms in `{function}`"
+            ));
         }
         if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
-            return anyhow!("the guest trapped in `{function}`: {trap}");
+            return guest(format!("the guest trapped in `{function}`: {trap}"));
         }
         if let Some(max) = self.limits.max_memory_bytes
             && format!("{err:#}").contains("forcing trap when growing memory")
         {
-            return anyhow!(
+            return guest(format!(
                 "the guest tried to grow its memory past its limit of {max} bytes in `{function}`"
-            );
+            ));
         }
-        anyhow::Error::from(err).context(format!("the guest failed in `{function}`"))
+        let err = anyhow::Error::from(err);
+        let message = format!("the guest failed in `{function}`");
+        match kind_of(&err) {
+            ErrorKind::Other => err.context(Kinded::new(ErrorKind::Guest, message)),
+            _ => err.context(message),
+        }
     }
 
     /// Run the guest's one-time set-up: `_initialize` (WASI reactors), then `init` (a stdio
@@ -307,12 +282,12 @@ impl GuestInstance {
             bail!("only a stdio program reads stdin");
         };
         if let Some(data) = data {
-            let needed = u64::from(data) + stdio::UNWIND_DATA_BYTES;
+            let needed = u64::from(data) + UNWIND_DATA_BYTES;
             if (self.abi_memory.data_size(&self.store) as u64) < needed {
                 bail!("the program's memory does not hold its unwind data (store corrupt?)");
             }
         }
-        let mut stdin = stdio::StdinState::new(source, checkpoint_every.max(1), data);
+        let mut stdin = StdinState::new(source, checkpoint_every.max(1), data);
         stdin.asyncify = Some(asyncify.clone());
         self.store.data_mut().stdin = Some(stdin);
         Ok(())
@@ -431,7 +406,7 @@ impl GuestInstance {
     pub fn globals(&mut self) -> Result<Vec<GlobalValue>> {
         self.globals
             .iter()
-            .map(|(g, _)| GlobalValue::from_val(g.get(&mut self.store)))
+            .map(|(g, _)| global_value(g.get(&mut self.store)))
             .collect()
     }
 
@@ -451,7 +426,7 @@ impl GuestInstance {
                     value.kind()
                 );
             }
-            global.set(&mut self.store, value.to_val())?;
+            global.set(&mut self.store, wasm_value(*value))?;
         }
         Ok(())
     }
@@ -460,30 +435,4 @@ impl GuestInstance {
     pub fn random_position(&self) -> u64 {
         self.random.position()
     }
-}
-
-/// The host side of the guest's imports: WASI preview 1 and `wasnap.emit`.
-pub(super) fn add_host_functions(linker: &mut Linker<HostState>) -> Result<()> {
-    wasmtime_wasi::p1::add_to_linker_sync(linker, |s: &mut HostState| &mut s.wasi)?;
-    linker.func_wrap(EMIT_MODULE, EMIT_NAME, emit)?;
-    Ok(())
-}
-
-/// `wasnap.emit(ptr, len)`: copy one output record out of guest memory.
-fn emit(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<()> {
-    let memory = caller
-        .data()
-        .memory
-        .expect("memory is set right after instantiation");
-    let (data, state) = memory.data_and_store_mut(&mut caller);
-    let (start, len) = (ptr as u32 as usize, len as u32 as usize);
-    let record = data.get(start..start.saturating_add(len)).ok_or_else(|| {
-        wasmtime::Error::msg(format!(
-            "wasnap.emit({ptr:#x}, {len}) is outside the guest's memory"
-        ))
-    })?;
-    state.emitted.reserve(len + 1);
-    state.emitted.extend_from_slice(record);
-    state.emitted.push(b'\n');
-    Ok(())
 }

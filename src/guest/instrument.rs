@@ -40,6 +40,8 @@ use sha2::{Digest, Sha256};
 use wasm_encoder::Encode;
 use wasmparser::{ExternalKind, Operator, Parser, Payload, TypeRef, ValType};
 
+use crate::state::GlobalKind;
+
 /// Every export the engine adds starts with this; a guest that already uses it is refused.
 pub const RESERVED_PREFIX: &str = "__wasnap_";
 
@@ -51,16 +53,6 @@ pub fn memory_export_name(index: u32) -> String {
 /// Export name under which the host reaches the guest's `index`-th defined global.
 pub fn global_export_name(index: u32) -> String {
     format!("{RESERVED_PREFIX}global_{index}")
-}
-
-/// The value type of a mutable global the engine snapshots.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GlobalKind {
-    I32,
-    I64,
-    F32,
-    F64,
-    V128,
 }
 
 /// One piece of state the instrumented module exposes.

@@ -2,19 +2,24 @@
 
 pub mod abi;
 pub mod asyncify;
+mod host;
 pub mod instance;
 pub mod instrument;
 pub mod limits;
 pub mod random;
+mod stdin;
 pub mod stdio;
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
+
+use crate::Error;
+use crate::error::{ErrorKind, KindContext};
 use wasmtime::{Config, Engine, InstancePre, Linker, Module};
 
-pub use instance::{GlobalValue, GuestInstance, ProgramOutcome};
-pub use instrument::{GlobalKind, Instrumented, StateExport};
+pub use instance::{GuestInstance, ProgramOutcome};
+pub use instrument::Instrumented;
 pub use limits::Limits;
 
 /// What kind of guest a module is.
@@ -29,7 +34,7 @@ pub enum GuestKind {
 pub struct Guest {
     engine: Engine,
     /// Imports resolved once; every instantiation (fresh or restore) starts from here.
-    pre: InstancePre<instance::HostState>,
+    pre: InstancePre<host::HostState>,
     kind: GuestKind,
     limits: Limits,
     /// Runs while a time limit is set and this guest or any of its instances lives.
@@ -40,27 +45,39 @@ pub struct Guest {
 
 impl Guest {
     /// Read a guest from a file: a wasm binary, or WAT text if the name ends in `.wat`.
-    pub fn load(path: &Path) -> Result<Self> {
+    pub fn load(path: &Path) -> Result<Self, Error> {
         Self::load_with_limits(path, Limits::default())
     }
 
     /// [`Guest::load`], with resource limits for every instance.
-    pub fn load_with_limits(path: &Path, limits: Limits) -> Result<Self> {
-        let bytes = read_module(path)?;
-        Self::from_wasm_with_limits(&bytes, limits)
-            .with_context(|| format!("cannot load guest {}", path.display()))
+    pub fn load_with_limits(path: &Path, limits: Limits) -> Result<Self, Error> {
+        let guest = read_module(path)
+            .and_then(|bytes| Self::compile_records(&bytes, limits))
+            .with_kind_context(ErrorKind::InvalidGuest, || {
+                format!("cannot load guest {}", path.display())
+            })?;
+        Ok(guest)
     }
 
     /// Read an unmodified WASI command for stdio mode: check it, asyncify it (cached),
     /// instrument and compile it.
-    pub fn load_program(path: &Path, limits: Limits) -> Result<Self> {
-        let bytes = read_module(path)?;
-        Self::program_from_wasm(&bytes, limits)
-            .with_context(|| format!("cannot load program {}", path.display()))
+    pub fn load_program(path: &Path, limits: Limits) -> Result<Self, Error> {
+        let program = read_module(path)
+            .and_then(|bytes| Self::compile_program(&bytes, limits))
+            .with_kind_context(ErrorKind::InvalidGuest, || {
+                format!("cannot load program {}", path.display())
+            })?;
+        Ok(program)
     }
 
     /// [`Guest::load_program`] from wasm bytes.
-    pub fn program_from_wasm(wasm: &[u8], limits: Limits) -> Result<Self> {
+    pub fn program_from_wasm(wasm: &[u8], limits: Limits) -> Result<Self, Error> {
+        let program = Self::compile_program(wasm, limits)
+            .kind_context(ErrorKind::InvalidGuest, "cannot load the program")?;
+        Ok(program)
+    }
+
+    fn compile_program(wasm: &[u8], limits: Limits) -> Result<Self> {
         instrument::check_is_core_module(wasm)?;
         let engine = Engine::new(&engine_config(limits))?;
         let original = Module::new(&engine, wasm)
@@ -74,8 +91,8 @@ impl Guest {
         let module = Module::new(&engine, &state.wasm)
             .map_err(anyhow::Error::from)
             .context("wasmtime rejected the asyncified program")?;
-        let mut linker: Linker<instance::HostState> = Linker::new(&engine);
-        instance::add_host_functions(&mut linker)?;
+        let mut linker: Linker<host::HostState> = Linker::new(&engine);
+        host::add_host_functions(&mut linker)?;
         stdio::add_host_functions(&mut linker)?;
         let pre = linker
             .instantiate_pre(&module)
@@ -91,20 +108,26 @@ impl Guest {
     }
 
     /// Instrument, compile and check a guest given as wasm bytes.
-    pub fn from_wasm(wasm: &[u8]) -> Result<Self> {
+    pub fn from_wasm(wasm: &[u8]) -> Result<Self, Error> {
         Self::from_wasm_with_limits(wasm, Limits::default())
     }
 
     /// [`Guest::from_wasm`], with resource limits for every instance.
-    pub fn from_wasm_with_limits(wasm: &[u8], limits: Limits) -> Result<Self> {
+    pub fn from_wasm_with_limits(wasm: &[u8], limits: Limits) -> Result<Self, Error> {
+        let guest = Self::compile_records(wasm, limits)
+            .kind_context(ErrorKind::InvalidGuest, "cannot load the guest")?;
+        Ok(guest)
+    }
+
+    fn compile_records(wasm: &[u8], limits: Limits) -> Result<Self> {
         let mut state = instrument::instrument(wasm)?;
         let engine = Engine::new(&engine_config(limits))?;
         let module = Module::new(&engine, &state.wasm)
             .map_err(anyhow::Error::from)
             .context("wasmtime rejected the guest")?;
         let abi = abi::check(&module)?;
-        let mut linker: Linker<instance::HostState> = Linker::new(&engine);
-        instance::add_host_functions(&mut linker)?;
+        let mut linker: Linker<host::HostState> = Linker::new(&engine);
+        host::add_host_functions(&mut linker)?;
         let pre = linker
             .instantiate_pre(&module)
             .map_err(anyhow::Error::from)
@@ -115,7 +138,7 @@ impl Guest {
 
     fn finish(
         engine: Engine,
-        pre: InstancePre<instance::HostState>,
+        pre: InstancePre<host::HostState>,
         kind: GuestKind,
         limits: Limits,
         state: Instrumented,

@@ -18,95 +18,16 @@
 
 use std::io::Write as _;
 
-use anyhow::{Result, anyhow, bail};
-use wasmtime::{Caller, ExternType, Instance, Linker, Module, Store, TypedFunc};
+use anyhow::{Result, bail};
+use wasmtime::{Caller, ExternType, Linker, Module};
 
 use super::abi::WASI_MODULE;
-use super::instance::HostState;
-
-/// Room for the unwound call stack. The region is grown onto the memory at the first
-/// unwind, not before `_start`: an allocator that claims all of the initial memory as
-/// heap at its first call (wasi-libc's dlmalloc before `__heap_end`) must not get it.
-pub const UNWIND_DATA_BYTES: u64 = 1 << 20;
+use super::host::HostState;
+use super::stdin::UNWIND_DATA_BYTES;
 
 const ERRNO_SUCCESS: i32 = 0;
 const ERRNO_BADF: i32 = 8;
 const ERRNO_FAULT: i32 = 21;
-
-/// The asyncify exports the transform adds.
-#[derive(Clone)]
-pub struct Asyncify {
-    start_unwind: TypedFunc<i32, ()>,
-    stop_unwind: TypedFunc<(), ()>,
-    start_rewind: TypedFunc<i32, ()>,
-    stop_rewind: TypedFunc<(), ()>,
-}
-
-impl Asyncify {
-    pub fn lookup(instance: &Instance, store: &mut Store<HostState>) -> Result<Self> {
-        let get = |store: &mut Store<HostState>, name: &str| {
-            instance
-                .get_func(&mut *store, name)
-                .ok_or_else(|| anyhow!("the asyncified program does not export `{name}`"))
-        };
-        Ok(Self {
-            start_unwind: get(store, "asyncify_start_unwind")?.typed(&*store)?,
-            stop_unwind: get(store, "asyncify_stop_unwind")?.typed(&*store)?,
-            start_rewind: get(store, "asyncify_start_rewind")?.typed(&*store)?,
-            stop_rewind: get(store, "asyncify_stop_rewind")?.typed(&*store)?,
-        })
-    }
-
-    pub fn stop_unwind(&self, store: &mut Store<HostState>) -> wasmtime::Result<()> {
-        self.stop_unwind.call(store, ())
-    }
-
-    pub fn start_rewind(&self, store: &mut Store<HostState>, data: u32) -> wasmtime::Result<()> {
-        self.start_rewind.call(store, data as i32)
-    }
-}
-
-/// The program's standard input, and the unwind/rewind bookkeeping `fd_read` needs.
-pub struct StdinState {
-    source: Box<dyn crate::stream::Source>,
-    /// Input bytes handed to the program so far: a checkpoint's input offset.
-    pub offset: u64,
-    /// Take a checkpoint at the first stdin read after this many bytes since the last one.
-    pub checkpoint_every: u64,
-    pub last_checkpoint: u64,
-    /// Where the unwind data lives in memory 0, once the first unwind has made room.
-    pub data: Option<u32>,
-    pub asyncify: Option<Asyncify>,
-    /// `_start` is being re-entered to rewind; the next `fd_read` stops the rewind.
-    pub rewinding: bool,
-    /// `fd_read` started an unwind: `_start` returned to checkpoint, not because it ended.
-    pub unwound: bool,
-}
-
-impl StdinState {
-    /// The input's position after the bytes handed to the program.
-    pub fn position(&self) -> Vec<u8> {
-        self.source.position()
-    }
-
-    pub fn new(
-        source: Box<dyn crate::stream::Source>,
-        checkpoint_every: u64,
-        data: Option<u32>,
-    ) -> Self {
-        let offset = source.offset();
-        Self {
-            source,
-            offset,
-            checkpoint_every,
-            last_checkpoint: offset,
-            data,
-            asyncify: None,
-            rewinding: false,
-            unwound: false,
-        }
-    }
-}
 
 /// Check that an (original, untransformed) module is a WASI command wasnap can run.
 pub fn check_command(module: &Module) -> Result<()> {
@@ -194,7 +115,7 @@ fn fd_read(
     if stdin.rewinding {
         // Back where the program was unwound: the stack is whole again; now read.
         stdin.rewinding = false;
-        asyncify.stop_rewind.call(&mut caller, ())?;
+        asyncify.stop_rewind(&mut caller)?;
     } else if stdin.offset - stdin.last_checkpoint >= stdin.checkpoint_every {
         // A checkpoint is due: unwind the whole stack into memory and return to the host.
         stdin.last_checkpoint = stdin.offset;
@@ -220,7 +141,7 @@ fn fd_read(
         memory
             .write(&mut caller, data as usize, &bytes)
             .map_err(|_| wasmtime::Error::msg("the unwind data region is outside memory"))?;
-        asyncify.start_unwind.call(&mut caller, data as i32)?;
+        asyncify.start_unwind(&mut caller, data)?;
         return Ok(ERRNO_SUCCESS); // ignored: the program unwinds
     }
 
@@ -236,9 +157,8 @@ fn fd_read(
         let mut filled = 0;
         while filled < len {
             let n = stdin
-                .source
                 .read(&mut data[buf + filled..buf + len])
-                .map_err(|e| wasmtime::Error::msg(format!("{e:#}")))?;
+                .map_err(wasmtime::Error::from_anyhow)?;
             if n == 0 {
                 break 'buffers;
             }

@@ -96,6 +96,7 @@ impl PageCache {
 
     /// The cached version of page `page` of memory `index`, if the cache has that page and
     /// its hash is `expected` (the hash of the version last captured).
+    #[cfg(test)]
     pub fn verified_page(&self, index: usize, page: usize, expected: u64) -> Option<&[u8]> {
         let bytes = self.bytes(index);
         if page * PAGE_SIZE >= bytes.len() {

@@ -16,7 +16,8 @@ use super::cache::{self, PageCache};
 use super::dirty::{ALL_PARTS, Dirty, DirtyTracker, MissedWrites, PART_SIZE};
 use super::pages::{self, PAGE_SIZE, PageChange};
 use super::parallel;
-use crate::guest::{GlobalValue, GuestInstance};
+use crate::guest::GuestInstance;
+use crate::state::GlobalValue;
 
 /// A dirty page, copied out of the guest.
 pub struct CapturedPage {
@@ -82,12 +83,6 @@ pub struct Capture {
     pub hashed_pages: usize,
     /// Memories whose dirty pages the kernel reported (the others were hashed whole).
     pub kernel_tracked_memories: usize,
-}
-
-impl Capture {
-    pub fn dirty_bytes(&self) -> usize {
-        self.dirty.iter().map(|p| p.bytes.len()).sum()
-    }
 }
 
 /// Capture `instance`. `hashes` holds the page hashes of the last capture (empty before

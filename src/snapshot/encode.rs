@@ -23,19 +23,15 @@ use anyhow::Result;
 
 use super::capture::{Capture, CapturedPage};
 use super::pages::page_count;
-use super::rebase;
+use super::rebase::{self, ChainPacks};
 use super::table::{FrameLoc, PageTable};
+use crate::delta::{Coder, Encoding};
 use crate::store::manifest::PackRef;
-use crate::store::pack::{self, Encoding, PackBuilder};
+use crate::store::pack::{self, PackBuilder};
 use crate::store::recent::LoadedPack;
 
 /// A delta at most this big is taken without also compressing the whole page.
 const SMALL_DELTA: usize = 2048;
-
-/// Below this, an XOR or sparse delta is not worth a prefix delta's compression (the
-/// costliest: zstd indexes the previous version first). Prefix deltas win where bytes
-/// moved, and then by far; with bytes changed in place they win a few percent at most.
-const PREFIX_WORTH: usize = 8192;
 
 /// A live fraction of a pack's frames and bytes below 1 / `COMPACT_BELOW` makes it a
 /// compaction candidate.
@@ -55,64 +51,6 @@ pub struct EncodedPage {
     /// plain delta, fewer for a rebased one, none for a whole page.
     pub keep: usize,
     pub payload: Vec<u8>,
-}
-
-/// The packs a checkpoint's encoders may read chain frames from, by reference.
-pub type ChainPacks = HashMap<PackRef, Arc<LoadedPack>>;
-
-/// zstd contexts and scratch space of one encoding thread.
-pub struct Coder<'a> {
-    cctx: zstd::zstd_safe::CCtx<'a>,
-    pub(super) dctx: zstd::zstd_safe::DCtx<'a>,
-    scratch: Vec<u8>,
-    /// For decoding chain frames (`rebase`); kept, as a sparse frame needs 2.5 pages.
-    pub(super) decode_scratch: Vec<u8>,
-}
-
-impl Coder<'_> {
-    pub fn new() -> Result<Self> {
-        Ok(Self {
-            cctx: pack::compressor()?,
-            dctx: pack::decompressor()?,
-            scratch: Vec::new(),
-            decode_scratch: Vec::new(),
-        })
-    }
-
-    pub fn whole(&mut self, page: &[u8]) -> Result<(Encoding, Vec<u8>)> {
-        self.encode(Encoding::Full, page, &[])
-    }
-
-    fn encode(
-        &mut self,
-        encoding: Encoding,
-        page: &[u8],
-        base: &[u8],
-    ) -> Result<(Encoding, Vec<u8>)> {
-        let payload =
-            pack::encode_payload(&mut self.cctx, encoding, page, base, &mut self.scratch)?;
-        Ok((encoding, payload))
-    }
-
-    /// The smallest delta of `page` against `base`: XOR (bytes changed in place: flags,
-    /// pointers) or the changed words alone (scattered counters and slots); and if both
-    /// are big, a prefix delta (bytes that moved). Dense subtraction (encoding 4) is no
-    /// longer tried: on the memory of four guests over 38 checkpoints, taking it where
-    /// it beat both saved under 0.01 %.
-    pub fn best_delta(&mut self, page: &[u8], base: &[u8]) -> Result<(Encoding, Vec<u8>)> {
-        let mut best = self.encode(Encoding::XorDelta, page, base)?;
-        let sparse = self.encode(Encoding::SparseDelta, page, base)?;
-        if sparse.1.len() < best.1.len() {
-            best = sparse;
-        }
-        if best.1.len() > PREFIX_WORTH && pack::prefix_usable(base) {
-            let prefix = self.encode(Encoding::PrefixDelta, page, base)?;
-            if prefix.1.len() < best.1.len() {
-                best = prefix;
-            }
-        }
-        Ok(best)
-    }
 }
 
 /// Compress every dirty page, on all cores; `table` gives each page's chain, and `packs`
@@ -416,7 +354,6 @@ pub fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::PAGE_SIZE;
     use crate::snapshot::table::MemoryTable;
 
     /// A pack of `frames` frames and `bytes` bytes, written at `generation`.
@@ -449,35 +386,6 @@ mod tests {
                 chains,
             }],
         }
-    }
-
-    #[test]
-    fn the_best_delta_is_the_smallest_kind_for_each_change_and_any_change_encodes() {
-        let mut coder = Coder::new().unwrap();
-        let old = pack::noise(1, PAGE_SIZE);
-        // Scattered counters: sparse. Single bytes set in place (a hash table's
-        // control bytes): XOR, as a byte's change high in a word is a large difference.
-        // Moved: prefix.
-        let mut counters = old.clone();
-        let mut flags = old.clone();
-        let spots = pack::noise(3, 600);
-        for (i, spot) in spots.chunks_exact(2).enumerate() {
-            let at = (usize::from(spot[0]) + 256 * (i % 256)) & !3;
-            counters[at] = counters[at].wrapping_add(1);
-            flags[at + 2] = spot[1];
-        }
-        let moved = [&old[100..], &old[..100]].concat();
-        for (page, expected) in [
-            (&counters, Encoding::SparseDelta),
-            (&flags, Encoding::XorDelta),
-            (&moved, Encoding::PrefixDelta),
-        ] {
-            assert_eq!(coder.best_delta(page, &old).unwrap().0, expected);
-        }
-        // Every word changed: the sparse stream is longer than the page, and still no error.
-        let noise = pack::noise(2, PAGE_SIZE);
-        let (_, payload) = coder.best_delta(&noise, &old).unwrap();
-        assert!(payload.len() > PAGE_SIZE);
     }
 
     #[test]

@@ -25,6 +25,5 @@ pub use buffers::PageBuffers;
 pub use cache::PageCache;
 pub use capture::{Capture, capture};
 pub use dirty::{DirtyTracker, DirtyTracking};
-pub use pages::PAGE_SIZE;
 pub use restore::{Restored, restore};
 pub use table::PageTable;

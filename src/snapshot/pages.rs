@@ -9,8 +9,7 @@ use std::sync::LazyLock;
 
 use twox_hash::XxHash3_64;
 
-/// Bytes per hashed page.
-pub const PAGE_SIZE: usize = 64 * 1024;
+pub use crate::state::{PAGE_SIZE, page_count};
 
 /// Memories larger than this are hashed on several threads.
 const PARALLEL_HASH_THRESHOLD: usize = 32 << 20;
@@ -20,11 +19,6 @@ pub static ZERO_PAGE_HASH: LazyLock<u64> = LazyLock::new(|| hash_page(&[0u8; PAG
 
 pub fn hash_page(page: &[u8]) -> u64 {
     XxHash3_64::oneshot(page)
-}
-
-/// How many pages a memory of `byte_len` bytes has (the last one may be short).
-pub fn page_count(byte_len: u64) -> usize {
-    byte_len.div_ceil(PAGE_SIZE as u64) as usize
 }
 
 /// The bytes of page `index` of `memory`.

@@ -23,16 +23,20 @@
 //! memory or reads back from the store. Best effort: where a pack cannot be had or a frame
 //! does not decode, the candidates stop there, and at worst the page is written whole.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use anyhow::Result;
 
 use super::capture::CapturedPage;
-use super::encode::{ChainPacks, Coder};
 use super::table::{FrameLoc, PageTable};
+use crate::delta::{Coder, Encoding, sparse};
 use crate::store::manifest::PackRef;
-use crate::store::pack::{self, Encoding};
-use crate::store::sparse;
+use crate::store::pack;
+use crate::store::recent::LoadedPack;
+
+/// The packs a checkpoint's encoders may read chain frames from, by reference.
+pub type ChainPacks = HashMap<PackRef, Arc<LoadedPack>>;
 
 /// The packs holding the frames that rebasing the full chains among `pages` may read.
 pub fn packs_to_read(pages: &[CapturedPage], table: &PageTable, max_deltas: usize) -> Vec<PackRef> {
@@ -69,14 +73,9 @@ pub fn best_rebase(
         let Some(frame) = packs.get(&loc.pack).and_then(|p| p.frame(loc.frame)) else {
             break;
         };
-        let decoded = pack::decode_frame(
-            frame,
-            layer,
-            &mut version,
-            &mut coder.decode_scratch,
-            &mut coder.dctx,
-            "a chain's pack",
-        );
+        const WHAT: &str = "a chain's pack";
+        let decoded = pack::layer_payload(frame, layer, WHAT)
+            .and_then(|(encoding, payload)| coder.decode(encoding, payload, &mut version, WHAT));
         if let Err(err) = decoded {
             tracing::warn!("cannot rebase on pack {}: {err:#}", loc.pack.name());
             break;
@@ -119,7 +118,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::snapshot::PAGE_SIZE;
+    use crate::state::PAGE_SIZE;
     use crate::store::pack::PackBuilder;
     use crate::store::recent::LoadedPack;
 
@@ -179,7 +178,6 @@ mod tests {
     ) -> Vec<u8> {
         let mut coder = Coder::new().unwrap();
         let mut page = vec![0u8; PAGE_SIZE];
-        let mut scratch = vec![0u8; PAGE_SIZE];
         let mut builder = PackBuilder::new(2, &[9; 16], 0);
         builder.push_payload(frame.0, &frame.1).unwrap();
         let new = builder.finish();
@@ -189,8 +187,8 @@ mod tests {
             .map(|loc| packs[&*loc.pack].frame(loc.frame).unwrap())
             .chain([new_frame]);
         for (layer, frame) in frames.enumerate() {
-            pack::decode_frame(frame, layer, &mut page, &mut scratch, &mut coder.dctx, "t")
-                .unwrap();
+            let (encoding, payload) = pack::layer_payload(frame, layer, "t").unwrap();
+            coder.decode(encoding, payload, &mut page, "t").unwrap();
         }
         page
     }
@@ -233,7 +231,7 @@ mod tests {
         let max_deltas = 2;
         let all = versions(max_deltas);
         let (chain, packs) = chain_of(&all);
-        let noise = pack::noise(99, PAGE_SIZE);
+        let noise = crate::delta::noise(99, PAGE_SIZE);
         let mut coder = Coder::new().unwrap();
         let (keep, frame) = best_rebase(&noise, &chain, max_deltas, &packs, &mut coder).unwrap();
         assert_eq!((keep, frame.0), (0, Encoding::Full));

@@ -8,10 +8,11 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::pages::{self, PAGE_SIZE};
 use super::table::{Chain, PageTable};
+use crate::error::corrupt;
 use crate::guest::GuestInstance;
 use crate::store::manifest::PackRef;
 use crate::store::pack;
@@ -32,12 +33,12 @@ pub fn restore(
     store: &CheckpointStore,
 ) -> Result<Restored> {
     if manifest.memories.len() != instance.memory_count() {
-        bail!(
+        return Err(corrupt!(
             "checkpoint {} has {} memories but the guest has {}",
             manifest.generation,
             manifest.memories.len(),
             instance.memory_count()
-        );
+        ));
     }
     let packs = fetch_packs(manifest, store)?;
     let mut table = PageTable::from_manifest(manifest);
@@ -65,10 +66,10 @@ pub fn restore(
 
         let memory_hashes = pages::hash_pages(instance.memory(index));
         if pages::memory_digest(&memory_hashes) != memory.digest {
-            bail!(
+            return Err(corrupt!(
                 "checkpoint {}: memory {index} does not match its digest after restore (store corrupt?)",
                 manifest.generation
-            );
+            ));
         }
         hashes.push(memory_hashes);
     }
@@ -120,14 +121,14 @@ fn decode_parallel(jobs: Vec<(&mut [u8], &Chain)>, packs: &Packs) -> Result<()> 
 
 /// Rebuild each page from its chain: the whole page, then every delta on top.
 fn decode_batch(batch: Vec<(&mut [u8], &Chain)>, packs: &Packs) -> Result<()> {
-    let mut decompressor = pack::decompressor()?;
+    let mut decompressor = crate::delta::decompressor()?;
     let mut scratch = vec![0u8; PAGE_SIZE];
     for (dst, chain) in batch {
         for (layer, loc) in chain.iter().enumerate() {
             let what = format!("pack {}", loc.pack.name());
             let frame = packs[&*loc.pack]
                 .frame(loc.frame)
-                .with_context(|| format!("{what} has no frame {}", loc.frame))?;
+                .ok_or_else(|| crate::error::corrupt!("{what} has no frame {}", loc.frame))?;
             pack::decode_frame(frame, layer, dst, &mut scratch, &mut decompressor, &what)?;
         }
     }

@@ -59,7 +59,7 @@ impl PageTable {
             .memories
             .iter()
             .map(|m| {
-                let mut chains = vec![Chain::new(); crate::snapshot::pages::page_count(m.byte_len)];
+                let mut chains = vec![Chain::new(); crate::state::page_count(m.byte_len)];
                 for layer in &m.layers {
                     for run in layer {
                         for i in 0..run.pages {
@@ -153,14 +153,6 @@ impl PageTable {
         {
             loc.len = len_of(&loc.pack, loc.frame).unwrap_or(0);
         }
-    }
-
-    /// Pages with stored bytes, all memories together.
-    pub fn stored_pages(&self) -> usize {
-        self.memories
-            .iter()
-            .map(|m| m.chains.iter().filter(|c| !c.is_empty()).count())
-            .sum()
     }
 }
 

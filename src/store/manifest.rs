@@ -3,10 +3,11 @@
 //! module's SHA-256, and the stream positions (input offset, output flush marker) that
 //! the commit binds to that state. The byte layout is specified in `docs/FORMAT.md`.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
-use super::codec::{Put, Reader};
-use crate::guest::GlobalValue;
+use crate::codec::{Put, Reader};
+use crate::error::corrupt;
+use crate::state::GlobalValue;
 
 pub const MANIFEST_MAGIC: &[u8; 8] = b"WASNAPMF";
 pub const MANIFEST_VERSION: u16 = 3;
@@ -218,39 +219,39 @@ impl Manifest {
     pub fn decode(bytes: &[u8], what: &str) -> Result<Self> {
         let mut r = Reader::new(bytes, what);
         if &r.array::<8>()? != MANIFEST_MAGIC {
-            bail!("{what} is not a wasnap manifest (bad magic)");
+            return Err(corrupt!("{what} is not a wasnap manifest (bad magic)"));
         }
         let version = r.u16()?;
         if version != MANIFEST_VERSION && version != MANIFEST_VERSION_2 {
-            bail!(
+            return Err(corrupt!(
                 "{what} has manifest format version {version}; this wasnap reads version {MANIFEST_VERSION}"
-            );
+            ));
         }
         let flags = r.u16()?;
         let stored_len = r.u32()? as usize;
         let raw_len = r.u32()? as usize;
         if stored_len != r.remaining().saturating_sub(4) {
-            bail!("{what} is corrupt: its length field does not match its size");
+            return Err(corrupt!("{what} is corrupt: its length field does not match its size"));
         }
         let (covered, crc_bytes) = bytes.split_at(bytes.len() - 4);
         if crc32fast::hash(covered) != u32::from_le_bytes(crc_bytes.try_into().expect("4 bytes")) {
-            bail!("{what} is corrupt: checksum mismatch");
+            return Err(corrupt!("{what} is corrupt: checksum mismatch"));
         }
         if flags & !FLAG_BODY_ZSTD != 0 {
-            bail!("{what} uses unknown flags {flags:#x} (written by a newer wasnap?)");
+            return Err(corrupt!("{what} uses unknown flags {flags:#x} (written by a newer wasnap?)"));
         }
         let stored = r.bytes(stored_len)?;
         let body = if flags & FLAG_BODY_ZSTD != 0 {
             if raw_len > MAX_BODY_LEN {
-                bail!("{what} is corrupt: body length {raw_len} is implausible");
+                return Err(corrupt!("{what} is corrupt: body length {raw_len} is implausible"));
             }
             let body = zstd::bulk::decompress(stored, raw_len)
-                .with_context(|| format!("{what} is corrupt: body does not decompress"))?;
+                .map_err(|e| corrupt!("{what} is corrupt: body does not decompress: {e}"))?;
             if body.len() != raw_len {
-                bail!(
+                return Err(corrupt!(
                     "{what} is corrupt: body is {} bytes, header says {raw_len}",
                     body.len()
-                );
+                ));
             }
             body
         } else {
@@ -284,7 +285,7 @@ impl Manifest {
                 unwind_data: r.varint_u32()?,
             },
             3 => RunState::ProgramExited(r.varint_u32()? as i32),
-            other => bail!("{what} is corrupt: unknown run state {other}"),
+            other => return Err(corrupt!("{what} is corrupt: unknown run state {other}")),
         };
         let writers = (0..r.varint_count(16)?)
             .map(|_| r.array::<16>())
@@ -297,7 +298,7 @@ impl Manifest {
                 let bytes = r.varint()?;
                 let writer_id = *writers
                     .get(writer)
-                    .with_context(|| format!("{what} is corrupt: a pack names writer #{writer}"))?;
+                    .ok_or_else(|| corrupt!("{what} is corrupt: a pack names writer #{writer}"))?;
                 Ok(PackRef {
                     generation,
                     writer_id,
@@ -314,7 +315,7 @@ impl Manifest {
                     2 => GlobalValue::F32(r.u32()?),
                     3 => GlobalValue::F64(r.u64()?),
                     4 => GlobalValue::V128(u128::from_le_bytes(r.array()?)),
-                    other => bail!("{what} is corrupt: unknown global type {other}"),
+                    other => return Err(corrupt!("{what} is corrupt: unknown global type {other}")),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -322,10 +323,10 @@ impl Manifest {
             .map(|index| {
                 let byte_len = r.varint()?;
                 let digest = r.u64()?;
-                let page_count = crate::snapshot::pages::page_count(byte_len) as u64;
+                let page_count = crate::state::page_count(byte_len) as u64;
                 let layer_count = r.varint_count(1)?;
                 if layer_count > MAX_LAYERS {
-                    bail!("{what} is corrupt: memory {index} has {layer_count} layers");
+                    return Err(corrupt!("{what} is corrupt: memory {index} has {layer_count} layers"));
                 }
                 let mut layers: Vec<Vec<Run>> = Vec::with_capacity(layer_count);
                 for depth in 0..layer_count {
@@ -341,9 +342,9 @@ impl Manifest {
                             first_frame.saturating_add(pages) <= u64::from(p.frames)
                         });
                         if pages == 0 || end_page > page_count || !fits_pack {
-                            bail!(
+                            return Err(corrupt!(
                                 "{what} is corrupt: memory {index} layer {depth} has a misplaced run of {pages} pages at page {first_page}"
-                            );
+                            ));
                         }
                         layer.push(Run {
                             first_page: first_page as u32,
@@ -354,10 +355,10 @@ impl Manifest {
                         next_page = end_page;
                     }
                     if depth > 0 && !covered_by(&layer, &layers[depth - 1]) {
-                        bail!(
+                        return Err(corrupt!(
                             "{what} is corrupt: memory {index} has a delta on layer {depth} for a page without layer {}",
                             depth - 1
-                        );
+                        ));
                     }
                     layers.push(layer);
                 }

@@ -11,12 +11,10 @@
 //! disk (hard link), on S3 (`If-None-Match: *`) and in memory. A writer that loses the
 //! race for a generation gets `AlreadyExists`: that is fencing.
 
-pub(crate) mod codec;
 pub mod manifest;
 pub mod pack;
 pub mod prune;
 pub mod recent;
-pub mod sparse;
 mod url;
 
 use std::sync::Arc;
@@ -28,10 +26,9 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 pub use manifest::Manifest;
-pub use prune::PruneReport;
 pub use url::open_object_store;
 
-use crate::error::{Fenced, StoreUnavailable};
+use crate::error::{ErrorKind, Fenced, StoreUnavailable, corrupt, error};
 
 pub const MANIFESTS: &str = "manifests";
 pub const PACKS: &str = "packs";
@@ -52,11 +49,7 @@ pub fn pack_path(name: &str) -> Path {
 /// The pack a writer writes for a generation: unique per writer, so two writers racing
 /// for a generation never overwrite each other's pages.
 pub fn pack_name(generation: u64, writer_id: &[u8; 16]) -> String {
-    format!("{generation:020}-{}.pack", hex(writer_id))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    format!("{generation:020}-{}.pack", crate::hex::encode(writer_id))
 }
 
 /// A task's checkpoint store: synchronous calls over an `ObjectStore`, for the run loop.
@@ -69,7 +62,7 @@ pub struct CheckpointStore {
 
 impl CheckpointStore {
     /// Open the store at `url`: a directory, `file:///dir`, `memory://`.
-    pub fn open(url: &str) -> Result<Self> {
+    pub fn open(url: &str) -> Result<Self, crate::Error> {
         let runtime = new_runtime()?;
         let objects = {
             let _guard = runtime.enter();
@@ -134,10 +127,10 @@ impl CheckpointStore {
         let bytes = self.get(&path)?;
         let manifest = Manifest::decode(&bytes, &format!("manifest {path}"))?;
         if manifest.generation != generation {
-            anyhow::bail!(
+            return Err(corrupt!(
                 "manifest {path} is corrupt: it says it is generation {}",
                 manifest.generation
-            );
+            ));
         }
         Ok(manifest)
     }
@@ -180,9 +173,10 @@ impl CheckpointStore {
     fn classify(&self, result: object_store::Result<Bytes>, path: &Path) -> Result<Bytes> {
         match result {
             Ok(bytes) => Ok(bytes),
-            Err(e @ object_store::Error::NotFound { .. }) => {
-                Err(anyhow!(e).context(format!("{path} is missing from store {}", self.label)))
-            }
+            Err(e @ object_store::Error::NotFound { .. }) => Err(anyhow!(e).context(error(
+                ErrorKind::Corrupt,
+                format!("{path} is missing from store {}", self.label),
+            ))),
             Err(e) => {
                 Err(anyhow!(e)
                     .context(format!("cannot read {path}"))
@@ -198,8 +192,21 @@ impl CheckpointStore {
         let path = pack_path(name);
         self.runtime
             .block_on(self.objects.put(&path, PutPayload::from(bytes)))
-            .with_context(|| format!("cannot write pack {path} to store {}", self.label))?;
+            .map_err(|e| self.write_failed(e, format!("cannot write pack {path}")))?;
         Ok(())
+    }
+
+    /// A failed write: the store is unavailable if it is remote; a local directory's
+    /// failure (a full disk) speaks for itself.
+    fn write_failed(&self, err: object_store::Error, doing: String) -> anyhow::Error {
+        let err = anyhow!(err).context(format!("{doing} to store {}", self.label));
+        if self.label.starts_with("s3://") {
+            err.context(StoreUnavailable {
+                store: self.label.clone(),
+            })
+        } else {
+            err
+        }
     }
 
     /// The commit point: create `manifests/<generation>`, failing if it exists.
@@ -230,10 +237,7 @@ impl CheckpointStore {
                     .into()),
                 }
             }
-            Err(e) => Err(anyhow!(e).context(format!(
-                "cannot commit manifest {path} to store {}",
-                self.label
-            ))),
+            Err(e) => Err(self.write_failed(e, format!("cannot commit manifest {path}"))),
         }
     }
 }

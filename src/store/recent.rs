@@ -13,6 +13,7 @@ use bytes::Bytes;
 use super::CheckpointStore;
 use super::manifest::PackRef;
 use super::pack::PackIndex;
+use crate::error::corrupt;
 
 /// A pack's bytes and its frame index, checked against the reference that names it.
 pub struct LoadedPack {
@@ -30,7 +31,7 @@ impl LoadedPack {
             || index.frames.len() != pack_ref.frames as usize
             || bytes.len() as u64 != pack_ref.bytes
         {
-            anyhow::bail!("{what} is not the pack its checkpoint wrote");
+            return Err(corrupt!("{what} is not the pack its checkpoint wrote"));
         }
         Ok(Self { bytes, index })
     }
@@ -121,7 +122,8 @@ impl RecentPacks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::pack::{Encoding, PackBuilder};
+    use crate::delta::Encoding;
+    use crate::store::pack::PackBuilder;
 
     fn pack(generation: u64, payload_len: usize) -> (PackRef, Arc<LoadedPack>) {
         let mut builder = PackBuilder::new(generation, &[1; 16], payload_len);

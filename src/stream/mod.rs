@@ -9,12 +9,10 @@ pub mod source;
 
 use std::path::Path;
 
-use anyhow::Result;
-
 pub use object_input::ObjectSource;
 pub use object_output::ObjectSink;
 pub use sink::{FileSink, OutputCommit, OutputFlush, Sink};
-pub use source::{LineSource, Source};
+pub use source::{ByteInput, ByteLines, LineSource, Source};
 
 /// Whether an `--input`/`--output` argument names object storage rather than a local file.
 pub fn is_object_url(arg: &Path) -> bool {
@@ -22,24 +20,24 @@ pub fn is_object_url(arg: &Path) -> bool {
     arg.starts_with("s3://") || arg.starts_with("file://")
 }
 
-/// Open the input `--input` names, at `position` (`None` on a fresh start): `s3://BUCKET/KEY`
-/// is an object, `file:///PATH` and a plain path a local file.
-pub fn open_source(input: &Path, position: Option<&[u8]>) -> Result<Box<dyn Source>> {
+/// The input `--input` names: `s3://BUCKET/KEY` is an object (which must exist), and
+/// `file:///PATH` or a plain path a local file. The task positions it.
+pub fn open_source(input: &Path) -> Result<Box<dyn Source>, crate::Error> {
     let arg = input.to_string_lossy();
     if arg.starts_with("s3://") {
-        return Ok(Box::new(ObjectSource::open_object(&arg, position)?));
+        return Ok(Box::new(ObjectSource::open_object(&arg)?));
     }
     let path = match arg.strip_prefix("file://") {
         Some(path) => Path::new(path),
         None => input,
     };
-    Ok(Box::new(LineSource::open_file(path, position)?))
+    Ok(Box::new(LineSource::open_file(path)))
 }
 
-/// Open the output `--output` names: `s3://BUCKET/PREFIX`, `file:///DIR` and an existing
+/// The output `--output` names: `s3://BUCKET/PREFIX`, `file:///DIR` and an existing
 /// directory hold parts (`object_output`); any other path is a file, locked against a second
 /// writer.
-pub fn open_sink(output: &Path) -> Result<Box<dyn Sink>> {
+pub fn open_sink(output: &Path) -> Result<Box<dyn Sink>, crate::Error> {
     if is_object_url(output) || output.is_dir() {
         return Ok(Box::new(ObjectSink::open(&output.to_string_lossy())?));
     }

@@ -16,9 +16,9 @@ use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
-use super::source::{ByteLines, parse_byte_position};
-use crate::error::StoreUnavailable;
-use crate::store::codec::{Put, Reader};
+use super::source::{ByteInput, ByteLines};
+use crate::codec::{Put, Reader};
+use crate::error::{ErrorKind, Kinded, StoreUnavailable, changed};
 
 /// Bytes per ranged GET.
 pub const BLOCK_BYTES: u64 = 8 << 20;
@@ -26,7 +26,7 @@ pub const BLOCK_BYTES: u64 = 8 << 20;
 pub const READ_AHEAD: usize = 3;
 
 /// Records of an object in object storage.
-pub type ObjectSource = ByteLines<Prefetch>;
+pub type ObjectSource = ByteLines<ObjectInput>;
 
 /// What identifies one version of an object.
 #[derive(Debug, PartialEq, Eq)]
@@ -50,8 +50,9 @@ impl Version {
         let mut r = Reader::new(bytes, &what);
         let size = r.varint()?;
         let len = r.varint_count(1)?;
-        let etag = String::from_utf8(r.bytes(len)?.to_vec())
-            .with_context(|| format!("{what} is corrupt: its ETag is not UTF-8"))?;
+        let etag = String::from_utf8(r.bytes(len)?.to_vec()).map_err(|_| {
+            crate::error::corrupt!("{what} is corrupt: its ETag is not UTF-8")
+        })?;
         Ok(Self {
             size,
             etag: (!etag.is_empty()).then_some(etag),
@@ -79,9 +80,20 @@ pub fn split_object_url(url: &str) -> Result<(String, Path)> {
     }
 }
 
-impl ByteLines<Prefetch> {
-    /// Open the object `url` at `position` (`None` on a fresh start).
-    pub fn open_object(url: &str, position: Option<&[u8]>) -> Result<Self> {
+/// One object as a [`ByteInput`]: its size and ETag, taken with a HEAD at open, are its
+/// identity.
+pub struct ObjectInput {
+    url: String,
+    key: Path,
+    objects: Arc<dyn ObjectStore>,
+    /// Moves to the prefetching thread when the input is positioned.
+    runtime: Option<tokio::runtime::Runtime>,
+    version: Version,
+}
+
+impl ObjectSource {
+    /// The object `url`: it must exist now (a HEAD), and is read once positioned.
+    pub fn open_object(url: &str) -> Result<Self> {
         let (bucket, key) = split_object_url(url)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -104,48 +116,69 @@ impl ByteLines<Prefetch> {
                     }));
             }
         };
-        let now = Version {
-            size: meta.size,
-            etag: meta.e_tag.clone(),
-        };
-        let offset = match position {
-            None => 0,
-            Some(position) => {
-                let (offset, identity) = parse_byte_position(position, url)?;
-                if identity.is_empty() {
-                    bail!(
-                        "input {url} is an object, but the checkpoint was taken reading a local file; run the task with the same --input"
-                    );
-                }
-                let then = Version::decode(identity, url)?;
-                if now.size < offset {
-                    bail!(
-                        "input {url} is {} bytes but the checkpoint has consumed {offset}: the input was replaced or truncated",
-                        now.size
-                    );
-                }
-                let replaced = match (&then.etag, &now.etag) {
-                    (Some(a), Some(b)) => a != b,
-                    _ => then.size != now.size,
-                };
-                if replaced {
-                    bail!(
-                        "input {url} was replaced since the checkpoint: it was {}, it is now {}; resuming would mix two inputs (start a new store to process the new one)",
-                        then.describe(),
-                        now.describe()
-                    );
-                }
-                offset
+        Ok(ByteLines::new(ObjectInput {
+            url: url.to_string(),
+            key,
+            objects,
+            runtime: Some(runtime),
+            version: Version {
+                size: meta.size,
+                etag: meta.e_tag,
+            },
+        }))
+    }
+}
+
+impl ByteInput for ObjectInput {
+    type Reader = Prefetch;
+
+    fn start(&mut self, offset: u64, identity: Option<&[u8]>) -> Result<Prefetch> {
+        let url = &self.url;
+        let now = &self.version;
+        if let Some(identity) = identity {
+            if identity.is_empty() {
+                return Err(changed!(
+                    "input {url} is an object, but the checkpoint was taken reading a local file; run the task with the same --input"
+                ));
             }
-        };
-        let prefetch = Prefetch::start(runtime, objects, key, offset, &now, url)?;
-        Ok(Self::new(prefetch, offset, now.encode(), url.to_string()))
+            let then = Version::decode(identity, url)?;
+            if now.size < offset {
+                return Err(changed!(
+                    "input {url} is {} bytes but the checkpoint has consumed {offset}: the input was replaced or truncated",
+                    now.size
+                ));
+            }
+            let replaced = match (&then.etag, &now.etag) {
+                (Some(a), Some(b)) => a != b,
+                _ => then.size != now.size,
+            };
+            if replaced {
+                return Err(changed!(
+                    "input {url} was replaced since the checkpoint: it was {}, it is now {}; resuming would mix two inputs (start a new store to process the new one)",
+                    then.describe(),
+                    now.describe()
+                ));
+            }
+        }
+        let runtime = self
+            .runtime
+            .take()
+            .ok_or_else(|| anyhow!("input {url} is positioned twice"))?;
+        Prefetch::start(runtime, self.objects.clone(), self.key.clone(), offset, now, url)
+    }
+
+    fn identity(&self) -> Vec<u8> {
+        self.version.encode()
+    }
+
+    fn label(&self) -> String {
+        self.url.clone()
     }
 }
 
 /// Blocks of one object from `offset` to its end, fetched ahead on a thread.
 pub struct Prefetch {
-    blocks: Receiver<std::result::Result<Bytes, String>>,
+    blocks: Receiver<std::result::Result<Bytes, Kinded>>,
     current: Bytes,
 }
 
@@ -180,7 +213,7 @@ fn fetch_blocks(
     size: u64,
     etag: Option<String>,
     url: String,
-    blocks: SyncSender<std::result::Result<Bytes, String>>,
+    blocks: SyncSender<std::result::Result<Bytes, Kinded>>,
 ) {
     while offset < size {
         let end = (offset + BLOCK_BYTES).min(size);
@@ -195,15 +228,22 @@ fn fetch_blocks(
         });
         let block = match got {
             Ok(bytes) if bytes.len() as u64 == end - offset => Ok(bytes),
-            Ok(bytes) => Err(format!(
-                "input {url} ended early: {} bytes at offset {offset}, expected {} (replaced during the run?)",
-                bytes.len(),
-                end - offset
+            Ok(bytes) => Err(Kinded::new(
+                ErrorKind::StreamChanged,
+                format!(
+                    "input {url} ended early: {} bytes at offset {offset}, expected {} (replaced during the run?)",
+                    bytes.len(),
+                    end - offset
+                ),
             )),
-            Err(object_store::Error::Precondition { .. }) => Err(format!(
-                "input {url} was replaced during the run (its ETag changed)"
+            Err(object_store::Error::Precondition { .. }) => Err(Kinded::new(
+                ErrorKind::StreamChanged,
+                format!("input {url} was replaced during the run (its ETag changed)"),
             )),
-            Err(e) => Err(format!("cannot read input {url} at offset {offset}: {e}")),
+            Err(e) => Err(Kinded::new(
+                ErrorKind::StoreUnavailable,
+                format!("input {url} is unavailable: cannot read it at offset {offset}: {e}"),
+            )),
         };
         let failed = block.is_err();
         if blocks.send(block).is_err() || failed {
@@ -218,7 +258,7 @@ impl Read for Prefetch {
         while self.current.is_empty() {
             match self.blocks.recv() {
                 Ok(Ok(block)) => self.current = block,
-                Ok(Err(message)) => return Err(std::io::Error::other(message)),
+                Ok(Err(error)) => return Err(std::io::Error::other(error)),
                 Err(_) => return Ok(0), // every block was sent: the end of the object
             }
         }

@@ -10,26 +10,34 @@
 //! The two-phase commit of Flink's FileSink, with Kafka Connect's offset-named files: a
 //! checkpoint's output is put as a part under a name unique to its writer before the
 //! manifest (`make_durable`); once the manifest committed, an empty index object of the
-//! same name publishes it (`publish`), and a restore publishes the newest checkpoint's part
-//! again if the crash came between the two. A fenced writer never commits a manifest, so it
-//! never publishes. A reader lists `index/` and follows the chain from byte 0: at each
-//! offset, the entry with the highest generation above the previous entry's. Small parts
-//! are merged: once [`MERGE_PARTS`] parts or [`MERGE_BYTES`] are published, the committer
-//! writes them again as one part, publishes it (a higher generation at the same first
-//! byte wins), and deletes the small ones.
+//! same name publishes it (`publish`). A reader lists `index/` and follows the chain from
+//! byte 0: at each offset, the entry with the highest generation above the previous
+//! entry's. Small parts are merged: once [`MERGE_PARTS`] parts or [`MERGE_BYTES`] are
+//! published, the committer writes them again as one part, publishes it (a higher
+//! generation at the same first byte wins), and unpublishes the small ones; parts nobody
+//! publishes are deleted once they are old ([`GARBAGE_AGE_SECS`]), so a reader that
+//! listed the index a moment before still finds every part it names.
+//!
+//! Only a writer that has committed changes what readers see. A fenced writer never
+//! commits, so it never publishes. A start only reads: what it finds to put right (the
+//! claim of a fresh task, the newest checkpoint's part if the crash came before its
+//! publish, a merged part cut at an older checkpoint's marker, parts past it, leftovers)
+//! is done at the publish of the writer's first commit.
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+};
 
 use super::sink::{OutputCommit, OutputFlush, Sink};
-use crate::error::StoreUnavailable;
-use crate::store::codec::{Put, Reader};
-use crate::store::hex;
+use crate::error::{StoreUnavailable, changed};
+use crate::codec::{Put, Reader};
+use crate::hex;
 
 /// Merge published parts once this many have accumulated ...
 pub const MERGE_PARTS: usize = 32;
@@ -57,7 +65,7 @@ impl PartName {
             self.first,
             self.end,
             self.generation,
-            hex(&self.writer)
+            hex::encode(&self.writer)
         )
     }
 
@@ -68,13 +76,9 @@ impl PartName {
             (field.len() == 20).then(|| field.parse().ok())?
         };
         let (first, end, generation) = (number()?, number()?, number()?);
-        let writer_hex = fields.next()?;
-        if fields.next().is_some() || writer_hex.len() != 32 || end <= first {
+        let writer = hex::decode(fields.next()?)?;
+        if fields.next().is_some() || end <= first {
             return None;
-        }
-        let mut writer = [0u8; 16];
-        for (i, byte) in writer.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(writer_hex.get(2 * i..2 * i + 2)?, 16).ok()?;
         }
         Some(Self {
             first,
@@ -94,12 +98,14 @@ impl PartName {
 }
 
 /// What a checkpoint of an object output commits: whose output, how many bytes, and the
-/// part holding its last bytes (which a restore publishes again if need be).
+/// parts of it that may not be published yet (the crash can come between a manifest and
+/// its publish, and a restored writer publishes only at its own first commit), oldest
+/// first. Usually one part: the checkpoint's own.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Marker {
     task: [u8; 16],
     end: u64,
-    last: Option<PartName>,
+    pending: Vec<PartName>,
 }
 
 /// Marker bytes start with this, so a file output's bare varint is never taken for one.
@@ -110,39 +116,44 @@ impl Marker {
         let mut out = vec![MARKER_TAG];
         out.extend_from_slice(&self.task);
         out.put_varint(self.end);
-        match &self.last {
-            None => out.put_u8(0),
-            Some(part) => {
-                out.put_u8(1);
-                out.put_varint(part.first);
-                out.put_varint(part.end);
-                out.put_varint(part.generation);
-                out.extend_from_slice(&part.writer);
-            }
+        out.put_varint(self.pending.len() as u64);
+        for part in &self.pending {
+            out.put_varint(part.first);
+            out.put_varint(part.end);
+            out.put_varint(part.generation);
+            out.extend_from_slice(&part.writer);
         }
         out
     }
 
     fn decode(bytes: &[u8], url: &str) -> Result<Self> {
         let what = format!("the checkpoint's marker for output {url}");
+        // A file's marker is one bare varint (at most 10 bytes): one that happens to start
+        // with the tag byte is still told apart by its length.
+        let bare_varint = {
+            let mut r = Reader::new(bytes, &what);
+            r.varint().is_ok() && r.remaining() == 0
+        };
         let mut r = Reader::new(bytes, &what);
-        if r.u8()? != MARKER_TAG {
-            bail!(
+        if r.u8()? != MARKER_TAG || bare_varint {
+            return Err(changed!(
                 "output {url} is in object storage, but the checkpoint wrote its output to a local file; run the task with the same --output"
-            );
+            ));
         }
         let task = r.array()?;
         let end = r.varint()?;
-        let last = match r.u8()? {
-            0 => None,
-            _ => Some(PartName {
-                first: r.varint()?,
-                end: r.varint()?,
-                generation: r.varint()?,
-                writer: r.array()?,
-            }),
-        };
-        Ok(Self { task, end, last })
+        let pending = (0..r.varint_count(3 + 16)?)
+            .map(|_| {
+                Ok(PartName {
+                    first: r.varint()?,
+                    end: r.varint()?,
+                    generation: r.varint()?,
+                    writer: r.array()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        r.finish()?;
+        Ok(Self { task, end, pending })
     }
 }
 
@@ -172,10 +183,17 @@ impl Objects {
         })
     }
 
+    /// A failed request: the output is unavailable if it is remote; a local directory's
+    /// failure (a full disk) speaks for itself.
     fn unavailable(&self, err: object_store::Error, doing: String) -> anyhow::Error {
-        anyhow!(err).context(doing).context(StoreUnavailable {
-            store: self.url.clone(),
-        })
+        let err = anyhow!(err).context(doing);
+        if self.url.starts_with("s3://") {
+            err.context(StoreUnavailable {
+                store: self.url.clone(),
+            })
+        } else {
+            err
+        }
     }
 
     fn put(&self, path: &Path, bytes: Bytes) -> Result<()> {
@@ -224,17 +242,45 @@ impl Objects {
         }
     }
 
-    /// Every published part (whatever the chain will make of them).
-    fn published(&self) -> Result<Vec<PartName>> {
-        let prefix = Path::from(INDEX);
+    /// Create `path` unless it exists: `false` if it did.
+    fn create(&self, path: &Path, bytes: Bytes) -> Result<bool> {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .runtime
+            .block_on(self.store.put_opts(path, PutPayload::from(bytes), options))
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => {
+                Err(self.unavailable(e, format!("cannot write {path} to output {}", self.url)))
+            }
+        }
+    }
+
+    /// The parts named under `dir` (`parts` or `index`), with when each was written
+    /// (seconds since the epoch, by the store's clock).
+    fn listed(&self, dir: &str) -> Result<Vec<(PartName, i64)>> {
+        let prefix = Path::from(dir);
         let listed: Vec<_> = self
             .runtime
             .block_on(self.store.list(Some(&prefix)).try_collect())
             .map_err(|e| self.unavailable(e, format!("cannot list output {}", self.url)))?;
         Ok(listed
             .iter()
-            .filter_map(|meta| PartName::parse(meta.location.filename()?))
+            .filter_map(|meta| {
+                let name = PartName::parse(meta.location.filename()?)?;
+                Some((name, meta.last_modified.timestamp()))
+            })
             .collect())
+    }
+
+    /// Every published part (whatever the chain will make of them).
+    fn published(&self) -> Result<Vec<PartName>> {
+        Ok(self.listed(INDEX)?.into_iter().map(|(name, _)| name).collect())
     }
 
     /// The task that owns this output: `None` if no task has claimed it yet.
@@ -247,26 +293,15 @@ impl Objects {
         let id = (lines.next() == Some(TASK_MAGIC))
             .then(|| lines.next())
             .flatten()
-            .and_then(parse_hex16);
+            .and_then(hex::decode::<16>);
         match id {
             Some(id) => Ok(Some(id)),
-            None => bail!(
+            None => Err(changed!(
                 "output {} is not a wasnap output: its `{TASK_OBJECT}` object is not one wasnap wrote",
                 self.url
-            ),
+            )),
         }
     }
-}
-
-fn parse_hex16(text: &str) -> Option<[u8; 16]> {
-    let mut id = [0u8; 16];
-    if text.len() != 32 {
-        return None;
-    }
-    for (i, byte) in id.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(id)
 }
 
 /// The committed output, in order: from byte 0, at each offset the published part with
@@ -296,10 +331,43 @@ pub struct ObjectSink {
     task: [u8; 16],
     /// Output bytes handed to checkpoints so far.
     end: u64,
-    last: Option<PartName>,
     buffer: Vec<u8>,
+    /// What this writer's checkpoints and their commits share (held only briefly: the
+    /// guest's thread takes it in the pause).
+    shared: Arc<Mutex<Shared>>,
+    /// Published parts not merged yet: the committer's alone.
     merger: Arc<Mutex<Merger>>,
 }
+
+/// Kept between the guest's thread (checkpoints) and the committer's (publishes).
+#[derive(Default)]
+struct Shared {
+    /// Parts of checkpoints (or of the restored one) not yet known to be published,
+    /// oldest first: every marker names them, and the next publish publishes them.
+    unpublished: Vec<PartName>,
+    /// What the start found to put right in the output, done at the publish of this
+    /// writer's first commit: a writer that turns out to be fenced never changes what
+    /// readers see.
+    repairs: Vec<Repair>,
+}
+
+/// A change to the published output that a start owes, besides its pending parts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Repair {
+    /// Write the `task` object: a fresh task's claim, or one a crash lost.
+    Claim,
+    /// A merged part runs past the restored checkpoint's marker (a newer checkpoint was
+    /// unusable): publish its head, up to `end`, in its place.
+    Split { part: PartName, end: u64 },
+    /// A published part past the restored checkpoint's marker: unpublish it.
+    Unpublish(PartName),
+    /// Delete parts that no checkpoint published: crashed or fenced writers' leftovers.
+    CollectGarbage,
+}
+
+/// Unpublished parts younger than this are never collected: a writer may be about to
+/// publish them (a new owner restoring while a fenced one still runs).
+const GARBAGE_AGE_SECS: i64 = 600;
 
 impl ObjectSink {
     pub fn open(url: &str) -> Result<Self> {
@@ -307,119 +375,122 @@ impl ObjectSink {
             objects: Objects::open(url)?,
             task: [0; 16],
             end: 0,
-            last: None,
             buffer: Vec::new(),
+            shared: Default::default(),
             merger: Default::default(),
         })
     }
 
-    /// Claim the output for a fresh task: refused if another task committed output here.
-    fn claim(&mut self) -> Result<()> {
+    /// A fresh task: refused if another task has committed output here.
+    fn start_fresh(&mut self) -> Result<Shared> {
         let url = &self.objects.url;
         let committed = chain(&self.objects.published()?);
         if let Some(last) = committed.last() {
-            let owner = self.objects.owner()?.map(|id| hex(&id)).unwrap_or_default();
-            bail!(
+            let owner = self.objects.owner()?.map(|id| hex::encode(&id)).unwrap_or_default();
+            return Err(changed!(
                 "output {url} already holds {} bytes of committed output of another task ({owner}); this task's store has no checkpoint, so it would write over it: use a new output prefix",
                 last.end
-            );
+            ));
+        }
+        if let Some(owner) = self.objects.owner()? {
+            return Err(changed!(
+                "output {url} belongs to task {} (its first checkpoint committed), though it holds no output yet; this task's store has no checkpoint: use a new output prefix",
+                hex::encode(&owner)
+            ));
         }
         getrandom::fill(&mut self.task).map_err(|e| anyhow!("cannot draw a task id: {e}"))?;
-        let text = format!("{TASK_MAGIC}\n{}\n", hex(&self.task));
-        self.objects
-            .put(&Path::from(TASK_OBJECT), Bytes::from(text))?;
         self.end = 0;
-        self.last = None;
-        Ok(())
+        Ok(Shared {
+            repairs: vec![Repair::Claim],
+            ..Shared::default()
+        })
     }
 
-    /// Check the output holds what `marker` committed, publishing its last part if the
-    /// crash came between the manifest and the publish.
-    fn recover(&mut self, marker: Marker) -> Result<()> {
+    /// Check the output holds what `marker` committed, and note what to put right once
+    /// this writer commits: only reads here.
+    fn recover(&mut self, marker: Marker) -> Result<Shared> {
         let url = self.objects.url.clone();
+        let mut repairs = Vec::new();
+        let mut published = self.objects.published()?;
         match self.objects.owner()? {
             Some(owner) if owner == marker.task => {}
-            Some(owner) => bail!(
-                "output {url} holds another task's output (task {}, not {}): the checkpoint's output is elsewhere",
-                hex(&owner),
-                hex(&marker.task)
-            ),
-            None => bail!(
-                "output {url} holds no wasnap output, but the checkpoint committed {} bytes to it: the output was deleted, or --output names another prefix",
-                marker.end
-            ),
-        }
-        let mut published = self.objects.published()?;
-        if let Some(last) = &marker.last
-            && !published.contains(last)
-        {
-            if !self.objects.exists(&last.part_path())? {
-                bail!(
-                    "output {url} lacks part {} that the checkpoint committed: the output was deleted",
-                    last.file_name()
-                );
+            Some(owner) => {
+                return Err(changed!(
+                    "output {url} holds another task's output (task {}, not {}): the checkpoint's output is elsewhere",
+                    hex::encode(&owner),
+                    hex::encode(&marker.task)
+                ));
             }
-            self.objects.put(&last.index_path(), Bytes::new())?;
-            published.push(last.clone());
+            // The claim follows the first commit: a crash between the two loses it.
+            None if published.is_empty() => repairs.push(Repair::Claim),
+            None => {
+                return Err(changed!(
+                    "output {url} holds no wasnap output, but the checkpoint committed {} bytes to it: the output was deleted, or --output names another prefix",
+                    marker.end
+                ));
+            }
+        }
+        // Pending parts the published chain does not reach yet must be there to publish.
+        // (An older checkpoint restored after a newer one was unusable may find its
+        // pending parts merged into a bigger part, which reaches past them.)
+        let reach = chain(&published).last().map_or(0, |part| part.end);
+        let mut unpublished = Vec::new();
+        for part in marker.pending.iter().filter(|part| part.end > reach) {
+            if published.contains(part) {
+                continue;
+            }
+            if !self.objects.exists(&part.part_path())? {
+                return Err(changed!(
+                    "output {url} lacks part {} that the checkpoint committed: the output was deleted",
+                    part.file_name()
+                ));
+            }
+            unpublished.push(part.clone());
+            published.push(part.clone());
         }
         let mut reached = 0;
         for part in chain(&published) {
             if part.end <= marker.end {
                 reached = part.end;
-                continue;
-            }
-            if part.first < marker.end {
-                // An older checkpoint is restored (the newer ones were unusable) whose
-                // marker lies inside a merged part: publish its head in its place.
-                self.split(&part, marker.end)?;
+            } else if part.first < marker.end {
+                repairs.push(Repair::Split {
+                    part,
+                    end: marker.end,
+                });
                 reached = marker.end;
+            } else {
+                repairs.push(Repair::Unpublish(part));
             }
-            break;
         }
         if reached != marker.end {
-            bail!(
+            return Err(changed!(
                 "output {url} holds {reached} bytes of committed output, but the checkpoint committed {}: parts were deleted",
                 marker.end
-            );
+            ));
         }
+        repairs.push(Repair::CollectGarbage);
         self.task = marker.task;
         self.end = marker.end;
-        self.last = marker.last;
-        Ok(())
-    }
-
-    fn split(&self, part: &PartName, end: u64) -> Result<()> {
-        let bytes = self
-            .objects
-            .get(&part.part_path(), Some(0..end - part.first))?
-            .with_context(|| {
-                format!(
-                    "part {} of output {} is missing",
-                    part.file_name(),
-                    self.objects.url
-                )
-            })?;
-        let head = PartName {
-            end,
-            ..part.clone()
-        };
-        self.objects.put(&head.part_path(), bytes)?;
-        self.objects.delete(&part.index_path())?;
-        self.objects.put(&head.index_path(), Bytes::new())
+        Ok(Shared {
+            unpublished,
+            repairs,
+        })
     }
 }
 
 impl Sink for ObjectSink {
     fn resume_at(&mut self, marker: Option<&[u8]>) -> Result<()> {
         self.buffer.clear();
-        *self.merger.lock().expect("merger lock") = Merger::default();
-        match marker {
-            None => self.claim(),
+        let shared = match marker {
+            None => self.start_fresh()?,
             Some(marker) => {
                 let marker = Marker::decode(marker, &self.objects.url)?;
-                self.recover(marker)
+                self.recover(marker)?
             }
-        }
+        };
+        *self.shared.lock().expect("output lock") = shared;
+        *self.merger.lock().expect("merger lock") = Merger::default();
+        Ok(())
     }
 
     fn buffer(&mut self) -> &mut Vec<u8> {
@@ -431,6 +502,7 @@ impl Sink for ObjectSink {
     }
 
     fn checkpoint(&mut self, generation: u64, writer_id: &[u8; 16]) -> Result<OutputFlush> {
+        let mut shared = self.shared.lock().expect("output lock");
         let part = if self.buffer.is_empty() {
             None
         } else {
@@ -442,20 +514,24 @@ impl Sink for ObjectSink {
             };
             let bytes = Bytes::from(std::mem::take(&mut self.buffer));
             self.end = name.end;
-            self.last = Some(name.clone());
+            shared.unpublished.push(name.clone());
             Some((name, bytes))
         };
         let marker = Marker {
             task: self.task,
             end: self.end,
-            last: self.last.clone(),
+            pending: shared.unpublished.clone(),
         };
         Ok(OutputFlush {
             marker: marker.encode(),
             bytes: self.end,
             commit: Box::new(PartCommit {
                 objects: self.objects.clone(),
+                task: self.task,
+                generation,
+                pending: marker.pending,
                 part,
+                shared: self.shared.clone(),
                 merger: self.merger.clone(),
             }),
         })
@@ -466,11 +542,80 @@ impl Sink for ObjectSink {
     }
 }
 
-/// One checkpoint's part.
+/// One checkpoint's part, and what its publish owes.
 struct PartCommit {
     objects: Objects,
+    task: [u8; 16],
+    generation: u64,
+    /// The parts its marker names as possibly unpublished; its own is the last.
+    pending: Vec<PartName>,
     part: Option<(PartName, Bytes)>,
+    shared: Arc<Mutex<Shared>>,
     merger: Arc<Mutex<Merger>>,
+}
+
+impl PartCommit {
+    fn repair(&self, repair: &Repair) -> Result<()> {
+        let objects = &self.objects;
+        match repair {
+            Repair::Claim => {
+                let text = format!("{TASK_MAGIC}\n{}\n", hex::encode(&self.task));
+                if !objects.create(&Path::from(TASK_OBJECT), Bytes::from(text))?
+                    && objects.owner()? != Some(self.task)
+                {
+                    return Err(changed!(
+                        "output {} was claimed by another task while this one started; its output stays unpublished: use a new output prefix",
+                        objects.url
+                    ));
+                }
+                Ok(())
+            }
+            Repair::Split { part, end } => {
+                let bytes = objects
+                    .get(&part.part_path(), Some(0..end - part.first))?
+                    .with_context(|| {
+                        format!("part {} of output {} is missing", part.file_name(), objects.url)
+                    })?;
+                let head = PartName {
+                    end: *end,
+                    ..part.clone()
+                };
+                objects.put(&head.part_path(), bytes)?;
+                // The head has the merged part's generation: it wins at its first byte
+                // only once the merged part is unpublished.
+                objects.delete(&part.index_path())?;
+                objects.put(&head.index_path(), Bytes::new())
+            }
+            Repair::Unpublish(part) => objects.delete(&part.index_path()),
+            Repair::CollectGarbage => {
+                collect_garbage(objects, self.generation, GARBAGE_AGE_SECS)
+            }
+        }
+    }
+}
+
+/// Delete unpublished parts of generations up to `committed` (this writer's newest
+/// commit: any part of a later generation may be another writer's, in flight) written at
+/// least `min_age_secs` ago, so that no writer is about to publish them.
+fn collect_garbage(objects: &Objects, committed: u64, min_age_secs: i64) -> Result<()> {
+    let published = objects.published()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut deleted = 0;
+    for (part, written) in objects.listed(PARTS)? {
+        if part.generation <= committed
+            && !published.contains(&part)
+            && now - written >= min_age_secs
+        {
+            objects.delete(&part.part_path())?;
+            deleted += 1;
+        }
+    }
+    if deleted > 0 {
+        tracing::debug!(deleted, output = objects.url, "unpublished parts collected");
+    }
+    Ok(())
 }
 
 impl OutputCommit for PartCommit {
@@ -481,16 +626,43 @@ impl OutputCommit for PartCommit {
         }
     }
 
+    /// Commits publish one at a time, in order: the first after a start does its repairs.
     fn publish(&mut self) -> Result<()> {
-        let Some((name, bytes)) = self.part.take() else {
-            return Ok(());
+        // The lock only to read and update the lists: no I/O under it.
+        let (repairs, to_publish) = {
+            let mut shared = self.shared.lock().expect("output lock");
+            let to_publish: Vec<PartName> = (self.pending.iter())
+                .filter(|part| shared.unpublished.contains(part))
+                .cloned()
+                .collect();
+            (std::mem::take(&mut shared.repairs), to_publish)
         };
-        self.objects.put(&name.index_path(), Bytes::new())?;
-        let mut merger = self.merger.lock().expect("merger lock");
-        merger.add(name, bytes);
-        if let Err(err) = merger.maybe_merge(&self.objects) {
-            // Merging only tidies: the small parts stay published and correct.
-            tracing::warn!("cannot merge output parts: {err:#}");
+        let mut collect = false;
+        for repair in &repairs {
+            match repair {
+                Repair::CollectGarbage => collect = true,
+                repair => self.repair(repair)?,
+            }
+        }
+        // Oldest first, so the published chain only ever grows by whole parts.
+        for part in &to_publish {
+            self.objects.put(&part.index_path(), Bytes::new())?;
+        }
+        let mut shared = self.shared.lock().expect("output lock");
+        shared.unpublished.retain(|p| !to_publish.contains(p));
+        drop(shared);
+        if let Some((name, bytes)) = self.part.take() {
+            let mut merger = self.merger.lock().expect("merger lock");
+            merger.add(name, bytes);
+            match merger.maybe_merge(&self.objects) {
+                // Merging only tidies: the small parts stay published and correct.
+                Err(err) => tracing::warn!("cannot merge output parts: {err:#}"),
+                Ok(merged) => collect |= merged,
+            }
+        }
+        // Garbage costs only storage: a failure is a warning.
+        if collect && let Err(err) = self.repair(&Repair::CollectGarbage) {
+            tracing::warn!("cannot collect unpublished output parts: {err:#}");
         }
         Ok(())
     }
@@ -517,14 +689,15 @@ impl Merger {
         self.parts.push((name, bytes));
     }
 
-    fn maybe_merge(&mut self, objects: &Objects) -> Result<()> {
+    /// Merge the parts held if there are enough of them: whether it did.
+    fn maybe_merge(&mut self, objects: &Objects) -> Result<bool> {
         if self.parts.len() < MERGE_PARTS && self.bytes < MERGE_BYTES {
-            return Ok(());
+            return Ok(false);
         }
         let parts = std::mem::take(&mut self.parts);
         self.bytes = 0;
         if parts.len() < 2 {
-            return Ok(());
+            return Ok(false);
         }
         let (first, last) = (&parts[0].0, &parts[parts.len() - 1].0);
         let merged = PartName {
@@ -541,17 +714,18 @@ impl Merger {
         objects.put(&merged.index_path(), Bytes::new())?;
         // Published: the small parts are off the chain now (the merged one starts at the
         // first one's offset with a higher generation, and ends where the last one ends).
+        // Their entries go; their bytes stay for a reader that listed them a moment ago,
+        // until garbage collection finds them unpublished and old.
         for (name, _) in &parts {
             objects.delete(&name.index_path())?;
-            objects.delete(&name.part_path())?;
         }
-        Ok(())
+        Ok(true)
     }
 }
 
 /// Write the committed output of `url` to `out`, in order. With the marker of the store's
-/// newest checkpoint, stop at what it committed and include its last part even if the
-/// crash came before its publish; without, follow the published chain to its end.
+/// newest checkpoint, stop at what it committed and include its pending parts even if the
+/// crash came before their publish; without, follow the published chain to its end.
 pub fn cat(url: &str, newest_marker: Option<&[u8]>, out: &mut dyn std::io::Write) -> Result<u64> {
     let objects = Objects::open(url)?;
     let mut published = objects.published()?;
@@ -559,13 +733,14 @@ pub fn cat(url: &str, newest_marker: Option<&[u8]>, out: &mut dyn std::io::Write
         None => None,
         Some(marker) => {
             let marker = Marker::decode(marker, url)?;
-            if objects.owner()? != Some(marker.task) {
-                bail!("output {url} is not the output of this store's task");
+            // No owner yet: the crash came between the task's first commit and its claim.
+            if objects.owner()?.is_some_and(|owner| owner != marker.task) {
+                return Err(changed!("output {url} is not the output of this store's task"));
             }
-            if let Some(last) = marker.last
-                && !published.contains(&last)
-            {
-                published.push(last);
+            for part in marker.pending {
+                if !published.contains(&part) {
+                    published.push(part);
+                }
             }
             Some(marker.end)
         }
@@ -585,9 +760,9 @@ pub fn cat(url: &str, newest_marker: Option<&[u8]>, out: &mut dyn std::io::Write
     if let Some(limit) = limit
         && written != limit
     {
-        bail!(
+        return Err(changed!(
             "output {url} holds {written} bytes of committed output, but the store's newest checkpoint committed {limit}"
-        );
+        ));
     }
     Ok(written)
 }
@@ -595,6 +770,137 @@ pub fn cat(url: &str, newest_marker: Option<&[u8]>, out: &mut dyn std::io::Write
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory output and its URL.
+    fn output() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        (dir, url)
+    }
+
+    fn read(url: &str, marker: Option<&[u8]>) -> Vec<u8> {
+        let mut out = Vec::new();
+        cat(url, marker, &mut out).unwrap();
+        out
+    }
+
+    /// Emit `text` and checkpoint `generation`: make it durable, and publish it if
+    /// `commit` (else the writer crashed or was fenced before its manifest).
+    fn step(sink: &mut ObjectSink, generation: u64, text: &str, commit: bool) -> Vec<u8> {
+        sink.buffer().extend_from_slice(text.as_bytes());
+        let mut flush = sink.checkpoint(generation, &[generation as u8; 16]).unwrap();
+        flush.commit.make_durable().unwrap();
+        if commit {
+            flush.commit.publish().unwrap();
+        }
+        flush.marker
+    }
+
+    fn files(dir: &std::path::Path, sub: &str) -> usize {
+        std::fs::read_dir(dir.join(sub)).map_or(0, |d| d.count())
+    }
+
+    #[test]
+    fn a_fresh_start_writes_nothing_readers_see_until_its_first_commit() {
+        let (dir, url) = output();
+        let mut sink = ObjectSink::open(&url).unwrap();
+        sink.resume_at(None).unwrap();
+        step(&mut sink, 1, "a\n", false);
+        assert!(!dir.path().join(TASK_OBJECT).exists(), "claimed before a commit");
+        assert_eq!(read(&url, None), b"");
+        let mut sink = ObjectSink::open(&url).unwrap();
+        sink.resume_at(None).unwrap();
+        step(&mut sink, 1, "a\n", true);
+        assert!(dir.path().join(TASK_OBJECT).exists());
+        step(&mut sink, 2, "b\n", true);
+        assert_eq!(read(&url, None), b"a\nb\n");
+        // Another fresh task on this output is refused, and changes nothing.
+        let err = ObjectSink::open(&url).unwrap().resume_at(None).unwrap_err();
+        assert!(format!("{err:#}").contains("another task"), "{err:#}");
+        assert_eq!(files(dir.path(), INDEX), 2);
+    }
+
+    #[test]
+    fn a_restore_repairs_the_output_only_once_it_has_committed() {
+        let (_dir, url) = output();
+        let mut first = ObjectSink::open(&url).unwrap();
+        first.resume_at(None).unwrap();
+        step(&mut first, 1, "a\n", true);
+        // The crash comes between checkpoint 2's manifest and its publish.
+        let marker = step(&mut first, 2, "b\n", false);
+        assert_eq!(read(&url, None), b"a\n");
+        assert_eq!(read(&url, Some(&marker)), b"a\nb\n");
+
+        // A writer that restores checkpoint 2 but is fenced at 3 shows nothing.
+        let mut fenced = ObjectSink::open(&url).unwrap();
+        fenced.resume_at(Some(&marker)).unwrap();
+        step(&mut fenced, 3, "zombie\n", false);
+        assert_eq!(read(&url, None), b"a\n");
+
+        // The one that commits 3 crashes before its publish too: 3's marker names both
+        // unpublished parts.
+        let mut owner = ObjectSink::open(&url).unwrap();
+        owner.resume_at(Some(&marker)).unwrap();
+        let marker = step(&mut owner, 3, "c\n", false);
+        assert_eq!(read(&url, None), b"a\n");
+        assert_eq!(read(&url, Some(&marker)), b"a\nb\nc\n");
+
+        // The one that commits 4 publishes 2's and 3's parts first, then its own.
+        let mut owner = ObjectSink::open(&url).unwrap();
+        owner.resume_at(Some(&marker)).unwrap();
+        assert_eq!(read(&url, None), b"a\n");
+        step(&mut owner, 4, "d\n", true);
+        assert_eq!(read(&url, None), b"a\nb\nc\nd\n");
+    }
+
+    #[test]
+    fn an_older_restore_cuts_a_merged_part_and_unpublishes_what_lies_past_it() {
+        let (dir, url) = output();
+        let mut sink = ObjectSink::open(&url).unwrap();
+        sink.resume_at(None).unwrap();
+        let mut markers = Vec::new();
+        let mut expected = Vec::new();
+        for generation in 1..=(MERGE_PARTS as u64 + 5) {
+            let line = format!("line {generation}\n");
+            markers.push(step(&mut sink, generation, &line, true));
+            expected.push(line);
+        }
+        let all: Vec<u8> = expected.concat().into_bytes();
+        assert_eq!(read(&url, None), all);
+        // Checkpoint 10 is restored (the newer ones were unusable): its marker lies inside
+        // the merged part, and parts 33.. lie past it.
+        let mut older = ObjectSink::open(&url).unwrap();
+        older.resume_at(Some(&markers[9])).unwrap();
+        assert_eq!(read(&url, None), all, "changed before a commit");
+        step(&mut older, 100, "after\n", true);
+        let mut want = expected[..10].concat();
+        want.push_str("after\n");
+        assert_eq!(read(&url, None), want.as_bytes());
+        // Published: the head of the merged part, and the new part; nothing past them.
+        assert_eq!(files(dir.path(), INDEX), 2);
+    }
+
+    #[test]
+    fn garbage_is_unpublished_parts_no_newer_than_the_commit() {
+        let (dir, url) = output();
+        let mut sink = ObjectSink::open(&url).unwrap();
+        sink.resume_at(None).unwrap();
+        let marker = step(&mut sink, 1, "a\n", true);
+        step(&mut sink, 2, "lost\n", false); // crashed before its manifest
+        let mut next = ObjectSink::open(&url).unwrap();
+        next.resume_at(Some(&marker)).unwrap();
+        step(&mut next, 3, "b\n", true);
+        step(&mut next, 4, "in flight\n", false);
+        assert_eq!(files(dir.path(), PARTS), 4);
+        collect_garbage(&next.objects, 3, 0).unwrap();
+        // Gen 2's part is gone; 1 and 3 are published, 4 may still commit.
+        assert_eq!(files(dir.path(), PARTS), 3);
+        assert_eq!(read(&url, None), b"a\nb\n");
+        // Young garbage stays.
+        step(&mut next, 5, "c\n", false);
+        collect_garbage(&next.objects, 5, 600).unwrap();
+        assert_eq!(files(dir.path(), PARTS), 4);
+    }
 
     fn part(first: u64, end: u64, generation: u64) -> PartName {
         PartName {
@@ -640,17 +946,27 @@ mod tests {
             Marker {
                 task: [3; 16],
                 end: 77,
-                last: Some(part(70, 77, 4)),
+                pending: vec![part(70, 77, 4)],
+            },
+            Marker {
+                task: [3; 16],
+                end: 90,
+                pending: vec![part(70, 77, 4), part(77, 90, 5)],
             },
             Marker {
                 task: [4; 16],
                 end: 0,
-                last: None,
+                pending: vec![],
             },
         ] {
             assert_eq!(Marker::decode(&marker.encode(), "u").unwrap(), marker);
         }
-        let err = Marker::decode(&crate::stream::sink::file_marker(5), "u").unwrap_err();
-        assert!(format!("{err:#}").contains("local file"), "{err:#}");
+        // Any file marker, including those whose first byte is the tag.
+        for len in [5, 0x35 + (1 << 7), 0x35 + (1 << 14) + (1 << 30)] {
+            let file = crate::stream::sink::file_marker(len);
+            let err = Marker::decode(&file, "u").unwrap_err();
+            assert!(format!("{err:#}").contains("local file"), "{len}: {err:#}");
+        }
+        assert_eq!(crate::stream::sink::file_marker(0x35 + (1 << 7))[0], MARKER_TAG);
     }
 }

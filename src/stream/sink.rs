@@ -17,10 +17,10 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
-use crate::error::OutputLocked;
-use crate::store::codec::{Put, Reader};
+use crate::error::{OutputLocked, changed};
+use crate::codec::{Put, Reader};
 
 /// Where a task's output goes.
 pub trait Sink: Send {
@@ -72,10 +72,10 @@ fn parse_file_marker(marker: &[u8], path: &Path) -> Result<u64> {
     let mut r = Reader::new(marker, &what);
     let len = r.varint()?;
     if r.remaining() != 0 {
-        bail!(
+        return Err(changed!(
             "output {} is a local file, but the checkpoint wrote its output to object storage; run the task with the same --output",
             path.display()
-        );
+        ));
     }
     Ok(len)
 }
@@ -161,9 +161,9 @@ impl FileSink {
             .with_context(|| format!("cannot stat output {path}"))?
             .len();
         if len < marker {
-            bail!(
+            return Err(changed!(
                 "output {path} is {len} bytes but the checkpoint made {marker} bytes durable: the output was truncated or replaced"
-            );
+            ));
         }
         if len > marker {
             self.file
@@ -258,6 +258,25 @@ impl Sink for FileSink {
     fn len(&self) -> u64 {
         self.written + self.buffer.len() as u64
     }
+}
+
+/// Write a file output to `out`: all of it, or with the marker of the store's newest
+/// checkpoint, exactly what that checkpoint committed (a live run may have written more).
+pub fn cat_file(path: &Path, marker: Option<&[u8]>, out: &mut dyn std::io::Write) -> Result<u64> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read output {}", path.display()))?;
+    let len = match marker {
+        None => bytes.len() as u64,
+        Some(marker) => parse_file_marker(marker, path)?,
+    };
+    let committed = bytes.get(..len as usize).ok_or_else(|| {
+        changed!(
+            "output {} is {} bytes but the store's newest checkpoint committed {len}: the output was truncated or replaced",
+            path.display(),
+            bytes.len()
+        )
+    })?;
+    out.write_all(committed).context("cannot write to stdout")?;
+    Ok(len)
 }
 
 /// A file created since the last fsync of its directory can vanish in a crash.

@@ -11,13 +11,19 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
 
-use crate::store::codec::{Put, Reader};
+use crate::codec::{Put, Reader};
+use crate::error::changed;
 
-/// Where a task's input comes from. A checkpoint stores [`Source::position`]; a restore
-/// opens the source at it again (each source's constructor takes a position).
+/// Where a task's input comes from. A checkpoint stores [`Source::position`]; the task
+/// hands it back to [`Source::resume_at`] when it restores that checkpoint.
 pub trait Source: Send {
+    /// Position the source, once, before anything is read: at the start of the input
+    /// (`None`, a fresh task) or at a checkpoint's position. A source that is not the input
+    /// the position was taken of (replaced, truncated, another kind) refuses with a
+    /// `StreamChanged` error.
+    fn resume_at(&mut self, position: Option<&[u8]>) -> Result<()>;
     /// Read the next record into `record` (cleared first). `false` at the end of input.
     fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool>;
     /// The input as one byte stream (stdio mode's stdin): fill `buf` from the current
@@ -29,33 +35,69 @@ pub trait Source: Send {
     fn offset(&self) -> u64;
 }
 
-/// Newline-delimited records over any byte stream positioned at `offset`.
-pub struct ByteLines<R: Read> {
-    reader: BufReader<R>,
+/// A byte stream that [`ByteLines`] cuts into records: positioned once, then read on.
+pub trait ByteInput: Send {
+    type Reader: Read + Send;
+    /// Start reading at `offset`. `identity` is what a checkpoint recorded of the input
+    /// (after the offset in its position), `None` on a fresh start: refuse another input.
+    fn start(&mut self, offset: u64, identity: Option<&[u8]>) -> Result<Self::Reader>;
+    /// What identifies this input: stored after the offset in every position.
+    fn identity(&self) -> Vec<u8>;
+    /// The input's name in messages.
+    fn label(&self) -> String;
+}
+
+/// Newline-delimited records over a [`ByteInput`].
+pub struct ByteLines<I: ByteInput> {
+    input: I,
+    reader: Option<BufReader<I::Reader>>,
     offset: u64,
     /// Appended to the offset in `position`: what identifies the input.
     identity: Vec<u8>,
-    label: String,
 }
 
-impl<R: Read + Send> ByteLines<R> {
-    pub fn new(inner: R, offset: u64, identity: Vec<u8>, label: String) -> Self {
+impl<I: ByteInput> ByteLines<I> {
+    pub fn new(input: I) -> Self {
+        let identity = input.identity();
         Self {
-            reader: BufReader::with_capacity(1 << 20, inner),
-            offset,
+            input,
+            reader: None,
+            offset: 0,
             identity,
-            label,
         }
+    }
+
+    fn reader(&mut self) -> Result<&mut BufReader<I::Reader>> {
+        let label = self.input.label();
+        self.reader
+            .as_mut()
+            .ok_or_else(|| anyhow!("input {label} is read before it was positioned (resume_at)"))
     }
 }
 
-impl<R: Read + Send> Source for ByteLines<R> {
+impl<I: ByteInput> Source for ByteLines<I> {
+    fn resume_at(&mut self, position: Option<&[u8]>) -> Result<()> {
+        let (offset, identity) = match position {
+            None => (0, None),
+            Some(position) => {
+                let (offset, identity) = parse_byte_position(position, &self.input.label())?;
+                (offset, Some(identity))
+            }
+        };
+        let reader = self.input.start(offset, identity)?;
+        self.reader = Some(BufReader::with_capacity(1 << 20, reader));
+        self.offset = offset;
+        Ok(())
+    }
+
     fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool> {
         record.clear();
+        let label = self.input.label();
         let n = self
-            .reader
+            .reader()?
             .read_until(b'\n', record)
-            .with_context(|| format!("cannot read input {}", self.label))?;
+            .map_err(crate::error::from_io)
+            .with_context(|| format!("cannot read input {label}"))?;
         if n == 0 {
             return Ok(false);
         }
@@ -67,10 +109,12 @@ impl<R: Read + Send> Source for ByteLines<R> {
     }
 
     fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let label = self.input.label();
         let n = self
-            .reader
+            .reader()?
             .read(buf)
-            .with_context(|| format!("cannot read input {}", self.label))?;
+            .map_err(crate::error::from_io)
+            .with_context(|| format!("cannot read input {label}"))?;
         self.offset += n as u64;
         Ok(n)
     }
@@ -97,49 +141,62 @@ pub fn parse_byte_position<'a>(position: &'a [u8], input: &str) -> Result<(u64, 
 }
 
 /// A local file of newline-delimited records.
-pub type LineSource = ByteLines<File>;
+pub type LineSource = ByteLines<FileInput>;
 
-impl ByteLines<File> {
-    /// Open `path` at `position` (`None` on a fresh start; a checkpoint's on restore).
-    pub fn open_file(path: &Path, position: Option<&[u8]>) -> Result<Self> {
-        let label = path.display().to_string();
-        let offset = match position {
-            None => 0,
-            Some(position) => {
-                let (offset, identity) = parse_byte_position(position, &label)?;
-                if !identity.is_empty() {
-                    bail!(
-                        "input {label} is a local file, but the checkpoint was taken reading an object (its position names an object version); run the task with the same --input"
-                    );
-                }
-                offset
-            }
-        };
-        Self::open(path, offset)
+/// A local file as a [`ByteInput`]. Its identity is empty: a file is known by its path.
+pub struct FileInput {
+    path: PathBuf,
+}
+
+impl LineSource {
+    /// The file at `path` (opened when the task positions it).
+    pub fn open_file(path: &Path) -> Self {
+        ByteLines::new(FileInput {
+            path: path.to_path_buf(),
+        })
     }
 
-    /// Open `path` positioned at byte `offset`.
+    /// The file at `path`, positioned at byte `offset` (tests and tools).
     pub fn open(path: &Path, offset: u64) -> Result<Self> {
-        let mut file =
-            File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
+        let mut position = Vec::new();
+        position.put_varint(offset);
+        let mut source = Self::open_file(path);
+        source.resume_at(Some(&position))?;
+        Ok(source)
+    }
+}
+
+impl ByteInput for FileInput {
+    type Reader = File;
+
+    fn start(&mut self, offset: u64, identity: Option<&[u8]>) -> Result<File> {
+        let path = self.path.display();
+        if identity.is_some_and(|id| !id.is_empty()) {
+            return Err(changed!(
+                "input {path} is a local file, but the checkpoint was taken reading an object (its position names an object version); run the task with the same --input"
+            ));
+        }
+        let mut file = File::open(&self.path).with_context(|| format!("cannot open input {path}"))?;
         let len = file
             .metadata()
-            .with_context(|| format!("cannot stat input {}", path.display()))?
+            .with_context(|| format!("cannot stat input {path}"))?
             .len();
         if offset > len {
-            bail!(
-                "input {} is {len} bytes but the checkpoint has consumed {offset}: the input was replaced or truncated",
-                path.display()
-            );
+            return Err(changed!(
+                "input {path} is {len} bytes but the checkpoint has consumed {offset}: the input was replaced or truncated"
+            ));
         }
         file.seek(SeekFrom::Start(offset))
-            .with_context(|| format!("cannot seek input {}", path.display()))?;
-        Ok(Self::new(
-            file,
-            offset,
-            Vec::new(),
-            PathBuf::from(path).display().to_string(),
-        ))
+            .with_context(|| format!("cannot seek input {path}"))?;
+        Ok(file)
+    }
+
+    fn identity(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn label(&self) -> String {
+        self.path.display().to_string()
     }
 }
 
@@ -161,7 +218,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("in");
         std::fs::write(&path, "ab\n\ncde\nlast").unwrap();
-        let all = records(&mut LineSource::open_file(&path, None).unwrap());
+        let all = records(&mut LineSource::open(&path, 0).unwrap());
         assert_eq!(
             all,
             vec![
@@ -176,7 +233,10 @@ mod tests {
         source.next_record(&mut record).unwrap();
         source.next_record(&mut record).unwrap();
         let position = source.position();
-        let resumed = records(&mut LineSource::open_file(&path, Some(&position)).unwrap());
+        let resumed = records(&mut LineSource::open(&path, 0).and_then(|mut s| {
+            s.resume_at(Some(&position))?;
+            Ok(s)
+        }).unwrap());
         assert_eq!(resumed, all[2..].to_vec());
     }
 
@@ -210,7 +270,13 @@ mod tests {
         let mut position = Vec::new();
         position.put_varint(1);
         position.extend_from_slice(b"etag");
-        let err = LineSource::open_file(&path, Some(&position)).err().unwrap();
+        let err = LineSource::open_file(&path)
+            .resume_at(Some(&position))
+            .unwrap_err();
         assert!(format!("{err:#}").contains("reading an object"), "{err:#}");
+        assert_eq!(
+            crate::error::kind_of(&err),
+            crate::error::ErrorKind::StreamChanged
+        );
     }
 }

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 
-use super::CheckpointStats;
-use crate::snapshot::encode::{ChainPacks, assemble, encode_pages};
+use super::observer::CheckpointStats;
+use crate::snapshot::encode::{assemble, encode_pages};
+use crate::snapshot::rebase::ChainPacks;
 use crate::snapshot::rebase;
 use crate::snapshot::{Capture, PageTable};
 use crate::store::recent::{LoadedPack, RecentPacks};
@@ -276,10 +277,12 @@ impl CommitContext {
         self.table = assembled.table;
         // And its output may be shown: before the next manifest, so every manifest but the
         // newest has its output published (a restore publishes the newest's).
+        let publishing = Instant::now();
         job.output
             .commit
             .publish()
             .with_context(|| format!("checkpoint {generation} committed, but its output could not be published; the next run publishes it"))?;
+        let publish = publishing.elapsed();
 
         // Retention, strictly after the commit. A failed prune loses nothing (the next one
         // retries), so it warns rather than stopping the run.
@@ -288,7 +291,7 @@ impl CommitContext {
             self.remember_packs(&manifest);
             let known = |g: u64| self.known_packs.get(&g).cloned();
             if let Err(err) = self.store.prune_with(generation, self.retain, &known) {
-                eprintln!("wasnap: warning: {err:#}");
+                tracing::warn!("{err:#}");
             }
         }
         let prune = pruning.elapsed();
@@ -314,6 +317,7 @@ impl CommitContext {
             hash: job.hash,
             encode,
             put,
+            publish,
             prune,
             committed_after,
         })

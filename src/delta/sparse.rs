@@ -1,4 +1,4 @@
-//! Sparse deltas (frame encoding 5): only the 32-bit words of a page that changed, as
+//! Sparse deltas (encoding 5): only the 32-bit words of a page that changed, as
 //! where they are and by how much, before zstd.
 //!
 //! A hash table that bumps a few hundred counters, or a histogram, changes words scattered
@@ -21,9 +21,10 @@
 //! Gaps first and differences after, each kind together: zstd finds more in two uniform
 //! streams than in one interleaved (measured 1–11 % smaller).
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::Result;
 
-use super::codec::Put;
+use crate::codec::Put;
+use crate::error::corrupt;
 
 /// The longest stream a page of `len` bytes can have (every word changed, each varint at
 /// its longest), so a reader can bound what it decompresses.
@@ -96,12 +97,12 @@ pub fn encode(page: &[u8], base: &[u8], out: &mut Vec<u8>) {
 /// Apply a stream to `dst` (the previous version, turned into the new one). Any stream
 /// that does not describe exactly `dst`'s words and tail is refused; `what` names it.
 pub fn apply(dst: &mut [u8], stream: &[u8], what: &str) -> Result<()> {
-    let corrupt = |why: &str| anyhow!("{what} is corrupt: {why}");
+    let corrupt_because = |why: &str| corrupt!("{what} is corrupt: {why}");
     let words = dst.len() / 4;
     let mut gaps = Varints { bytes: stream };
-    let count = gaps.next().ok_or_else(|| corrupt("no count"))? as usize;
+    let count = gaps.next().ok_or_else(|| corrupt_because("no count"))? as usize;
     if count > words {
-        bail!("{what} is corrupt: {count} changed words on a page of {words}");
+        return Err(corrupt!("{what} is corrupt: {count} changed words on a page of {words}"));
     }
     // The differences start after `count` more varints: after the count-th byte that
     // ends one (high bit clear).
@@ -114,7 +115,7 @@ pub fn apply(dst: &mut [u8], stream: &[u8], what: &str) -> Result<()> {
             .filter(|(_, b)| **b < 0x80)
             .nth(n - 1)
             .map(|(i, _)| i + 1)
-            .ok_or_else(|| corrupt("fewer gaps than changed words"))?,
+            .ok_or_else(|| corrupt_because("fewer gaps than changed words"))?,
     };
     let mut diffs = Varints {
         bytes: &gaps.bytes[gaps_len..],
@@ -123,11 +124,11 @@ pub fn apply(dst: &mut [u8], stream: &[u8], what: &str) -> Result<()> {
     let mut index = 0usize;
     for _ in 0..count {
         let (Some(gap), Some(zigzag)) = (gaps.next(), diffs.next()) else {
-            bail!("{what} is corrupt: a gap or a difference is cut short or too long");
+            return Err(corrupt!("{what} is corrupt: a gap or a difference is cut short or too long"));
         };
         index = index.saturating_add(gap as usize);
         if index >= words {
-            bail!("{what} is corrupt: a changed word past the end of the page");
+            return Err(corrupt!("{what} is corrupt: a changed word past the end of the page"));
         }
         let bytes = &mut dst[index * 4..index * 4 + 4];
         let d = (zigzag >> 1) ^ (zigzag & 1).wrapping_neg();
@@ -136,11 +137,11 @@ pub fn apply(dst: &mut [u8], stream: &[u8], what: &str) -> Result<()> {
     }
     let tail = &mut dst[words * 4..];
     if diffs.bytes.len() != tail.len() {
-        bail!(
+        return Err(corrupt!(
             "{what} is corrupt: {} bytes after the differences, expected {}",
             diffs.bytes.len(),
             tail.len()
-        );
+        ));
     }
     for (d, t) in tail.iter_mut().zip(diffs.bytes) {
         *d = d.wrapping_add(*t);

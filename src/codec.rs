@@ -1,7 +1,10 @@
-//! Little-endian reading for the store formats: every read is bounds-checked and fails
-//! with an error, never a panic, because store objects are untrusted input.
+//! Little-endian integers and LEB128 varints for the store formats and the opaque
+//! positions and markers of streams. Every read is bounds-checked and fails with a
+//! `Corrupt` error, never a panic: store objects are untrusted input.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
+
+use crate::error::corrupt;
 
 pub struct Reader<'a> {
     bytes: &'a [u8],
@@ -25,12 +28,12 @@ impl<'a> Reader<'a> {
 
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
         if n > self.remaining() {
-            bail!(
+            return Err(corrupt!(
                 "{} is truncated: needs {n} bytes at offset {}, has {}",
                 self.what,
                 self.pos,
                 self.remaining()
-            );
+            ));
         }
         let out = &self.bytes[self.pos..self.pos + n];
         self.pos += n;
@@ -70,14 +73,14 @@ impl<'a> Reader<'a> {
                 return Ok(value);
             }
         }
-        bail!("{} is corrupt: a varint overflows 64 bits", self.what)
+        Err(corrupt!("{} is corrupt: a varint overflows 64 bits", self.what))
     }
 
     /// A varint that must fit in a `u32`.
     pub fn varint_u32(&mut self) -> Result<u32> {
         let v = self.varint()?;
         u32::try_from(v)
-            .map_err(|_| anyhow::anyhow!("{} is corrupt: {v} does not fit 32 bits", self.what))
+            .map_err(|_| corrupt!("{} is corrupt: {v} does not fit 32 bits", self.what))
     }
 
     /// A varint count of items that each take at least `min_item_bytes` (refuses counts the rest of the object could not possibly hold, so a flipped bit
@@ -85,22 +88,22 @@ impl<'a> Reader<'a> {
     pub fn varint_count(&mut self, min_item_bytes: usize) -> Result<usize> {
         let n = usize::try_from(self.varint()?).unwrap_or(usize::MAX);
         if n.saturating_mul(min_item_bytes.max(1)) > self.remaining() {
-            bail!(
+            return Err(corrupt!(
                 "{} is corrupt: a count of {n} does not fit in {} remaining bytes",
                 self.what,
                 self.remaining()
-            );
+            ));
         }
         Ok(n)
     }
 
     pub fn finish(&self) -> Result<()> {
         if self.remaining() != 0 {
-            bail!(
+            return Err(corrupt!(
                 "{} is corrupt: {} unexpected trailing bytes",
                 self.what,
                 self.remaining()
-            );
+            ));
         }
         Ok(())
     }

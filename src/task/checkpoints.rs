@@ -1,0 +1,156 @@
+//! Taking checkpoints, shared by both drivers: the pause (capture) on the guest's thread,
+//! the hand-over to the committer, back-pressure, and settling what the committer
+//! finished. Fail-closed: the first error stops the run once everything in flight has
+//! settled; the store still holds the newest committed checkpoint.
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use super::committer::{Committer, Done, Job};
+use super::observer::CheckpointObserver;
+use crate::Error;
+use crate::guest::GuestInstance;
+use crate::snapshot::{self, DirtyTracker, PageBuffers, PageCache};
+use crate::store::manifest::RunState;
+use crate::stream::Sink;
+
+/// Where the input stands at a checkpoint, as the driver reports it.
+pub(super) struct InputAt {
+    /// Bytes consumed (statistics).
+    pub offset: u64,
+    /// Opaque: the source's position, handed back to it on restore.
+    pub position: Vec<u8>,
+    pub run_state: RunState,
+}
+
+/// The guest, its output, and everything a checkpoint needs from one to the next.
+pub(super) struct Checkpoints {
+    pub instance: GuestInstance,
+    pub sink: Box<dyn Sink>,
+    pub committer: Committer,
+    /// This process's id in the names of what it writes (packs, output parts).
+    pub writer_id: [u8; 16],
+    /// Page hashes of the newest capture, and its pages in the cache: the base of the next.
+    pub hashes: Vec<Vec<u64>>,
+    pub cache: PageCache,
+    /// Armed whenever `hashes` describe the memories exactly: which pages the next
+    /// capture must hash.
+    pub tracker: Box<dyn DirtyTracker>,
+    /// Where captures copy pages; the committer gives the copies back.
+    pub buffers: PageBuffers,
+    /// The newest generation captured (0 before the first).
+    pub captured_generation: u64,
+    /// The newest committed checkpoint's generation and output marker (`None` before the
+    /// first checkpoint of a fresh start).
+    pub committed_generation: u64,
+    pub committed_marker: Option<Vec<u8>>,
+    pub max_in_flight: usize,
+    /// The first checkpoint error, reported once everything in flight has settled.
+    pub failure: Option<Error>,
+    /// A checkpoint failed: whether its manifest landed is unknown.
+    pub committer_failed: bool,
+}
+
+impl Checkpoints {
+    /// Capture a checkpoint of the guest with its input at `input`, and hand it to the
+    /// committer; then settle what has finished, and wait while more than
+    /// `max_in_flight` are in flight.
+    pub fn start(&mut self, input: InputAt, observer: &mut dyn CheckpointObserver) -> Result<()> {
+        self.settle(observer, false);
+        self.take_failure()?;
+        let generation = self.captured_generation + 1;
+        observer.started(generation);
+        let job = match self.capture(generation, input) {
+            Ok(job) => job,
+            Err(err) => {
+                let err = Error::from(err);
+                observer.finished(generation, Err(&err));
+                return Err(err.into_anyhow());
+            }
+        };
+        let memories: Vec<&[u8]> = (0..self.instance.memory_count())
+            .map(|i| self.instance.memory(i))
+            .collect();
+        observer.captured(generation, &memories);
+        self.captured_generation = generation;
+        if let Err(err) = self.committer.submit(job) {
+            let err = Error::from(err);
+            observer.finished(generation, Err(&err));
+            return Err(err.into_anyhow());
+        }
+        while self.committer.in_flight() > self.max_in_flight && self.failure.is_none() {
+            self.settle(observer, true);
+        }
+        self.take_failure()
+    }
+
+    fn take_failure(&mut self) -> Result<()> {
+        match self.failure.take() {
+            Some(failure) => Err(failure.into_anyhow()),
+            None => Ok(()),
+        }
+    }
+
+    /// The pause: everything the committer needs, copied out of the guest.
+    fn capture(&mut self, generation: u64, input: InputAt) -> Result<Job> {
+        let paused_at = Instant::now();
+        let output = self.sink.checkpoint(generation, &self.writer_id)?;
+        let capturing = Instant::now();
+        let capture = snapshot::capture(
+            &mut self.instance,
+            &mut self.hashes,
+            &mut self.cache,
+            self.tracker.as_mut(),
+            &self.buffers,
+        )?;
+        let hash = capturing.elapsed();
+        let stall = paused_at.elapsed();
+        Ok(Job {
+            generation,
+            capture,
+            run_state: input.run_state,
+            input_offset: input.offset,
+            input_position: input.position,
+            output,
+            random_position: self.instance.random_position(),
+            paused_at,
+            stall,
+            hash,
+        })
+    }
+
+    /// Take finished checkpoints from the committer (waiting for one if `block`).
+    pub fn settle(&mut self, observer: &mut dyn CheckpointObserver, block: bool) {
+        while let Some(Done {
+            generation,
+            output_marker,
+            outcome,
+        }) = self.committer.next_done(block)
+        {
+            match outcome {
+                Ok(stats) => {
+                    observer.finished(generation, Ok(&stats));
+                    self.committed_generation = generation;
+                    self.committed_marker = Some(output_marker);
+                }
+                Err(err) => {
+                    let err = Error::from(err);
+                    observer.finished(generation, Err(&err));
+                    self.committer_failed = true;
+                    self.failure.get_or_insert(err);
+                }
+            }
+            if block {
+                return;
+            }
+        }
+    }
+
+    /// Wait for every checkpoint in flight.
+    pub fn settle_all(&mut self, observer: &mut dyn CheckpointObserver) {
+        while self.committer.in_flight() > 0 {
+            self.settle(observer, true);
+        }
+    }
+}

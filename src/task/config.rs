@@ -1,0 +1,208 @@
+//! What a task is asked to do: its mode and the engine's knobs ([`TaskConfig`]), and, for
+//! `wasnap run` and embedders that name everything by path or URL, where the guest, the
+//! input, the output and the page cache are ([`RunConfig`]).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use super::Task;
+use crate::guest::{Guest, Limits, random};
+use crate::snapshot::{self, DirtyTracking};
+use crate::store::CheckpointStore;
+use crate::stream;
+
+/// How many checkpoints a task keeps by default.
+pub const DEFAULT_RETAIN: usize = 3;
+
+/// How many checkpoints may be captured and not yet committed, by default.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 2;
+
+/// Record mode: checkpoint after this many records, by default.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
+
+/// Stdio mode: checkpoint at the first stdin read after this many bytes, by default.
+pub const DEFAULT_CHECKPOINT_EVERY_BYTES: u64 = 1 << 20;
+
+/// How the guest takes its input, and when checkpoints are due. Each mode has its own
+/// driver (`task::records`, `task::program`); everything else is shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A record guest (the wasnap ABI): one `process` call per input record; a checkpoint
+    /// after every `checkpoint_every` records and at the end of the input.
+    Records { checkpoint_every: u64 },
+    /// An unmodified WASI command: the input is its stdin and the output its stdout; a
+    /// checkpoint at its first stdin read after every `checkpoint_every_bytes` bytes, and
+    /// once it exits.
+    Stdio { checkpoint_every_bytes: u64 },
+}
+
+impl Mode {
+    pub fn records(checkpoint_every: u64) -> Self {
+        Mode::Records { checkpoint_every }
+    }
+
+    pub fn stdio(checkpoint_every_bytes: u64) -> Self {
+        Mode::Stdio {
+            checkpoint_every_bytes,
+        }
+    }
+
+    pub fn is_stdio(&self) -> bool {
+        matches!(self, Mode::Stdio { .. })
+    }
+}
+
+impl Default for Mode {
+    fn default() -> Self {
+        Mode::records(DEFAULT_CHECKPOINT_EVERY)
+    }
+}
+
+/// A task's mode and knobs.
+#[derive(Clone, Debug)]
+pub struct TaskConfig {
+    pub mode: Mode,
+    /// Seed of the guest's WASI random stream on a fresh start (a restore uses the checkpoint's).
+    pub random_seed: u64,
+    /// Keep this many newest checkpoints; older ones, and packs none of the kept ones
+    /// need, are deleted after each commit. `usize::MAX` keeps everything.
+    pub retain: usize,
+    /// Checkpoints captured but not yet committed before the guest waits; 0 commits each
+    /// checkpoint before the guest goes on.
+    pub max_in_flight: usize,
+    /// Where the page cache (the last captured version of every page, the base of deltas)
+    /// lives. `None`: under the user's cache directory, named by the store.
+    pub cache_dir: Option<PathBuf>,
+    /// Deltas a page's chain may have (what a restore applies at most on top of a whole
+    /// page); 0 writes every dirty page whole. At most `snapshot::table::MAX_DELTAS_LIMIT`.
+    pub max_deltas: usize,
+    /// How a capture finds the pages that changed (`snapshot::dirty`).
+    pub dirty_tracking: DirtyTracking,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::default(),
+            random_seed: random::DEFAULT_SEED,
+            retain: DEFAULT_RETAIN,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            cache_dir: None,
+            max_deltas: snapshot::table::DEFAULT_MAX_DELTAS,
+            dirty_tracking: DirtyTracking::default(),
+        }
+    }
+}
+
+impl TaskConfig {
+    /// The page cache directory of a task on `store`.
+    pub(crate) fn cache_dir_for(&self, store: &CheckpointStore) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| user_cache_dir(store.label()))
+    }
+}
+
+/// A task named by paths and URLs: what `wasnap run` is asked to do.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The guest module (.wasm, or .wat text); in stdio mode a WASI command.
+    pub guest: PathBuf,
+    /// A file, `file:///PATH` or `s3://BUCKET/KEY` (see `stream::open_source`).
+    pub input: PathBuf,
+    /// A file, or a directory, `file:///DIR` or `s3://BUCKET/PREFIX` (`stream::open_sink`).
+    pub output: PathBuf,
+    /// Memory cap and per-call time limit for the guest.
+    pub limits: Limits,
+    /// The page cache goes beside a file output, and under the user's cache directory
+    /// (named by the output) for any other output, unless `task.cache_dir` says where.
+    pub task: TaskConfig,
+}
+
+impl RunConfig {
+    /// A record guest over `input` into `output`, with the default knobs.
+    pub fn new(
+        guest: impl Into<PathBuf>,
+        input: impl Into<PathBuf>,
+        output: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            guest: guest.into(),
+            input: input.into(),
+            output: output.into(),
+            limits: Limits::default(),
+            task: TaskConfig::default(),
+        }
+    }
+
+    /// The same, in `mode`.
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.task.mode = mode;
+        self
+    }
+
+    /// The page cache directory this configuration uses.
+    pub fn cache_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.task.cache_dir {
+            return dir.clone();
+        }
+        if stream::is_object_url(&self.output) || self.output.is_dir() {
+            return user_cache_dir(&self.output.to_string_lossy());
+        }
+        let mut name = self.output.file_name().unwrap_or_default().to_os_string();
+        name.push(".wasnap-cache");
+        self.output.with_file_name(name)
+    }
+
+    /// Load the guest for the configured mode.
+    pub fn load_guest(&self) -> Result<Guest, crate::Error> {
+        if self.task.mode.is_stdio() {
+            Guest::load_program(&self.guest, self.limits)
+        } else {
+            Guest::load_with_limits(&self.guest, self.limits)
+        }
+    }
+
+    /// Open the task on `store`: load the guest, open the input and output, and restore
+    /// the newest checkpoint or start fresh.
+    pub fn open(&self, store: CheckpointStore) -> Result<Task, crate::Error> {
+        let guest = self.load_guest()?;
+        self.open_with_guest(&guest, store)
+    }
+
+    /// [`RunConfig::open`] with a guest already compiled (`guest` and `limits` are not
+    /// read): opening many tasks of one guest compiles it once.
+    pub fn open_with_guest(&self, guest: &Guest, store: CheckpointStore) -> Result<Task, crate::Error> {
+        // The sink first: a file output's lock must stop a second writer before anything
+        // else is read or touched.
+        let sink = stream::open_sink(&self.output)?;
+        let source = stream::open_source(&self.input)?;
+        let task = TaskConfig {
+            cache_dir: Some(self.cache_dir()),
+            ..self.task.clone()
+        };
+        Task::open(&task, guest, store, source, sink)
+    }
+}
+
+/// Open the store at `store_url`, open the task and run it to the end of its input.
+pub fn run(
+    config: &RunConfig,
+    store_url: &str,
+    observer: &mut dyn super::CheckpointObserver,
+) -> Result<super::RunSummary, crate::Error> {
+    let store = CheckpointStore::open(store_url)?;
+    config.open(store)?.run(observer)
+}
+
+/// `$XDG_CACHE_HOME/wasnap/<hash of key>` (or under `~/.cache`, or the temporary
+/// directory): a page cache for a task that has no local file of its own to sit beside.
+fn user_cache_dir(key: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let key = twox_hash::XxHash3_64::oneshot(key.as_bytes());
+    base.join("wasnap").join(format!("{key:016x}"))
+}

@@ -1,0 +1,93 @@
+//! What a task tells its caller about checkpoints: [`CheckpointObserver`] hears of every
+//! one, on every path, with its [`CheckpointStats`] or its error.
+
+use std::time::Duration;
+
+use crate::Error;
+
+/// What one checkpoint did and cost.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointStats {
+    pub generation: u64,
+    pub input_offset: u64,
+    pub output_marker: u64,
+    pub memory_bytes: u64,
+    /// Pages that changed and were written (as deltas or whole).
+    pub dirty_pages: usize,
+    /// Pages that changed to all-zero (recorded, not written).
+    pub zero_pages: usize,
+    /// Pages hashed during the stall: all of them, or those the dirty tracker reported.
+    pub hashed_pages: usize,
+    /// Memories whose changed pages the kernel reported (`snapshot::dirty`); the others
+    /// were hashed whole.
+    pub kernel_tracked_memories: usize,
+    /// Dirty pages written as deltas (XOR, sparse or zstd-prefix) against their previous
+    /// version.
+    pub delta_pages: usize,
+    /// Of the deltas, those of full chains, against an earlier layer of the chain (the
+    /// deltas above it dropped).
+    pub rebased_pages: usize,
+    /// Dirty pages written whole (new pages, big changes, full chains).
+    pub whole_pages: usize,
+    /// Frames copied from sparse older packs (compaction), and their bytes.
+    pub compacted_frames: usize,
+    pub compacted_bytes: usize,
+    /// Bytes of the dirty pages' frames in the pack (the pack less header and compaction).
+    pub encoded_bytes: usize,
+    pub pack_bytes: usize,
+    pub manifest_bytes: usize,
+    /// Time the guest was paused: output hand-over, hashing, copying dirty pages.
+    pub stall: Duration,
+    /// Of the stall, the capture: hashing, diffing, copying dirty pages and their bases.
+    pub hash: Duration,
+    /// Off the guest's thread: compressing, compacting.
+    pub encode: Duration,
+    /// Off the guest's thread: putting the pack, making the output durable, committing.
+    pub put: Duration,
+    /// Off the guest's thread, after the commit: making the output visible (an object
+    /// output's index entries, and merging its parts).
+    pub publish: Duration,
+    /// Off the guest's thread: deleting what retention no longer keeps.
+    pub prune: Duration,
+    /// From the pause to the commit.
+    pub committed_after: Duration,
+}
+
+/// Told about every checkpoint: when it starts, and how it ended, on every path (a run
+/// settles every checkpoint it started before it returns, with success or an error).
+pub trait CheckpointObserver {
+    fn started(&mut self, _generation: u64) {}
+    /// Right after the capture, with the guest still paused exactly as captured: the bytes
+    /// of each of its memories. Not counted in the stall (the benchmark computes its
+    /// baseline here).
+    fn captured(&mut self, _generation: u64, _memories: &[&[u8]]) {}
+    fn finished(&mut self, _generation: u64, _outcome: Result<&CheckpointStats, &Error>) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl CheckpointObserver for NoObserver {}
+
+/// Passes everything on, and keeps the stats of one generation.
+pub(super) struct RecordStats<'a> {
+    pub inner: &'a mut dyn CheckpointObserver,
+    pub generation: u64,
+    pub stats: &'a mut Option<CheckpointStats>,
+}
+
+impl CheckpointObserver for RecordStats<'_> {
+    fn started(&mut self, generation: u64) {
+        self.inner.started(generation)
+    }
+    fn captured(&mut self, generation: u64, memories: &[&[u8]]) {
+        self.inner.captured(generation, memories)
+    }
+    fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &Error>) {
+        if generation == self.generation
+            && let Ok(stats) = outcome
+        {
+            *self.stats = Some(stats.clone());
+        }
+        self.inner.finished(generation, outcome)
+    }
+}
