@@ -28,8 +28,10 @@ case "${1:-}" in
     flock 9
     ensure_venv
     run_dir="$(mktemp -d "$state/run.XXXXXX")"
+    # The lock serialises set-up only: the server must not inherit it (9>&-), or a second
+    # start would wait for as long as the first server lives.
     "$venv/bin/python" "$root/scripts/s3_server.py" --port-file "$run_dir/port" --bucket wasnap "$@" \
-      >"$run_dir/log" 2>&1 &
+      >"$run_dir/log" 2>&1 9>&- &
     pid=$!
     for _ in $(seq 1 300); do
       [ -f "$run_dir/port" ] && break

@@ -67,8 +67,9 @@ pub struct CheckpointRecord {
     /// Off the guest's thread: compression, then pack put + output fsync + commit.
     pub encode_us: u64,
     pub put_us: u64,
-    /// After the commit: publishing the output (object outputs).
+    /// After the commit: publishing the output (object outputs), then retention.
     pub publish_us: u64,
+    pub prune_us: u64,
     /// From the pause to the commit.
     pub commit_latency_us: u64,
     /// What the Wasman-style baseline writes for the same memory (absent with `--no-baseline`).
@@ -135,6 +136,7 @@ impl CheckpointObserver for Recorder<'_> {
             encode_us: stats.encode.as_micros() as u64,
             put_us: stats.put.as_micros() as u64,
             publish_us: stats.publish.as_micros() as u64,
+            prune_us: stats.prune.as_micros() as u64,
             commit_latency_us: stats.committed_after.as_micros() as u64,
             baseline_bytes: baseline.as_ref().map(|b| b.bytes),
             baseline_full: baseline.as_ref().map(|b| b.full),
@@ -266,6 +268,7 @@ impl BenchReport {
             ("encode, mean", sum(|r| r.encode_us)),
             ("put (pack+output+commit)", sum(|r| r.put_us)),
             ("publish output, mean", sum(|r| r.publish_us)),
+            ("prune, mean", sum(|r| r.prune_us)),
             ("pause to commit, mean", sum(|r| r.commit_latency_us)),
         ] {
             out += &format!("{what:<24} {:>14}\n", ms(us as f64 / n));

@@ -139,9 +139,9 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
-    /// Write the committed output of an object-storage output (`--output s3://…`,
-    /// `file:///DIR` or a directory) to stdout, in order. With `--store`, exactly what the
-    /// store's newest checkpoint committed.
+    /// Write the committed output to stdout, in order: of an object-storage output
+    /// (`s3://…`, `file:///DIR`, a directory: the published parts) or a file. With
+    /// `--store`, exactly what the store's newest checkpoint committed.
     Cat {
         #[arg(long)]
         output: String,

@@ -67,11 +67,16 @@ impl<I: ByteInput> ByteLines<I> {
         }
     }
 
-    fn reader(&mut self) -> Result<&mut BufReader<I::Reader>> {
-        let label = self.input.label();
-        self.reader
-            .as_mut()
-            .ok_or_else(|| anyhow!("input {label} is read before it was positioned (resume_at)"))
+    /// The reader, and the input for messages (named only when one is needed: this is
+    /// on every record's path).
+    fn reader(&mut self) -> Result<(&mut BufReader<I::Reader>, &I)> {
+        match &mut self.reader {
+            Some(reader) => Ok((reader, &self.input)),
+            None => Err(anyhow!(
+                "input {} is read before it was positioned (resume_at)",
+                self.input.label()
+            )),
+        }
     }
 }
 
@@ -92,12 +97,11 @@ impl<I: ByteInput> Source for ByteLines<I> {
 
     fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool> {
         record.clear();
-        let label = self.input.label();
-        let n = self
-            .reader()?
+        let (reader, input) = self.reader()?;
+        let n = reader
             .read_until(b'\n', record)
             .map_err(crate::error::from_io)
-            .with_context(|| format!("cannot read input {label}"))?;
+            .with_context(|| format!("cannot read input {}", input.label()))?;
         if n == 0 {
             return Ok(false);
         }
@@ -109,12 +113,11 @@ impl<I: ByteInput> Source for ByteLines<I> {
     }
 
     fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
-        let label = self.input.label();
-        let n = self
-            .reader()?
+        let (reader, input) = self.reader()?;
+        let n = reader
             .read(buf)
             .map_err(crate::error::from_io)
-            .with_context(|| format!("cannot read input {label}"))?;
+            .with_context(|| format!("cannot read input {}", input.label()))?;
         self.offset += n as u64;
         Ok(n)
     }

@@ -231,17 +231,31 @@ impl CommitContext {
 
         let putting = Instant::now();
         let mut pack_bytes = 0;
-        if let Some((pack, bytes)) = assembled.pack {
+        // The pack and the output the manifest binds must both be durable before the
+        // manifest exists; neither needs the other, so they go at once (two round trips
+        // to a remote store become one).
+        let output = &mut job.output.commit;
+        let (pack_put, output_durable) = std::thread::scope(|scope| {
+            let output = scope.spawn(|| output.make_durable());
+            let pack = assembled.pack.map(|(pack, bytes)| {
+                let bytes = bytes::Bytes::from(bytes);
+                let put = self.store.put_pack(&pack.name(), bytes.clone());
+                (pack, bytes, put)
+            });
+            let durable = output
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("making the output durable panicked")));
+            (pack, durable)
+        });
+        if let Some((pack, bytes, put)) = pack_put {
+            put?;
             pack_bytes = bytes.len();
-            let bytes = bytes::Bytes::from(bytes);
-            self.store.put_pack(&pack.name(), bytes.clone())?;
             // Kept for the rebases and compactions of the next checkpoints.
             if let Ok(loaded) = LoadedPack::parse(&pack, bytes) {
                 self.recent.insert((*pack).clone(), Arc::new(loaded));
             }
         }
-        // The output the manifest binds must be durable before the manifest exists.
-        job.output.commit.make_durable()?;
+        output_durable?;
         let digests: Vec<u64> = job.capture.memories.iter().map(|m| m.digest).collect();
         let (packs, memories) = assembled.table.to_manifest_parts(&digests);
         let manifest = Manifest {
