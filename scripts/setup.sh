@@ -14,8 +14,9 @@ fi
 
 # Debian: wabt (wat2wasm) for WAT guests; clang, lld, wasi-libc and the wasm32 compiler
 # runtime (the linker needs its builtins) for C guests; binaryen (wasm-opt) for stdio
-# mode's asyncify transform.
-packages=(wabt clang lld wasi-libc libclang-rt-14-dev-wasm32 binaryen)
+# mode's asyncify transform; cmake to build librdkafka (the Kafka client, vendored by
+# the rdkafka crate: Debian's is too old; its configuration code includes curl's header).
+packages=(wabt clang lld wasi-libc libclang-rt-14-dev-wasm32 binaryen cmake libcurl4-openssl-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
