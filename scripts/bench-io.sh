@@ -92,3 +92,30 @@ for spec in "wordcount words.txt 1000" "c-wordcount words.txt 1000" "window numb
     --store "$prefix/store" --checkpoint-every "$3" --no-baseline |
     grep -E 'records/s|encode, mean|put \(|publish output|pause to commit|stall, mean'
 done
+
+echo
+echo "== Kafka input and output (noida-db on 127.0.0.1), against file input and output: best of $runs records/s"
+eval "$(scripts/kafka-server.sh start)"
+trap 'kill "$WASNAP_TEST_S3_PID" "$WASNAP_TEST_KAFKA_PID" 2>/dev/null || true' EXIT
+tool() { "$root/.venv-kafka/bin/python" "$root/scripts/kafka_tool.py" "$WASNAP_TEST_KAFKA" "$@"; }
+printf '%-14s %12s %12s %12s %8s\n' workload file "kafka in" "kafka in+out" "in+out/file"
+for spec in "counter counter.txt 1000" "wordcount words.txt 1000" "c-wordcount words.txt 1000"; do
+  set -- $spec
+  tool create "in-$1-$$" 1
+  tool produce "in-$1-$$" 0 "$out/$2"
+  : > "$out/file.rates"; : > "$out/kin.rates"; : > "$out/kio.rates"
+  for i in $(seq "$runs"); do
+    tool create "out-$1-$$-$i" 1
+    rate "$new" "$1" "$out/$2" "$3" >> "$out/file.rates"
+    rate "$new" "$1" "kafka://$WASNAP_TEST_KAFKA/in-$1-$$/0" "$3" >> "$out/kin.rates"
+    rate "$new" "$1" "kafka://$WASNAP_TEST_KAFKA/in-$1-$$/0" "$3" \
+      --output "kafka://$WASNAP_TEST_KAFKA/out-$1-$$-$i" >> "$out/kio.rates"
+  done
+  f="$(best < "$out/file.rates")" ki="$(best < "$out/kin.rates")" kio="$(best < "$out/kio.rates")"
+  printf '%-14s %12s %12s %12s %8s\n' "$1" "$f" "$ki" "$kio" "$(python3 -c "print(f'{$kio/$f:.3f}x')")"
+done
+echo "-- where a checkpoint's time goes, c-wordcount, Kafka in and out:"
+tool create "out-detail-$$" 1
+"$new" bench target/guests/c-wordcount.wasm --input "kafka://$WASNAP_TEST_KAFKA/in-c-wordcount-$$/0" \
+  --output "kafka://$WASNAP_TEST_KAFKA/out-detail-$$" --checkpoint-every 1000 --no-baseline |
+  grep -E 'records/s|encode, mean|put \(|pause to commit|stall, mean'

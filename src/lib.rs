@@ -40,7 +40,7 @@
 //! }
 //!
 //! impl Sink for Collect {
-//!     fn resume_at(&mut self, marker: Option<&[u8]>) -> Result<()> {
+//!     fn resume_at(&mut self, _task: &[u8; 16], marker: Option<&[u8]>) -> Result<()> {
 //!         let len = marker.map_or(0, |m| u64::from_le_bytes(m.try_into().unwrap()));
 //!         self.out.lock().unwrap().truncate(len as usize);
 //!         Ok(())

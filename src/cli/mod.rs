@@ -39,11 +39,13 @@ enum Command {
         #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY_BYTES,
               value_parser = clap::value_parser!(u64).range(1..))]
         checkpoint_every_bytes: u64,
-        /// Newline-delimited input records: a file, file:///PATH or s3://BUCKET/KEY.
+        /// Input records: lines of a file, file:///PATH or s3://BUCKET/KEY, or the records of
+        /// kafka://HOST:PORT/TOPIC/PARTITION.
         #[arg(long)]
         input: PathBuf,
         /// Where emitted records go, one line each: a file, or a directory, file:///DIR or
-        /// s3://BUCKET/PREFIX of output parts (read them with `wasnap cat`).
+        /// s3://BUCKET/PREFIX of output parts, or one Kafka record each to
+        /// kafka://HOST:PORT/TOPIC[/PARTITION] (read them with `wasnap cat`).
         #[arg(long)]
         output: PathBuf,
         /// Checkpoint store: a directory, file:///DIR, s3://BUCKET/PREFIX or memory://.
@@ -108,7 +110,7 @@ enum Command {
         #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY_BYTES,
               value_parser = clap::value_parser!(u64).range(1..))]
         checkpoint_every_bytes: u64,
-        /// Newline-delimited input records: a file or s3://BUCKET/KEY.
+        /// Input records: a file, s3://BUCKET/KEY or kafka://HOST:PORT/TOPIC/PARTITION.
         #[arg(long)]
         input: PathBuf,
         /// Where the output goes (see `run`); default: a scratch file.
@@ -140,11 +142,15 @@ enum Command {
         cache_dir: Option<PathBuf>,
     },
     /// Write the committed output to stdout, in order: of an object-storage output
-    /// (`s3://…`, `file:///DIR`, a directory: the published parts) or a file. With
-    /// `--store`, exactly what the store's newest checkpoint committed.
+    /// (`s3://…`, `file:///DIR`, a directory: the published parts), a Kafka partition (its
+    /// committed records, one line each) or a file. With `--store`, exactly what the
+    /// store's newest checkpoint committed.
     Cat {
+        /// The output of a run: a file, a directory, s3://BUCKET/PREFIX or
+        /// kafka://HOST:PORT/TOPIC[/PARTITION].
         #[arg(long)]
         output: String,
+        /// The task's store: limits the output to what its newest checkpoint committed.
         #[arg(long)]
         store: Option<String>,
     },
@@ -309,21 +315,29 @@ pub fn main() -> ExitCode {
 }
 
 fn cat(output: &str, store: Option<&str>) -> anyhow::Result<()> {
-    let marker = match store {
+    // The store's task id and newest checkpoint's output marker.
+    let newest = match store {
         None => None,
         Some(url) => {
             let store = crate::store::CheckpointStore::open(url)?;
             match store.generations()?.last() {
-                Some(&newest) => Some(store.read_manifest(newest)?.output_position),
+                Some(&newest) => Some((
+                    store.task_id()?,
+                    store.read_manifest(newest)?.output_position,
+                )),
                 None => anyhow::bail!("store {url} holds no checkpoint"),
             }
         }
     };
+    let marker = newest.as_ref().map(|(_, marker)| marker.as_slice());
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    if std::path::Path::new(output).is_file() {
-        crate::stream::sink::cat_file(std::path::Path::new(output), marker.as_deref(), &mut out)?;
+    if output.starts_with("kafka://") {
+        let task = newest.as_ref().map(|(task, marker)| (*task, marker.as_slice()));
+        crate::stream::kafka::output::cat(output, task, &mut out)?;
+    } else if std::path::Path::new(output).is_file() {
+        crate::stream::sink::cat_file(std::path::Path::new(output), marker, &mut out)?;
     } else {
-        crate::stream::object_output::cat(output, marker.as_deref(), &mut out)?;
+        crate::stream::object_output::cat(output, marker, &mut out)?;
     }
     use std::io::Write;
     out.flush().or_else(|e| {

@@ -32,6 +32,9 @@ use crate::error::{ErrorKind, Fenced, StoreUnavailable, corrupt, error};
 
 pub const MANIFESTS: &str = "manifests";
 pub const PACKS: &str = "packs";
+/// The task's id: `wasnap task 1`, a newline, 32 hex digits, a newline.
+pub const TASK: &str = "task";
+const TASK_MAGIC: &str = "wasnap task 1";
 
 pub fn manifest_path(generation: u64) -> Path {
     Path::from(format!("{MANIFESTS}/{generation:020}"))
@@ -185,6 +188,56 @@ impl CheckpointStore {
                     }))
             }
         }
+    }
+
+    /// The task's id, the same for every writer on every machine: read from the store, or
+    /// drawn and created there (create-if-absent) by the first writer. The streams name
+    /// the task by it (a Kafka output's transactional id, an object output's owner).
+    pub fn task_id(&self) -> Result<[u8; 16]> {
+        let path = Path::from(TASK);
+        for _ in 0..3 {
+            let got = self
+                .runtime
+                .block_on(async { self.objects.get(&path).await?.bytes().await });
+            match got {
+                Ok(bytes) => {
+                    let text = std::str::from_utf8(&bytes).unwrap_or("");
+                    let mut lines = text.lines();
+                    return (lines.next() == Some(TASK_MAGIC))
+                        .then(|| lines.next().and_then(crate::hex::decode::<16>))
+                        .flatten()
+                        .ok_or_else(|| {
+                            corrupt!("{path} in store {} is not a wasnap task id", self.label)
+                        });
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    return Err(anyhow!(e).context(format!("cannot read {path}")).context(
+                        StoreUnavailable {
+                            store: self.label.clone(),
+                        },
+                    ));
+                }
+            }
+            let mut id = [0u8; 16];
+            getrandom::fill(&mut id).map_err(|e| anyhow!("cannot draw a task id: {e}"))?;
+            let text = format!("{TASK_MAGIC}\n{}\n", crate::hex::encode(&id));
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            match self
+                .runtime
+                .block_on(self.objects.put_opts(&path, PutPayload::from(text), opts))
+            {
+                Ok(_) => return Ok(id),
+                // Another writer created it first: read theirs.
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => {}
+                Err(e) => return Err(self.write_failed(e, format!("cannot create {path}"))),
+            }
+        }
+        anyhow::bail!("{path} in store {} cannot be read or created", self.label)
     }
 
     /// Write a pack. Its name is unique to this writer and generation, so a plain put is safe.

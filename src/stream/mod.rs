@@ -1,7 +1,8 @@
 //! Exactly-once streams: the `Source` and `Sink` seams, and their implementations (local
-//! files; objects in object storage). `open_source` and `open_sink` pick one by the
-//! `--input` and `--output` argument.
+//! files; objects in object storage; Kafka partitions). `open_source` and `open_sink`
+//! pick one by the `--input` and `--output` argument.
 
+pub mod kafka;
 pub mod object_input;
 pub mod object_output;
 pub mod sink;
@@ -20,12 +21,21 @@ pub fn is_object_url(arg: &Path) -> bool {
     arg.starts_with("s3://") || arg.starts_with("file://")
 }
 
-/// The input `--input` names: `s3://BUCKET/KEY` is an object (which must exist), and
-/// `file:///PATH` or a plain path a local file. The task positions it.
+/// Whether an `--input`/`--output` argument names a Kafka partition.
+pub fn is_kafka_url(arg: &Path) -> bool {
+    arg.to_string_lossy().starts_with("kafka://")
+}
+
+/// The input `--input` names: `s3://BUCKET/KEY` is an object and
+/// `kafka://HOST:PORT/TOPIC/PARTITION` a partition (each must exist), `file:///PATH` or a
+/// plain path a local file. The task positions it.
 pub fn open_source(input: &Path) -> Result<Box<dyn Source>, crate::Error> {
     let arg = input.to_string_lossy();
     if arg.starts_with("s3://") {
         return Ok(Box::new(ObjectSource::open_object(&arg)?));
+    }
+    if is_kafka_url(input) {
+        return Ok(Box::new(kafka::KafkaSource::open(&arg)?));
     }
     let path = match arg.strip_prefix("file://") {
         Some(path) => Path::new(path),
@@ -35,9 +45,12 @@ pub fn open_source(input: &Path) -> Result<Box<dyn Source>, crate::Error> {
 }
 
 /// The output `--output` names: `s3://BUCKET/PREFIX`, `file:///DIR` and an existing
-/// directory hold parts (`object_output`); any other path is a file, locked against a second
-/// writer.
+/// directory hold parts (`object_output`); `kafka://HOST:PORT/TOPIC[/PARTITION]` is a
+/// partition (`kafka`); any other path is a file, locked against a second writer.
 pub fn open_sink(output: &Path) -> Result<Box<dyn Sink>, crate::Error> {
+    if is_kafka_url(output) {
+        return Ok(Box::new(kafka::KafkaSink::open(&output.to_string_lossy())?));
+    }
     if is_object_url(output) || output.is_dir() {
         return Ok(Box::new(ObjectSink::open(&output.to_string_lossy())?));
     }

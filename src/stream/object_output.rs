@@ -137,7 +137,7 @@ impl Marker {
         let mut r = Reader::new(bytes, &what);
         if r.u8()? != MARKER_TAG || bare_varint {
             return Err(changed!(
-                "output {url} is in object storage, but the checkpoint wrote its output to a local file; run the task with the same --output"
+                "output {url} is in object storage, but the checkpoint wrote its output elsewhere (a local file or Kafka); run the task with the same --output"
             ));
         }
         let task = r.array()?;
@@ -382,7 +382,7 @@ impl ObjectSink {
     }
 
     /// A fresh task: refused if another task has committed output here.
-    fn start_fresh(&mut self) -> Result<Shared> {
+    fn start_fresh(&mut self, task: &[u8; 16]) -> Result<Shared> {
         let url = &self.objects.url;
         let committed = chain(&self.objects.published()?);
         if let Some(last) = committed.last() {
@@ -392,13 +392,13 @@ impl ObjectSink {
                 last.end
             ));
         }
-        if let Some(owner) = self.objects.owner()? {
+        if let Some(owner) = self.objects.owner()?.filter(|owner| owner != task) {
             return Err(changed!(
                 "output {url} belongs to task {} (its first checkpoint committed), though it holds no output yet; this task's store has no checkpoint: use a new output prefix",
                 hex::encode(&owner)
             ));
         }
-        getrandom::fill(&mut self.task).map_err(|e| anyhow!("cannot draw a task id: {e}"))?;
+        self.task = *task;
         self.end = 0;
         Ok(Shared {
             repairs: vec![Repair::Claim],
@@ -479,10 +479,10 @@ impl ObjectSink {
 }
 
 impl Sink for ObjectSink {
-    fn resume_at(&mut self, marker: Option<&[u8]>) -> Result<()> {
+    fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> Result<()> {
         self.buffer.clear();
         let shared = match marker {
-            None => self.start_fresh()?,
+            None => self.start_fresh(task)?,
             Some(marker) => {
                 let marker = Marker::decode(marker, &self.objects.url)?;
                 self.recover(marker)?
@@ -771,6 +771,8 @@ pub fn cat(url: &str, newest_marker: Option<&[u8]>, out: &mut dyn std::io::Write
 mod tests {
     use super::*;
 
+    const TASK: [u8; 16] = [7; 16];
+
     /// A directory output and its URL.
     fn output() -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
@@ -804,18 +806,18 @@ mod tests {
     fn a_fresh_start_writes_nothing_readers_see_until_its_first_commit() {
         let (dir, url) = output();
         let mut sink = ObjectSink::open(&url).unwrap();
-        sink.resume_at(None).unwrap();
+        sink.resume_at(&TASK, None).unwrap();
         step(&mut sink, 1, "a\n", false);
         assert!(!dir.path().join(TASK_OBJECT).exists(), "claimed before a commit");
         assert_eq!(read(&url, None), b"");
         let mut sink = ObjectSink::open(&url).unwrap();
-        sink.resume_at(None).unwrap();
+        sink.resume_at(&TASK, None).unwrap();
         step(&mut sink, 1, "a\n", true);
         assert!(dir.path().join(TASK_OBJECT).exists());
         step(&mut sink, 2, "b\n", true);
         assert_eq!(read(&url, None), b"a\nb\n");
         // Another fresh task on this output is refused, and changes nothing.
-        let err = ObjectSink::open(&url).unwrap().resume_at(None).unwrap_err();
+        let err = ObjectSink::open(&url).unwrap().resume_at(&TASK, None).unwrap_err();
         assert!(format!("{err:#}").contains("another task"), "{err:#}");
         assert_eq!(files(dir.path(), INDEX), 2);
     }
@@ -824,7 +826,7 @@ mod tests {
     fn a_restore_repairs_the_output_only_once_it_has_committed() {
         let (_dir, url) = output();
         let mut first = ObjectSink::open(&url).unwrap();
-        first.resume_at(None).unwrap();
+        first.resume_at(&TASK, None).unwrap();
         step(&mut first, 1, "a\n", true);
         // The crash comes between checkpoint 2's manifest and its publish.
         let marker = step(&mut first, 2, "b\n", false);
@@ -833,21 +835,21 @@ mod tests {
 
         // A writer that restores checkpoint 2 but is fenced at 3 shows nothing.
         let mut fenced = ObjectSink::open(&url).unwrap();
-        fenced.resume_at(Some(&marker)).unwrap();
+        fenced.resume_at(&TASK, Some(&marker)).unwrap();
         step(&mut fenced, 3, "zombie\n", false);
         assert_eq!(read(&url, None), b"a\n");
 
         // The one that commits 3 crashes before its publish too: 3's marker names both
         // unpublished parts.
         let mut owner = ObjectSink::open(&url).unwrap();
-        owner.resume_at(Some(&marker)).unwrap();
+        owner.resume_at(&TASK, Some(&marker)).unwrap();
         let marker = step(&mut owner, 3, "c\n", false);
         assert_eq!(read(&url, None), b"a\n");
         assert_eq!(read(&url, Some(&marker)), b"a\nb\nc\n");
 
         // The one that commits 4 publishes 2's and 3's parts first, then its own.
         let mut owner = ObjectSink::open(&url).unwrap();
-        owner.resume_at(Some(&marker)).unwrap();
+        owner.resume_at(&TASK, Some(&marker)).unwrap();
         assert_eq!(read(&url, None), b"a\n");
         step(&mut owner, 4, "d\n", true);
         assert_eq!(read(&url, None), b"a\nb\nc\nd\n");
@@ -857,7 +859,7 @@ mod tests {
     fn an_older_restore_cuts_a_merged_part_and_unpublishes_what_lies_past_it() {
         let (dir, url) = output();
         let mut sink = ObjectSink::open(&url).unwrap();
-        sink.resume_at(None).unwrap();
+        sink.resume_at(&TASK, None).unwrap();
         let mut markers = Vec::new();
         let mut expected = Vec::new();
         for generation in 1..=(MERGE_PARTS as u64 + 5) {
@@ -870,7 +872,7 @@ mod tests {
         // Checkpoint 10 is restored (the newer ones were unusable): its marker lies inside
         // the merged part, and parts 33.. lie past it.
         let mut older = ObjectSink::open(&url).unwrap();
-        older.resume_at(Some(&markers[9])).unwrap();
+        older.resume_at(&TASK, Some(&markers[9])).unwrap();
         assert_eq!(read(&url, None), all, "changed before a commit");
         step(&mut older, 100, "after\n", true);
         let mut want = expected[..10].concat();
@@ -884,11 +886,11 @@ mod tests {
     fn garbage_is_unpublished_parts_no_newer_than_the_commit() {
         let (dir, url) = output();
         let mut sink = ObjectSink::open(&url).unwrap();
-        sink.resume_at(None).unwrap();
+        sink.resume_at(&TASK, None).unwrap();
         let marker = step(&mut sink, 1, "a\n", true);
         step(&mut sink, 2, "lost\n", false); // crashed before its manifest
         let mut next = ObjectSink::open(&url).unwrap();
-        next.resume_at(Some(&marker)).unwrap();
+        next.resume_at(&TASK, Some(&marker)).unwrap();
         step(&mut next, 3, "b\n", true);
         step(&mut next, 4, "in flight\n", false);
         assert_eq!(files(dir.path(), PARTS), 4);

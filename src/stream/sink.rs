@@ -25,9 +25,10 @@ use crate::codec::{Put, Reader};
 /// Where a task's output goes.
 pub trait Sink: Send {
     /// Continue after the checkpoint whose output marker is `marker` (`None`: a fresh
-    /// start): drop whatever no checkpoint committed, check the output is still the one the
-    /// checkpoint wrote, and make visible what it committed if that had not happened yet.
-    fn resume_at(&mut self, marker: Option<&[u8]>) -> Result<()>;
+    /// start) of the task `task` (the store's id for it, the same on every machine): drop
+    /// whatever no checkpoint committed, check the output is still the one the checkpoint
+    /// wrote, and see to it that what it committed becomes visible.
+    fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> Result<()>;
     /// Where emitted bytes go (whole records with their newlines).
     fn buffer(&mut self) -> &mut Vec<u8>;
     /// Hand on the buffer if it has grown large.
@@ -73,7 +74,7 @@ fn parse_file_marker(marker: &[u8], path: &Path) -> Result<u64> {
     let len = r.varint()?;
     if r.remaining() != 0 {
         return Err(changed!(
-            "output {} is a local file, but the checkpoint wrote its output to object storage; run the task with the same --output",
+            "output {} is a local file, but the checkpoint wrote its output elsewhere (object storage or Kafka); run the task with the same --output",
             path.display()
         ));
     }
@@ -226,7 +227,7 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn resume_at(&mut self, marker: Option<&[u8]>) -> Result<()> {
+    fn resume_at(&mut self, _task: &[u8; 16], marker: Option<&[u8]>) -> Result<()> {
         let len = match marker {
             None => 0,
             Some(marker) => parse_file_marker(marker, &self.path)?,

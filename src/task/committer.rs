@@ -21,6 +21,7 @@ use crate::snapshot::rebase::ChainPacks;
 use crate::snapshot::rebase;
 use crate::snapshot::{Capture, PageTable};
 use crate::store::recent::{LoadedPack, RecentPacks};
+use crate::error::Fenced;
 use crate::store::{CheckpointStore, Manifest};
 
 /// A captured checkpoint, handed from the guest's thread to the committer.
@@ -255,7 +256,16 @@ impl CommitContext {
                 self.recent.insert((*pack).clone(), Arc::new(loaded));
             }
         }
-        output_durable?;
+        if let Err(err) = output_durable {
+            // An output that refuses this writer (a Kafka producer fenced, or timed out
+            // after its transaction was aborted) while the store holds this generation or a
+            // later one: another writer owns the task.
+            let newest = self.store.generations().ok().and_then(|g| g.last().copied());
+            if newest >= Some(generation) {
+                return Err(err.context(Fenced { generation }));
+            }
+            return Err(err);
+        }
         let digests: Vec<u64> = job.capture.memories.iter().map(|m| m.digest).collect();
         let (packs, memories) = assembled.table.to_manifest_parts(&digests);
         let manifest = Manifest {

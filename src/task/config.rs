@@ -147,7 +147,10 @@ impl RunConfig {
         if let Some(dir) = &self.task.cache_dir {
             return dir.clone();
         }
-        if stream::is_object_url(&self.output) || self.output.is_dir() {
+        if stream::is_object_url(&self.output)
+            || stream::is_kafka_url(&self.output)
+            || self.output.is_dir()
+        {
             return user_cache_dir(&self.output.to_string_lossy());
         }
         let mut name = self.output.file_name().unwrap_or_default().to_os_string();
@@ -174,6 +177,13 @@ impl RunConfig {
     /// [`RunConfig::open`] with a guest already compiled (`guest` and `limits` are not
     /// read): opening many tasks of one guest compiles it once.
     pub fn open_with_guest(&self, guest: &Guest, store: CheckpointStore) -> Result<Task, crate::Error> {
+        if self.task.mode.is_stdio() && stream::is_kafka_url(&self.input) {
+            return Err(crate::error::error(
+                crate::ErrorKind::Other,
+                "stdio mode reads its stdin from a file or an S3 object, not from Kafka",
+            )
+            .into());
+        }
         // The sink first: a file output's lock must stop a second writer before anything
         // else is read or touched.
         let sink = stream::open_sink(&self.output)?;

@@ -94,6 +94,8 @@ trait Driver: Send {
 
 /// A guest made durable: open it, run it, and it resumes exactly once wherever it stopped.
 pub struct Task {
+    /// The store's id for this task, which the output's writers are named by.
+    task_id: [u8; 16],
     checkpoints: Checkpoints,
     driver: Box<dyn Driver>,
     resumed_from: Option<u64>,
@@ -139,6 +141,7 @@ impl Task {
         let writer_id = new_writer_id()?;
         // Before anything is touched: a tracker that cannot be had stops the task here.
         let mut tracker = config.dirty_tracking.tracker()?;
+        let task_id = store.task_id()?;
         let newest = |store: &CheckpointStore| store.generations().ok()?.last().copied();
         let listed = newest(&store);
         let mut start = match recovery::start(guest, &store, config.random_seed) {
@@ -169,7 +172,7 @@ impl Task {
         // The input first: a replaced input stops the task before its output is cut back.
         let positioned = source
             .resume_at(start.input_position.as_deref())
-            .and_then(|()| sink.resume_at(start.output_marker.as_deref()));
+            .and_then(|()| sink.resume_at(&task_id, start.output_marker.as_deref()));
         if let Err(err) = positioned {
             // Streams that moved on under this restore mean another writer is live.
             if newest(&store) > Some(start.generation) {
@@ -229,6 +232,7 @@ impl Task {
             }
         };
         Ok(Task {
+            task_id,
             checkpoints: Checkpoints {
                 instance: start.instance,
                 sink,
@@ -275,7 +279,7 @@ impl Task {
             if !checkpoint_failed
                 && let Err(cut) = checkpoints
                     .sink
-                    .resume_at(checkpoints.committed_marker.as_deref())
+                    .resume_at(&self.task_id, checkpoints.committed_marker.as_deref())
             {
                 let err = err.context(format!("and the output could not be cut back: {cut:#}"));
                 return Err(err.into());

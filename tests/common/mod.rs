@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod faulty;
+pub mod kafka;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};
