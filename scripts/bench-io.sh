@@ -96,7 +96,7 @@ done
 echo
 echo "== Kafka input and output (noida-db on 127.0.0.1), against file input and output: best of $runs records/s"
 eval "$(scripts/kafka-server.sh start)"
-trap 'kill "$WASNAP_TEST_S3_PID" "$WASNAP_TEST_KAFKA_PID" 2>/dev/null || true' EXIT
+trap 'kill "$WASNAP_TEST_S3_PID" 2>/dev/null; kill "$WASNAP_TEST_KAFKA_PID" 2>/dev/null || true' EXIT
 tool() { "$root/.venv-kafka/bin/python" "$root/scripts/kafka_tool.py" "$WASNAP_TEST_KAFKA" "$@"; }
 printf '%-14s %12s %12s %12s %8s\n' workload file "kafka in" "kafka in+out" "in+out/file"
 for spec in "counter counter.txt 1000" "wordcount words.txt 1000" "c-wordcount words.txt 1000"; do
