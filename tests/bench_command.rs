@@ -71,7 +71,10 @@ fn json_lines_account_for_every_byte_put_to_the_store() {
     // Every byte in the store was reported, and nothing else was written but the task's
     // id, once, when the task was opened.
     let task = std::fs::read_to_string(store.join("task")).unwrap();
-    assert!(task.starts_with("wasnap task 1\n") && task.len() == 47, "{task:?}");
+    assert!(
+        task.starts_with("wasnap task 1\n") && task.len() == 47,
+        "{task:?}"
+    );
     assert_eq!(total + task.len() as u64, dir_bytes(&store));
 }
 

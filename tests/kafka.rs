@@ -428,14 +428,26 @@ fn a_zombie_that_wakes_after_its_successor_took_over_is_fenced() {
 }
 
 #[test]
-fn a_stdio_program_writes_whole_lines_to_kafka_through_kills() {
+fn a_c_stdio_program_writes_whole_lines_to_kafka_through_kills() {
     // C stdio flushes its buffer at any byte, so checkpoints fall inside lines: the
     // unfinished line must survive in the checkpoint, and no record may be cut in two.
+    stdio_program_to_kafka_through_kills("stdio-c-wordfreq");
+}
+
+#[test]
+fn a_rust_stdio_program_writes_whole_lines_to_kafka_through_kills() {
+    stdio_program_to_kafka_through_kills("stdio-wordfreq");
+}
+
+/// The stdio program `name` with file input and Kafka output, killed 10 times: the
+/// partition always holds a prefix of an uninterrupted run's lines, and all of them at
+/// the end.
+fn stdio_program_to_kafka_through_kills(name: &str) {
     let broker = kafka();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input");
     write_input(&input, 40_000, 5000, false);
-    let program = guest("stdio-c-wordfreq");
+    let program = guest(name);
     let reference = dir.path().join("reference");
     let stdio_args = |output: &str, store: &str, every: u64| -> Vec<String> {
         vec![
@@ -464,15 +476,14 @@ fn a_stdio_program_writes_whole_lines_to_kafka_through_kills() {
     let topic = broker.fresh_topic("out-stdio", 1);
     let store = dir.path().join("store").display().to_string();
     let args = stdio_args(&broker.url(&topic, None), &store, 16 << 10);
-    let mut rng = Rng::from_env_or_clock("stdio to kafka");
+    let mut rng = Rng::from_env_or_clock(name);
     let window = (Duration::from_millis(50), Duration::from_millis(400));
     run_with_kills(&args, 10, window, &mut rng, || {
         let seen = broker.read_committed(&topic, 0);
-        assert!(expected.starts_with(&seen), "not a prefix after a kill");
+        assert!(
+            expected.starts_with(&seen),
+            "{name}: not a prefix after a kill"
+        );
     });
-    assert_same_output(
-        &broker.read_committed(&topic, 0),
-        &expected,
-        "stdio to kafka",
-    );
+    assert_same_output(&broker.read_committed(&topic, 0), &expected, name);
 }
