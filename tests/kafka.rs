@@ -393,6 +393,67 @@ fn records_committed_before_a_manifest_that_failed_are_not_produced_again() {
 }
 
 #[test]
+fn another_producers_open_transaction_does_not_hide_committed_records_from_a_restore() {
+    use common::faulty::{Fault, FaultyStore, Point};
+    use rdkafka::producer::Producer;
+    use wasnap::store::{CheckpointStore, open_object_store};
+    use wasnap::{Mode, NoObserver, RunConfig, TaskConfig};
+
+    // Another producer writes to the same output partition and keeps a transaction open
+    // there. Every record after its first is invisible to read_committed until it ends, so
+    // a restore that read only what it could see would miss this task's committed records
+    // and produce them again once the other transaction ended.
+    let broker = kafka();
+    let task = KafkaTask::new(broker, "wordcount", 3000, 250);
+    let config = RunConfig {
+        task: TaskConfig {
+            mode: Mode::records(250),
+            cache_dir: Some(task.dir.path().join("cache")),
+            ..TaskConfig::default()
+        },
+        ..RunConfig::new(guest("wordcount"), &task.input, &task.output)
+    };
+    // The third manifest put fails after its checkpoint's transaction committed.
+    let faulty = std::sync::Arc::new(FaultyStore::new(
+        open_object_store(&task.store()).unwrap(),
+        Point::ManifestPut,
+        Fault::Fail,
+        3,
+    ));
+    let store = CheckpointStore::from_object_store(faulty.clone(), "faulty").unwrap();
+    let mut first = config.open(store).unwrap();
+    // Opened: the other producer's transaction begins before any record of this task.
+    let other = broker.open_transaction(&task.output_topic, 0, b"other");
+    assert!(first.run(&mut NoObserver).is_err());
+    assert_eq!(faulty.injected(), 1);
+    assert!(broker.transaction_open(&task.output_topic, 0));
+
+    // The restart waits for the other transaction to end before it looks.
+    let restart = wasnap()
+        .args(&task.args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let mut restart = restart;
+    assert!(
+        restart.try_wait().unwrap().is_none(),
+        "the restart did not wait for the open transaction"
+    );
+    other.commit_transaction(Duration::from_secs(10)).unwrap();
+    let out = restart.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut expected = b"other\n".to_vec();
+    expected.extend_from_slice(&task.expected);
+    assert_same_output(
+        &broker.read_committed(&task.output_topic, 0),
+        &expected,
+        "restore beside an open transaction",
+    );
+}
+
+#[test]
 fn a_zombie_that_wakes_after_its_successor_took_over_is_fenced() {
     let broker = kafka();
     let task = KafkaTask::new(broker, "wordcount", 60_000, 100);

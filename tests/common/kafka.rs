@@ -145,6 +145,25 @@ impl Broker {
         producer.flush(Duration::from_secs(30)).unwrap();
     }
 
+    /// Another producer's transaction, left open, holding one record `line` in `topic`'s
+    /// `partition`: the caller commits it (`commit_transaction`) when it likes.
+    pub fn open_transaction(&self, topic: &str, partition: i32, line: &[u8]) -> BaseProducer {
+        let producer: BaseProducer = self
+            .config()
+            .set("transactional.id", format!("other-producer-{topic}"))
+            .create()
+            .unwrap();
+        let timeout = Duration::from_secs(10);
+        producer.init_transactions(timeout).unwrap();
+        producer.begin_transaction().unwrap();
+        let record = BaseRecord::<(), [u8]>::to(topic)
+            .partition(partition)
+            .payload(line);
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+        producer.flush(timeout).unwrap();
+        producer
+    }
+
     /// The committed records of `topic`'s `partition`, each value followed by `\n`.
     pub fn read_committed(&self, topic: &str, partition: i32) -> Vec<u8> {
         let consumer: BaseConsumer = self
@@ -193,9 +212,15 @@ impl Broker {
         futures::executor::block_on(admin.delete_records(&offsets, &AdminOptions::new())).unwrap();
     }
 
-    /// The first and one-past-last offsets of `topic`'s `partition`.
+    /// The first and one-past-last offsets of `topic`'s `partition` (the high watermark,
+    /// which only a `read_uncommitted` consumer reports: librdkafka's default is
+    /// `read_committed`, whose end is the last stable offset).
     pub fn watermarks(&self, topic: &str, partition: i32) -> (i64, i64) {
-        let consumer: BaseConsumer = self.config().create().unwrap();
+        let consumer: BaseConsumer = self
+            .config()
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .unwrap();
         consumer
             .fetch_watermarks(topic, partition, Duration::from_secs(10))
             .unwrap()
