@@ -21,7 +21,8 @@ pub struct KafkaSource {
     consumer: BaseConsumer<Quiet>,
     /// The offset of the next record to hand out.
     next: i64,
-    /// One past the last record written when the source was positioned: where it ends.
+    /// Where the source ends: the partition's last stable offset when it was positioned
+    /// (one past its last record, unless a transaction was open there).
     end: i64,
     /// Whether the partition's end (of committed records) was reached.
     done: bool,
