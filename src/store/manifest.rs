@@ -438,7 +438,7 @@ fn covered_by(layer: &[Run], below: &[Run]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample() -> Manifest {

@@ -262,9 +262,26 @@ impl CheckpointStore {
         }
     }
 
-    /// The commit point: create `manifests/<generation>`, failing if it exists.
-    /// Returns the manifest's size in bytes.
+    /// The commit point: create `manifests/<generation>`, failing if it exists, then make
+    /// sure no rival went past it. Returns the manifest's size in bytes.
     pub fn commit_manifest(&self, manifest: &Manifest) -> Result<usize> {
+        let len = self.create_manifest(manifest)?;
+        // Create-if-absent alone does not fence a writer that fell behind: a rival's prune
+        // deletes the manifests it no longer keeps, so a late writer can create one of
+        // those generations anew. Its commit is then older than the store's newest, and it
+        // must stop before it publishes output or prunes (which would delete the rival's
+        // packs). The rival's newest manifest is never deleted, so a listing shows it.
+        let generations = self.generations()?;
+        if generations.last().is_some_and(|newest| *newest > manifest.generation) {
+            return Err(Fenced {
+                generation: manifest.generation,
+            }
+            .into());
+        }
+        Ok(len)
+    }
+
+    fn create_manifest(&self, manifest: &Manifest) -> Result<usize> {
         let path = manifest_path(manifest.generation);
         let bytes = Bytes::from(manifest.encode()?);
         let len = bytes.len();

@@ -8,7 +8,9 @@
 //!   (what it left behind is deleted by the next prune);
 //! - packs of generations newer than the newest committed one are never touched: they may
 //!   belong to a checkpoint in flight. A rival can only commit generation N+1 if it holds
-//!   checkpoint N, whose packs are all kept.
+//!   checkpoint N, whose packs are all kept;
+//! - a rival that fell behind may create a generation this prune deleted, but
+//!   `commit_manifest` then finds a newer one and fences it before it prunes anything.
 
 use std::collections::HashSet;
 
@@ -138,5 +140,50 @@ mod tests {
         );
         assert_eq!(pack_generation("42-ab.pack"), None);
         assert_eq!(pack_generation("garbage"), None);
+    }
+
+    #[test]
+    fn a_writer_that_fell_behind_cannot_commit_a_generation_a_prune_deleted() {
+        use crate::error::Fenced;
+        use crate::store::manifest::PackRef;
+        let store = CheckpointStore::open("memory://").unwrap();
+        let commit = |generation: u64, writer: u8| {
+            let mut manifest = crate::store::manifest::tests::sample();
+            manifest.generation = generation;
+            manifest.writer_id = [writer; 16];
+            manifest.packs = vec![PackRef {
+                generation,
+                writer_id: [writer; 16],
+                frames: 1,
+                bytes: 1,
+            }];
+            let pack = manifest.packs[0].name();
+            store.put_pack(&pack, bytes::Bytes::from_static(b"p")).unwrap();
+            store.commit_manifest(&manifest)
+        };
+        let pack_of = |generation: u64, writer: u8| {
+            PackRef {
+                generation,
+                writer_id: [writer; 16],
+                frames: 1,
+                bytes: 1,
+            }
+            .name()
+        };
+        for generation in 1..=6 {
+            commit(generation, 1).unwrap();
+            let known = |g: u64| Some(vec![pack_of(g, 1)]);
+            store.prune_with(generation, 3, &known).unwrap();
+        }
+        assert_eq!(store.generations().unwrap(), vec![4, 5, 6]);
+        // Writer 2 restored checkpoint 1 long ago; generation 2 is free again, but writer
+        // 1 went past it: writer 2 is fenced, and writer 1's checkpoints stay whole.
+        let err = commit(2, 2).unwrap_err();
+        assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
+        let packs: Vec<String> = store.list(PACKS).unwrap().into_iter().map(|(n, _)| n).collect();
+        for generation in 4..=6 {
+            assert!(packs.contains(&pack_of(generation, 1)), "{packs:?}");
+        }
+        assert_eq!(store.generations().unwrap(), vec![2, 4, 5, 6]);
     }
 }
