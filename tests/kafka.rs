@@ -349,14 +349,16 @@ fn bench_reads_a_kafka_input() {
     );
 }
 
-#[test]
-fn records_committed_before_a_manifest_that_failed_are_not_produced_again() {
+/// `task` (wordcount, a checkpoint every 250 records) opened in this process on a store
+/// whose third manifest put fails: that checkpoint's Kafka transaction has committed by
+/// then. Returns the opened task and the store, which counts what it injected.
+fn opened_with_third_manifest_failing(
+    task: &KafkaTask,
+) -> (wasnap::Task, std::sync::Arc<common::faulty::FaultyStore>) {
     use common::faulty::{Fault, FaultyStore, Point};
     use wasnap::store::{CheckpointStore, open_object_store};
-    use wasnap::{Mode, NoObserver, RunConfig, TaskConfig};
+    use wasnap::{Mode, RunConfig, TaskConfig};
 
-    let broker = kafka();
-    let task = KafkaTask::new(broker, "wordcount", 3000, 250);
     let config = RunConfig {
         task: TaskConfig {
             mode: Mode::records(250),
@@ -365,7 +367,6 @@ fn records_committed_before_a_manifest_that_failed_are_not_produced_again() {
         },
         ..RunConfig::new(guest("wordcount"), &task.input, &task.output)
     };
-    // The third manifest put fails: its checkpoint's Kafka transaction had committed.
     let faulty = std::sync::Arc::new(FaultyStore::new(
         open_object_store(&task.store()).unwrap(),
         Point::ManifestPut,
@@ -373,7 +374,17 @@ fn records_committed_before_a_manifest_that_failed_are_not_produced_again() {
         3,
     ));
     let store = CheckpointStore::from_object_store(faulty.clone(), "faulty").unwrap();
-    let failed = config.open(store).unwrap().run(&mut NoObserver);
+    (config.open(store).unwrap(), faulty)
+}
+
+#[test]
+fn records_committed_before_a_manifest_that_failed_are_not_produced_again() {
+    use wasnap::NoObserver;
+
+    let broker = kafka();
+    let task = KafkaTask::new(broker, "wordcount", 3000, 250);
+    let (mut opened, faulty) = opened_with_third_manifest_failing(&task);
+    let failed = opened.run(&mut NoObserver);
     assert!(failed.is_err(), "the injected fault did not stop the run");
     assert_eq!(faulty.injected(), 1);
     let committed = newest_marker(&task.store()).expect("two checkpoints committed") as usize;
@@ -394,10 +405,8 @@ fn records_committed_before_a_manifest_that_failed_are_not_produced_again() {
 
 #[test]
 fn another_producers_open_transaction_does_not_hide_committed_records_from_a_restore() {
-    use common::faulty::{Fault, FaultyStore, Point};
     use rdkafka::producer::Producer;
-    use wasnap::store::{CheckpointStore, open_object_store};
-    use wasnap::{Mode, NoObserver, RunConfig, TaskConfig};
+    use wasnap::NoObserver;
 
     // Another producer writes to the same output partition and keeps a transaction open
     // there. Every record after its first is invisible to read_committed until it ends, so
@@ -405,23 +414,7 @@ fn another_producers_open_transaction_does_not_hide_committed_records_from_a_res
     // and produce them again once the other transaction ended.
     let broker = kafka();
     let task = KafkaTask::new(broker, "wordcount", 3000, 250);
-    let config = RunConfig {
-        task: TaskConfig {
-            mode: Mode::records(250),
-            cache_dir: Some(task.dir.path().join("cache")),
-            ..TaskConfig::default()
-        },
-        ..RunConfig::new(guest("wordcount"), &task.input, &task.output)
-    };
-    // The third manifest put fails after its checkpoint's transaction committed.
-    let faulty = std::sync::Arc::new(FaultyStore::new(
-        open_object_store(&task.store()).unwrap(),
-        Point::ManifestPut,
-        Fault::Fail,
-        3,
-    ));
-    let store = CheckpointStore::from_object_store(faulty.clone(), "faulty").unwrap();
-    let mut first = config.open(store).unwrap();
+    let (mut first, faulty) = opened_with_third_manifest_failing(&task);
     // Opened: the other producer's transaction begins before any record of this task.
     let other = broker.open_transaction(&task.output_topic, 0, b"other");
     assert!(first.run(&mut NoObserver).is_err());
