@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 /// Buffers kept at most: 64 MiB of 64 KiB pages. A larger checkpoint allocates the rest.
+/// Tasks share one pool (`PageBuffers::shared`), so this bounds a whole worker.
 const MAX_KEPT: usize = 1024;
 
 #[derive(Clone, Default)]
@@ -18,6 +19,13 @@ pub struct PageBuffers {
 }
 
 impl PageBuffers {
+    /// The process's pool, shared by all its tasks: buffers are interchangeable, and one
+    /// bound holds for a worker of many tasks as for one run.
+    pub fn shared() -> Self {
+        static SHARED: std::sync::OnceLock<PageBuffers> = std::sync::OnceLock::new();
+        SHARED.get_or_init(PageBuffers::default).clone()
+    }
+
     /// A copy of `bytes`, in a reused buffer when one is spare.
     pub fn copy_of(&self, bytes: &[u8]) -> Vec<u8> {
         let spare = self.spare.lock().ok().and_then(|mut spare| spare.pop());

@@ -61,8 +61,9 @@ pub fn encode_pages(
     max_deltas: usize,
     packs: &ChainPacks,
 ) -> Result<Vec<EncodedPage>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = pages.len().div_ceil(threads).max(16);
+    // Held until the encoders are done: the process's allowance bounds them.
+    let helpers = super::parallel::Helpers::take();
+    let per_thread = pages.len().div_ceil(helpers.threads()).max(16);
     let encode_chunk = |chunk: &[CapturedPage]| -> Result<Vec<EncodedPage>> {
         let mut coder = Coder::new()?;
         chunk
@@ -77,6 +78,7 @@ pub fn encode_pages(
             .collect()
     };
     if pages.len() <= per_thread {
+        drop(helpers);
         return encode_chunk(pages);
     }
     std::thread::scope(|scope| {

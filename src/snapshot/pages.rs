@@ -35,8 +35,13 @@ pub fn is_zero_page(page: &[u8], hash: u64) -> bool {
 /// XXH3-64 of every page of `memory`, in order.
 pub fn hash_pages(memory: &[u8]) -> Vec<u64> {
     let mut hashes = vec![0u64; page_count(memory.len() as u64)];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if memory.len() < PARALLEL_HASH_THRESHOLD || threads == 1 {
+    let helpers = if memory.len() < PARALLEL_HASH_THRESHOLD {
+        None
+    } else {
+        Some(super::parallel::Helpers::take())
+    };
+    let threads = helpers.as_ref().map_or(1, |h| h.threads());
+    if threads == 1 {
         for (hash, chunk) in hashes.iter_mut().zip(memory.chunks(PAGE_SIZE)) {
             *hash = hash_page(chunk);
         }

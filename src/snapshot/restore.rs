@@ -101,11 +101,14 @@ type Packs = HashMap<PackRef, LoadedPack>;
 const PARALLEL_DECODE_THRESHOLD: usize = 64;
 
 fn decode_parallel(jobs: Vec<(&mut [u8], &Chain)>, packs: &Packs) -> Result<()> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if jobs.len() < PARALLEL_DECODE_THRESHOLD || threads == 1 {
+    if jobs.len() < PARALLEL_DECODE_THRESHOLD {
         return decode_batch(jobs, packs);
     }
-    let per_thread = jobs.len().div_ceil(threads);
+    let helpers = super::parallel::Helpers::take();
+    if helpers.threads() == 1 {
+        return decode_batch(jobs, packs);
+    }
+    let per_thread = jobs.len().div_ceil(helpers.threads());
     let mut jobs = jobs;
     std::thread::scope(|scope| {
         let mut workers = Vec::new();

@@ -58,7 +58,8 @@ pub fn pack_name(generation: u64, writer_id: &[u8; 16]) -> String {
 /// A task's checkpoint store: synchronous calls over an `ObjectStore`, for the run loop.
 pub struct CheckpointStore {
     objects: Arc<dyn ObjectStore>,
-    runtime: tokio::runtime::Runtime,
+    /// Shared by the stores of one worker's tasks (`CheckpointStore::within`).
+    runtime: Arc<tokio::runtime::Runtime>,
     /// The URL the user gave, for messages (never holds credentials).
     label: String,
 }
@@ -73,9 +74,24 @@ impl CheckpointStore {
         };
         Ok(Self {
             objects,
-            runtime,
+            runtime: Arc::new(runtime),
             label: url.to_string(),
         })
+    }
+
+    /// The store under `prefix` in this one (a worker's task: `PREFIX/<topic>/<partition>`),
+    /// sharing its client (connections, credentials) and I/O runtime: many tasks in one
+    /// process do not each start their own.
+    pub fn within(&self, prefix: &str) -> Self {
+        let prefix = prefix.trim_matches('/');
+        Self {
+            objects: Arc::new(object_store::prefix::PrefixStore::new(
+                Arc::clone(&self.objects),
+                prefix,
+            )),
+            runtime: Arc::clone(&self.runtime),
+            label: format!("{}/{prefix}", self.label.trim_end_matches('/')),
+        }
     }
 
     /// Wrap an existing object store (a test double, a fault-injecting wrapper, …).
@@ -85,7 +101,7 @@ impl CheckpointStore {
     ) -> Result<Self> {
         Ok(Self {
             objects,
-            runtime: new_runtime()?,
+            runtime: Arc::new(new_runtime()?),
             label: label.into(),
         })
     }
@@ -108,6 +124,23 @@ impl CheckpointStore {
             .collect();
         generations.sort_unstable();
         Ok(generations)
+    }
+
+    /// The names of the "directories" right under `prefix` (`None`: the store's top).
+    pub(crate) fn subdirectories(&self, prefix: Option<&str>) -> Result<Vec<String>> {
+        let prefix = prefix.map(Path::from);
+        let listed = self
+            .runtime
+            .block_on(self.objects.list_with_delimiter(prefix.as_ref()))
+            .with_context(|| format!("cannot list {}", self.label))
+            .context(crate::error::StoreUnavailable {
+                store: self.label.clone(),
+            })?;
+        Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| Some(p.filename()?.to_string()))
+            .collect())
     }
 
     /// File names and sizes of the objects under `prefix`.

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Result;
 use bytes::Bytes;
@@ -47,7 +48,12 @@ pub struct RecentPacks {
     order: VecDeque<PackRef>,
     bytes: u64,
     limit: u64,
+    /// Counted among the process's shared caches: each keeps `limit / their number`.
+    shared: bool,
 }
+
+/// How many shared caches are alive in this process (one per task's committer).
+static SHARED_CACHES: AtomicUsize = AtomicUsize::new(0);
 
 impl RecentPacks {
     /// Keep at most `limit` bytes of packs.
@@ -57,16 +63,36 @@ impl RecentPacks {
             order: VecDeque::new(),
             bytes: 0,
             limit,
+            shared: false,
+        }
+    }
+
+    /// One of the process's caches that share `limit` bytes between them, in equal parts
+    /// (a worker of many tasks keeps as much as one run does, in all).
+    pub fn shared(limit: u64) -> Self {
+        SHARED_CACHES.fetch_add(1, Ordering::Relaxed);
+        let mut cache = Self::new(limit);
+        cache.shared = true;
+        cache
+    }
+
+    /// This cache's share of its limit now.
+    fn budget(&self) -> u64 {
+        if self.shared {
+            self.limit / SHARED_CACHES.load(Ordering::Relaxed).max(1) as u64
+        } else {
+            self.limit
         }
     }
 
     /// Remember a pack (one this writer just put, or one just read).
     pub fn insert(&mut self, pack_ref: PackRef, pack: Arc<LoadedPack>) {
         let size = pack.bytes.len() as u64;
-        if size > self.limit || self.packs.contains_key(&pack_ref) {
+        let budget = self.budget();
+        if size > budget || self.packs.contains_key(&pack_ref) {
             return;
         }
-        while self.bytes + size > self.limit {
+        while self.bytes + size > budget {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
@@ -119,6 +145,14 @@ impl RecentPacks {
     }
 }
 
+impl Drop for RecentPacks {
+    fn drop(&mut self) {
+        if self.shared {
+            SHARED_CACHES.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +196,26 @@ mod tests {
             "pack 2 was dropped, and the store never had it"
         );
         assert!(got[0].is_ok() && got[2].is_ok());
+    }
+
+    #[test]
+    fn shared_caches_split_one_limit() {
+        let (a, pa) = pack(1, 400);
+        let limit = 3 * pa.bytes.len() as u64 / 2;
+        let mut first = RecentPacks::shared(limit);
+        first.insert(a.clone(), pa.clone());
+        let second = RecentPacks::shared(limit);
+        // Caches of other tests may be alive too: they only make the shares smaller.
+        assert!(second.budget() <= limit / 2);
+        let mut fresh = RecentPacks::shared(limit);
+        fresh.insert(a.clone(), pa.clone());
+        assert!(fresh.packs.is_empty(), "a pack larger than a third of the limit is not kept");
+        drop((second, fresh));
+        assert_eq!(first.packs.len(), 1);
+        // An unshared cache keeps its whole limit.
+        let mut alone = RecentPacks::new(limit);
+        alone.insert(a, pa);
+        assert_eq!(alone.packs.len(), 1);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::path::Path;
 pub use object_input::ObjectSource;
 pub use object_output::ObjectSink;
 pub use sink::{FileSink, OutputCommit, OutputFlush, Sink};
-pub use source::{ByteInput, ByteLines, LineSource, Source};
+pub use source::{ByteInput, ByteLines, LineSource, Polled, Source};
 
 /// Whether an `--input`/`--output` argument names object storage rather than a local file.
 pub fn is_object_url(arg: &Path) -> bool {

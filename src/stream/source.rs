@@ -10,6 +10,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 
@@ -26,6 +27,16 @@ pub trait Source: Send {
     fn resume_at(&mut self, position: Option<&[u8]>) -> Result<()>;
     /// Read the next record into `record` (cleared first). `false` at the end of input.
     fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool>;
+    /// Like `next_record`, but an input that has no end (a Kafka partition followed by a
+    /// worker) answers [`Polled::Idle`] when no record came within `wait`, so the task can
+    /// checkpoint and hear a stop while it waits. A source with an end never idles.
+    fn poll_record(&mut self, record: &mut Vec<u8>, _wait: Duration) -> Result<Polled> {
+        Ok(if self.next_record(record)? {
+            Polled::Record
+        } else {
+            Polled::End
+        })
+    }
     /// The input as one byte stream (stdio mode's stdin): fill `buf` from the current
     /// position, returning how many bytes were read; 0 at the end of input.
     fn read(&mut self, buf: &mut [u8]) -> Result<usize>;
@@ -33,6 +44,17 @@ pub trait Source: Send {
     fn position(&self) -> Vec<u8>;
     /// Input bytes consumed so far (progress and statistics; not used to resume).
     fn offset(&self) -> u64;
+}
+
+/// What [`Source::poll_record`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Polled {
+    /// A record, in the buffer.
+    Record,
+    /// Nothing yet: the input goes on, but no record came in time.
+    Idle,
+    /// The end of the input.
+    End,
 }
 
 /// A byte stream that [`ByteLines`] cuts into records: positioned once, then read on.

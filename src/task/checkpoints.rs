@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use super::committer::{Committer, Done, Job};
+use super::StopHandle;
 use super::observer::CheckpointObserver;
 use crate::Error;
 use crate::guest::GuestInstance;
@@ -50,6 +51,8 @@ pub(super) struct Checkpoints {
     pub failure: Option<Error>,
     /// A checkpoint failed: whether its manifest landed is unknown.
     pub committer_failed: bool,
+    /// Set from outside to end the run at the next record, with a last checkpoint.
+    pub stop: StopHandle,
 }
 
 impl Checkpoints {
@@ -82,6 +85,13 @@ impl Checkpoints {
         while self.committer.in_flight() > self.max_in_flight && self.failure.is_none() {
             self.settle(observer, true);
         }
+        self.take_failure()
+    }
+
+    /// Settle what the committer has finished, without waiting; the first failure stops
+    /// the run.
+    pub fn settle_finished(&mut self, observer: &mut dyn CheckpointObserver) -> Result<()> {
+        self.settle(observer, false);
         self.take_failure()
     }
 

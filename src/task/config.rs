@@ -79,6 +79,9 @@ pub struct TaskConfig {
     pub max_deltas: usize,
     /// How a capture finds the pages that changed (`snapshot::dirty`).
     pub dirty_tracking: DirtyTracking,
+    /// Record mode: also checkpoint once this long has passed since the last checkpoint
+    /// and records came (an input that trickles, or idles, still commits its output).
+    pub checkpoint_interval: Option<std::time::Duration>,
 }
 
 impl Default for TaskConfig {
@@ -91,6 +94,7 @@ impl Default for TaskConfig {
             cache_dir: None,
             max_deltas: snapshot::table::DEFAULT_MAX_DELTAS,
             dirty_tracking: DirtyTracking::default(),
+            checkpoint_interval: None,
         }
     }
 }

@@ -32,6 +32,8 @@ mod program;
 mod records;
 mod recovery;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -90,6 +92,25 @@ trait Driver: Send {
     ) -> Result<()>;
     /// Where the input stands now.
     fn input_at(&self, instance: &GuestInstance) -> InputAt;
+}
+
+/// Asks a running [`Task`] to stop: it finishes the record in hand, takes a last
+/// checkpoint, waits until it is committed, and `run` returns. Clones share one flag.
+#[derive(Clone, Debug, Default)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// A guest made durable: open it, run it, and it resumes exactly once wherever it stopped.
@@ -199,7 +220,7 @@ impl Task {
                 }
             }
         }
-        let buffers = PageBuffers::default();
+        let buffers = PageBuffers::shared();
         let committer = Committer::start(CommitContext {
             buffers: buffers.clone(),
             store,
@@ -210,13 +231,15 @@ impl Task {
             retain: config.retain,
             max_deltas: config.max_deltas.min(snapshot::table::MAX_DELTAS_LIMIT),
             known_packs: Default::default(),
-            recent: RecentPacks::new(committer::RECENT_PACKS_BYTES),
+            recent: RecentPacks::shared(committer::RECENT_PACKS_BYTES),
         })?;
         let driver: Box<dyn Driver> = match config.mode {
             Mode::Records { checkpoint_every } => Box::new(records::Records {
                 source,
                 checkpoint_every: checkpoint_every.max(1),
+                checkpoint_interval: config.checkpoint_interval,
                 since_checkpoint: 0,
+                last_checkpoint: Instant::now(),
             }),
             Mode::Stdio {
                 checkpoint_every_bytes,
@@ -248,6 +271,7 @@ impl Task {
                 max_in_flight: config.max_in_flight,
                 failure: None,
                 committer_failed: false,
+                stop: StopHandle::new(),
             },
             driver,
             resumed_from: start.resumed_from,
@@ -319,12 +343,26 @@ impl Task {
         stats.ok_or_else(|| anyhow::anyhow!("checkpoint {generation} did not finish").into())
     }
 
+    /// A handle that stops [`Task::run`] from another thread (record mode; a stdio
+    /// program runs to its exit).
+    pub fn stop_handle(&self) -> StopHandle {
+        self.checkpoints.stop.clone()
+    }
+
+    /// The same task, stopped by `handle` (made before the task was opened: a stop asked
+    /// for while it restored is heard at its first record).
+    pub fn with_stop_handle(mut self, handle: StopHandle) -> Self {
+        self.checkpoints.stop = handle;
+        self
+    }
+
     /// The newest committed generation (0 before the first checkpoint).
     pub fn generation(&self) -> u64 {
         self.checkpoints.committed_generation
     }
 
-    fn input_offset(&self) -> u64 {
+    /// Where the input stands: bytes of a byte input, the next offset of a Kafka partition.
+    pub fn input_offset(&self) -> u64 {
         self.driver.input_at(&self.checkpoints.instance).offset
     }
 

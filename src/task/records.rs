@@ -1,5 +1,8 @@
 //! The record driver: one `process` call per input record, a checkpoint after every
-//! `checkpoint_every` records and one at the end of the input.
+//! `checkpoint_every` records (or, with an interval, once that much time has passed since
+//! the last, records having come), and one at the end of the input or when told to stop.
+
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
@@ -8,12 +11,19 @@ use super::observer::CheckpointObserver;
 use super::{Driver, Worked};
 use crate::guest::GuestInstance;
 use crate::store::manifest::RunState;
-use crate::stream::Source;
+use crate::stream::{Polled, Source};
+
+/// How long one wait for a record lasts on an input that may idle: how soon a stop or a
+/// checkpoint that fell due is noticed.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 pub(super) struct Records {
     pub source: Box<dyn Source>,
     pub checkpoint_every: u64,
+    /// Also checkpoint once this long has passed since the last checkpoint, if records came.
+    pub checkpoint_interval: Option<Duration>,
     pub since_checkpoint: u64,
+    pub last_checkpoint: Instant,
 }
 
 impl Driver for Records {
@@ -24,10 +34,20 @@ impl Driver for Records {
         worked: &mut Worked,
     ) -> Result<()> {
         let mut record = Vec::new();
-        loop {
+        while !checkpoints.stop.is_stopped() {
             let offset_before = self.source.offset();
-            if !self.source.next_record(&mut record)? {
-                break;
+            match self.source.poll_record(&mut record, IDLE_WAIT)? {
+                Polled::Record => {}
+                Polled::End => break,
+                Polled::Idle => {
+                    if self.since_checkpoint > 0 && self.interval_passed() {
+                        self.checkpoint(checkpoints, observer)?;
+                        worked.checkpoints += 1;
+                    }
+                    // What the committer finished while the input was quiet.
+                    checkpoints.settle_finished(observer)?;
+                    continue;
+                }
             }
             let instance = &mut checkpoints.instance;
             instance.process(&record).map_err(|err| {
@@ -37,7 +57,7 @@ impl Driver for Records {
             checkpoints.sink.maybe_write()?;
             worked.records += 1;
             self.since_checkpoint += 1;
-            if self.since_checkpoint >= self.checkpoint_every {
+            if self.since_checkpoint >= self.checkpoint_every || self.interval_passed() {
                 self.checkpoint(checkpoints, observer)?;
                 worked.checkpoints += 1;
             }
@@ -66,6 +86,14 @@ impl Records {
     ) -> Result<()> {
         checkpoints.start(self.input_at(&checkpoints.instance), observer)?;
         self.since_checkpoint = 0;
+        if self.checkpoint_interval.is_some() {
+            self.last_checkpoint = Instant::now();
+        }
         Ok(())
+    }
+
+    fn interval_passed(&self) -> bool {
+        self.checkpoint_interval
+            .is_some_and(|interval| self.last_checkpoint.elapsed() >= interval)
     }
 }

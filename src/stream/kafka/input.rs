@@ -1,7 +1,10 @@
 //! Input from one Kafka partition: each record's value is one guest record. The
 //! checkpoint's position is the offset of the next record (with the topic and partition,
 //! to refuse another input); the broker's group offsets are never used. A run reads up to
-//! where the partition ended when the task was positioned, then ends like a file does.
+//! where the partition ended when the task was positioned, then ends like a file does; a
+//! worker's task follows the partition as it grows.
+
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 use rdkafka::Offset;
@@ -13,7 +16,7 @@ use rdkafka::message::Message;
 use super::{KafkaUrl, Quiet, REQUEST_TIMEOUT};
 use crate::codec::{Put, Reader};
 use crate::error::changed;
-use crate::stream::Source;
+use crate::stream::{Polled, Source};
 
 /// Records of one Kafka partition.
 pub struct KafkaSource {
@@ -26,10 +29,16 @@ pub struct KafkaSource {
     end: i64,
     /// Whether the partition's end (of committed records) was reached.
     done: bool,
+    /// Follow the partition as it grows (a worker's task) rather than end where it ended
+    /// when the task was positioned (a run).
+    follow: bool,
+    /// Since when reads have failed (a broker away), if they do.
+    trouble_since: Option<Instant>,
 }
 
 impl KafkaSource {
-    /// The partition `url` names; it must exist (checked now, before anything is touched).
+    /// The partition `url` names, read up to where it ends when the task positions it;
+    /// it must exist (checked now, before anything is touched).
     pub fn open(url: &str) -> Result<Self> {
         let url = KafkaUrl::parse(url, None)?;
         let consumer = url.consumer()?;
@@ -40,6 +49,17 @@ impl KafkaSource {
             next: 0,
             end: 0,
             done: false,
+            follow: false,
+            trouble_since: None,
+        })
+    }
+
+    /// The partition `url` names, followed as it grows: it never ends, and
+    /// [`Source::poll_record`] idles when no record is there yet.
+    pub fn follow(url: &str) -> Result<Self> {
+        Ok(Self {
+            follow: true,
+            ..Self::open(url)?
         })
     }
 
@@ -93,39 +113,64 @@ impl Source for KafkaSource {
             .assign(&assignment)
             .map_err(|e| self.url.unavailable(e, "cannot read the partition"))?;
         self.next = next;
-        self.end = high;
-        self.done = next >= high;
+        self.end = if self.follow { i64::MAX } else { high };
+        self.done = next >= self.end;
         Ok(())
     }
 
     fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool> {
-        let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            match self.poll_record(record, REQUEST_TIMEOUT)? {
+                Polled::Record => return Ok(true),
+                Polled::End => return Ok(false),
+                Polled::Idle => {}
+            }
+        }
+    }
+
+    fn poll_record(&mut self, record: &mut Vec<u8>, wait: Duration) -> Result<Polled> {
+        // A partition read to its end has records up to there: one that sends none for as
+        // long as a request may take is unavailable. Only a followed partition idles.
+        let wait = if self.follow { wait } else { REQUEST_TIMEOUT };
+        let deadline = Instant::now() + wait;
         while !self.done {
-            let polled = self.consumer.poll(REQUEST_TIMEOUT);
-            match polled {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.consumer.poll(left) {
                 Some(Ok(message)) => {
+                    self.trouble_since = None;
                     record.clear();
                     record.extend_from_slice(message.payload().unwrap_or_default());
                     self.next = message.offset() + 1;
                     self.done = self.next >= self.end;
-                    return Ok(true);
+                    return Ok(Polled::Record);
                 }
                 // The end of the committed records (the rest, if any, are transaction
-                // markers or aborted records, which read_committed never returns).
-                Some(Err(KafkaError::PartitionEOF(_))) => self.done = true,
+                // markers or aborted records, which read_committed never returns). A
+                // followed partition waits for more.
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    self.trouble_since = None;
+                    if !self.follow {
+                        self.done = true;
+                    } else if Instant::now() >= deadline {
+                        return Ok(Polled::Idle);
+                    }
+                }
                 Some(Err(KafkaError::MessageConsumption(
                     RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
                 ))) => {
                     let (low, _) = self.url.watermarks(&self.consumer)?;
                     return Err(self.out_of_range(self.next, low));
                 }
-                // Transient (a broker restarting): librdkafka reconnects on its own.
-                Some(Err(err)) if std::time::Instant::now() < deadline => {
+                // Transient (a broker restarting): librdkafka reconnects on its own, for
+                // as long as one request may take.
+                Some(Err(err)) => {
+                    let since = *self.trouble_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= REQUEST_TIMEOUT {
+                        return Err(self.url.unavailable(err, "cannot read the partition"));
+                    }
                     tracing::debug!("input {}: {err}", self.url.label());
                 }
-                Some(Err(err)) => {
-                    return Err(self.url.unavailable(err, "cannot read the partition"));
-                }
+                None if self.follow => return Ok(Polled::Idle),
                 None => {
                     return Err(self.url.unavailable(
                         KafkaError::MessageConsumption(RDKafkaErrorCode::RequestTimedOut),
@@ -134,7 +179,7 @@ impl Source for KafkaSource {
                 }
             }
         }
-        Ok(false)
+        Ok(Polled::End)
     }
 
     fn read(&mut self, _buf: &mut [u8]) -> Result<usize> {

@@ -84,7 +84,7 @@ impl KafkaUrl {
     }
 
     /// A client configuration for this broker.
-    fn config(&self) -> ClientConfig {
+    pub(crate) fn config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
@@ -92,6 +92,13 @@ impl KafkaUrl {
             // librdkafka's logs reach `Quiet::log`: up to "info", where it reports a
             // connection lost (a broker restarting), which `Quiet` counts as trouble.
             .set_log_level(RDKafkaLogLevel::Info);
+        // librdkafka's own debug contexts (`cgrp`, `protocol`, `all`…), for diagnosis:
+        // they reach the log at WASNAP_LOG=debug.
+        if let Ok(contexts) = std::env::var("WASNAP_KAFKA_DEBUG") {
+            config
+                .set("debug", contexts)
+                .set_log_level(RDKafkaLogLevel::Debug);
+        }
         config
     }
 
@@ -142,6 +149,27 @@ impl KafkaUrl {
         consumer
             .fetch_watermarks(&self.topic, self.partition, REQUEST_TIMEOUT)
             .map_err(|e| self.unavailable(e, "cannot read the partition's offsets"))
+    }
+
+    /// How many partitions the topic has; an error if it does not exist.
+    pub(crate) fn partition_count<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<usize> {
+        let metadata = consumer
+            .fetch_metadata(Some(&self.topic), REQUEST_TIMEOUT)
+            .map_err(|e| self.unavailable(e, "cannot read the broker's metadata"))?;
+        match metadata.topics().iter().find(|t| t.name() == self.topic) {
+            Some(topic) if topic.error().is_none() && !topic.partitions().is_empty() => {
+                Ok(topic.partitions().len())
+            }
+            _ => Err(self.missing()),
+        }
+    }
+
+    /// A consumer that reads nothing, for the partitions' watermarks (`--metrics`).
+    pub(crate) fn watermark_reader(&self) -> Result<BaseConsumer<Quiet>> {
+        self.consumer()
     }
 
     /// One past the last record written to the partition, committed or not: the high
