@@ -110,7 +110,7 @@ macro_rules! stages {
 }
 
 stages!(
-    bench, cli, codec, delta, guest, hex, snapshot, state, store, stream, task
+    bench, cli, codec, delta, fleet, guest, hex, snapshot, state, store, stream, task
 );
 
 pub mod error;
@@ -121,11 +121,11 @@ pub use snapshot::DirtyTracking;
 pub use store::CheckpointStore;
 pub use stream::{
     ByteInput, ByteLines, FileSink, LineSource, ObjectSink, ObjectSource, OutputCommit,
-    OutputFlush, Sink, Source, open_sink, open_source,
+    OutputFlush, Polled, Sink, Source, open_sink, open_source,
 };
 pub use task::{
-    CheckpointObserver, CheckpointStats, Mode, NoObserver, RunConfig, RunSummary, Task, TaskConfig,
-    run,
+    CheckpointObserver, CheckpointStats, Mode, NoObserver, RunConfig, RunSummary, StopHandle, Task,
+    TaskConfig, run,
 };
 
 /// The `wasnap` command line (the binary's `main`): not part of the library's API.

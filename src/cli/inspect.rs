@@ -23,6 +23,12 @@ pub fn inspect(url: &str) -> Result<()> {
     let pack_sizes: BTreeMap<String, u64> = store.list(PACKS)?.into_iter().collect();
     let generations = store.generations()?;
     if generations.is_empty() {
+        // A worker's store holds its tasks' stores, one per partition.
+        let tasks = fleet_tasks(&store)?;
+        if !tasks.is_empty() {
+            write_fleet(&mut out, url, &tasks)?;
+            return super::print_out(&out);
+        }
         writeln!(out, "no checkpoints in {url}")?;
     } else {
         writeln!(
@@ -99,4 +105,72 @@ pub fn inspect(url: &str) -> Result<()> {
         human_bytes(total.saturating_sub(live_bytes) as f64),
     )?;
     super::print_out(&out)
+}
+
+/// The task stores of a worker's store: `TOPIC/PARTITION/` holding manifests.
+fn fleet_tasks(store: &CheckpointStore) -> Result<Vec<(String, CheckpointStore)>> {
+    let mut tasks = Vec::new();
+    for topic in store.subdirectories(None)? {
+        if topic == MANIFESTS || topic == PACKS {
+            continue;
+        }
+        let mut partitions: Vec<(i32, String)> = store
+            .subdirectories(Some(&topic))?
+            .into_iter()
+            .filter_map(|p| Some((p.parse().ok()?, p)))
+            .collect();
+        partitions.sort();
+        for (_, partition) in partitions {
+            let name = format!("{topic}/{partition}");
+            let task = store.within(&name);
+            if !task.generations()?.is_empty() {
+                tasks.push((name, task));
+            }
+        }
+    }
+    Ok(tasks)
+}
+
+/// One line per task of a worker's store: where it stands and what it costs.
+fn write_fleet(out: &mut String, url: &str, tasks: &[(String, CheckpointStore)]) -> Result<()> {
+    writeln!(out, "{} tasks in {url} (a worker's store: TOPIC/PARTITION each)", tasks.len())?;
+    writeln!(
+        out,
+        "{:<24} {:>10} {:>5} {:>13} {:>12} {:>12} {:>12} {:>14}",
+        "task", "generation", "kept", "input_offset", "memory", "newest_pack", "store", "committed"
+    )?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut total = 0;
+    for (name, task) in tasks {
+        let generations = task.generations()?;
+        let newest = *generations.last().expect("tasks with a checkpoint only");
+        let bytes = task.total_bytes()?;
+        total += bytes;
+        let line = match task.read_manifest(newest) {
+            Ok(m) => {
+                let newest_pack = m
+                    .packs
+                    .iter()
+                    .find(|p| p.generation == newest)
+                    .map_or(0, |p| p.bytes);
+                let age = now_ms.saturating_sub(m.created_unix_ms) as f64 / 1000.0;
+                format!(
+                    "{:>10} {:>5} {:>13} {:>12} {:>12} {:>12} {:>14}",
+                    newest,
+                    generations.len(),
+                    m.input_offset,
+                    human_bytes(m.memory_bytes() as f64),
+                    human_bytes(newest_pack as f64),
+                    human_bytes(bytes as f64),
+                    format!("{age:.0} s ago"),
+                )
+            }
+            Err(err) => format!("{newest:>10} unreadable: {err:#}"),
+        };
+        writeln!(out, "{name:<24} {line}")?;
+    }
+    writeln!(out, "store: {} in all", human_bytes(total as f64))?;
+    Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod inspect;
 mod log;
+mod signals;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,12 +58,8 @@ enum Command {
         /// Seed of the guest's deterministic WASI random stream on a fresh start.
         #[arg(long, default_value_t = crate::guest::random::DEFAULT_SEED)]
         seed: u64,
-        /// Cap on the guest's memory, in MiB (all memories together).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-        max_memory_mib: Option<u64>,
-        /// Time limit for one guest call (`process`, `alloc`, `init`), in milliseconds.
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-        call_timeout_ms: Option<u64>,
+        #[command(flatten)]
+        limits: LimitArgs,
         /// Keep the newest K checkpoints; delete older ones and packs none of them needs.
         #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
         retain: u64,
@@ -89,6 +86,57 @@ enum Command {
         /// No progress lines on stderr.
         #[arg(long, short)]
         quiet: bool,
+    },
+    /// Join a fleet: run one task per partition of the input topic that the consumer group
+    /// assigns this worker, until SIGTERM or SIGINT (last checkpoints, then leave).
+    Worker {
+        /// The record guest (.wasm, or .wat text).
+        guest: PathBuf,
+        /// kafka://HOST:PORT/TOPIC: each partition is one task.
+        #[arg(long)]
+        input: String,
+        /// kafka://HOST:PORT/TOPIC: input partition P writes output partition P.
+        #[arg(long)]
+        output: String,
+        /// The fleet's store: task P of topic T is PREFIX/T/P (s3://BUCKET/PREFIX, a directory).
+        #[arg(long)]
+        store: String,
+        /// The consumer group the fleet's workers share.
+        #[arg(long)]
+        group: String,
+        /// Take a checkpoint every N records.
+        #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1..))]
+        checkpoint_every: u64,
+        /// And once this many milliseconds passed since the last, if records came.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        checkpoint_interval_ms: u64,
+        /// Serve per-task figures for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+        /// How long a worker that stopped answering keeps its partitions (Kafka's
+        /// session.timeout.ms), in milliseconds.
+        #[arg(long, default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1000..))]
+        session_timeout_ms: u64,
+        /// Where this worker's page caches go (removed when it stops) [default: the
+        /// temporary directory].
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// How the group divides partitions: range (eager: every rebalance stops and
+        /// restarts every task) or cooperative-sticky (only the tasks that move stop).
+        #[arg(long, default_value = "range",
+              value_parser = clap::builder::PossibleValuesParser::new(crate::fleet::Assignment::NAMES)
+                  .map(|s| s.parse::<crate::fleet::Assignment>().expect("a listed name")))]
+        assignment: crate::fleet::Assignment,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Keep the newest K checkpoints of each task.
+        #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
+        retain: u64,
+        /// How a checkpoint finds the changed pages (see `run`).
+        #[arg(long, default_value_t = DirtyTracking::Auto,
+              value_parser = clap::builder::PossibleValuesParser::new(DirtyTracking::NAMES)
+                  .map(|s| s.parse::<DirtyTracking>().expect("a listed name")))]
+        dirty_tracking: DirtyTracking,
     },
     /// Delete old checkpoints and unreferenced packs offline, and report what was freed.
     Gc {
@@ -161,20 +209,46 @@ enum Command {
     },
 }
 
+/// A guest's limits, as `run` and `worker` take them.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Cap on the guest's memory, in MiB (all memories together).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_memory_mib: Option<u64>,
+    /// Time limit for one guest call (`process`, `alloc`, `init`), in milliseconds.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    call_timeout_ms: Option<u64>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> crate::guest::Limits {
+        crate::guest::Limits {
+            max_memory_bytes: self.max_memory_mib.map(|m| m.saturating_mul(1 << 20)),
+            call_timeout: self.call_timeout_ms.map(std::time::Duration::from_millis),
+        }
+    }
+}
+
 /// Exit code when another writer owns the task.
 pub const EXIT_FENCED: u8 = 3;
 
 pub fn main() -> ExitCode {
+    let cli = Cli::parse();
     // Warnings (a tracker that fell back to hashing, a checkpoint that is unusable) show
-    // without WASNAP_LOG.
+    // without WASNAP_LOG; a worker, a service, also says which partitions come and go.
+    let default_filter = match cli.command {
+        Command::Worker { .. } => "error,wasnap=info",
+        _ => "error,wasnap=warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("WASNAP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,wasnap=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Fields in colour on a terminal only: a log file gets plain `key=value`.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .event_format(log::Lines)
         .init();
-    let cli = Cli::parse();
     let result: Result<(), crate::Error> = match cli.command {
         Command::Run {
             guest,
@@ -185,8 +259,7 @@ pub fn main() -> ExitCode {
             store,
             checkpoint_every,
             seed,
-            max_memory_mib,
-            call_timeout_ms,
+            limits,
             retain,
             max_in_flight,
             max_deltas,
@@ -198,10 +271,7 @@ pub fn main() -> ExitCode {
                 guest,
                 input,
                 output,
-                limits: crate::guest::Limits {
-                    max_memory_bytes: max_memory_mib.map(|m| m.saturating_mul(1 << 20)),
-                    call_timeout: call_timeout_ms.map(std::time::Duration::from_millis),
-                },
+                limits: limits.limits(),
                 task: TaskConfig {
                     mode: if stdio {
                         Mode::stdio(checkpoint_every_bytes)
@@ -214,6 +284,7 @@ pub fn main() -> ExitCode {
                     cache_dir,
                     max_deltas: max_deltas as usize,
                     dirty_tracking,
+                    checkpoint_interval: None,
                 },
             };
             let mut progress = log::Progress::new(!quiet);
@@ -294,6 +365,45 @@ pub fn main() -> ExitCode {
                 print_out(&report.summary(&config.guest.display().to_string()))
             })
             .map_err(Into::into)
+        }
+        Command::Worker {
+            guest,
+            input,
+            output,
+            store,
+            group,
+            checkpoint_every,
+            checkpoint_interval_ms,
+            metrics,
+            session_timeout_ms,
+            cache_dir,
+            assignment,
+            limits,
+            retain,
+            dirty_tracking,
+        } => {
+            let config = crate::fleet::WorkerConfig {
+                guest,
+                limits: limits.limits(),
+                input,
+                output,
+                store,
+                group,
+                task: TaskConfig {
+                    mode: Mode::records(checkpoint_every),
+                    retain: usize::try_from(retain).unwrap_or(usize::MAX),
+                    dirty_tracking,
+                    checkpoint_interval: Some(std::time::Duration::from_millis(
+                        checkpoint_interval_ms,
+                    )),
+                    ..TaskConfig::default()
+                },
+                metrics,
+                cache_dir,
+                session_timeout: std::time::Duration::from_millis(session_timeout_ms),
+                assignment,
+            };
+            crate::fleet::run_worker(&config, signals::stop_requested())
         }
         Command::Inspect { store } => inspect::inspect(&store).map_err(Into::into),
         Command::Cat { output, store } => cat(&output, store.as_deref()).map_err(Into::into),
