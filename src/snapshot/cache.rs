@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use memmap2::MmapMut;
 
+use super::buffers::PageBuffers;
+use super::capture::Capture;
+use super::dirty::PART_SIZE;
 use super::pages::{self, PAGE_SIZE};
 
 pub struct PageCache {
@@ -130,6 +133,56 @@ impl PageCache {
         }
         Ok(rewritten)
     }
+}
+
+impl PageCache {
+    /// Move the cache from the last capture's versions to `capture`'s, taking each dirty
+    /// page's previous version out on the way as its delta base (where the cache vouches
+    /// for it by hash). Runs on the committer, in capture order, so the cache always holds
+    /// the versions the next capture's pages are based on; never during the pause.
+    ///
+    /// Where the base vouched, only the parts the capture says were written are rewritten:
+    /// the rest is the same in both versions. Where it did not (damaged, or the page is
+    /// new), the page is written whole, which heals it. A part the tracker failed to name
+    /// leaves the cache wrong for that page: its next base fails the check and that page
+    /// is written whole, so it costs compression, never data.
+    pub fn advance(&mut self, capture: &mut Capture, buffers: &PageBuffers) -> Result<()> {
+        let mut old_lens = Vec::with_capacity(capture.memories.len());
+        for (index, memory) in capture.memories.iter().enumerate() {
+            old_lens.push(self.bytes(index).len());
+            self.resize(index, memory.byte_len)?;
+        }
+        for page in &mut capture.dirty {
+            let slot = page_mut(self.bytes_mut(page.memory), page.page as usize);
+            let vouched = page.previous_hash.is_some_and(|hash| vouches_for(slot, hash));
+            if vouched {
+                page.base = Some(buffers.copy_of(slot));
+                let parts = slot.chunks_mut(PART_SIZE).zip(page.bytes.chunks(PART_SIZE));
+                for (part, (cached, new)) in parts.enumerate() {
+                    if page.written_parts & (1 << part) != 0 {
+                        cached.copy_from_slice(new);
+                    }
+                }
+            } else {
+                slot.copy_from_slice(&page.bytes);
+            }
+        }
+        for &(memory, page) in &capture.zeroed {
+            // A page beyond the old length is new, and zero in the cache already: writing
+            // it would only allocate file pages for nothing.
+            if (page as usize) * PAGE_SIZE < old_lens[memory] {
+                page_mut(self.bytes_mut(memory), page as usize).fill(0);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of page `page` in `bytes`, writable.
+fn page_mut(bytes: &mut [u8], page: usize) -> &mut [u8] {
+    let start = page * PAGE_SIZE;
+    let end = (start + PAGE_SIZE).min(bytes.len());
+    &mut bytes[start..end]
 }
 
 /// Whether a cached page is the version whose hash is `expected`: the check before any

@@ -2,9 +2,10 @@
 //!
 //! - `pages`: hash 64 KiB pages, diff against the last capture;
 //! - `dirty`: which pages may have changed (hashing them all, or the kernel's record);
-//! - `cache`: the last captured version of every page, the base of deltas;
+//! - `cache`: the last captured version of every page, the base of deltas, moved on by
+//!   the committer after each capture;
 //! - `buffers`: page copies the committer hands back for the next capture;
-//! - `capture`: on the guest's thread, the only pause: hash, copy dirty pages and bases;
+//! - `capture`: on the guest's thread, the only pause: hash, copy dirty pages out;
 //! - `encode`: off the guest's thread: deltas or whole pages, compaction, the pack;
 //! - `rebase`: where a full chain's next delta stands;
 //! - `table`: every page's chain of frames (whole page, then deltas);

@@ -12,7 +12,7 @@ use super::StopHandle;
 use super::observer::CheckpointObserver;
 use crate::Error;
 use crate::guest::GuestInstance;
-use crate::snapshot::{self, DirtyTracker, PageBuffers, PageCache};
+use crate::snapshot::{self, DirtyTracker, PageBuffers};
 use crate::store::manifest::RunState;
 use crate::stream::Sink;
 
@@ -32,9 +32,8 @@ pub(super) struct Checkpoints {
     pub committer: Committer,
     /// This process's id in the names of what it writes (packs, output parts).
     pub writer_id: [u8; 16],
-    /// Page hashes of the newest capture, and its pages in the cache: the base of the next.
+    /// Page hashes of the newest capture: what the next one is compared with.
     pub hashes: Vec<Vec<u64>>,
-    pub cache: PageCache,
     /// Armed whenever `hashes` describe the memories exactly: which pages the next
     /// capture must hash.
     pub tracker: Box<dyn DirtyTracker>,
@@ -110,7 +109,6 @@ impl Checkpoints {
         let capture = snapshot::capture(
             &mut self.instance,
             &mut self.hashes,
-            &mut self.cache,
             self.tracker.as_mut(),
             &self.buffers,
         )?;

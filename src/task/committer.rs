@@ -19,7 +19,7 @@ use super::observer::CheckpointStats;
 use crate::snapshot::encode::{assemble, encode_pages};
 use crate::snapshot::rebase::ChainPacks;
 use crate::snapshot::rebase;
-use crate::snapshot::{Capture, PageTable};
+use crate::snapshot::{Capture, PageCache, PageTable};
 use crate::store::recent::{LoadedPack, RecentPacks};
 use crate::error::Fenced;
 use crate::store::{CheckpointStore, Manifest};
@@ -54,6 +54,9 @@ pub struct CommitContext {
     pub buffers: crate::snapshot::PageBuffers,
     /// The table of the newest capture handed over (committed or, later, in flight).
     pub table: PageTable,
+    /// The versions of the pages the last capture handed over: the deltas' bases. Moved
+    /// on by each checkpoint here, in order, off the guest's pause.
+    pub cache: PageCache,
     pub writer_id: [u8; 16],
     pub module_sha256: [u8; 32],
     pub random_seed: u64,
@@ -207,9 +210,9 @@ impl CommitContext {
     fn commit(&mut self, mut job: Job) -> Result<CheckpointStats> {
         let generation = job.generation;
         let encoding = Instant::now();
-        for page in &mut job.capture.dirty {
-            page.resolve_base(&self.buffers);
-        }
+        self.cache
+            .advance(&mut job.capture, &self.buffers)
+            .context("cannot update the page cache")?;
         let packs = self.chain_packs(&job);
         let encoded = encode_pages(&job.capture.dirty, &self.table, self.max_deltas, &packs)?;
         let (store, recent) = (&self.store, &mut self.recent);

@@ -12,8 +12,9 @@
 //!
 //! 1. on the guest's thread (the stall): hand the output emitted so far to the sink (the
 //!    new flush marker), capture globals, hash the pages that may have changed, copy dirty
-//!    pages and their previous versions out of the guest (`snapshot::capture`);
-//! 2. on the committer thread, while the guest goes on: encode deltas or whole pages, put
+//!    pages out of the guest (`snapshot::capture`);
+//! 2. on the committer thread, while the guest goes on: take each dirty page's previous
+//!    version out of the page cache and put the new one in, encode deltas or whole pages, put
 //!    one pack (under a name unique to this writer), make the output durable, then put
 //!    the manifest `manifests/<generation>` with `PutMode::Create`: the commit point,
 //!    binding input position, output marker and page table in one atomic put; then
@@ -225,6 +226,7 @@ impl Task {
             buffers: buffers.clone(),
             store,
             table: start.table,
+            cache,
             writer_id,
             module_sha256: guest.module_sha256(),
             random_seed: start.random_seed,
@@ -262,7 +264,6 @@ impl Task {
                 committer,
                 writer_id,
                 hashes: start.hashes,
-                cache,
                 tracker,
                 buffers,
                 captured_generation: start.generation,
