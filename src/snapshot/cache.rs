@@ -133,9 +133,7 @@ impl PageCache {
         }
         Ok(rewritten)
     }
-}
 
-impl PageCache {
     /// Move the cache from the last capture's versions to `capture`'s, taking each dirty
     /// page's previous version out on the way as its delta base (where the cache vouches
     /// for it by hash). Runs on the committer, in capture order, so the cache always holds
