@@ -80,11 +80,7 @@ impl Membership {
         assignment: Assignment,
         tasks: &Arc<Tasks>,
     ) -> Result<Self> {
-        let url = KafkaUrl {
-            brokers: input.brokers.clone(),
-            topic: input.topic.clone(),
-            partition: 0,
-        };
+        let url = input.at(0);
         let session_ms = session_timeout.as_millis().max(1000);
         let consumer: BaseConsumer<GroupContext> = url
             .config()

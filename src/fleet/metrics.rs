@@ -17,7 +17,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::TopicUrl;
 use crate::Error;
-use crate::stream::kafka::{KafkaUrl, Quiet};
+use crate::stream::kafka::Quiet;
 use crate::task::{CheckpointObserver, CheckpointStats};
 
 /// The figures of every task this worker runs.
@@ -110,14 +110,10 @@ impl Metrics {
     /// The end of each partition (one past its last committed record), where the broker
     /// answers; `None` where it does not.
     fn partition_ends(&self, partitions: impl Iterator<Item = i32>) -> BTreeMap<i32, i64> {
-        let url = KafkaUrl {
-            brokers: self.input.brokers.clone(),
-            topic: self.input.topic.clone(),
-            partition: 0,
-        };
+        let url = self.input.at(0);
         let mut ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
         if ends.is_none() {
-            *ends = url.watermark_reader().ok();
+            *ends = url.consumer().ok();
         }
         let Some(consumer) = ends.as_ref() else {
             return BTreeMap::new();
@@ -230,26 +226,29 @@ impl Metrics {
             &mut per(&|t| t.failures as f64).into_iter(),
         );
         let process = ProcessFigures::read();
-        let _ = writeln!(
-            out,
-            "# HELP wasnap_tasks Tasks this worker runs.\n# TYPE wasnap_tasks gauge\nwasnap_tasks{{topic=\"{topic}\"}} {}",
-            tasks.len()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP wasnap_process_resident_bytes Resident memory of the worker.\n# TYPE wasnap_process_resident_bytes gauge\nwasnap_process_resident_bytes {}",
-            process.resident_bytes
-        );
-        let _ = writeln!(
-            out,
-            "# HELP wasnap_process_peak_resident_bytes Peak resident memory of the worker.\n# TYPE wasnap_process_peak_resident_bytes gauge\nwasnap_process_peak_resident_bytes {}",
-            process.peak_resident_bytes
-        );
-        let _ = writeln!(
-            out,
-            "# HELP wasnap_process_threads Threads of the worker.\n# TYPE wasnap_process_threads gauge\nwasnap_process_threads {}",
-            process.threads
-        );
+        let (none, this_topic) = (String::new(), format!("{{topic=\"{topic}\"}}"));
+        let gauges = [
+            ("wasnap_tasks", "Tasks this worker runs.", &this_topic, tasks.len() as u64),
+            (
+                "wasnap_process_resident_bytes",
+                "Resident memory of the worker.",
+                &none,
+                process.resident_bytes,
+            ),
+            (
+                "wasnap_process_peak_resident_bytes",
+                "Peak resident memory of the worker.",
+                &none,
+                process.peak_resident_bytes,
+            ),
+            ("wasnap_process_threads", "Threads of the worker.", &none, process.threads),
+        ];
+        for (name, help, labels, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{labels} {value}"
+            );
+        }
         out
     }
 }

@@ -88,20 +88,26 @@ impl TopicUrl {
         })
     }
 
+    /// Partition `partition` of this topic.
+    pub fn at(&self, partition: i32) -> KafkaUrl {
+        KafkaUrl {
+            brokers: self.brokers.clone(),
+            topic: self.topic.clone(),
+            partition,
+        }
+    }
+
+    /// Partition `partition` of this topic, as a task's `--input`/`--output` names it.
     pub fn partition(&self, partition: i32) -> String {
-        format!("kafka://{}/{}/{partition}", self.brokers, self.topic)
+        self.at(partition).label()
     }
 }
 
 /// Both topics exist, and the output has a partition for every input partition.
 fn check_partitions(input: &TopicUrl, output: &TopicUrl) -> Result<()> {
     let count = |topic: &TopicUrl| {
-        let url = KafkaUrl {
-            brokers: topic.brokers.clone(),
-            topic: topic.topic.clone(),
-            partition: 0,
-        };
-        url.partition_count(&url.watermark_reader()?)
+        let url = topic.at(0);
+        url.partition_count(&url.consumer()?)
     };
     let (inputs, outputs) = (count(input)?, count(output)?);
     if outputs < inputs {

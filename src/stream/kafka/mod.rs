@@ -105,7 +105,7 @@ impl KafkaUrl {
     /// A consumer of committed records only (`read_committed`), assigned by hand (no
     /// group: the checkpoint, not the broker, keeps the position). Its watermarks end at
     /// the last stable offset: below the first record of a transaction still open.
-    fn consumer(&self) -> Result<BaseConsumer<Quiet>> {
+    pub(crate) fn consumer(&self) -> Result<BaseConsumer<Quiet>> {
         self.consumer_reading("read_committed")
     }
 
@@ -165,11 +165,6 @@ impl KafkaUrl {
             }
             _ => Err(self.missing()),
         }
-    }
-
-    /// A consumer that reads nothing, for the partitions' watermarks (`--metrics`).
-    pub(crate) fn watermark_reader(&self) -> Result<BaseConsumer<Quiet>> {
-        self.consumer()
     }
 
     /// One past the last record written to the partition, committed or not: the high
