@@ -73,14 +73,16 @@ impl<'a> Reader<'a> {
                 return Ok(value);
             }
         }
-        Err(corrupt!("{} is corrupt: a varint overflows 64 bits", self.what))
+        Err(corrupt!(
+            "{} is corrupt: a varint overflows 64 bits",
+            self.what
+        ))
     }
 
     /// A varint that must fit in a `u32`.
     pub fn varint_u32(&mut self) -> Result<u32> {
         let v = self.varint()?;
-        u32::try_from(v)
-            .map_err(|_| corrupt!("{} is corrupt: {v} does not fit 32 bits", self.what))
+        u32::try_from(v).map_err(|_| corrupt!("{} is corrupt: {v} does not fit 32 bits", self.what))
     }
 
     /// A varint count of items that each take at least `min_item_bytes` (refuses counts the rest of the object could not possibly hold, so a flipped bit

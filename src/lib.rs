@@ -96,22 +96,68 @@
 //! The stages are private. The `internals` feature makes them public for wasnap's own
 //! tests and benchmarks; they are not a stable API.
 
-/// Declares a stage: public with the `internals` feature, crate-private otherwise.
-macro_rules! stages {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[cfg(feature = "internals")]
-            #[doc(hidden)]
-            pub mod $name;
-            #[cfg(not(feature = "internals"))]
-            mod $name;
-        )*
-    };
-}
-
-stages!(
-    bench, cli, codec, delta, fleet, guest, hex, snapshot, state, store, stream, task
-);
+// The stages: public with the `internals` feature (wasnap's own tests and benchmarks),
+// crate-private otherwise. Written out (not by a macro) so rustfmt and readers see them.
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod bench;
+#[cfg(not(feature = "internals"))]
+mod bench;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod cli;
+#[cfg(not(feature = "internals"))]
+mod cli;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod codec;
+#[cfg(not(feature = "internals"))]
+mod codec;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod delta;
+#[cfg(not(feature = "internals"))]
+mod delta;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod fleet;
+#[cfg(not(feature = "internals"))]
+mod fleet;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod guest;
+#[cfg(not(feature = "internals"))]
+mod guest;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod hex;
+#[cfg(not(feature = "internals"))]
+mod hex;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod snapshot;
+#[cfg(not(feature = "internals"))]
+mod snapshot;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod state;
+#[cfg(not(feature = "internals"))]
+mod state;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod store;
+#[cfg(not(feature = "internals"))]
+mod store;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod stream;
+#[cfg(not(feature = "internals"))]
+mod stream;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod task;
+#[cfg(not(feature = "internals"))]
+mod task;
 
 pub mod error;
 

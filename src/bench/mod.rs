@@ -101,7 +101,10 @@ struct Recorder<'a> {
 impl CheckpointObserver for Recorder<'_> {
     fn captured(&mut self, generation: u64, memories: &[&[u8]]) {
         // The guest is paused exactly as captured: the baseline snapshots the same memory.
-        let baseline = self.baseline.as_mut().map(|b| b.snapshot(&memories.concat()));
+        let baseline = self
+            .baseline
+            .as_mut()
+            .map(|b| b.snapshot(&memories.concat()));
         self.pending.insert(generation, (memories.len(), baseline));
     }
 

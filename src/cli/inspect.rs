@@ -133,7 +133,11 @@ fn fleet_tasks(store: &CheckpointStore) -> Result<Vec<(String, CheckpointStore)>
 
 /// One line per task of a worker's store: where it stands and what it costs.
 fn write_fleet(out: &mut String, url: &str, tasks: &[(String, CheckpointStore)]) -> Result<()> {
-    writeln!(out, "{} tasks in {url} (a worker's store: TOPIC/PARTITION each)", tasks.len())?;
+    writeln!(
+        out,
+        "{} tasks in {url} (a worker's store: TOPIC/PARTITION each)",
+        tasks.len()
+    )?;
     writeln!(
         out,
         "{:<24} {:>10} {:>5} {:>13} {:>12} {:>12} {:>12} {:>14}",

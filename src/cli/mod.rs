@@ -357,14 +357,15 @@ pub fn main() -> ExitCode {
                     printed = print_out(&format!("{line}\n"));
                 }
             };
-            bench::bench(&config, &mut print).and_then(|report| {
-                printed?;
-                if json {
-                    return Ok(());
-                }
-                print_out(&report.summary(&config.guest.display().to_string()))
-            })
-            .map_err(Into::into)
+            bench::bench(&config, &mut print)
+                .and_then(|report| {
+                    printed?;
+                    if json {
+                        return Ok(());
+                    }
+                    print_out(&report.summary(&config.guest.display().to_string()))
+                })
+                .map_err(Into::into)
         }
         Command::Worker {
             guest,
@@ -442,7 +443,9 @@ fn cat(output: &str, store: Option<&str>) -> anyhow::Result<()> {
     let marker = newest.as_ref().map(|(_, marker)| marker.as_slice());
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if output.starts_with("kafka://") {
-        let task = newest.as_ref().map(|(task, marker)| (*task, marker.as_slice()));
+        let task = newest
+            .as_ref()
+            .map(|(task, marker)| (*task, marker.as_slice()));
         crate::stream::kafka::output::cat(output, task, &mut out)?;
     } else if std::path::Path::new(output).is_file() {
         crate::stream::sink::cat_file(std::path::Path::new(output), marker, &mut out)?;

@@ -161,7 +161,12 @@ pub fn decode_payload(
             dctx.decompress(&mut *out, payload)
         }
     }
-    .map_err(|code| crate::error::corrupt!("{what} is corrupt: a frame does not decompress ({})", zstd_error(code)))?;
+    .map_err(|code| {
+        crate::error::corrupt!(
+            "{what} is corrupt: a frame does not decompress ({})",
+            zstd_error(code)
+        )
+    })?;
     let out = &out[..n];
     if encoding != Encoding::SparseDelta && n != dst.len() {
         return Err(crate::error::corrupt!(
@@ -275,7 +280,10 @@ mod tests {
         let (_, payload) = coder.encode(encoding, new, old).unwrap();
         let mut out = old.to_vec();
         coder.decode(encoding, &payload, &mut out, "t").unwrap();
-        assert!(out == new, "a {encoding:?} payload does not rebuild the page");
+        assert!(
+            out == new,
+            "a {encoding:?} payload does not rebuild the page"
+        );
         payload.len()
     }
 
@@ -283,7 +291,9 @@ mod tests {
     fn every_encoding_round_trips() {
         let mut coder = Coder::new().unwrap();
         let old: Vec<u8> = (0..65536u32).map(|j| (j >> 5) as u8).collect();
-        let new: Vec<u8> = (0..65536u32).map(|j| (j.wrapping_mul(3) >> 5) as u8).collect();
+        let new: Vec<u8> = (0..65536u32)
+            .map(|j| (j.wrapping_mul(3) >> 5) as u8)
+            .collect();
         let (_, whole) = coder.whole(&new).unwrap();
         let mut out = vec![0; new.len()];
         coder.decode(Encoding::Full, &whole, &mut out, "t").unwrap();
@@ -306,7 +316,10 @@ mod tests {
         let moved = [&old[1000..], &old[..1000]].concat();
         let prefix = delta_size(&mut coder, Encoding::PrefixDelta, &moved, &old);
         let xor = delta_size(&mut coder, Encoding::XorDelta, &moved, &old);
-        assert!(prefix < 2000 && xor > 60_000, "prefix {prefix} B, xor {xor} B");
+        assert!(
+            prefix < 2000 && xor > 60_000,
+            "prefix {prefix} B, xor {xor} B"
+        );
 
         let counters: Vec<u8> = (0..16_384u32)
             .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
@@ -350,7 +363,10 @@ mod tests {
         let err = coder
             .decode(Encoding::SparseDelta, &payload, &mut short, "t")
             .unwrap_err();
-        assert_eq!(crate::error::kind_of(&err), crate::error::ErrorKind::Corrupt);
+        assert_eq!(
+            crate::error::kind_of(&err),
+            crate::error::ErrorKind::Corrupt
+        );
     }
 
     #[test]

@@ -102,7 +102,9 @@ pub fn apply(dst: &mut [u8], stream: &[u8], what: &str) -> Result<()> {
     let mut gaps = Varints { bytes: stream };
     let count = gaps.next().ok_or_else(|| corrupt_because("no count"))? as usize;
     if count > words {
-        return Err(corrupt!("{what} is corrupt: {count} changed words on a page of {words}"));
+        return Err(corrupt!(
+            "{what} is corrupt: {count} changed words on a page of {words}"
+        ));
     }
     // The differences start after `count` more varints: after the count-th byte that
     // ends one (high bit clear).
@@ -124,11 +126,15 @@ pub fn apply(dst: &mut [u8], stream: &[u8], what: &str) -> Result<()> {
     let mut index = 0usize;
     for _ in 0..count {
         let (Some(gap), Some(zigzag)) = (gaps.next(), diffs.next()) else {
-            return Err(corrupt!("{what} is corrupt: a gap or a difference is cut short or too long"));
+            return Err(corrupt!(
+                "{what} is corrupt: a gap or a difference is cut short or too long"
+            ));
         };
         index = index.saturating_add(gap as usize);
         if index >= words {
-            return Err(corrupt!("{what} is corrupt: a changed word past the end of the page"));
+            return Err(corrupt!(
+                "{what} is corrupt: a changed word past the end of the page"
+            ));
         }
         let bytes = &mut dst[index * 4..index * 4 + 4];
         let d = (zigzag >> 1) ^ (zigzag & 1).wrapping_neg();

@@ -57,7 +57,9 @@ impl std::str::FromStr for Assignment {
         match s {
             "range" => Ok(Assignment::Range),
             "cooperative-sticky" => Ok(Assignment::CooperativeSticky),
-            other => Err(format!("unknown assignment {other:?} (range, cooperative-sticky)")),
+            other => Err(format!(
+                "unknown assignment {other:?} (range, cooperative-sticky)"
+            )),
         }
     }
 }

@@ -134,15 +134,16 @@ impl Metrics {
         let ends = self.partition_ends(tasks.keys().copied());
         let topic = &self.input.topic;
         let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, values: &mut dyn Iterator<Item = (i32, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (partition, value) in values {
-                let _ = writeln!(
-                    out,
-                    "{name}{{topic=\"{topic}\",partition=\"{partition}\"}} {value}"
-                );
-            }
-        };
+        let mut family =
+            |name: &str, kind: &str, help: &str, values: &mut dyn Iterator<Item = (i32, f64)>| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for (partition, value) in values {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{topic=\"{topic}\",partition=\"{partition}\"}} {value}"
+                    );
+                }
+            };
         let per = |f: &dyn Fn(&Figures) -> f64| -> Vec<(i32, f64)> {
             tasks.iter().map(|(p, t)| (*p, f(t))).collect()
         };
@@ -228,7 +229,12 @@ impl Metrics {
         let process = ProcessFigures::read();
         let (none, this_topic) = (String::new(), format!("{{topic=\"{topic}\"}}"));
         let gauges = [
-            ("wasnap_tasks", "Tasks this worker runs.", &this_topic, tasks.len() as u64),
+            (
+                "wasnap_tasks",
+                "Tasks this worker runs.",
+                &this_topic,
+                tasks.len() as u64,
+            ),
             (
                 "wasnap_process_resident_bytes",
                 "Resident memory of the worker.",
@@ -241,7 +247,12 @@ impl Metrics {
                 &none,
                 process.peak_resident_bytes,
             ),
-            ("wasnap_process_threads", "Threads of the worker.", &none, process.threads),
+            (
+                "wasnap_process_threads",
+                "Threads of the worker.",
+                &none,
+                process.threads,
+            ),
         ];
         for (name, help, labels, value) in gauges {
             let _ = writeln!(
@@ -415,20 +426,39 @@ mod tests {
         assert_eq!((figures.generation, figures.input_offset), (9, Some(250)));
         assert_eq!((figures.checkpoints, figures.written_bytes), (2, 2048));
         assert_eq!(figures.records, 210);
-        assert_eq!(figures.records_per_second, 0.0, "no rate before a whole window");
+        assert_eq!(
+            figures.records_per_second, 0.0,
+            "no rate before a whole window"
+        );
         task.figures().window = Some((40, Instant::now() - RATE_WINDOW * 2));
         observer.finished(10, Ok(&stats(290)));
         let rate = metrics.snapshot()[&3].records_per_second;
-        assert!((100.0..=125.0).contains(&rate), "250 records over ~2 s: {rate}");
+        assert!(
+            (100.0..=125.0).contains(&rate),
+            "250 records over ~2 s: {rate}"
+        );
         let page = metrics.render();
-        assert!(page.contains("wasnap_task_generation{topic=\"words\",partition=\"3\"} 10\n"), "{page}");
-        assert!(page.contains("wasnap_task_records_total{topic=\"words\",partition=\"3\"} 250\n"), "{page}");
-        assert!(page.contains("wasnap_task_up{topic=\"words\",partition=\"3\"} 1\n"), "{page}");
+        assert!(
+            page.contains("wasnap_task_generation{topic=\"words\",partition=\"3\"} 10\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("wasnap_task_records_total{topic=\"words\",partition=\"3\"} 250\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("wasnap_task_up{topic=\"words\",partition=\"3\"} 1\n"),
+            "{page}"
+        );
         assert!(page.contains("wasnap_tasks{topic=\"words\"} 1\n"), "{page}");
         assert!(!page.contains("wasnap_task_lag_records{"), "{page}");
         task.failed("boom");
         task.failed("boom again");
-        assert_eq!(metrics.snapshot()[&3].failures, 1, "one failure until it runs again");
+        assert_eq!(
+            metrics.snapshot()[&3].failures,
+            1,
+            "one failure until it runs again"
+        );
         metrics.remove(3);
         assert!(metrics.snapshot().is_empty());
     }
@@ -450,7 +480,10 @@ mod tests {
         };
         let page = get("/metrics");
         assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
-        assert!(page.contains("wasnap_task_up{topic=\"t\",partition=\"0\"} 1"), "{page}");
+        assert!(
+            page.contains("wasnap_task_up{topic=\"t\",partition=\"0\"} 1"),
+            "{page}"
+        );
         assert!(page.contains("wasnap_process_resident_bytes "), "{page}");
         assert!(get("/other").starts_with("HTTP/1.1 404"));
     }

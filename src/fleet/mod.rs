@@ -140,7 +140,12 @@ pub fn run_worker(config: &WorkerConfig, stop: &AtomicBool) -> Result<(), crate:
     let caches = tempfile::Builder::new()
         .prefix("wasnap-worker-")
         .tempdir_in(&cache_base)
-        .with_context(|| format!("cannot create a cache directory in {}", cache_base.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot create a cache directory in {}",
+                cache_base.display()
+            )
+        })?;
     let metrics = Arc::new(Metrics::new(&input));
     let _server = match config.metrics {
         Some(addr) => Some(metrics::serve(addr, Arc::clone(&metrics))?),
@@ -185,7 +190,10 @@ mod tests {
     #[test]
     fn a_worker_names_topics_not_partitions() {
         let url = TopicUrl::parse("kafka://127.0.0.1:9092/words", "input").unwrap();
-        assert_eq!((url.brokers.as_str(), url.topic.as_str()), ("127.0.0.1:9092", "words"));
+        assert_eq!(
+            (url.brokers.as_str(), url.topic.as_str()),
+            ("127.0.0.1:9092", "words")
+        );
         assert_eq!(url.partition(7), "kafka://127.0.0.1:9092/words/7");
         assert!(TopicUrl::parse("kafka://h:1/words/", "input").is_ok());
         let err = TopicUrl::parse("kafka://h:1/words/3", "input").unwrap_err();

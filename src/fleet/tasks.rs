@@ -56,7 +56,9 @@ impl Tasks {
 
     fn running(&self) -> MutexGuard<'_, BTreeMap<i32, Running>> {
         // A panic elsewhere while holding the lock leaves the map usable.
-        self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Start a task for each of `partitions` not already running.
@@ -150,7 +152,11 @@ impl Tasks {
         }
     }
 
-    fn spawn(&self, partition: i32, stop: StopHandle) -> Option<JoinHandle<Result<RunSummary, Error>>> {
+    fn spawn(
+        &self,
+        partition: i32,
+        stop: StopHandle,
+    ) -> Option<JoinHandle<Result<RunSummary, Error>>> {
         let shared = Arc::clone(&self.shared);
         let figures = shared.metrics.task(partition);
         figures.opening();
@@ -194,13 +200,15 @@ fn run_task(
         ),
         ..shared.task.clone()
     };
-    let mut task = Task::open(&config, &shared.guest, store, Box::new(source), Box::new(sink))?
-        .with_stop_handle(stop);
-    tracing::info!(
-        partition,
-        generation = task.generation(),
-        "task opened"
-    );
+    let mut task = Task::open(
+        &config,
+        &shared.guest,
+        store,
+        Box::new(source),
+        Box::new(sink),
+    )?
+    .with_stop_handle(stop);
+    tracing::info!(partition, generation = task.generation(), "task opened");
     figures.running(task.generation(), task.input_offset());
     task.run(&mut figures.observer())
 }

@@ -186,7 +186,10 @@ impl GuestInstance {
     fn describe(&self, err: wasmtime::Error, function: &str) -> anyhow::Error {
         let guest = |message: String| error(ErrorKind::Guest, message);
         if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
-            return guest(format!("the guest called proc_exit({}) in `{function}`", exit.0));
+            return guest(format!(
+                "the guest called proc_exit({}) in `{function}`",
+                exit.0
+            ));
         }
         if let Some(wasmtime::Trap::Interrupt) = err.downcast_ref::<wasmtime::Trap>() {
             let ms = self.limits.call_timeout.map_or(0, |t| t.as_millis());

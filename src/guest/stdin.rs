@@ -76,11 +76,7 @@ impl StdinState {
         self.source.read(buf)
     }
 
-    pub fn new(
-        source: Box<dyn Source>,
-        checkpoint_every: u64,
-        data: Option<u32>,
-    ) -> Self {
+    pub fn new(source: Box<dyn Source>, checkpoint_every: u64, data: Option<u32>) -> Self {
         let offset = source.offset();
         Self {
             source,

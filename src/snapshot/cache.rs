@@ -152,7 +152,9 @@ impl PageCache {
         }
         for page in &mut capture.dirty {
             let slot = page_mut(self.bytes_mut(page.memory), page.page as usize);
-            let vouched = page.previous_hash.is_some_and(|hash| vouches_for(slot, hash));
+            let vouched = page
+                .previous_hash
+                .is_some_and(|hash| vouches_for(slot, hash));
             if vouched {
                 page.base = Some(buffers.copy_of(slot));
                 let parts = slot.chunks_mut(PART_SIZE).zip(page.bytes.chunks(PART_SIZE));

@@ -222,7 +222,9 @@ mod tests {
     /// A page cache holding `memory`'s pages, as after a restore.
     fn cache_holding(dir: &std::path::Path, memory: &[u8]) -> PageCache {
         let mut cache = PageCache::open(dir, 1).unwrap();
-        cache.sync_with(0, memory, &pages::hash_pages(memory)).unwrap();
+        cache
+            .sync_with(0, memory, &pages::hash_pages(memory))
+            .unwrap();
         cache
     }
 
@@ -279,7 +281,10 @@ mod tests {
         let pages_n = PARALLEL_COPY_THRESHOLD * 3;
         // The kernel reports every page, and one page (3) written back to what it was.
         let reported: Vec<DirtyPage> = (0..pages_n + 2)
-            .map(|page| DirtyPage { page, parts: ALL_PARTS })
+            .map(|page| DirtyPage {
+                page,
+                parts: ALL_PARTS,
+            })
             .collect();
         for reported in [None, Some(&reported[..])] {
             pages_copied_in_order_with_their_bases(pages_n, reported);
@@ -306,13 +311,18 @@ mod tests {
 
         assert_eq!(capture.zeroed, vec![(0, 7), (0, pages_n as u32)]);
         let order: Vec<u32> = capture.dirty.iter().map(|p| p.page).collect();
-        let mut expected: Vec<u32> = (0..pages_n as u32).filter(|p| ![3, 7].contains(p)).collect();
+        let mut expected: Vec<u32> = (0..pages_n as u32)
+            .filter(|p| ![3, 7].contains(p))
+            .collect();
         expected.push(pages_n as u32 + 1);
         assert_eq!(order, expected);
         for page in &capture.dirty {
             let at = page.page as usize * PAGE_SIZE;
             assert_eq!(page.bytes, memory[at..at + PAGE_SIZE]);
-            assert_eq!(page.previous_hash, previous.get(page.page as usize).copied());
+            assert_eq!(
+                page.previous_hash,
+                previous.get(page.page as usize).copied()
+            );
             assert!(page.base.is_none(), "bases come from the committer");
         }
 
@@ -357,7 +367,10 @@ mod tests {
         }
         memory[6 * PAGE_SIZE + 15 * PART_SIZE] ^= 1; // page 6 writes a part it does not name
         let reported: Vec<DirtyPage> = (0..pages_n)
-            .map(|page| DirtyPage { page, parts: written[page] })
+            .map(|page| DirtyPage {
+                page,
+                parts: written[page],
+            })
             .collect();
         let buffers = PageBuffers::default();
         let (mut capture, hashes) = capture_of(&memory, &previous, Some(&reported), &buffers);

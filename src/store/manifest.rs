@@ -231,19 +231,25 @@ impl Manifest {
         let stored_len = r.u32()? as usize;
         let raw_len = r.u32()? as usize;
         if stored_len != r.remaining().saturating_sub(4) {
-            return Err(corrupt!("{what} is corrupt: its length field does not match its size"));
+            return Err(corrupt!(
+                "{what} is corrupt: its length field does not match its size"
+            ));
         }
         let (covered, crc_bytes) = bytes.split_at(bytes.len() - 4);
         if crc32fast::hash(covered) != u32::from_le_bytes(crc_bytes.try_into().expect("4 bytes")) {
             return Err(corrupt!("{what} is corrupt: checksum mismatch"));
         }
         if flags & !FLAG_BODY_ZSTD != 0 {
-            return Err(corrupt!("{what} uses unknown flags {flags:#x} (written by a newer wasnap?)"));
+            return Err(corrupt!(
+                "{what} uses unknown flags {flags:#x} (written by a newer wasnap?)"
+            ));
         }
         let stored = r.bytes(stored_len)?;
         let body = if flags & FLAG_BODY_ZSTD != 0 {
             if raw_len > MAX_BODY_LEN {
-                return Err(corrupt!("{what} is corrupt: body length {raw_len} is implausible"));
+                return Err(corrupt!(
+                    "{what} is corrupt: body length {raw_len} is implausible"
+                ));
             }
             let body = zstd::bulk::decompress(stored, raw_len)
                 .map_err(|e| corrupt!("{what} is corrupt: body does not decompress: {e}"))?;
@@ -315,7 +321,9 @@ impl Manifest {
                     2 => GlobalValue::F32(r.u32()?),
                     3 => GlobalValue::F64(r.u64()?),
                     4 => GlobalValue::V128(u128::from_le_bytes(r.array()?)),
-                    other => return Err(corrupt!("{what} is corrupt: unknown global type {other}")),
+                    other => {
+                        return Err(corrupt!("{what} is corrupt: unknown global type {other}"));
+                    }
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -305,7 +305,10 @@ impl CheckpointStore {
         // must stop before it publishes output or prunes (which would delete the rival's
         // packs). The rival's newest manifest is never deleted, so a listing shows it.
         let generations = self.generations()?;
-        if generations.last().is_some_and(|newest| *newest > manifest.generation) {
+        if generations
+            .last()
+            .is_some_and(|newest| *newest > manifest.generation)
+        {
             return Err(Fenced {
                 generation: manifest.generation,
             }

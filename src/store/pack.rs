@@ -90,13 +90,17 @@ impl PackIndex {
         }
         let flags = r.u16()?;
         if flags != 0 {
-            return Err(corrupt!("{what} uses unknown flags {flags:#x} (written by a newer wasnap?)"));
+            return Err(corrupt!(
+                "{what} uses unknown flags {flags:#x} (written by a newer wasnap?)"
+            ));
         }
         let count = r.u32()? as usize;
         let generation = r.u64()?;
         let writer_id = r.array()?;
         if count.saturating_mul(FRAME_HEADER_LEN) > r.remaining() {
-            return Err(corrupt!("{what} is corrupt: {count} frames cannot fit in it"));
+            return Err(corrupt!(
+                "{what} is corrupt: {count} frames cannot fit in it"
+            ));
         }
         let mut frames = Vec::with_capacity(count);
         for _ in 0..count {
@@ -153,10 +157,16 @@ fn frame_payload<'a>(frame: &'a [u8], what: &str) -> Result<(Encoding, &'a [u8])
 
 /// The encoding and payload of a frame that stands on `layer` of a page's chain, after
 /// checking its CRC and that it fits the layer (a whole page on 0, a delta above).
-pub fn layer_payload<'a>(frame: &'a [u8], layer: usize, what: &str) -> Result<(Encoding, &'a [u8])> {
+pub fn layer_payload<'a>(
+    frame: &'a [u8],
+    layer: usize,
+    what: &str,
+) -> Result<(Encoding, &'a [u8])> {
     let (encoding, payload) = frame_payload(frame, what)?;
     if encoding.is_delta() != (layer > 0) {
-        return Err(corrupt!("{what} is corrupt: a {encoding:?} frame on layer {layer}"));
+        return Err(corrupt!(
+            "{what} is corrupt: a {encoding:?} frame on layer {layer}"
+        ));
     }
     Ok((encoding, payload))
 }

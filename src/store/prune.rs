@@ -158,7 +158,9 @@ mod tests {
                 bytes: 1,
             }];
             let pack = manifest.packs[0].name();
-            store.put_pack(&pack, bytes::Bytes::from_static(b"p")).unwrap();
+            store
+                .put_pack(&pack, bytes::Bytes::from_static(b"p"))
+                .unwrap();
             store.commit_manifest(&manifest)
         };
         let pack_of = |generation: u64, writer: u8| {
@@ -180,7 +182,12 @@ mod tests {
         // 1 went past it: writer 2 is fenced, and writer 1's checkpoints stay whole.
         let err = commit(2, 2).unwrap_err();
         assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
-        let packs: Vec<String> = store.list(PACKS).unwrap().into_iter().map(|(n, _)| n).collect();
+        let packs: Vec<String> = store
+            .list(PACKS)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         for generation in 4..=6 {
             assert!(packs.contains(&pack_of(generation, 1)), "{packs:?}");
         }

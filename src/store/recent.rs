@@ -209,7 +209,10 @@ mod tests {
         assert!(second.budget() <= limit / 2);
         let mut fresh = RecentPacks::shared(limit);
         fresh.insert(a.clone(), pa.clone());
-        assert!(fresh.packs.is_empty(), "a pack larger than a third of the limit is not kept");
+        assert!(
+            fresh.packs.is_empty(),
+            "a pack larger than a third of the limit is not kept"
+        );
         drop((second, fresh));
         assert_eq!(first.packs.len(), 1);
         // An unshared cache keeps its whole limit.

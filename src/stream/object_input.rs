@@ -50,9 +50,8 @@ impl Version {
         let mut r = Reader::new(bytes, &what);
         let size = r.varint()?;
         let len = r.varint_count(1)?;
-        let etag = String::from_utf8(r.bytes(len)?.to_vec()).map_err(|_| {
-            crate::error::corrupt!("{what} is corrupt: its ETag is not UTF-8")
-        })?;
+        let etag = String::from_utf8(r.bytes(len)?.to_vec())
+            .map_err(|_| crate::error::corrupt!("{what} is corrupt: its ETag is not UTF-8"))?;
         Ok(Self {
             size,
             etag: (!etag.is_empty()).then_some(etag),
@@ -164,7 +163,14 @@ impl ByteInput for ObjectInput {
             .runtime
             .take()
             .ok_or_else(|| anyhow!("input {url} is positioned twice"))?;
-        Prefetch::start(runtime, self.objects.clone(), self.key.clone(), offset, now, url)
+        Prefetch::start(
+            runtime,
+            self.objects.clone(),
+            self.key.clone(),
+            offset,
+            now,
+            url,
+        )
     }
 
     fn identity(&self) -> Vec<u8> {

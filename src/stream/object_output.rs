@@ -35,8 +35,8 @@ use object_store::{
 };
 
 use super::sink::{OutputCommit, OutputFlush, Sink};
-use crate::error::{StoreUnavailable, changed};
 use crate::codec::{Put, Reader};
+use crate::error::{StoreUnavailable, changed};
 use crate::hex;
 
 /// Merge published parts once this many have accumulated ...
@@ -280,7 +280,11 @@ impl Objects {
 
     /// Every published part (whatever the chain will make of them).
     fn published(&self) -> Result<Vec<PartName>> {
-        Ok(self.listed(INDEX)?.into_iter().map(|(name, _)| name).collect())
+        Ok(self
+            .listed(INDEX)?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
     }
 
     /// The task that owns this output: `None` if no task has claimed it yet.
@@ -386,7 +390,11 @@ impl ObjectSink {
         let url = &self.objects.url;
         let committed = chain(&self.objects.published()?);
         if let Some(last) = committed.last() {
-            let owner = self.objects.owner()?.map(|id| hex::encode(&id)).unwrap_or_default();
+            let owner = self
+                .objects
+                .owner()?
+                .map(|id| hex::encode(&id))
+                .unwrap_or_default();
             return Err(changed!(
                 "output {url} already holds {} bytes of committed output of another task ({owner}); this task's store has no checkpoint, so it would write over it: use a new output prefix",
                 last.end
@@ -574,7 +582,11 @@ impl PartCommit {
                 let bytes = objects
                     .get(&part.part_path(), Some(0..end - part.first))?
                     .with_context(|| {
-                        format!("part {} of output {} is missing", part.file_name(), objects.url)
+                        format!(
+                            "part {} of output {} is missing",
+                            part.file_name(),
+                            objects.url
+                        )
                     })?;
                 let head = PartName {
                     end: *end,
@@ -587,9 +599,7 @@ impl PartCommit {
                 objects.put(&head.index_path(), Bytes::new())
             }
             Repair::Unpublish(part) => objects.delete(&part.index_path()),
-            Repair::CollectGarbage => {
-                collect_garbage(objects, self.generation, GARBAGE_AGE_SECS)
-            }
+            Repair::CollectGarbage => collect_garbage(objects, self.generation, GARBAGE_AGE_SECS),
         }
     }
 }
@@ -735,7 +745,9 @@ pub fn cat(url: &str, newest_marker: Option<&[u8]>, out: &mut dyn std::io::Write
             let marker = Marker::decode(marker, url)?;
             // No owner yet: the crash came between the task's first commit and its claim.
             if objects.owner()?.is_some_and(|owner| owner != marker.task) {
-                return Err(changed!("output {url} is not the output of this store's task"));
+                return Err(changed!(
+                    "output {url} is not the output of this store's task"
+                ));
             }
             for part in marker.pending {
                 if !published.contains(&part) {
@@ -790,7 +802,9 @@ mod tests {
     /// `commit` (else the writer crashed or was fenced before its manifest).
     fn step(sink: &mut ObjectSink, generation: u64, text: &str, commit: bool) -> Vec<u8> {
         sink.buffer().extend_from_slice(text.as_bytes());
-        let mut flush = sink.checkpoint(generation, &[generation as u8; 16]).unwrap();
+        let mut flush = sink
+            .checkpoint(generation, &[generation as u8; 16])
+            .unwrap();
         flush.commit.make_durable().unwrap();
         if commit {
             flush.commit.publish().unwrap();
@@ -808,7 +822,10 @@ mod tests {
         let mut sink = ObjectSink::open(&url).unwrap();
         sink.resume_at(&TASK, None).unwrap();
         step(&mut sink, 1, "a\n", false);
-        assert!(!dir.path().join(TASK_OBJECT).exists(), "claimed before a commit");
+        assert!(
+            !dir.path().join(TASK_OBJECT).exists(),
+            "claimed before a commit"
+        );
         assert_eq!(read(&url, None), b"");
         let mut sink = ObjectSink::open(&url).unwrap();
         sink.resume_at(&TASK, None).unwrap();
@@ -817,7 +834,10 @@ mod tests {
         step(&mut sink, 2, "b\n", true);
         assert_eq!(read(&url, None), b"a\nb\n");
         // Another fresh task on this output is refused, and changes nothing.
-        let err = ObjectSink::open(&url).unwrap().resume_at(&TASK, None).unwrap_err();
+        let err = ObjectSink::open(&url)
+            .unwrap()
+            .resume_at(&TASK, None)
+            .unwrap_err();
         assert!(format!("{err:#}").contains("another task"), "{err:#}");
         assert_eq!(files(dir.path(), INDEX), 2);
     }
@@ -969,6 +989,9 @@ mod tests {
             let err = Marker::decode(&file, "u").unwrap_err();
             assert!(format!("{err:#}").contains("local file"), "{len}: {err:#}");
         }
-        assert_eq!(crate::stream::sink::file_marker(0x35 + (1 << 7))[0], MARKER_TAG);
+        assert_eq!(
+            crate::stream::sink::file_marker(0x35 + (1 << 7))[0],
+            MARKER_TAG
+        );
     }
 }

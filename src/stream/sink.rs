@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::error::{OutputLocked, changed};
 use crate::codec::{Put, Reader};
+use crate::error::{OutputLocked, changed};
 
 /// Where a task's output goes.
 pub trait Sink: Send {
@@ -264,7 +264,8 @@ impl Sink for FileSink {
 /// Write a file output to `out`: all of it, or with the marker of the store's newest
 /// checkpoint, exactly what that checkpoint committed (a live run may have written more).
 pub fn cat_file(path: &Path, marker: Option<&[u8]>, out: &mut dyn std::io::Write) -> Result<u64> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read output {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read output {}", path.display()))?;
     let len = match marker {
         None => bytes.len() as u64,
         Some(marker) => parse_file_marker(marker, path)?,

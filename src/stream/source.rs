@@ -201,7 +201,8 @@ impl ByteInput for FileInput {
                 "input {path} is a local file, but the checkpoint was taken reading an object (its position names an object version); run the task with the same --input"
             ));
         }
-        let mut file = File::open(&self.path).with_context(|| format!("cannot open input {path}"))?;
+        let mut file =
+            File::open(&self.path).with_context(|| format!("cannot open input {path}"))?;
         let len = file
             .metadata()
             .with_context(|| format!("cannot stat input {path}"))?
@@ -258,10 +259,14 @@ mod tests {
         source.next_record(&mut record).unwrap();
         source.next_record(&mut record).unwrap();
         let position = source.position();
-        let resumed = records(&mut LineSource::open(&path, 0).and_then(|mut s| {
-            s.resume_at(Some(&position))?;
-            Ok(s)
-        }).unwrap());
+        let resumed = records(
+            &mut LineSource::open(&path, 0)
+                .and_then(|mut s| {
+                    s.resume_at(Some(&position))?;
+                    Ok(s)
+                })
+                .unwrap(),
+        );
         assert_eq!(resumed, all[2..].to_vec());
     }
 

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use super::committer::{Committer, Done, Job};
 use super::StopHandle;
+use super::committer::{Committer, Done, Job};
 use super::observer::CheckpointObserver;
 use crate::Error;
 use crate::guest::GuestInstance;

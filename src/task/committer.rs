@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 
 use super::observer::CheckpointStats;
+use crate::error::Fenced;
 use crate::snapshot::encode::{assemble, encode_pages};
-use crate::snapshot::rebase::ChainPacks;
 use crate::snapshot::rebase;
+use crate::snapshot::rebase::ChainPacks;
 use crate::snapshot::{Capture, PageCache, PageTable};
 use crate::store::recent::{LoadedPack, RecentPacks};
-use crate::error::Fenced;
 use crate::store::{CheckpointStore, Manifest};
 
 /// A captured checkpoint, handed from the guest's thread to the committer.
@@ -263,7 +263,11 @@ impl CommitContext {
             // An output that refuses this writer (a Kafka producer fenced, or timed out
             // after its transaction was aborted) while the store holds this generation or a
             // later one: another writer owns the task.
-            let newest = self.store.generations().ok().and_then(|g| g.last().copied());
+            let newest = self
+                .store
+                .generations()
+                .ok()
+                .and_then(|g| g.last().copied());
             if newest >= Some(generation) {
                 return Err(err.context(Fenced { generation }));
             }

@@ -180,7 +180,11 @@ impl RunConfig {
 
     /// [`RunConfig::open`] with a guest already compiled (`guest` and `limits` are not
     /// read): opening many tasks of one guest compiles it once.
-    pub fn open_with_guest(&self, guest: &Guest, store: CheckpointStore) -> Result<Task, crate::Error> {
+    pub fn open_with_guest(
+        &self,
+        guest: &Guest,
+        store: CheckpointStore,
+    ) -> Result<Task, crate::Error> {
         if self.task.mode.is_stdio() && stream::is_kafka_url(&self.input) {
             return Err(crate::error::error(
                 crate::ErrorKind::Other,

@@ -51,9 +51,9 @@ use crate::guest::{Guest, GuestInstance};
 #[cfg(feature = "internals")]
 use crate::snapshot::DirtyTracker;
 use crate::snapshot::{self, PageBuffers, PageCache};
+use crate::store::CheckpointStore;
 use crate::store::manifest::RunState;
 use crate::store::recent::RecentPacks;
-use crate::store::CheckpointStore;
 use crate::stream::{Sink, Source};
 use checkpoints::{Checkpoints, InputAt};
 use committer::{CommitContext, Committer};
@@ -176,13 +176,16 @@ impl Task {
             }
             Err(err) => return Err(err),
         };
-        if (start.run_state == RunState::Records) != matches!(config.mode, Mode::Records { .. })
-        {
+        if (start.run_state == RunState::Records) != matches!(config.mode, Mode::Records { .. }) {
             return Err(error(
                 ErrorKind::StreamChanged,
                 format!(
                     "the store's checkpoints were taken in {} mode; run this task {}",
-                    if guest.is_program() { "record" } else { "stdio" },
+                    if guest.is_program() {
+                        "record"
+                    } else {
+                        "stdio"
+                    },
                     if guest.is_program() {
                         "without --stdio"
                     } else {
@@ -208,7 +211,8 @@ impl Task {
         start.instance.take_emitted(sink.buffer());
 
         // The cache must hold exactly the restored pages; whatever differs is rewritten.
-        let mut cache = PageCache::open(&config.cache_dir_for(&store), start.instance.memory_count())?;
+        let mut cache =
+            PageCache::open(&config.cache_dir_for(&store), start.instance.memory_count())?;
         tracing::debug!("dirty tracking: {}", config.dirty_tracking.describe());
         for (index, hashes) in start.hashes.iter().enumerate() {
             if !hashes.is_empty() {

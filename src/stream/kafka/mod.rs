@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use anyhow::{Result, anyhow, bail};
 use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::ProducerContext;
-use rdkafka::ClientContext;
 
 use crate::error::{ErrorKind, StoreUnavailable, error};
 
@@ -264,7 +264,8 @@ impl ProducerContext for Quiet {
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Ok(message) = result {
-            self.delivered.fetch_max(message.offset() + 1, Ordering::SeqCst);
+            self.delivered
+                .fetch_max(message.offset() + 1, Ordering::SeqCst);
         }
     }
 }

@@ -178,14 +178,14 @@ fn highest_sequence(
 /// This record's sequence number, if it is one of `task`'s.
 fn sequence_of(message: &rdkafka::message::BorrowedMessage<'_>, task: &str) -> Option<u64> {
     let headers = message.headers()?;
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|h| h.key == name)
-            .and_then(|h| h.value)
-    };
+    let header = |name: &str| headers.iter().find(|h| h.key == name).and_then(|h| h.value);
     (header(TASK_HEADER)? == task.as_bytes())
-        .then(|| std::str::from_utf8(header(SEQUENCE_HEADER)?).ok()?.parse().ok())
+        .then(|| {
+            std::str::from_utf8(header(SEQUENCE_HEADER)?)
+                .ok()?
+                .parse()
+                .ok()
+        })
         .flatten()
 }
 
@@ -275,7 +275,11 @@ impl Sink for KafkaSink {
     fn checkpoint(&mut self, _generation: u64, _writer_id: &[u8; 16]) -> Result<OutputFlush> {
         // Whole lines only: a stdio program's last line so far may be unfinished, and
         // stays for the next checkpoint (a record is a whole line).
-        let whole = self.buffer.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let whole = self
+            .buffer
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
         let rest = self.buffer.split_off(whole);
         let lines = std::mem::replace(&mut self.buffer, rest);
         let first_seq = self.next_seq;
