@@ -9,7 +9,7 @@ use super::host::HostState;
 use super::random::DeterministicRandom;
 use super::stdin::{Asyncify, StdinState, UNWIND_DATA_BYTES};
 use super::{Guest, GuestKind, Limits};
-use crate::error::{ErrorKind, KindContext, Kinded, error, kind_of};
+use crate::error::{ErrorKind, Kinded, error, kind_of};
 use crate::state::{GlobalKind, GlobalValue};
 
 /// How a guest is entered.
@@ -58,6 +58,62 @@ fn wasm_value(value: GlobalValue) -> Val {
     }
 }
 
+/// A guest error as one line: a trap with its message, a limit, `proc_exit`, or a host
+/// error. Of kind `Guest`, unless a host function the guest called failed for a reason of
+/// its own (the input became unavailable under a stdio program's `fd_read`). The wasm
+/// backtrace wasmtime attaches (many lines) goes to the debug log, not into the message.
+fn describe(limits: &Limits, err: wasmtime::Error, function: &str) -> anyhow::Error {
+    // `in \`process\``, or a phrase of the caller's own (instantiation).
+    let at = if function.contains(' ') {
+        function.to_string()
+    } else {
+        format!("in `{function}`")
+    };
+    let guest = |message: String| error(ErrorKind::Guest, message);
+    if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return guest(format!("the guest called proc_exit({}) {at}", exit.0));
+    }
+    if let Some(wasmtime::Trap::Interrupt) = err.downcast_ref::<wasmtime::Trap>() {
+        let ms = limits.call_timeout.map_or(0, |t| t.as_millis());
+        return guest(format!("the guest ran past its time limit of {ms} ms {at}"));
+    }
+    if let Some(backtrace) = err.downcast_ref::<wasmtime::WasmBacktrace>() {
+        tracing::debug!("the guest failed {at}: {backtrace}");
+    }
+    if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
+        return guest(format!("the guest trapped {at}: {trap}"));
+    }
+    if let Some(max) = limits.max_memory_bytes
+        && format!("{err:#}").contains("forcing trap when growing memory")
+    {
+        return guest(format!(
+            "the guest tried to grow its memory past its limit of {max} bytes {at}"
+        ));
+    }
+    let err = anyhow::Error::from(err);
+    let message = format!("the guest failed {at}");
+    if !err.is::<wasmtime::WasmBacktrace>() {
+        return match kind_of(&err) {
+            ErrorKind::Other => err.context(Kinded::new(ErrorKind::Guest, message)),
+            _ => err.context(message),
+        };
+    }
+    // The chain without the backtrace, as one error of the same kind.
+    let kind = match kind_of(&err) {
+        ErrorKind::Other => ErrorKind::Guest,
+        kind => kind,
+    };
+    let backtrace = err
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .map(|b| b.to_string());
+    let causes: Vec<String> = err
+        .chain()
+        .map(|cause| cause.to_string())
+        .filter(|cause| Some(cause) != backtrace.as_ref())
+        .collect();
+    error(kind, format!("{message}: {}", causes.join(": ")))
+}
+
 pub struct GuestInstance {
     store: Store<HostState>,
     abi_memory: Memory,
@@ -75,8 +131,10 @@ pub struct GuestInstance {
 impl GuestInstance {
     pub(super) fn new(guest: &Guest, random_seed: u64, random_position: u64) -> Result<Self> {
         let random = DeterministicRandom::new(random_seed, random_position);
+        let clock = super::wasi::GuestClock::new();
         let wasi = WasiCtxBuilder::new()
             .inherit_stderr()
+            .monotonic_clock(clock)
             .secure_random(random.clone())
             .insecure_random(random.clone())
             .insecure_random_seed(u128::from(random_seed))
@@ -85,6 +143,7 @@ impl GuestInstance {
             &guest.engine,
             HostState::new(
                 wasi,
+                clock,
                 match guest.limits.max_memory_bytes {
                     Some(max) => StoreLimitsBuilder::new()
                         .memory_size(usize::try_from(max).unwrap_or(usize::MAX))
@@ -99,15 +158,17 @@ impl GuestInstance {
             // The start function runs inside instantiate: it gets a deadline too.
             store.set_epoch_deadline(ticks);
         }
+        if let Some(timeout) = guest.limits.call_timeout {
+            store.data_mut().call_deadline = Some((std::time::Instant::now() + timeout, timeout));
+        }
 
-        let instance = guest
-            .pre
-            .instantiate(&mut store)
-            .map_err(anyhow::Error::from)
-            .kind_context(
-                ErrorKind::Guest,
-                "cannot instantiate the guest (its start function failed?)",
-            )?;
+        let instance = guest.pre.instantiate(&mut store).map_err(|err| {
+            describe(
+                &guest.limits,
+                err,
+                "while it was instantiated (in its start function?)",
+            )
+        })?;
 
         let abi_memory = instance
             .get_memory(&mut store, "memory")
@@ -178,41 +239,24 @@ impl GuestInstance {
         if let Some(ticks) = self.limits.deadline_ticks() {
             self.store.set_epoch_deadline(ticks);
         }
+        if let Some(timeout) = self.limits.call_timeout {
+            self.store.data_mut().call_deadline =
+                Some((std::time::Instant::now() + timeout, timeout));
+        }
     }
 
-    /// A guest error as one line: a trap with its message, a limit, `proc_exit`, or a host error.
-    /// Of kind `Guest`, unless a host function the guest called failed for a reason of
-    /// its own (the input became unavailable under a stdio program's `fd_read`).
+    /// After a restore wrote the checkpoint's memories and globals: undo what the
+    /// instantiation (the module's start function) did to host-side state, so the guest
+    /// goes on exactly as the checkpointed one would have. Its random stream goes back to
+    /// the checkpoint's position, and anything it emitted is dropped (the checkpoint's
+    /// output holds what the start function emitted on the fresh start).
+    pub fn rewind_host_state(&mut self, random_position: u64) {
+        self.random.set_position(random_position);
+        self.store.data_mut().emitted.clear();
+    }
+
     fn describe(&self, err: wasmtime::Error, function: &str) -> anyhow::Error {
-        let guest = |message: String| error(ErrorKind::Guest, message);
-        if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
-            return guest(format!(
-                "the guest called proc_exit({}) in `{function}`",
-                exit.0
-            ));
-        }
-        if let Some(wasmtime::Trap::Interrupt) = err.downcast_ref::<wasmtime::Trap>() {
-            let ms = self.limits.call_timeout.map_or(0, |t| t.as_millis());
-            return guest(format!(
-                "the guest ran past its time limit of {ms} ms in `{function}`"
-            ));
-        }
-        if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
-            return guest(format!("the guest trapped in `{function}`: {trap}"));
-        }
-        if let Some(max) = self.limits.max_memory_bytes
-            && format!("{err:#}").contains("forcing trap when growing memory")
-        {
-            return guest(format!(
-                "the guest tried to grow its memory past its limit of {max} bytes in `{function}`"
-            ));
-        }
-        let err = anyhow::Error::from(err);
-        let message = format!("the guest failed in `{function}`");
-        match kind_of(&err) {
-            ErrorKind::Other => err.context(Kinded::new(ErrorKind::Guest, message)),
-            _ => err.context(message),
-        }
+        describe(&self.limits, err, function)
     }
 
     /// Run the guest's one-time set-up: `_initialize` (WASI reactors), then `init` (a stdio
@@ -252,6 +296,17 @@ impl GuestInstance {
                 record.len()
             )
         })?;
+        if let Some(max) = self.limits.max_memory_bytes
+            && record.len() as u64 > max
+        {
+            bail!(error(
+                ErrorKind::Guest,
+                format!(
+                    "a record of {} bytes cannot fit in the guest's memory limit of {max} bytes",
+                    record.len()
+                )
+            ));
+        }
         self.arm_deadline();
         let ptr = alloc
             .call(&mut self.store, len)
@@ -379,6 +434,24 @@ impl GuestInstance {
     /// The bytes of defined memory `index`, writable (restore only).
     pub fn memory_mut(&mut self, index: usize) -> &mut [u8] {
         self.memories[index].data_mut(&mut self.store)
+    }
+
+    /// The most bytes memory `index` may ever hold: its declared maximum (or what its
+    /// index type can address), and the guest's cap (`--max-memory-mib`, which counts all
+    /// memories together, so it bounds each too). The second is `None` when the cap is
+    /// not what binds.
+    pub fn memory_limit(&self, index: usize) -> (u64, Option<u64>) {
+        let ty = self.memories[index].ty(&self.store);
+        let page = ty.page_size();
+        let addressable = if ty.is_64() { 1u64 << 48 } else { 1u64 << 32 };
+        let declared = ty
+            .maximum()
+            .map_or(addressable, |pages| pages.saturating_mul(page))
+            .min(addressable);
+        match self.limits.max_memory_bytes {
+            Some(cap) if cap < declared => (declared, Some(cap)),
+            _ => (declared, None),
+        }
     }
 
     /// Grow memory `index` to exactly `bytes` (restore only; memories never shrink).

@@ -9,6 +9,7 @@ pub mod limits;
 pub mod random;
 mod stdin;
 pub mod stdio;
+mod wasi;
 
 use std::path::Path;
 

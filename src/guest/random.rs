@@ -56,6 +56,11 @@ impl DeterministicRandom {
         self.lock().position
     }
 
+    /// Move the stream to `position` (a restore, after the start function drew from it).
+    pub fn set_position(&self, position: u64) {
+        self.lock().position = position;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Stream> {
         // The stream holds two integers; a panic elsewhere cannot leave them inconsistent.
         self.0

@@ -22,8 +22,12 @@ use anyhow::{Result, bail};
 use wasmtime::{Caller, ExternType, Linker, Module};
 
 use super::abi::WASI_MODULE;
-use super::host::HostState;
+use super::host::{HostState, abi_memory};
 use super::stdin::UNWIND_DATA_BYTES;
+
+/// A checkpoint is taken at the first stdin read once this much stdout is waiting, so a
+/// program that writes much and reads little hands its output on in bounded pieces.
+const DRAIN_OUTPUT_BYTES: usize = 8 << 20;
 
 const ERRNO_SUCCESS: i32 = 0;
 const ERRNO_BADF: i32 = 8;
@@ -102,22 +106,24 @@ fn fd_read(
     if fd != 0 {
         return Ok(ERRNO_BADF);
     }
-    let memory = caller
-        .data()
-        .memory
-        .expect("memory is set at instantiation");
+    let memory = abi_memory(&mut caller)?;
     let stdin = caller
         .data_mut()
         .stdin
         .as_mut()
         .ok_or_else(|| wasmtime::Error::msg("stdin is not attached"))?;
-    let asyncify = stdin.asyncify.clone().expect("set at instantiation");
+    let asyncify = stdin
+        .asyncify
+        .clone()
+        .ok_or_else(|| wasmtime::Error::msg("stdin is not attached"))?;
+    let output_waiting = caller.data().emitted.len() >= DRAIN_OUTPUT_BYTES;
+    let stdin = caller.data_mut().stdin.as_mut().expect("checked above");
     if stdin.rewinding {
         // Back where the program was unwound: the stack is whole again; now read.
         stdin.rewinding = false;
         asyncify.stop_rewind(&mut caller)?;
-    } else if stdin.offset - stdin.last_checkpoint >= stdin.checkpoint_every {
-        // A checkpoint is due: unwind the whole stack into memory and return to the host.
+    } else if stdin.offset - stdin.last_checkpoint >= stdin.checkpoint_every || output_waiting {
+        // A checkpoint is due (or much output waits for the sink): unwind the whole stack into memory and return to the host.
         stdin.last_checkpoint = stdin.offset;
         stdin.unwound = true;
         let data = match stdin.data {
@@ -183,10 +189,7 @@ fn fd_write(
     if fd != 1 && fd != 2 {
         return Ok(ERRNO_BADF);
     }
-    let memory = caller
-        .data()
-        .memory
-        .expect("memory is set at instantiation");
+    let memory = abi_memory(&mut caller)?;
     let (data, state) = memory.data_and_store_mut(&mut caller);
     let Some(buffers) = iovecs(data, iovs, iovs_len) else {
         return Ok(ERRNO_FAULT);
@@ -195,7 +198,7 @@ fn fd_write(
     for (buf, len) in buffers {
         let bytes = &data[buf..buf + len];
         if fd == 1 {
-            state.emitted.extend_from_slice(bytes);
+            state.push_output(&[bytes])?;
         } else {
             let _ = std::io::stderr().write_all(bytes);
         }

@@ -17,6 +17,9 @@ use crate::stream::{Polled, Source};
 /// checkpoint that fell due is noticed.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
+/// A checkpoint is taken early once this much output waits in the sink.
+pub(crate) const MAX_BUFFERED_OUTPUT: usize = 64 << 20;
+
 pub(super) struct Records {
     pub source: Box<dyn Source>,
     pub checkpoint_every: u64,
@@ -57,7 +60,13 @@ impl Driver for Records {
             checkpoints.sink.maybe_write()?;
             worked.records += 1;
             self.since_checkpoint += 1;
-            if self.since_checkpoint >= self.checkpoint_every || self.interval_passed() {
+            // A sink that holds output until a checkpoint (object storage, Kafka) is
+            // checkpointed early rather than let it grow without bound.
+            let output_waiting = checkpoints.sink.buffer().len() >= MAX_BUFFERED_OUTPUT;
+            if self.since_checkpoint >= self.checkpoint_every
+                || self.interval_passed()
+                || output_waiting
+            {
                 self.checkpoint(checkpoints, observer)?;
                 worked.checkpoints += 1;
             }

@@ -92,7 +92,13 @@ fn restore_newest_usable(
                 }
                 return Ok((manifest, instance, restored));
             }
-            Err(err) if err.is::<StoreUnavailable>() || err.is::<ModuleChanged>() => {
+            // An older checkpoint cannot help when the store is out of reach, the module is
+            // another, or the guest itself fails (its start function, its memory limit).
+            Err(err)
+                if err.is::<StoreUnavailable>()
+                    || err.is::<ModuleChanged>()
+                    || crate::error::kind_of(&err) == crate::ErrorKind::Guest =>
+            {
                 return Err(err);
             }
             Err(err) => {
@@ -127,5 +133,6 @@ fn restore(
     let mut instance = guest.instantiate(manifest.random_seed, manifest.random_position)?;
     let restored = snapshot::restore(&mut instance, &manifest, store)
         .with_context(|| format!("cannot restore checkpoint {generation}"))?;
+    instance.rewind_host_state(manifest.random_position);
     Ok((manifest, instance, restored))
 }
