@@ -357,9 +357,9 @@ fn warm_resume(c: &mut Criterion) {
     c.bench_function("warm_resume_parts/read_manifest", |b| {
         b.iter(|| black_box(store.read_manifest(newest).unwrap()))
     });
-    let pack_names: Vec<String> = manifest.packs.iter().map(|p| p.name()).collect();
+    let packs: Vec<_> = manifest.packs.iter().collect();
     c.bench_function("warm_resume_parts/read_packs", |b| {
-        b.iter(|| black_box(store.read_packs(&pack_names)))
+        b.iter(|| black_box(store.read_all_packs(&packs).unwrap()))
     });
     c.bench_function("warm_resume_parts/instantiate", |b| {
         b.iter(|| black_box(guest.instantiate(0, 0).unwrap()))

@@ -10,7 +10,7 @@ use crate::bench::human_bytes;
 use crate::store::{CheckpointStore, MANIFESTS, PACKS};
 
 pub fn inspect(url: &str) -> Result<()> {
-    let store = CheckpointStore::open(url)?;
+    let store = CheckpointStore::open_existing(url)?;
     let mut out = String::new();
     // Not a property of the store but what a run here would do, first: the store's
     // summary stays the last line.
@@ -87,7 +87,14 @@ pub fn inspect(url: &str) -> Result<()> {
             live.insert(format!("{PACKS}/{name}"));
         }
     }
-    let total: u64 = manifest_sizes.values().chain(pack_sizes.values()).sum();
+    // Left by interrupted writes (local stores): garbage, removed by a prune once old.
+    let staging = store.staging_files()?;
+    let staging_bytes: u64 = staging.iter().map(|s| s.bytes).sum();
+    let total: u64 = manifest_sizes
+        .values()
+        .chain(pack_sizes.values())
+        .sum::<u64>()
+        + staging_bytes;
     let live_bytes: u64 = manifest_sizes
         .iter()
         .map(|(n, s)| (format!("{MANIFESTS}/{n}"), s))
@@ -95,6 +102,15 @@ pub fn inspect(url: &str) -> Result<()> {
         .filter(|(path, _)| live.contains(path))
         .map(|(_, s)| s)
         .sum();
+    if !staging.is_empty() {
+        writeln!(
+            out,
+            "staging files of interrupted writes: {} ({}); a prune deletes those older than {} s",
+            staging.len(),
+            human_bytes(staging_bytes as f64),
+            crate::store::prune::STAGING_AGE.as_secs()
+        )?;
+    }
     writeln!(
         out,
         "store: {} manifests, {} packs, {} in all; live (needed by a checkpoint): {}; garbage: {}",

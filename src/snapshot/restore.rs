@@ -40,7 +40,30 @@ pub fn restore(
             instance.memory_count()
         ));
     }
+    // Sizes first: nothing is allocated for a memory the guest could never have.
+    for (index, memory) in manifest.memories.iter().enumerate() {
+        let (declared, cap) = instance.memory_limit(index);
+        if memory.byte_len > declared {
+            return Err(corrupt!(
+                "checkpoint {}: memory {index} claims {} bytes, more than the module allows ({declared})",
+                manifest.generation,
+                memory.byte_len
+            ));
+        }
+        if let Some(cap) = cap
+            && memory.byte_len > cap
+        {
+            return Err(crate::error::error(
+                crate::ErrorKind::Guest,
+                format!(
+                    "checkpoint {}: memory {index} holds {} bytes, more than the guest's memory limit of {cap} bytes (--max-memory-mib)",
+                    manifest.generation, memory.byte_len
+                ),
+            ));
+        }
+    }
     let packs = fetch_packs(manifest, store)?;
+    crate::crash::point("restore-fetched");
     let mut table = PageTable::from_manifest(manifest);
     // Compaction judges packs by the bytes still in use, which only the packs tell.
     table.set_frame_lens(|pack, frame| u32::try_from(packs.get(pack)?.frame(frame)?.len()).ok());
@@ -73,6 +96,7 @@ pub fn restore(
         }
         hashes.push(memory_hashes);
     }
+    crate::crash::point("restore-pages-written");
     instance.set_globals(&manifest.globals)?;
     Ok(Restored { table, hashes })
 }
@@ -80,18 +104,15 @@ pub fn restore(
 /// Read and check every pack the manifest refers to: each must be the pack the manifest
 /// names (generation, writer, frame count, size), not just any pack.
 fn fetch_packs(manifest: &Manifest, store: &CheckpointStore) -> Result<Packs> {
-    let names: Vec<String> = manifest.packs.iter().map(|p| p.name()).collect();
-    let fetched = store.read_packs(&names);
+    let wanted: Vec<&PackRef> = manifest.packs.iter().collect();
+    let fetched = store
+        .read_all_packs(&wanted)
+        .with_context(|| format!("checkpoint {} needs it", manifest.generation))?;
     manifest
         .packs
         .iter()
-        .zip(names)
         .zip(fetched)
-        .map(|((pack_ref, name), bytes)| {
-            let bytes = bytes
-                .with_context(|| format!("checkpoint {} needs pack {name}", manifest.generation))?;
-            Ok((pack_ref.clone(), LoadedPack::parse(pack_ref, bytes)?))
-        })
+        .map(|(pack_ref, bytes)| Ok((pack_ref.clone(), LoadedPack::parse(pack_ref, bytes)?)))
         .collect()
 }
 

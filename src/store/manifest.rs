@@ -305,6 +305,11 @@ impl Manifest {
                 let writer_id = *writers
                     .get(writer)
                     .ok_or_else(|| corrupt!("{what} is corrupt: a pack names writer #{writer}"))?;
+                if bytes > super::pack::max_pack_bytes(frames) || generation > super::MAX_GENERATION {
+                    return Err(corrupt!(
+                        "{what} is corrupt: it names a pack of generation {generation} with {frames} frames in {bytes} bytes"
+                    ));
+                }
                 Ok(PackRef {
                     generation,
                     writer_id,
@@ -378,6 +383,21 @@ impl Manifest {
             })
             .collect::<Result<Vec<_>>>()?;
         r.finish()?;
+        // Every pack listed is one a page uses: a restore reads them all.
+        let mut used = vec![false; packs.len()];
+        for run in memories.iter().flat_map(|m| m.layers.iter().flatten()) {
+            used[run.pack as usize] = true;
+        }
+        if let Some(unused) = used.iter().position(|u| !u) {
+            return Err(corrupt!(
+                "{what} is corrupt: it lists pack #{unused}, which no page uses"
+            ));
+        }
+        if generation > super::MAX_GENERATION {
+            return Err(corrupt!(
+                "{what} is corrupt: generation {generation} is out of range"
+            ));
+        }
         Ok(Self {
             generation,
             writer_id,
@@ -593,7 +613,7 @@ pub(crate) mod tests {
 
         #[test]
         fn random_manifests_round_trip(
-            generation in 0u64..u64::MAX,
+            generation in 0u64..=crate::store::MAX_GENERATION,
             runs in proptest::collection::vec((0u32..5, 1u32..9, 0u32..2), 0..50),
             globals in proptest::collection::vec(proptest::num::i64::ANY, 0..8),
         ) {
@@ -609,6 +629,10 @@ pub(crate) mod tests {
                 layer.push(Run { first_page: page + gap, pages, pack, first_frame });
                 page += gap + pages;
             }
+            // Every pack a manifest lists is used by some page.
+            layer.push(Run { first_page: page, pages: 1, pack: 0, first_frame: page });
+            layer.push(Run { first_page: page + 1, pages: 1, pack: 1, first_frame: 0 });
+            page += 2;
             m.memories[0].byte_len = u64::from(page + 1) << 16;
             m.memories[0].layers = vec![layer.clone(), layer];
             proptest::prop_assert_eq!(Manifest::decode(&m.encode().unwrap(), "m").unwrap(), m);

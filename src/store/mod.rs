@@ -11,6 +11,7 @@
 //! disk (hard link), on S3 (`If-None-Match: *`) and in memory. A writer that loses the
 //! race for a generation gets `AlreadyExists`: that is fencing.
 
+mod local;
 pub mod manifest;
 pub mod pack;
 pub mod prune;
@@ -25,10 +26,14 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+pub use local::NotRegular;
 pub use manifest::Manifest;
-pub use url::open_object_store;
+pub use url::{local_dir, open_object_store, open_object_store_with};
 
 use crate::error::{ErrorKind, Fenced, StoreUnavailable, corrupt, error};
+
+/// Objects read at once when a restore or a compaction needs several packs.
+const CONCURRENT_READS: usize = 8;
 
 pub const MANIFESTS: &str = "manifests";
 pub const PACKS: &str = "packs";
@@ -40,10 +45,24 @@ pub fn manifest_path(generation: u64) -> Path {
     Path::from(format!("{MANIFESTS}/{generation:020}"))
 }
 
-/// The generation a `manifests/` object name stands for: exactly 20 digits, else none.
+/// The highest generation a store may hold: far beyond any real task (a checkpoint a
+/// millisecond for 10^8 years), and low enough that the next one never overflows.
+pub const MAX_GENERATION: u64 = 1 << 62;
+
+/// The generation a `manifests/` object name stands for: exactly 20 digits and at most
+/// [`MAX_GENERATION`], else none (the object is not a checkpoint of this store).
 pub fn parse_generation(name: &str) -> Option<u64> {
-    (name.len() == 20 && name.bytes().all(|b| b.is_ascii_digit())).then(|| name.parse().ok())?
+    if name.len() != 20 || !name.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    name.parse().ok().filter(|g| *g <= MAX_GENERATION)
 }
+
+/// The most bytes a manifest object may have (a 4 GiB memory's full table of 64 layers
+/// needs well under a tenth of it).
+pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+/// The most bytes the `task` object may have.
+const MAX_TASK_BYTES: u64 = 4096;
 
 pub fn pack_path(name: &str) -> Path {
     Path::from(format!("{PACKS}/{name}"))
@@ -62,20 +81,34 @@ pub struct CheckpointStore {
     runtime: Arc<tokio::runtime::Runtime>,
     /// The URL the user gave, for messages (never holds credentials).
     label: String,
+    /// The directory of a local store: where interrupted writes leave staging files.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl CheckpointStore {
-    /// Open the store at `url`: a directory, `file:///dir`, `memory://`.
+    /// Open the store at `url`: a directory (created if missing), `file:///dir`,
+    /// `s3://BUCKET/PREFIX`, `memory://`.
     pub fn open(url: &str) -> Result<Self, crate::Error> {
+        Self::open_with(url, true)
+    }
+
+    /// Open the store at `url`, which must exist if it is a directory (`inspect`, `gc`
+    /// and `cat` read a store; they never create one).
+    pub fn open_existing(url: &str) -> Result<Self, crate::Error> {
+        Self::open_with(url, false)
+    }
+
+    fn open_with(url: &str, create: bool) -> Result<Self, crate::Error> {
         let runtime = new_runtime()?;
         let objects = {
             let _guard = runtime.enter();
-            open_object_store(url)?
+            open_object_store_with(url, create)?
         };
         Ok(Self {
             objects,
             runtime: Arc::new(runtime),
             label: url.to_string(),
+            local_root: url::local_dir(url).map(std::path::PathBuf::from),
         })
     }
 
@@ -91,6 +124,7 @@ impl CheckpointStore {
             )),
             runtime: Arc::clone(&self.runtime),
             label: format!("{}/{prefix}", self.label.trim_end_matches('/')),
+            local_root: self.local_root.as_ref().map(|root| root.join(prefix)),
         }
     }
 
@@ -103,6 +137,7 @@ impl CheckpointStore {
             objects,
             runtime: Arc::new(new_runtime()?),
             label: label.into(),
+            local_root: None,
         })
     }
 
@@ -160,7 +195,7 @@ impl CheckpointStore {
 
     pub fn read_manifest(&self, generation: u64) -> Result<Manifest> {
         let path = manifest_path(generation);
-        let bytes = self.get(&path)?;
+        let bytes = self.get(&path, MAX_MANIFEST_BYTES)?;
         let manifest = Manifest::decode(&bytes, &format!("manifest {path}"))?;
         if manifest.generation != generation {
             return Err(corrupt!(
@@ -171,16 +206,40 @@ impl CheckpointStore {
         Ok(manifest)
     }
 
-    /// Read several packs, a few at a time; one result per name, in order.
-    pub fn read_packs(&self, names: &[String]) -> Vec<Result<Bytes>> {
+    /// Read several packs, a few at a time; one result per pack, in order. Each must be
+    /// exactly the size its manifest gives, which is checked before it is read.
+    pub fn read_packs(&self, packs: &[&manifest::PackRef]) -> Vec<Result<Bytes>> {
         use futures::StreamExt;
-        const CONCURRENT_READS: usize = 8;
         self.runtime.block_on(
-            futures::stream::iter(names)
-                .map(|name| async move { self.fetch(&pack_path(name)).await })
+            futures::stream::iter(packs)
+                .map(|pack| async move { self.fetch_pack(pack).await })
                 .buffered(CONCURRENT_READS)
                 .collect(),
         )
+    }
+
+    /// [`Self::read_packs`], stopping at the first pack that cannot be read.
+    pub fn read_all_packs(&self, packs: &[&manifest::PackRef]) -> Result<Vec<Bytes>> {
+        use futures::StreamExt;
+        self.runtime.block_on(
+            futures::stream::iter(packs)
+                .map(|pack| async move { self.fetch_pack(pack).await })
+                .buffered(CONCURRENT_READS)
+                .try_collect(),
+        )
+    }
+
+    async fn fetch_pack(&self, pack: &manifest::PackRef) -> Result<Bytes> {
+        let path = pack_path(&pack.name());
+        let bytes = self.fetch(&path, pack.bytes).await?;
+        if bytes.len() as u64 != pack.bytes {
+            return Err(corrupt!(
+                "{path} is {} bytes, but its manifest says {}",
+                bytes.len(),
+                pack.bytes
+            ));
+        }
+        Ok(bytes)
     }
 
     /// Size of an object, or `None` if it does not exist.
@@ -194,25 +253,46 @@ impl CheckpointStore {
         }
     }
 
-    fn get(&self, path: &Path) -> Result<Bytes> {
-        self.runtime.block_on(self.fetch(path))
+    fn get(&self, path: &Path, max_bytes: u64) -> Result<Bytes> {
+        self.runtime.block_on(self.fetch(path, max_bytes))
     }
 
-    /// Read a whole object; errors classified (see [`Self::classify`]).
-    async fn fetch(&self, path: &Path) -> Result<Bytes> {
-        let result = async { self.objects.get(path).await?.bytes().await }.await;
-        self.classify(result, path)
-    }
-
-    /// A missing object is plain damage to the store; any other failure means the store is
-    /// unavailable (see [`StoreUnavailable`]).
-    fn classify(&self, result: object_store::Result<Bytes>, path: &Path) -> Result<Bytes> {
-        match result {
+    /// Read a whole object of at most `max_bytes` (checked before its body is read);
+    /// errors classified (see [`Self::classify`]).
+    async fn fetch(&self, path: &Path, max_bytes: u64) -> Result<Bytes> {
+        let result = async {
+            let got = self.objects.get(path).await?;
+            let size = got.meta.size;
+            if size > max_bytes {
+                return Ok(Err(size));
+            }
+            got.bytes().await.map(Ok)
+        }
+        .await;
+        match self.classify(result, path)? {
             Ok(bytes) => Ok(bytes),
+            Err(size) => Err(corrupt!(
+                "{path} in store {} is {size} bytes, more than the {max_bytes} it may have",
+                self.label
+            )),
+        }
+    }
+
+    /// A missing object, or one that is not a regular file, is plain damage to the store;
+    /// any other failure means the store is unavailable (see [`StoreUnavailable`]).
+    fn classify<T>(&self, result: object_store::Result<T>, path: &Path) -> Result<T> {
+        match result {
+            Ok(value) => Ok(value),
             Err(e @ object_store::Error::NotFound { .. }) => Err(anyhow!(e).context(error(
                 ErrorKind::Corrupt,
                 format!("{path} is missing from store {}", self.label),
             ))),
+            Err(object_store::Error::Generic { source, .. }) if source.is::<NotRegular>() => {
+                Err(error(
+                    ErrorKind::Corrupt,
+                    format!("store {}: {source}", self.label),
+                ))
+            }
             Err(e) => {
                 Err(anyhow!(e)
                     .context(format!("cannot read {path}"))
@@ -229,11 +309,15 @@ impl CheckpointStore {
     pub fn task_id(&self) -> Result<[u8; 16]> {
         let path = Path::from(TASK);
         for _ in 0..3 {
-            let got = self
-                .runtime
-                .block_on(async { self.objects.get(&path).await?.bytes().await });
+            let got = self.runtime.block_on(async {
+                let got = self.objects.get(&path).await?;
+                if got.meta.size > MAX_TASK_BYTES {
+                    return Ok(None);
+                }
+                got.bytes().await.map(Some)
+            });
             match got {
-                Ok(bytes) => {
+                Ok(Some(bytes)) => {
                     let text = std::str::from_utf8(&bytes).unwrap_or("");
                     let mut lines = text.lines();
                     return (lines.next() == Some(TASK_MAGIC))
@@ -243,14 +327,14 @@ impl CheckpointStore {
                             corrupt!("{path} in store {} is not a wasnap task id", self.label)
                         });
                 }
-                Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => {
-                    return Err(anyhow!(e).context(format!("cannot read {path}")).context(
-                        StoreUnavailable {
-                            store: self.label.clone(),
-                        },
+                Ok(None) => {
+                    return Err(corrupt!(
+                        "{path} in store {} is not a wasnap task id (too large)",
+                        self.label
                     ));
                 }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return self.classify(Err(e), &path),
             }
             let mut id = [0u8; 16];
             getrandom::fill(&mut id).map_err(|e| anyhow!("cannot draw a task id: {e}"))?;
@@ -335,7 +419,7 @@ impl CheckpointStore {
             | Err(object_store::Error::Precondition { .. }) => {
                 // A retried put whose first attempt did land finds its own manifest: that is
                 // a commit, not a lost race. Manifest bytes are unique per writer.
-                match self.get(&path) {
+                match self.get(&path, MAX_MANIFEST_BYTES) {
                     Ok(existing) if existing == bytes => Ok(len),
                     _ => Err(Fenced {
                         generation: manifest.generation,

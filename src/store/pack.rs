@@ -18,6 +18,15 @@ pub const PACK_HEADER_LEN: usize = 8 + 2 + 2 + 4 + 8 + 16;
 /// payload length, CRC-32 of encoding and payload, encoding.
 pub const FRAME_HEADER_LEN: usize = 4 + 4 + 1;
 
+/// The largest payload a frame may have: a page compressed by zstd stays below a page
+/// plus its small worst-case overhead; twice a page leaves room for any encoding.
+pub const MAX_FRAME_PAYLOAD: usize = 2 * crate::snapshot::pages::PAGE_SIZE;
+
+/// The most bytes a pack of `frames` frames can have.
+pub fn max_pack_bytes(frames: u32) -> u64 {
+    PACK_HEADER_LEN as u64 + u64::from(frames) * (FRAME_HEADER_LEN + MAX_FRAME_PAYLOAD) as u64
+}
+
 /// Builds a pack frame by frame.
 pub struct PackBuilder {
     bytes: Vec<u8>,
@@ -38,6 +47,12 @@ impl PackBuilder {
 
     /// Append a frame around a compressed payload; returns its frame number.
     pub fn push_payload(&mut self, encoding: Encoding, payload: &[u8]) -> Result<u32> {
+        if payload.len() > MAX_FRAME_PAYLOAD {
+            anyhow::bail!(
+                "a compressed page of {} bytes is too large for a frame",
+                payload.len()
+            );
+        }
         let len = u32::try_from(payload.len()).context("compressed page too large")?;
         self.bytes.put_u32(len);
         self.bytes.put_u32(frame_crc(encoding as u8, payload));
@@ -106,6 +121,11 @@ impl PackIndex {
         for _ in 0..count {
             let start = pack.len() - r.remaining();
             let payload_len = r.u32()? as usize;
+            if payload_len > MAX_FRAME_PAYLOAD {
+                return Err(corrupt!(
+                    "{what} is corrupt: a frame claims {payload_len} bytes"
+                ));
+            }
             r.u32()?; // CRC
             r.u8()?; // encoding
             r.bytes(payload_len)?;

@@ -14,17 +14,32 @@
 
 use std::collections::HashSet;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
 use super::{CheckpointStore, MANIFESTS, PACKS, manifest_path, pack_path};
+
+/// Staging files (`NAME#N`, what `object_store` writes before it renames an object into
+/// place) older than this were left by a write that was interrupted: a kill, a crash, a
+/// full disk. Younger ones may belong to a write in progress, by this writer or another.
+pub const STAGING_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A staging file left in a local store's `manifests/` or `packs/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagingFile {
+    pub path: std::path::PathBuf,
+    pub bytes: u64,
+    pub age: std::time::Duration,
+}
 
 /// What a prune deleted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PruneReport {
     pub manifests_deleted: usize,
     pub packs_deleted: usize,
+    /// Staging files of interrupted writes (local stores only).
+    pub staging_deleted: usize,
     pub bytes_freed: u64,
     /// Manifests kept, newest last.
     pub retained: Vec<u64>,
@@ -92,6 +107,9 @@ impl CheckpointStore {
             report.manifests_deleted += 1;
             report.bytes_freed += size;
         }
+        if !old.is_empty() {
+            crate::crash::point("prune-manifests-deleted");
+        }
         for (name, size) in self.list(PACKS)? {
             let Some(generation) = pack_generation(&name) else {
                 continue;
@@ -102,8 +120,75 @@ impl CheckpointStore {
                 report.bytes_freed += size;
             }
         }
+        for staged in self.staging_files()? {
+            if staged.age >= STAGING_AGE {
+                match std::fs::remove_file(&staged.path) {
+                    Ok(()) => {
+                        report.staging_deleted += 1;
+                        report.bytes_freed += staged.bytes;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(anyhow::Error::from(e).context(format!(
+                            "prune: cannot delete staging file {}",
+                            staged.path.display()
+                        )));
+                    }
+                }
+            }
+        }
         tracing::debug!(?report, "pruned");
         Ok(report)
+    }
+
+    /// The staging files in a local store's `manifests/` and `packs/` (none for S3,
+    /// whose puts are atomic, or memory). Links and directories are not staging files.
+    pub fn staging_files(&self) -> Result<Vec<StagingFile>> {
+        let Some(root) = &self.local_root else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::new();
+        for dir in [MANIFESTS, PACKS] {
+            let dir = root.join(dir);
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::from(e).context(format!("cannot list {}", dir.display()))
+                    );
+                }
+            };
+            for entry in entries {
+                let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+                let name = entry.file_name();
+                let is_staging =
+                    name.to_str()
+                        .and_then(|n| n.rsplit_once('#'))
+                        .is_some_and(|(_, suffix)| {
+                            !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
+                        });
+                // `DirEntry::metadata` does not follow links.
+                let Ok(metadata) = entry.metadata() else {
+                    continue;
+                };
+                if !is_staging || !metadata.is_file() {
+                    continue;
+                }
+                let age = metadata
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .unwrap_or_default();
+                found.push(StagingFile {
+                    path: entry.path(),
+                    bytes: metadata.len(),
+                    age,
+                });
+            }
+        }
+        found.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(found)
     }
 
     /// Delete an object (already gone is fine).
@@ -117,14 +202,16 @@ impl CheckpointStore {
         }
     }
 
-    /// Total size of everything under `manifests/` and `packs/`.
+    /// Total size of everything under `manifests/` and `packs/`, staging files included.
     pub fn total_bytes(&self) -> Result<u64> {
+        let staging: u64 = self.staging_files()?.iter().map(|s| s.bytes).sum();
         Ok(self
             .list(MANIFESTS)?
             .iter()
             .chain(&self.list(PACKS)?)
             .map(|(_, size)| size)
-            .sum())
+            .sum::<u64>()
+            + staging)
     }
 }
 

@@ -115,13 +115,13 @@ impl RecentPacks {
     ) -> Vec<Result<Arc<LoadedPack>>> {
         let kept: Vec<Option<Arc<LoadedPack>>> =
             wanted.iter().map(|p| self.packs.get(p).cloned()).collect();
-        let names: Vec<String> = wanted
+        let missing: Vec<&PackRef> = wanted
             .iter()
             .zip(&kept)
             .filter(|(_, kept)| kept.is_none())
-            .map(|(p, _)| p.name())
+            .map(|(p, _)| p)
             .collect();
-        let mut read = store.read_packs(&names).into_iter();
+        let mut read = store.read_packs(&missing).into_iter();
         wanted
             .iter()
             .zip(kept)

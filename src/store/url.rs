@@ -18,6 +18,12 @@ use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 ///   `AWS_REGION`, …);
 /// - `memory://`: in memory, gone when the process exits (tests, trying things out).
 pub fn open_object_store(url: &str) -> Result<Arc<dyn ObjectStore>> {
+    open_object_store_with(url, true)
+}
+
+/// [`open_object_store`]; a local directory that does not exist is created only if
+/// `create` (a run), else an error (`inspect`, `gc`, `cat` only read what is there).
+pub fn open_object_store_with(url: &str, create: bool) -> Result<Arc<dyn ObjectStore>> {
     if url == "memory://" || url == "memory:///" {
         return Ok(Arc::new(InMemory::new()));
     }
@@ -39,12 +45,28 @@ pub fn open_object_store(url: &str) -> Result<Arc<dyn ObjectStore>> {
     if dir.is_empty() {
         bail!("store URL is empty");
     }
+    if !create && !std::path::Path::new(dir).is_dir() {
+        bail!("store directory {dir} does not exist");
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create store directory {dir}"))?;
     // fsync is off by default in object_store; a checkpoint that is not on disk is not a checkpoint.
     let fs = LocalFileSystem::new_with_prefix(dir)
         .with_context(|| format!("cannot open store directory {dir}"))?
         .with_fsync(true);
-    Ok(Arc::new(fs))
+    Ok(Arc::new(super::local::CheckedLocal::new(fs, dir.into())))
+}
+
+/// The directory a local store URL names (`DIR` or `file:///DIR`), or `None` for S3 and
+/// memory stores.
+pub fn local_dir(url: &str) -> Option<&str> {
+    if url.starts_with("memory://") || url.starts_with("s3://") {
+        return None;
+    }
+    match url.strip_prefix("file://") {
+        Some(path) => Some(path),
+        None if url.contains("://") => None,
+        None => Some(url),
+    }
 }
 
 /// Transient S3 errors (5xx, dropped connections) are retried with exponential backoff
