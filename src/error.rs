@@ -64,16 +64,46 @@ impl From<anyhow::Error> for Error {
     }
 }
 
-/// One line, outermost context first: what the command line prints.
+/// One line, outermost context first: what the command line prints. Credentials in a
+/// URL (`http://KEY:SECRET@host`, as an `AWS_ENDPOINT` may hold) are blanked.
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#}", self.inner)
+        f.write_str(&redact_credentials(&format!("{:#}", self.inner)))
     }
+}
+
+/// `text` with the user information of every URL in it (`scheme://USER:PASSWORD@host`)
+/// replaced by `***`.
+pub(crate) fn redact_credentials(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("://") || !text.contains('@') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        // The authority ends at the path, a space, a quote or a bracket.
+        let end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || "\"'<>()[]{}".contains(c))
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(user_end) => {
+                out.push_str("***");
+                out.push_str(&authority[user_end..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
 }
 
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?} error: {:#}", self.kind, self.inner)
+        write!(f, "{:?} error: {self}", self.kind)
     }
 }
 

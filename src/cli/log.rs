@@ -33,8 +33,11 @@ where
             Level::INFO => write!(writer, "wasnap: ")?,
             level => write!(writer, "wasnap: {level} {}: ", metadata.target())?,
         }
-        ctx.field_format().format_fields(writer.by_ref(), event)?;
-        writeln!(writer)
+        // Fields into a string first, so credentials in a URL can be blanked.
+        let mut fields = String::new();
+        ctx.field_format()
+            .format_fields(Writer::new(&mut fields), event)?;
+        writeln!(writer, "{}", crate::error::redact_credentials(&fields))
     }
 }
 

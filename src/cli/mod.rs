@@ -426,11 +426,19 @@ pub fn main() -> ExitCode {
 }
 
 fn cat(output: &str, store: Option<&str>) -> anyhow::Result<()> {
+    // A local output that is not there is a mistyped name, not an empty output.
+    let local = output.strip_prefix("file://").unwrap_or(output);
+    if !output.contains("://") || output.starts_with("file://") {
+        let path = std::path::Path::new(local);
+        if !path.exists() {
+            anyhow::bail!("output {} does not exist", path.display());
+        }
+    }
     // The store's task id and newest checkpoint's output marker.
     let newest = match store {
         None => None,
         Some(url) => {
-            let store = crate::store::CheckpointStore::open(url)?;
+            let store = crate::store::CheckpointStore::open_existing(url)?;
             match store.generations()?.last() {
                 Some(&newest) => Some((
                     store.task_id()?,
@@ -463,17 +471,18 @@ fn cat(output: &str, store: Option<&str>) -> anyhow::Result<()> {
 }
 
 fn gc(url: &str, retain: usize) -> anyhow::Result<()> {
-    let store = crate::store::CheckpointStore::open(url)?;
+    let store = crate::store::CheckpointStore::open_existing(url)?;
     let Some(&newest) = store.generations()?.last() else {
         return print_out(&format!("no checkpoints in {url}\n"));
     };
     let before = store.total_bytes()?;
     let report = store.prune(newest, retain)?;
     print_out(&format!(
-        "kept checkpoints {:?}; deleted {} manifests and {} packs, freed {} bytes ({} -> {} bytes)\n",
+        "kept checkpoints {:?}; deleted {} manifests, {} packs and {} staging files, freed {} bytes ({} -> {} bytes)\n",
         report.retained,
         report.manifests_deleted,
         report.packs_deleted,
+        report.staging_deleted,
         report.bytes_freed,
         before,
         store.total_bytes()?

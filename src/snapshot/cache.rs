@@ -32,19 +32,22 @@ struct CachedMemory {
 
 impl PageCache {
     /// Open (creating if needed) the cache files for `memory_count` memories in `dir`.
+    /// The cache is wasnap's own: a link or a special file found in place of a cache
+    /// file is removed (never followed), and `dir` itself must not be a link.
     pub fn open(dir: &Path, memory_count: usize) -> Result<Self> {
+        if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            anyhow::bail!(
+                "page cache directory {} is a symbolic link; wasnap does not follow links \
+                 it did not make (give the directory it points to with --cache-dir)",
+                dir.display()
+            );
+        }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create page cache directory {}", dir.display()))?;
         let memories = (0..memory_count)
             .map(|index| {
                 let path = dir.join(format!("memory-{index}.pages"));
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&path)
-                    .with_context(|| format!("cannot open page cache {}", path.display()))?;
+                let file = open_cache_file(&path)?;
                 let mut memory = CachedMemory { file, map: None };
                 let len = memory.file.metadata()?.len();
                 memory.map_len(len, &path)?;
@@ -62,8 +65,8 @@ impl PageCache {
     }
 
     /// Make memory `index`'s cache exactly `byte_len` bytes long (new pages read as zero).
-    /// Growth is allocated on disk for real first: a mapped sparse file on a full disk
-    /// would kill the process with SIGBUS at the first write, not return an error.
+    /// The file stays sparse: a page takes disk only once a non-zero version is written
+    /// (see [`Self::writable_page`]), so a large memory that is mostly zero costs little.
     pub fn resize(&mut self, index: usize, byte_len: u64) -> Result<()> {
         let path = self.path(index);
         let memory = &mut self.memories[index];
@@ -71,21 +74,41 @@ impl PageCache {
         if old_len == byte_len {
             return Ok(());
         }
-        if byte_len > old_len {
-            allocate(&memory.file, old_len, byte_len).with_context(|| {
-                format!(
-                    "cannot grow page cache {} to {byte_len} bytes",
-                    path.display()
-                )
-            })?;
-        } else {
-            memory.map = None;
-            memory
-                .file
-                .set_len(byte_len)
-                .with_context(|| format!("cannot resize page cache {}", path.display()))?;
-        }
+        memory.map = None;
+        memory.file.set_len(byte_len).with_context(|| {
+            format!(
+                "cannot resize page cache {} to {byte_len} bytes",
+                path.display()
+            )
+        })?;
         memory.map_len(byte_len, &path)
+    }
+
+    /// Page `page` of memory `index`, writable, its blocks allocated on disk first.
+    fn writable_page(&mut self, index: usize, page: usize) -> Result<&mut [u8]> {
+        let memory = &mut self.memories[index];
+        let len = memory.map.as_ref().map_or(0, |m| m.len());
+        let start = page * PAGE_SIZE;
+        let end = (start + PAGE_SIZE).min(len);
+        allocate_range(&memory.file, start as u64..end as u64).with_context(|| {
+            format!(
+                "cannot allocate page cache {}",
+                self.dir.join(format!("memory-{index}.pages")).display()
+            )
+        })?;
+        Ok(page_mut(self.bytes_mut(index), page))
+    }
+
+    /// Make page `page` of memory `index` zero, giving its disk back where possible.
+    fn zero_page(&mut self, index: usize, page: usize) -> Result<()> {
+        let memory = &self.memories[index];
+        let len = memory.map.as_ref().map_or(0, |m| m.len());
+        let start = page * PAGE_SIZE;
+        let end = (start + PAGE_SIZE).min(len);
+        if !punch_hole(&memory.file, start as u64..end as u64) {
+            self.writable_page(index, page)?.fill(0);
+        }
+        Ok(())
     }
 
     fn bytes(&self, index: usize) -> &[u8] {
@@ -110,13 +133,9 @@ impl PageCache {
     }
 
     /// Overwrite page `page` of memory `index` (the cache must be long enough).
-    pub fn store_page(&mut self, index: usize, page: usize, bytes: &[u8]) {
-        let map = self.memories[index]
-            .map
-            .as_deref_mut()
-            .expect("page cache resized before use");
-        let start = page * PAGE_SIZE;
-        map[start..start + bytes.len()].copy_from_slice(bytes);
+    pub fn store_page(&mut self, index: usize, page: usize, bytes: &[u8]) -> Result<()> {
+        self.writable_page(index, page)?[..bytes.len()].copy_from_slice(bytes);
+        Ok(())
     }
 
     /// Bring memory `index`'s cache in line with `memory` (whose page hashes are
@@ -127,7 +146,12 @@ impl PageCache {
         let mut rewritten = 0;
         for (page, (hash, cached)) in hashes.iter().zip(&cached_hashes).enumerate() {
             if hash != cached {
-                self.store_page(index, page, pages::page(memory, page));
+                let new = pages::page(memory, page);
+                if new.iter().all(|b| *b == 0) {
+                    self.zero_page(index, page)?;
+                } else {
+                    self.store_page(index, page, new)?;
+                }
                 rewritten += 1;
             }
         }
@@ -151,7 +175,7 @@ impl PageCache {
             self.resize(index, memory.byte_len)?;
         }
         for page in &mut capture.dirty {
-            let slot = page_mut(self.bytes_mut(page.memory), page.page as usize);
+            let slot = self.writable_page(page.memory, page.page as usize)?;
             let vouched = page
                 .previous_hash
                 .is_some_and(|hash| vouches_for(slot, hash));
@@ -171,7 +195,7 @@ impl PageCache {
             // A page beyond the old length is new, and zero in the cache already: writing
             // it would only allocate file pages for nothing.
             if (page as usize) * PAGE_SIZE < old_lens[memory] {
-                page_mut(self.bytes_mut(memory), page as usize).fill(0);
+                self.zero_page(memory, page as usize)?;
             }
         }
         Ok(())
@@ -191,23 +215,75 @@ pub fn vouches_for(cached: &[u8], expected: u64) -> bool {
     pages::hash_page(cached) == expected
 }
 
-/// Extend `file` from `from` to `to` bytes with blocks really allocated (zeros).
-fn allocate(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+/// Open a cache file, creating it: never through a link, and only a regular file. What
+/// is in its place otherwise (a link someone planted, a FIFO) is removed first.
+fn open_cache_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(found) = std::fs::symlink_metadata(path)
+        && !found.is_file()
+    {
+        if found.is_dir() {
+            anyhow::bail!("page cache file {} is a directory", path.display());
+        }
+        tracing::warn!(
+            "page cache file {} is a link or a special file: replaced",
+            path.display()
+        );
+        std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("cannot open page cache {}", path.display()))?;
+    if !file.metadata()?.is_file() {
+        anyhow::bail!("page cache {} is not a regular file", path.display());
+    }
+    Ok(file)
+}
+
+/// Allocate the blocks of `range` of `file` for real (they read as zeros where they were
+/// holes): a write through the mapping into a hole on a full disk would kill the process
+/// with SIGBUS, where this returns the error.
+fn allocate_range(file: &File, range: std::ops::Range<u64>) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (
-        libc::off_t::try_from(from),
-        libc::off_t::try_from(to - from),
+        libc::off_t::try_from(range.start),
+        libc::off_t::try_from(range.end - range.start),
     ) else {
         return Err(std::io::Error::other("page cache size out of range"));
     };
+    if len == 0 {
+        return Ok(());
+    }
     // SAFETY: a plain syscall on a file descriptor this `File` owns.
     match unsafe { libc::posix_fallocate(file.as_raw_fd(), offset, len) } {
         0 => Ok(()),
-        errno => {
-            // Leave no half-allocated tail behind.
-            let _ = file.set_len(from);
-            Err(std::io::Error::from_raw_os_error(errno))
-        }
+        errno => Err(std::io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Turn `range` of `file` back into a hole (it reads as zeros, and takes no disk), or, where
+/// the file system cannot, report that it could not.
+fn punch_hole(file: &File, range: std::ops::Range<u64>) -> bool {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (
+        libc::off_t::try_from(range.start),
+        libc::off_t::try_from(range.end - range.start),
+    ) else {
+        return false;
+    };
+    // SAFETY: a plain syscall on a file descriptor this `File` owns.
+    unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) == 0
     }
 }
 

@@ -300,7 +300,7 @@ mod tests {
         let mut cache = cache_holding(dir.path(), &old);
         let mut damaged = old[5 * PAGE_SIZE..6 * PAGE_SIZE].to_vec();
         damaged[9] ^= 1;
-        cache.store_page(0, 5, &damaged); // no base for page 5
+        cache.store_page(0, 5, &damaged).unwrap(); // no base for page 5
         let mut memory: Vec<u8> = old.iter().map(|b| b.wrapping_mul(3)).collect();
         memory[3 * PAGE_SIZE..4 * PAGE_SIZE].copy_from_slice(&old[3 * PAGE_SIZE..4 * PAGE_SIZE]);
         memory[7 * PAGE_SIZE..8 * PAGE_SIZE].fill(0); // page 7 becomes zero
@@ -354,7 +354,7 @@ mod tests {
         let damage = |cache: &mut PageCache, page: usize, at: usize| {
             let mut bytes = old[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].to_vec();
             bytes[at] ^= 1;
-            cache.store_page(0, page, &bytes);
+            cache.store_page(0, page, &bytes).unwrap();
         };
         damage(&mut cache, 3, PART_SIZE + 100); // in a part page 3 writes
         damage(&mut cache, 4, 12 * PART_SIZE); // in a part page 4 does not write

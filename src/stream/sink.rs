@@ -179,10 +179,30 @@ impl FileSink {
         Ok(())
     }
 
+    /// The file must be exactly as long as what this sink wrote: anything else means
+    /// another program truncated or wrote it, and writing on would leave a hole of zeros
+    /// (or interleave) that no checkpoint could tell from real output.
+    fn check_untouched(&self) -> Result<()> {
+        let path = self.path.display();
+        let len = self
+            .file
+            .metadata()
+            .with_context(|| format!("cannot stat output {path}"))?
+            .len();
+        if len != self.written {
+            return Err(changed!(
+                "output {path} was changed behind wasnap's back: it is {len} bytes, but wasnap wrote {}",
+                self.written
+            ));
+        }
+        Ok(())
+    }
+
     fn write_buffer(&mut self) -> Result<()> {
         if self.buffer.is_empty() {
             return Ok(());
         }
+        self.check_untouched()?;
         self.file
             .write_all_at(&self.buffer, self.written)
             .with_context(|| format!("cannot write output {}", self.path.display()))?;
@@ -202,6 +222,7 @@ impl FileSink {
     /// [`Durability::sync`] makes durable, the flush marker of a checkpoint in flight.
     pub fn flush(&mut self) -> Result<u64> {
         self.write_buffer()?;
+        self.check_untouched()?;
         Ok(self.written)
     }
 
@@ -264,20 +285,30 @@ impl Sink for FileSink {
 /// Write a file output to `out`: all of it, or with the marker of the store's newest
 /// checkpoint, exactly what that checkpoint committed (a live run may have written more).
 pub fn cat_file(path: &Path, marker: Option<&[u8]>, out: &mut dyn std::io::Write) -> Result<u64> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read output {}", path.display()))?;
+    let file =
+        File::open(path).with_context(|| format!("cannot read output {}", path.display()))?;
+    let actual = file
+        .metadata()
+        .with_context(|| format!("cannot stat output {}", path.display()))?
+        .len();
     let len = match marker {
-        None => bytes.len() as u64,
+        None => actual,
         Some(marker) => parse_file_marker(marker, path)?,
     };
-    let committed = bytes.get(..len as usize).ok_or_else(|| {
-        changed!(
-            "output {} is {} bytes but the store's newest checkpoint committed {len}: the output was truncated or replaced",
+    if actual < len {
+        return Err(changed!(
+            "output {} is {actual} bytes but the store's newest checkpoint committed {len}: the output was truncated or replaced",
             path.display(),
-            bytes.len()
-        )
-    })?;
-    out.write_all(committed).context("cannot write to stdout")?;
+        ));
+    }
+    let copied = std::io::copy(&mut std::io::Read::take(file, len), out)
+        .with_context(|| format!("cannot copy output {} to stdout", path.display()))?;
+    if copied != len {
+        return Err(changed!(
+            "output {} ended after {copied} of the {len} committed bytes while it was read",
+            path.display()
+        ));
+    }
     Ok(len)
 }
 

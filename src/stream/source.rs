@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +17,11 @@ use anyhow::{Context, Result, anyhow};
 
 use crate::codec::{Put, Reader};
 use crate::error::changed;
+
+/// The longest record a newline-delimited input may hold (its newline not counted): a
+/// longer line (or an input that is not newline-delimited) is an error, not an
+/// allocation without end.
+pub const MAX_RECORD_BYTES: usize = 64 << 20;
 
 /// Where a task's input comes from. A checkpoint stores [`Source::position`]; the task
 /// hands it back to [`Source::resume_at`] when it restores that checkpoint.
@@ -119,13 +125,27 @@ impl<I: ByteInput> Source for ByteLines<I> {
 
     fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool> {
         record.clear();
+        let offset = self.offset;
         let (reader, input) = self.reader()?;
+        // One byte past the limit tells a record of exactly the limit from a longer one.
         let n = reader
+            .take(MAX_RECORD_BYTES as u64 + 1)
             .read_until(b'\n', record)
             .map_err(crate::error::from_io)
             .with_context(|| format!("cannot read input {}", input.label()))?;
         if n == 0 {
             return Ok(false);
+        }
+        if record.len() > MAX_RECORD_BYTES && record.last() != Some(&b'\n') {
+            return Err(crate::error::error(
+                crate::ErrorKind::Other,
+                format!(
+                    "input {}: the record at byte offset {offset} is longer than {} MiB, the most \
+                     wasnap reads as one record (is the input newline-delimited?)",
+                    input.label(),
+                    MAX_RECORD_BYTES >> 20
+                ),
+            ));
         }
         self.offset += n as u64;
         if record.last() == Some(&b'\n') {
@@ -201,12 +221,26 @@ impl ByteInput for FileInput {
                 "input {path} is a local file, but the checkpoint was taken reading an object (its position names an object version); run the task with the same --input"
             ));
         }
-        let mut file =
-            File::open(&self.path).with_context(|| format!("cannot open input {path}"))?;
-        let len = file
+        // Non-blocking, so a FIFO with no writer cannot hang the open; then only a regular
+        // file is taken (a device, a FIFO or a directory has no offsets to resume at).
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.path)
+            .with_context(|| format!("cannot open input {path}"))?;
+        let metadata = file
             .metadata()
-            .with_context(|| format!("cannot stat input {path}"))?
-            .len();
+            .with_context(|| format!("cannot stat input {path}"))?;
+        if !metadata.is_file() {
+            return Err(crate::error::error(
+                crate::ErrorKind::Other,
+                format!(
+                    "input {path} is not a regular file (a device, a FIFO or a directory has no \
+                     offsets to resume at)"
+                ),
+            ));
+        }
+        let len = metadata.len();
         if offset > len {
             return Err(changed!(
                 "input {path} is {len} bytes but the checkpoint has consumed {offset}: the input was replaced or truncated"

@@ -192,6 +192,7 @@ impl RunConfig {
             )
             .into());
         }
+        self.check_paths_apart(store.label())?;
         // The sink first: a file output's lock must stop a second writer before anything
         // else is read or touched.
         let sink = stream::open_sink(&self.output)?;
@@ -201,6 +202,77 @@ impl RunConfig {
             ..self.task.clone()
         };
         Task::open(&task, guest, store, source, sink)
+    }
+}
+
+impl RunConfig {
+    /// Refuse an output that would overwrite the task's own input, guest or store: the
+    /// output is truncated on a fresh start and cut back on every resume.
+    fn check_paths_apart(&self, store_url: &str) -> Result<(), crate::Error> {
+        let Some(output) = local_path(&self.output) else {
+            return Ok(());
+        };
+        let output = resolve(&output);
+        let clash = |what: &str, other: &std::path::Path| -> Result<(), crate::Error> {
+            Err(crate::error::error(
+                crate::ErrorKind::Other,
+                format!(
+                    "--output {} is {what} {}: the output is truncated and rewritten by every run",
+                    self.output.display(),
+                    other.display()
+                ),
+            )
+            .into())
+        };
+        if let Some(input) = local_path(&self.input)
+            && same_file(&output, &resolve(&input))
+        {
+            return clash("the same file as --input", &self.input);
+        }
+        if same_file(&output, &resolve(&self.guest)) {
+            return clash("the same file as the guest", &self.guest);
+        }
+        if let Some(store) = crate::store::local_dir(store_url) {
+            let store = resolve(std::path::Path::new(store));
+            if output.starts_with(&store) || store.starts_with(&output) {
+                return clash("inside, or holds, the store", &store);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The local path an `--input`/`--output` argument names, or `None` for S3 and Kafka.
+fn local_path(arg: &std::path::Path) -> Option<PathBuf> {
+    let text = arg.to_string_lossy();
+    if let Some(path) = text.strip_prefix("file://") {
+        return Some(PathBuf::from(path));
+    }
+    (!text.contains("://")).then(|| arg.to_path_buf())
+}
+
+/// `path` made absolute with its links resolved, as far as it exists (a file not created
+/// yet is its resolved directory joined with its name).
+fn resolve(path: &std::path::Path) -> PathBuf {
+    if let Ok(resolved) = std::fs::canonicalize(path) {
+        return resolved;
+    }
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => resolve(dir).join(name),
+        _ => absolute,
+    }
+}
+
+/// Whether two resolved paths are one file: the same path, or the same inode (hard links).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if a == b {
+        return true;
+    }
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
