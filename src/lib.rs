@@ -159,6 +159,7 @@ pub mod task;
 #[cfg(not(feature = "internals"))]
 mod task;
 
+mod crash;
 pub mod error;
 
 pub use error::{Error, ErrorKind};

@@ -631,7 +631,11 @@ fn collect_garbage(objects: &Objects, committed: u64, min_age_secs: i64) -> Resu
 impl OutputCommit for PartCommit {
     fn make_durable(&mut self) -> Result<()> {
         match &self.part {
-            Some((name, bytes)) => self.objects.put(&name.part_path(), bytes.clone()),
+            Some((name, bytes)) => {
+                self.objects.put(&name.part_path(), bytes.clone())?;
+                crate::crash::point("output-part-put");
+                Ok(())
+            }
             None => Ok(()),
         }
     }
@@ -657,6 +661,7 @@ impl OutputCommit for PartCommit {
         // Oldest first, so the published chain only ever grows by whole parts.
         for part in &to_publish {
             self.objects.put(&part.index_path(), Bytes::new())?;
+            crate::crash::point("output-index-put");
         }
         let mut shared = self.shared.lock().expect("output lock");
         shared.unpublished.retain(|p| !to_publish.contains(p));
@@ -722,6 +727,7 @@ impl Merger {
         }
         objects.put(&merged.part_path(), Bytes::from(bytes))?;
         objects.put(&merged.index_path(), Bytes::new())?;
+        crate::crash::point("output-merge-put");
         // Published: the small parts are off the chain now (the merged one starts at the
         // first one's offset with a higher generation, and ends where the last one ends).
         // Their entries go; their bytes stay for a reader that listed them a moment ago,

@@ -207,23 +207,22 @@ impl CommitContext {
         }
     }
 
+    /// One checkpoint, step by step (each step named by its crash point, `crate::crash`):
+    ///
+    /// 1. encode: move the page cache on, encode the dirty pages against their bases,
+    ///    assemble the pack and the next page table;
+    /// 2. put the pack and make the output durable, at once (`commit-pack-put`,
+    ///    `commit-output-durable`);
+    /// 3. create the manifest: the commit point (`commit-manifest-created`);
+    /// 4. publish the output (`commit-published`);
+    /// 5. prune what no retained checkpoint needs.
+    ///
+    /// A failure at any step leaves the store's newest committed checkpoint as it was:
+    /// before step 3 nothing names what was written; after it, the checkpoint stands.
     fn commit(&mut self, mut job: Job) -> Result<CheckpointStats> {
         let generation = job.generation;
         let encoding = Instant::now();
-        self.cache
-            .advance(&mut job.capture, &self.buffers)
-            .context("cannot update the page cache")?;
-        let packs = self.chain_packs(&job);
-        let encoded = encode_pages(&job.capture.dirty, &self.table, self.max_deltas, &packs)?;
-        let (store, recent) = (&self.store, &mut self.recent);
-        let assembled = assemble(
-            generation,
-            &self.writer_id,
-            &self.table,
-            &job.capture,
-            encoded,
-            &mut |pack| recent.get(store, pack),
-        )?;
+        let assembled = self.encode(&mut job)?;
         let encode = encoding.elapsed();
         let dirty_pages = job.capture.dirty.len();
         self.buffers.give_back(
@@ -234,66 +233,11 @@ impl CommitContext {
         );
 
         let putting = Instant::now();
-        let mut pack_bytes = 0;
-        // The pack and the output the manifest binds must both be durable before the
-        // manifest exists; neither needs the other, so they go at once (two round trips
-        // to a remote store become one).
-        let output = &mut job.output.commit;
-        let (pack_put, output_durable) = std::thread::scope(|scope| {
-            let output = scope.spawn(|| output.make_durable());
-            let pack = assembled.pack.map(|(pack, bytes)| {
-                let bytes = bytes::Bytes::from(bytes);
-                let put = self.store.put_pack(&pack.name(), bytes.clone());
-                (pack, bytes, put)
-            });
-            let durable = output
-                .join()
-                .unwrap_or_else(|_| Err(anyhow!("making the output durable panicked")));
-            (pack, durable)
-        });
-        if let Some((pack, bytes, put)) = pack_put {
-            put?;
-            pack_bytes = bytes.len();
-            // Kept for the rebases and compactions of the next checkpoints.
-            if let Ok(loaded) = LoadedPack::parse(&pack, bytes) {
-                self.recent.insert((*pack).clone(), Arc::new(loaded));
-            }
-        }
-        if let Err(err) = output_durable {
-            // An output that refuses this writer (a Kafka producer fenced, or timed out
-            // after its transaction was aborted) while the store holds this generation or a
-            // later one: another writer owns the task.
-            let newest = self
-                .store
-                .generations()
-                .ok()
-                .and_then(|g| g.last().copied());
-            if newest >= Some(generation) {
-                return Err(err.context(Fenced { generation }));
-            }
-            return Err(err);
-        }
-        let digests: Vec<u64> = job.capture.memories.iter().map(|m| m.digest).collect();
-        let (packs, memories) = assembled.table.to_manifest_parts(&digests);
-        let manifest = Manifest {
-            generation,
-            writer_id: self.writer_id,
-            module_sha256: self.module_sha256,
-            input_offset: job.input_offset,
-            output_marker: job.output.bytes,
-            input_position: std::mem::take(&mut job.input_position),
-            output_position: job.output.marker.clone(),
-            random_seed: self.random_seed,
-            random_position: job.random_position,
-            created_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            run_state: job.run_state,
-            packs,
-            globals: job.capture.globals,
-            memories,
-        };
+        let pack_bytes = self.put_pack_and_make_output_durable(&mut job, assembled.pack)?;
+        crate::crash::point("commit-output-durable");
+        let manifest = self.manifest(&mut job, &assembled.table);
         let manifest_bytes = self.store.commit_manifest(&manifest)?;
+        crate::crash::point("commit-manifest-created");
         let put = putting.elapsed();
         let committed_after = job.paused_at.elapsed();
         tracing::debug!(
@@ -313,18 +257,11 @@ impl CommitContext {
             .commit
             .publish()
             .with_context(|| format!("checkpoint {generation} committed, but its output could not be published; the next run publishes it"))?;
+        crate::crash::point("commit-published");
         let publish = publishing.elapsed();
 
-        // Retention, strictly after the commit. A failed prune loses nothing (the next one
-        // retries), so it warns rather than stopping the run.
         let pruning = Instant::now();
-        if self.retain != usize::MAX {
-            self.remember_packs(&manifest);
-            let known = |g: u64| self.known_packs.get(&g).cloned();
-            if let Err(err) = self.store.prune_with(generation, self.retain, &known) {
-                tracing::warn!("{err:#}");
-            }
-        }
+        self.prune(&manifest);
         let prune = pruning.elapsed();
         let contents = assembled.contents;
         Ok(CheckpointStats {
@@ -352,5 +289,114 @@ impl CommitContext {
             prune,
             committed_after,
         })
+    }
+
+    /// Step 1: the cache moved on to this capture, its dirty pages encoded, the pack and
+    /// the next table assembled (nothing written to the store yet).
+    fn encode(&mut self, job: &mut Job) -> Result<crate::snapshot::encode::Assembled> {
+        self.cache
+            .advance(&mut job.capture, &self.buffers)
+            .context("cannot update the page cache")?;
+        let packs = self.chain_packs(job);
+        let encoded = encode_pages(&job.capture.dirty, &self.table, self.max_deltas, &packs)?;
+        let (store, recent) = (&self.store, &mut self.recent);
+        assemble(
+            job.generation,
+            &self.writer_id,
+            &self.table,
+            &job.capture,
+            encoded,
+            &mut |pack| recent.get(store, pack),
+        )
+    }
+
+    /// Step 2: the pack stored and the output the manifest binds made durable. Neither
+    /// needs the other, so they go at once (two round trips to a remote store become
+    /// one). Returns the pack's size.
+    fn put_pack_and_make_output_durable(
+        &mut self,
+        job: &mut Job,
+        pack: Option<(Arc<crate::store::manifest::PackRef>, Vec<u8>)>,
+    ) -> Result<usize> {
+        let generation = job.generation;
+        let output = &mut job.output.commit;
+        let (pack_put, output_durable) = std::thread::scope(|scope| {
+            let output = scope.spawn(|| output.make_durable());
+            let pack = pack.map(|(pack, bytes)| {
+                let bytes = bytes::Bytes::from(bytes);
+                let put = self.store.put_pack(&pack.name(), bytes.clone());
+                crate::crash::point("commit-pack-put");
+                (pack, bytes, put)
+            });
+            let durable = output
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("making the output durable panicked")));
+            (pack, durable)
+        });
+        let mut pack_bytes = 0;
+        if let Some((pack, bytes, put)) = pack_put {
+            put?;
+            pack_bytes = bytes.len();
+            // Kept for the rebases and compactions of the next checkpoints.
+            if let Ok(loaded) = LoadedPack::parse(&pack, bytes) {
+                self.recent.insert((*pack).clone(), Arc::new(loaded));
+            }
+        }
+        if let Err(err) = output_durable {
+            // An output that refuses this writer (a Kafka producer fenced, or timed out
+            // after its transaction was aborted) while the store holds this generation or a
+            // later one: another writer owns the task.
+            let newest = self
+                .store
+                .generations()
+                .ok()
+                .and_then(|g| g.last().copied());
+            if newest >= Some(generation) {
+                return Err(err.context(Fenced { generation }));
+            }
+            return Err(err);
+        }
+        Ok(pack_bytes)
+    }
+
+    /// Step 3's object: the manifest binding this capture's state to its input position
+    /// and output marker.
+    fn manifest(&self, job: &mut Job, table: &PageTable) -> Manifest {
+        let digests: Vec<u64> = job.capture.memories.iter().map(|m| m.digest).collect();
+        let (packs, memories) = table.to_manifest_parts(&digests);
+        Manifest {
+            generation: job.generation,
+            writer_id: self.writer_id,
+            module_sha256: self.module_sha256,
+            input_offset: job.input_offset,
+            output_marker: job.output.bytes,
+            input_position: std::mem::take(&mut job.input_position),
+            output_position: job.output.marker.clone(),
+            random_seed: self.random_seed,
+            random_position: job.random_position,
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            run_state: job.run_state,
+            packs,
+            globals: std::mem::take(&mut job.capture.globals),
+            memories,
+        }
+    }
+
+    /// Step 5: retention, strictly after the commit. A failed prune loses nothing (the
+    /// next one retries), so it warns rather than stopping the run.
+    fn prune(&mut self, manifest: &Manifest) {
+        if self.retain == usize::MAX {
+            return;
+        }
+        self.remember_packs(manifest);
+        let known = |g: u64| self.known_packs.get(&g).cloned();
+        if let Err(err) = self
+            .store
+            .prune_with(manifest.generation, self.retain, &known)
+        {
+            tracing::warn!("{err:#}");
+        }
     }
 }

@@ -377,6 +377,7 @@ impl Transaction {
                 producer.poll(Duration::from_millis(1));
             }
             producer.commit_transaction(REQUEST_TIMEOUT)?;
+            crate::crash::point("kafka-transaction-committed");
         }
         Ok(produced)
     }
