@@ -247,10 +247,133 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Run `args` again and again, killing each run with SIGKILL after a random delay in
-/// `kill_window`, until `kills` runs have been killed mid-run; then let the last run
-/// finish. Returns how many runs were killed while still running.
-/// `after_kill` is called after every kill, with the process gone, to check invariants.
+/// What one run said on stderr about its checkpoints (with [`CHECKPOINT_LOG`]).
+#[derive(Debug, Default)]
+pub struct RunLog {
+    /// The generation it restored (`None`: a fresh start).
+    pub resumed_from: Option<u64>,
+    /// The newest generation it reported committed (0: none).
+    pub committed: u64,
+    /// Everything it printed, for failure messages.
+    pub text: String,
+    /// How it ended (once it has).
+    pub status: std::process::ExitStatus,
+}
+
+impl RunLog {
+    fn read(&mut self, line: &str) {
+        let generation = || {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix("generation="))
+                .and_then(|g| g.parse::<u64>().ok())
+        };
+        if line.contains("checkpoint committed") {
+            self.committed = self.committed.max(generation().unwrap_or(0));
+        } else if line.contains(" restored ") || line.contains(": restored") {
+            self.resumed_from = generation().or(self.resumed_from);
+        }
+        self.text.push_str(line);
+        self.text.push('\n');
+    }
+}
+
+/// The log filter that makes a run say what it restored and what it committed.
+pub const CHECKPOINT_LOG: &str =
+    "error,wasnap=warn,wasnap::task::committer=debug,wasnap::task::recovery=debug";
+
+/// A run of `wasnap` whose stderr is read line by line as it comes.
+pub struct LoggedRun {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub log: RunLog,
+}
+
+impl LoggedRun {
+    pub fn spawn(args: &[String]) -> Self {
+        let mut child = wasnap()
+            .args(args)
+            .env("WASNAP_LOG", CHECKPOINT_LOG)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wasnap");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            log: RunLog::default(),
+        }
+    }
+
+    /// Read what the run printed, for up to `wait`; `false` once its stderr is closed.
+    fn pump(&mut self, wait: Duration) -> bool {
+        match self.lines.recv_timeout(wait) {
+            Ok(line) => {
+                self.log.read(&line);
+                while let Ok(line) = self.lines.try_recv() {
+                    self.log.read(&line);
+                }
+                true
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => true,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => false,
+        }
+    }
+
+    /// Wait until the run reports a commit (`true`) or ends (`false`).
+    pub fn wait_for_commit(&mut self, deadline: Instant) -> bool {
+        while self.log.committed == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint committed in time:\n{}",
+                self.log.text
+            );
+            if !self.pump(Duration::from_millis(20)) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Kill the run with SIGKILL and read the rest of what it printed.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+        while self.pump(Duration::from_secs(5)) {}
+    }
+
+    /// Let the run finish; it must succeed.
+    pub fn finish(self) -> RunLog {
+        let log = self.finish_any();
+        assert!(log.status.success(), "wasnap failed:\n{}", log.text);
+        log
+    }
+
+    /// Let the run finish, however it ends.
+    pub fn finish_any(mut self) -> RunLog {
+        while self.pump(Duration::from_secs(1)) {}
+        self.log.status = self.child.wait().unwrap();
+        self.log
+    }
+}
+
+/// Run `args` again and again, each run killed with SIGKILL a random delay in
+/// `kill_window` *after it reported its first commit*, until `kills` runs have been
+/// killed; then let the last run finish. `after_kill` checks invariants with the process
+/// gone. Fails unless every run after a kill resumed from a checkpoint at least as new as
+/// the newest its predecessor reported committed (a reported commit is durable) and newer
+/// than the one its predecessor resumed from (every kill came after progress was made).
+/// Returns the number of such resumes, which is `kills`.
 pub fn run_with_kills(
     args: &[String],
     kills: usize,
@@ -258,43 +381,56 @@ pub fn run_with_kills(
     rng: &mut Rng,
     mut after_kill: impl FnMut(),
 ) -> usize {
-    let mut killed = 0;
     let deadline = Instant::now() + Duration::from_secs(300);
-    while killed < kills {
-        assert!(Instant::now() < deadline, "crash loop took too long");
-        let mut child = wasnap()
-            .args(args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn wasnap");
+    let (mut resumes, mut previous_resume, mut previous_commit) = (0, 0u64, 0u64);
+    let mut check_resume = |log: &RunLog, previous_resume: u64, previous_commit: u64| {
+        let resumed = log.resumed_from.unwrap_or(0);
+        assert!(
+            resumed >= previous_commit,
+            "a run resumed from checkpoint {resumed}, older than checkpoint {previous_commit} the killed run had committed:\n{}",
+            log.text
+        );
+        if resumed > previous_resume {
+            resumes += 1;
+        }
+        resumed
+    };
+    for kill in 0..kills {
+        let mut run = LoggedRun::spawn(args);
+        if !run.wait_for_commit(deadline) {
+            let status = run.child.wait().unwrap();
+            assert!(
+                status.success(),
+                "a run failed on its own:\n{}",
+                run.log.text
+            );
+            panic!("the run finished after {kill} kills; the input is too short for {kills} kills");
+        }
         let span = (kill_window.1 - kill_window.0).as_micros() as u64;
         let delay = kill_window.0 + Duration::from_micros(rng.below(span.max(1)));
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let out = child.wait_with_output().unwrap();
-                assert!(
-                    status.success(),
-                    "a run failed on its own: {}",
-                    stderr(&out)
-                );
-                panic!(
-                    "the run finished after {killed} kills; the input is too short for {kills} kills in {kill_window:?}"
-                );
-            }
-            if started.elapsed() >= delay {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        let killed_at = Instant::now() + delay;
+        while Instant::now() < killed_at && run.pump(Duration::from_millis(1)) {}
+        if run.child.try_wait().unwrap().is_some() {
+            let log = run.finish_any();
+            panic!(
+                "the run finished after {kill} kills; the input is too short for {kills} kills in {kill_window:?}:\n{}",
+                log.text
+            );
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        killed += 1;
+        run.kill();
+        if kill > 0 {
+            previous_resume = check_resume(&run.log, previous_resume, previous_commit);
+        }
+        previous_commit = run.log.committed;
         after_kill();
     }
-    run_ok(args);
-    killed
+    let last = LoggedRun::spawn(args).finish();
+    check_resume(&last, previous_resume, previous_commit);
+    assert_eq!(
+        resumes, kills,
+        "only {resumes} of the {kills} runs after a kill resumed from a newer checkpoint"
+    );
+    resumes
 }
 
 /// The newest committed checkpoint's flush marker in the local store at `dir`, if any.
@@ -307,9 +443,7 @@ pub fn newest_marker(store: &str) -> Option<u64> {
 /// Exactly-once at a crash point: the output holds at least the newest checkpoint's
 /// committed bytes, and those are the reference output's first bytes.
 pub fn assert_committed_prefix(output: &Path, store: &str, expected: &[u8]) {
-    let Some(marker) = newest_marker(store) else {
-        return;
-    };
+    let marker = newest_marker(store).expect("a committed checkpoint to check the output against");
     let actual = std::fs::read(output).unwrap_or_default();
     let marker = marker as usize;
     assert!(
@@ -380,10 +514,9 @@ pub fn crash_test_with(
     args.extend(extra.iter().map(|a| a.to_string()));
     let mut rng = Rng::from_env_or_clock(guest_name);
     let window = (Duration::from_millis(20), Duration::from_millis(250));
-    let killed = run_with_kills(&args, KILLS, window, &mut rng, || {
+    run_with_kills(&args, KILLS, window, &mut rng, || {
         assert_committed_prefix(&output, store, &expected)
     });
-    assert!(killed >= KILLS);
     assert_same_output(&std::fs::read(&output).unwrap(), &expected, guest_name);
 
     // Running once more on a finished task changes nothing.
