@@ -281,7 +281,7 @@ fn a_corrupted_or_missing_pack_is_detected_and_an_older_checkpoint_used() {
         ),
         (
             |pack| std::fs::write(pack, b"garbage").unwrap(),
-            "truncated",
+            "is 7 bytes, but its manifest says",
         ),
         (|pack| std::fs::remove_file(pack).unwrap(), "is missing"),
     ];

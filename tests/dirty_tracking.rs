@@ -410,8 +410,14 @@ fn inspect_and_bench_say_which_tracker_is_used() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input");
     write_input(&input, 3000, 3000, false);
-    let store = dir.path().join("store").display().to_string();
-    let out = run_ok(&["inspect".into(), "--store".into(), store]);
+    // An existing store with no checkpoints (inspect never creates one).
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let out = run_ok(&[
+        "inspect".into(),
+        "--store".into(),
+        store.display().to_string(),
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("dirty tracking on this machine: auto: kernel for memories of 32 MiB"),

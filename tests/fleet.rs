@@ -187,6 +187,24 @@ impl Fleet {
         }
     }
 
+    /// The tasks worker `index` has committed a checkpoint of since it last opened them,
+    /// with the newest committed generation of each.
+    fn committed_tasks(&self, index: usize) -> Vec<(i32, u64)> {
+        let metrics = self.metrics(index);
+        let log = self.log(index);
+        self.partitions_of(index)
+            .into_iter()
+            .filter_map(|p| {
+                let label = format!(
+                    "wasnap_task_generation{{topic=\"{}\",partition=\"{p}\"}}",
+                    self.input_topic
+                );
+                let generation = metrics.iter().find(|(n, _)| *n == label)?.1 as u64;
+                (generation > opened_at(&log, p).unwrap_or(0)).then_some((p, generation))
+            })
+            .collect()
+    }
+
     fn running(&mut self, index: usize) -> bool {
         self.workers[index].child.try_wait().unwrap().is_none()
     }
@@ -288,6 +306,21 @@ impl Drop for Fleet {
     }
 }
 
+/// The newest generation a log says `partition`'s task was opened at.
+fn opened_at(log: &str, partition: i32) -> Option<u64> {
+    log.lines()
+        .filter(|l| l.contains("task opened") && l.contains(&format!("partition={partition} ")))
+        .filter_map(|l| {
+            l.split("generation=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+}
+
 /// Kill -9 a random worker every few seconds and start a new one, ten times, while records
 /// arrive; then the survivors stop cleanly.
 #[test]
@@ -299,6 +332,9 @@ fn three_workers_killed_and_replaced_ten_times_write_each_record_once_in_order()
     fleet.produce(RECORDS / 4);
     let mut live: Vec<usize> = (0..3).map(|_| fleet.start_worker()).collect();
     let mut rng = Rng::from_env_or_clock("fleet kills");
+    // Per kill: the tasks the victim had committed checkpoints of (partition, generation),
+    // and where each worker's log stood.
+    let mut kills = Vec::new();
     for kill in 0..KILLS {
         std::thread::sleep(Duration::from_millis(1500 + rng.below(3000)));
         // Records keep arriving while workers die.
@@ -309,11 +345,44 @@ fn three_workers_killed_and_replaced_ten_times_write_each_record_once_in_order()
             "worker {victim} died on its own before kill {kill}:\n{}",
             fleet.log(victim)
         );
+        // The kill lands after the victim committed checkpoints of a task it runs.
+        fleet.wait_until(
+            Duration::from_secs(60),
+            &format!("worker {victim} commits a checkpoint before kill {kill}"),
+            |fleet| !fleet.committed_tasks(victim).is_empty(),
+        );
+        let committed = fleet.committed_tasks(victim);
+        std::thread::sleep(Duration::from_millis(rng.below(500)));
+        let logs_at: Vec<usize> = (0..fleet.workers.len())
+            .map(|i| fleet.log(i).len())
+            .collect();
         fleet.kill(victim);
+        kills.push((committed, logs_at));
         live.push(fleet.start_worker());
     }
     fleet.produce_rest();
     fleet.assert_exact_output(Duration::from_secs(180));
+    // Most kills came after the victim had committed checkpoints, and each of those tasks
+    // was opened again afterwards from that checkpoint or a newer one.
+    let resumed = kills
+        .iter()
+        .filter(|(committed, logs_at)| {
+            !committed.is_empty()
+                && committed.iter().all(|&(partition, generation)| {
+                    (0..fleet.workers.len()).any(|i| {
+                        let log = fleet.log(i);
+                        let after = &log[logs_at.get(i).copied().unwrap_or(0).min(log.len())..];
+                        opened_at(after, partition).is_some_and(|g| g >= generation)
+                    })
+                })
+        })
+        .count();
+    assert_eq!(
+        resumed,
+        KILLS,
+        "only {resumed} of {KILLS} kills came after commits that later restores resumed from: {kills:?}\n{}",
+        fleet.logs()
+    );
     // Every task is owned by exactly one live worker, and the survivors stop cleanly.
     fleet.wait_until(
         Duration::from_secs(60),

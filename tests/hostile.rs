@@ -843,3 +843,77 @@ fn credentials_in_the_s3_endpoint_never_appear_in_errors() {
     assert!(!out.status.success());
     assert!(!err.contains("wJalrXUtnFEMIsecret"), "{err}");
 }
+
+#[test]
+fn a_stdio_program_whose_start_function_writes_stdout_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    // `cat`, with a start function that writes a line first.
+    let program = wat(
+        dir.path(),
+        "hello-cat",
+        r#"(module
+          (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 0) "start\n")
+          (func $hello
+            (i32.store (i32.const 16) (i32.const 0))
+            (i32.store (i32.const 20) (i32.const 6))
+            (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24))))
+          (start $hello)
+          (func (export "_start")
+            (loop $more
+              (i32.store (i32.const 32) (i32.const 1024))
+              (i32.store (i32.const 36) (i32.const 512))
+              (drop (call $read (i32.const 0) (i32.const 32) (i32.const 1) (i32.const 40)))
+              (if (i32.load (i32.const 40))
+                (then
+                  (i32.store (i32.const 48) (i32.const 1024))
+                  (i32.store (i32.const 52) (i32.load (i32.const 40)))
+                  (drop (call $write (i32.const 1) (i32.const 48) (i32.const 1) (i32.const 56)))
+                  (br $more))))))"#,
+    );
+    let input = dir.path().join("input");
+    lines(&input, 0, 2000);
+    let mut expected = b"start\n".to_vec();
+    expected.extend(std::fs::read(&input).unwrap());
+    let output = dir.path().join("out");
+    let store = dir.path().join("store");
+    let args: Vec<String> = [
+        "run",
+        "--stdio",
+        program.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--checkpoint-every-bytes",
+        "1000",
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Stopped after its third commit, then resumed: the start function runs again at the
+    // restore's instantiation, and what it wrote then must not reach the output.
+    let out = wasnap()
+        .args(&args)
+        .env("WASNAP_CRASH_AT", "commit-published:3")
+        .output()
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGKILL),
+        "{}",
+        stderr(&out)
+    );
+    let resumed = LoggedRun::spawn(&args).finish();
+    assert!(resumed.resumed_from.is_some(), "{}", resumed.text);
+    assert_same_output(
+        &std::fs::read(&output).unwrap(),
+        &expected,
+        "stdio start function",
+    );
+}

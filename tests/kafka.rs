@@ -76,11 +76,13 @@ fn kafka_crash_test(guest_name: &str, records: usize) {
         // After every kill, what read_committed consumers see is a prefix of the
         // uninterrupted output: never a duplicate, never a gap.
         let seen = broker.read_committed(&task.output_topic, 0);
-        assert!(
-            task.expected.starts_with(&seen),
-            "{guest_name}: the output partition is not a prefix of the reference ({} bytes)",
-            seen.len()
-        );
+        if !task.expected.starts_with(&seen) {
+            assert_same_output(
+                &seen,
+                &task.expected[..seen.len().min(task.expected.len())],
+                &format!("{guest_name}: the output partition is not a prefix of the reference"),
+            );
+        }
     });
     assert_same_output(
         &broker.read_committed(&task.output_topic, 0),
@@ -500,7 +502,8 @@ fn stdio_program_to_kafka_through_kills(name: &str) {
     let broker = kafka();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input");
-    write_input(&input, 40_000, 5000, false);
+    // Enough for ten runs that each commit before they are killed.
+    write_input(&input, 100_000, 5000, false);
     let program = guest(name);
     let reference = dir.path().join("reference");
     let stdio_args = |output: &str, store: &str, every: u64| -> Vec<String> {
@@ -531,7 +534,7 @@ fn stdio_program_to_kafka_through_kills(name: &str) {
     let store = dir.path().join("store").display().to_string();
     let args = stdio_args(&broker.url(&topic, None), &store, 16 << 10);
     let mut rng = Rng::from_env_or_clock(name);
-    let window = (Duration::from_millis(50), Duration::from_millis(400));
+    let window = (Duration::from_millis(30), Duration::from_millis(200));
     run_with_kills(&args, 10, window, &mut rng, || {
         let seen = broker.read_committed(&topic, 0);
         assert!(

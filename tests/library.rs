@@ -179,7 +179,8 @@ fn a_second_writer_on_the_same_store_is_fenced_and_observers_hear_of_it() {
 #[test]
 fn commits_are_create_only_on_every_backend() {
     let dir = tempfile::tempdir().unwrap();
-    for url in [dir.path().to_str().unwrap(), "memory://"] {
+    let store_dir = dir.path().join("store");
+    for url in [store_dir.to_str().unwrap(), "memory://"] {
         let store = CheckpointStore::open(url).unwrap();
         let input = dir.path().join("in");
         std::fs::write(&input, lines(0, 5)).unwrap();

@@ -63,7 +63,7 @@ fn wasm_value(value: GlobalValue) -> Val {
 /// its own (the input became unavailable under a stdio program's `fd_read`). The wasm
 /// backtrace wasmtime attaches (many lines) goes to the debug log, not into the message.
 fn describe(limits: &Limits, err: wasmtime::Error, function: &str) -> anyhow::Error {
-    // `in \`process\``, or a phrase of the caller's own (instantiation).
+    // "in `process`", or a phrase of the caller's own (instantiation).
     let at = if function.contains(' ') {
         function.to_string()
     } else {
@@ -114,6 +114,17 @@ fn describe(limits: &Limits, err: wasmtime::Error, function: &str) -> anyhow::Er
     error(kind, format!("{message}: {}", causes.join(": ")))
 }
 
+/// Give the next guest call its full time budget: in epoch ticks for its wasm code, and
+/// as an instant for host calls that would block (`wasi::poll_oneoff`).
+fn arm_deadline(store: &mut Store<HostState>, limits: &Limits) {
+    if let Some(ticks) = limits.deadline_ticks() {
+        store.set_epoch_deadline(ticks);
+    }
+    if let Some(timeout) = limits.call_timeout {
+        store.data_mut().call_deadline = Some((std::time::Instant::now() + timeout, timeout));
+    }
+}
+
 pub struct GuestInstance {
     store: Store<HostState>,
     abi_memory: Memory,
@@ -154,13 +165,8 @@ impl GuestInstance {
             ),
         );
         store.limiter(HostState::limits);
-        if let Some(ticks) = guest.limits.deadline_ticks() {
-            // The start function runs inside instantiate: it gets a deadline too.
-            store.set_epoch_deadline(ticks);
-        }
-        if let Some(timeout) = guest.limits.call_timeout {
-            store.data_mut().call_deadline = Some((std::time::Instant::now() + timeout, timeout));
-        }
+        // The start function runs inside instantiate: it gets a deadline too.
+        arm_deadline(&mut store, &guest.limits);
 
         let instance = guest.pre.instantiate(&mut store).map_err(|err| {
             describe(
@@ -236,13 +242,7 @@ impl GuestInstance {
 
     /// Give the next guest call its full time budget.
     fn arm_deadline(&mut self) {
-        if let Some(ticks) = self.limits.deadline_ticks() {
-            self.store.set_epoch_deadline(ticks);
-        }
-        if let Some(timeout) = self.limits.call_timeout {
-            self.store.data_mut().call_deadline =
-                Some((std::time::Instant::now() + timeout, timeout));
-        }
+        arm_deadline(&mut self.store, &self.limits);
     }
 
     /// After a restore wrote the checkpoint's memories and globals: undo what the

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::pages::{self, PAGE_SIZE};
 use super::table::{Chain, PageTable};
@@ -105,9 +105,7 @@ pub fn restore(
 /// names (generation, writer, frame count, size), not just any pack.
 fn fetch_packs(manifest: &Manifest, store: &CheckpointStore) -> Result<Packs> {
     let wanted: Vec<&PackRef> = manifest.packs.iter().collect();
-    let fetched = store
-        .read_all_packs(&wanted)
-        .with_context(|| format!("checkpoint {} needs it", manifest.generation))?;
+    let fetched = store.read_all_packs(&wanted)?;
     manifest
         .packs
         .iter()

@@ -223,6 +223,28 @@ impl Objects {
         }
     }
 
+    /// A whole small object, or `Err` naming its size if it is larger than `max`.
+    fn get_small(&self, path: &Path, max: u64) -> Result<Option<Bytes>> {
+        let got = self.runtime.block_on(async {
+            let result = self.store.get(path).await?;
+            if result.meta.size > max {
+                return Ok(Err(result.meta.size));
+            }
+            result.bytes().await.map(Ok)
+        });
+        match got {
+            Ok(Ok(bytes)) => Ok(Some(bytes)),
+            Ok(Err(size)) => Err(changed!(
+                "{path} of output {} is {size} bytes, more than the {max} a wasnap object of its kind has",
+                self.url
+            )),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => {
+                Err(self.unavailable(e, format!("cannot read {path} of output {}", self.url)))
+            }
+        }
+    }
+
     fn exists(&self, path: &Path) -> Result<bool> {
         match self.runtime.block_on(self.store.head(path)) {
             Ok(_) => Ok(true),
@@ -289,7 +311,7 @@ impl Objects {
 
     /// The task that owns this output: `None` if no task has claimed it yet.
     fn owner(&self) -> Result<Option<[u8; 16]>> {
-        let Some(bytes) = self.get(&Path::from(TASK_OBJECT), None)? else {
+        let Some(bytes) = self.get_small(&Path::from(TASK_OBJECT), 4096)? else {
             return Ok(None);
         };
         let text = std::str::from_utf8(&bytes).unwrap_or("");
@@ -739,6 +761,9 @@ impl Merger {
     }
 }
 
+/// How much of a part `cat` reads at once.
+const CAT_PIECE: u64 = 8 << 20;
+
 /// Write the committed output of `url` to `out`, in order. With the marker of the store's
 /// newest checkpoint, stop at what it committed and include its pending parts even if the
 /// crash came before their publish; without, follow the published chain to its end.
@@ -769,10 +794,22 @@ pub fn cat(url: &str, newest_marker: Option<&[u8]>, out: &mut dyn std::io::Write
         if end <= part.first {
             break;
         }
-        let bytes = objects
-            .get(&part.part_path(), Some(0..end - part.first))?
-            .with_context(|| format!("part {} of output {url} is missing", part.file_name()))?;
-        out.write_all(&bytes).context("cannot write to stdout")?;
+        // In pieces: a part is as large as its name says, which need not be small.
+        let mut at = 0;
+        while at < end - part.first {
+            let piece = at..(at + CAT_PIECE).min(end - part.first);
+            let bytes = objects
+                .get(&part.part_path(), Some(piece.clone()))?
+                .with_context(|| format!("part {} of output {url} is missing", part.file_name()))?;
+            if bytes.len() as u64 != piece.end - piece.start {
+                return Err(changed!(
+                    "part {} of output {url} is shorter than its name says",
+                    part.file_name()
+                ));
+            }
+            out.write_all(&bytes).context("cannot write to stdout")?;
+            at = piece.end;
+        }
         written = end;
     }
     if let Some(limit) = limit

@@ -99,15 +99,47 @@ impl S3Server {
             .unwrap_or_else(|| panic!("{key} not set"))
     }
 
-    /// A store URL no other test uses.
+    /// A store URL no other test uses: a prefix in a bucket of its own, made now. (moto
+    /// scans a whole bucket for every listing: one bucket for all tests would make every
+    /// test's listings as slow as the sum of all tests' objects.)
     pub fn fresh_url(&self, test: &str) -> String {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        format!(
-            "s3://{}/{test}-{}-{n}",
-            self.var("WASNAP_TEST_S3_BUCKET"),
-            std::process::id()
+        let name: String = test
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(40)
+            .collect();
+        let bucket = format!("t-{name}-{}-{n}", std::process::id());
+        self.create_bucket(&bucket);
+        format!("s3://{bucket}/{test}")
+    }
+
+    /// Create a bucket on the test server (moto takes an unsigned request).
+    pub fn create_bucket(&self, bucket: &str) {
+        use std::io::{Read, Write};
+        let endpoint = self.var("AWS_ENDPOINT");
+        let host = endpoint
+            .strip_prefix("http://")
+            .expect("the test server speaks http");
+        let mut stream = std::net::TcpStream::connect(host).expect("reach the test S3 server");
+        write!(
+            stream,
+            "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         )
+        .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        assert!(
+            reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"),
+            "cannot create bucket {bucket}: {reply}"
+        );
     }
 
     /// An S3 object store for `url`, built from this server's settings (not the process

@@ -109,6 +109,11 @@ impl KafkaUrl {
         self.consumer_reading("read_committed")
     }
 
+    /// A consumer of every record, committed, aborted or in an open transaction.
+    pub(crate) fn uncommitted_consumer(&self) -> Result<BaseConsumer<Quiet>> {
+        self.consumer_reading("read_uncommitted")
+    }
+
     fn consumer_reading(&self, isolation: &str) -> Result<BaseConsumer<Quiet>> {
         self.config()
             .set("group.id", "wasnap")

@@ -148,13 +148,33 @@ impl KafkaSink {
                 self.url.label()
             ));
         }
-        let highest = highest_sequence(&self.url, &consumer, &self.task, scan_from.max(low), high)?;
+        let from = scan_from.max(low);
+        let mut highest = highest_sequence(&self.url, &consumer, &self.task, from, high)?;
+        // A committed read that starts mid-partition relies on the broker to name only
+        // the aborted transactions that reach into it. One that also names older ones
+        // (noida-db 0.2.3 does) makes the client drop every later record of this
+        // producer, committed or not, and a replay would write them twice. Records of
+        // this task past what the committed read saw are either aborted or hidden so:
+        // then read the whole partition, which every broker serves right.
+        if from > low {
+            let uncommitted = self.url.uncommitted_consumer()?;
+            let any = highest_sequence(&self.url, &uncommitted, &self.task, from, high)?;
+            if any > highest {
+                tracing::debug!(
+                    from,
+                    low,
+                    high,
+                    "records past the committed scan: reading the whole partition"
+                );
+                highest = highest_sequence(&self.url, &consumer, &self.task, low, high)?;
+            }
+        }
         Ok((high, highest))
     }
 }
 
-/// The highest sequence number among `task`'s committed records in offsets
-/// `from..until` of the partition.
+/// The highest sequence number among `task`'s records in offsets `from..until` of the
+/// partition that `consumer` reads (committed ones only, unless it reads uncommitted).
 fn highest_sequence(
     url: &KafkaUrl,
     consumer: &BaseConsumer<Quiet>,
