@@ -32,37 +32,37 @@ mod kernel_tracking {
 
     #[test]
     fn rust_wordcount_survives_kill_9() {
-        crash_test_kernel("wordcount", 300_000, false, 200);
+        crash_test_kernel("wordcount", 150_000, false, 200);
     }
 
     #[test]
     fn rust_window_survives_kill_9() {
-        crash_test_kernel("window", 250_000, true, 200);
+        crash_test_kernel("window", 150_000, true, 200);
     }
 
     #[test]
     fn wat_globals_guest_survives_kill_9() {
-        crash_test_kernel("wat-globals", 300_000, false, 200);
+        crash_test_kernel("wat-globals", 150_000, false, 200);
     }
 
     #[test]
     fn c_sessions_guest_survives_kill_9() {
-        crash_test_kernel("c-sessions", 300_000, false, 200);
+        crash_test_kernel("c-sessions", 150_000, false, 200);
     }
 
     #[test]
     fn assemblyscript_inventory_guest_survives_kill_9() {
-        crash_test_kernel("as-inventory", 300_000, false, 200);
+        crash_test_kernel("as-inventory", 150_000, false, 200);
     }
 
     #[test]
     fn c_wordcount_guest_survives_kill_9() {
-        crash_test_kernel("c-wordcount", 300_000, false, 200);
+        crash_test_kernel("c-wordcount", 150_000, false, 200);
     }
 
     #[test]
     fn assemblyscript_wordcount_guest_survives_kill_9() {
-        crash_test_kernel("as-wordcount", 300_000, false, 200);
+        crash_test_kernel("as-wordcount", 150_000, false, 200);
     }
 
     #[test]
@@ -75,35 +75,35 @@ mod kernel_tracking {
 
 #[test]
 fn rust_wordcount_survives_kill_9() {
-    crash_test("wordcount", 300_000, false, 200);
+    crash_test("wordcount", 150_000, false, 200);
 }
 
 #[test]
 fn rust_window_survives_kill_9() {
-    crash_test("window", 250_000, true, 200);
+    crash_test("window", 150_000, true, 200);
 }
 
 #[test]
 fn wat_globals_guest_survives_kill_9() {
-    crash_test("wat-globals", 300_000, false, 200);
+    crash_test("wat-globals", 150_000, false, 200);
 }
 
 #[test]
 fn c_sessions_guest_survives_kill_9() {
-    crash_test("c-sessions", 300_000, false, 200);
+    crash_test("c-sessions", 150_000, false, 200);
 }
 
 #[test]
 fn assemblyscript_inventory_guest_survives_kill_9() {
-    crash_test("as-inventory", 300_000, false, 200);
+    crash_test("as-inventory", 150_000, false, 200);
 }
 
 #[test]
 fn c_wordcount_guest_survives_kill_9() {
-    crash_test("c-wordcount", 300_000, false, 200);
+    crash_test("c-wordcount", 150_000, false, 200);
 }
 
 #[test]
 fn assemblyscript_wordcount_guest_survives_kill_9() {
-    crash_test("as-wordcount", 300_000, false, 200);
+    crash_test("as-wordcount", 150_000, false, 200);
 }

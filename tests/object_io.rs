@@ -69,42 +69,25 @@ impl Machine {
     }
 }
 
-/// Alternate two machines, killing each run after a random delay, `kills` times; then
-/// let machine B finish. After every kill, what is published is a prefix of `expected`.
+/// Alternate two machines, killing each run a random delay after it committed, `kills`
+/// times; then let machine B finish. After every kill, what is published is a prefix of
+/// `expected`, and every run resumed from the newest checkpoint the one before committed.
 fn failover(args: &[String], kills: usize, output_url: &str, expected: &[u8], rng: &mut Rng) {
     let machines = [Machine::new(), Machine::new()];
-    let deadline = Instant::now() + Duration::from_secs(400);
-    for kill in 0..kills {
-        assert!(Instant::now() < deadline, "failover loop took too long");
-        let machine = &machines[kill % 2];
-        let mut child = machine
-            .command(args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let delay = Duration::from_millis(150 + rng.below(700));
-        let started = Instant::now();
-        while started.elapsed() < delay {
-            if let Some(status) = child.try_wait().unwrap() {
-                let out = child.wait_with_output().unwrap();
-                assert!(status.success(), "a run failed: {}", stderr(&out));
-                panic!("the run finished after {kill} kills; make the input longer");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let published = cat(output_url, None);
-        assert!(
-            expected.starts_with(&published),
-            "after kill {kill}: the published output is not a prefix of the expected one"
-        );
-    }
-    let out = machines[1].command(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "the last run failed: {}",
-        stderr(&out)
+    let mut kill = 0;
+    run_with_kills_of(
+        |run| machines[run % 2].command(args),
+        kills,
+        (Duration::from_millis(50), Duration::from_millis(400)),
+        rng,
+        || {
+            let published = cat(output_url, None);
+            assert!(
+                expected.starts_with(&published),
+                "after kill {kill}: the published output is not a prefix of the expected one"
+            );
+            kill += 1;
+        },
     );
 }
 

@@ -74,6 +74,15 @@ pub fn pack_name(generation: u64, writer_id: &[u8; 16]) -> String {
     format!("{generation:020}-{}.pack", crate::hex::encode(writer_id))
 }
 
+/// A manifest committed: its size, and the store's manifests as listed right after it (the
+/// fencing check's listing, which retention reuses).
+#[derive(Debug)]
+pub struct Committed {
+    pub bytes: usize,
+    /// Generation and size of every manifest, ascending.
+    pub manifests: Vec<(u64, u64)>,
+}
+
 /// A task's checkpoint store: synchronous calls over an `ObjectStore`, for the run loop.
 pub struct CheckpointStore {
     objects: Arc<dyn ObjectStore>,
@@ -380,25 +389,36 @@ impl CheckpointStore {
     }
 
     /// The commit point: create `manifests/<generation>`, failing if it exists, then make
-    /// sure no rival went past it. Returns the manifest's size in bytes.
-    pub fn commit_manifest(&self, manifest: &Manifest) -> Result<usize> {
-        let len = self.create_manifest(manifest)?;
+    /// sure no rival went past it.
+    pub fn commit_manifest(&self, manifest: &Manifest) -> Result<Committed> {
+        let bytes = self.create_manifest(manifest)?;
         // Create-if-absent alone does not fence a writer that fell behind: a rival's prune
         // deletes the manifests it no longer keeps, so a late writer can create one of
         // those generations anew. Its commit is then older than the store's newest, and it
         // must stop before it publishes output or prunes (which would delete the rival's
         // packs). The rival's newest manifest is never deleted, so a listing shows it.
-        let generations = self.generations()?;
-        if generations
+        let manifests = self.manifests()?;
+        if manifests
             .last()
-            .is_some_and(|newest| *newest > manifest.generation)
+            .is_some_and(|(newest, _)| *newest > manifest.generation)
         {
             return Err(Fenced {
                 generation: manifest.generation,
             }
             .into());
         }
-        Ok(len)
+        Ok(Committed { bytes, manifests })
+    }
+
+    /// Committed generations with their manifests' sizes, ascending.
+    pub fn manifests(&self) -> Result<Vec<(u64, u64)>> {
+        let mut manifests: Vec<(u64, u64)> = self
+            .list(MANIFESTS)?
+            .into_iter()
+            .filter_map(|(name, size)| Some((parse_generation(&name)?, size)))
+            .collect();
+        manifests.sort_unstable();
+        Ok(manifests)
     }
 
     fn create_manifest(&self, manifest: &Manifest) -> Result<usize> {

@@ -12,10 +12,9 @@
 //! - a rival that fell behind may create a generation this prune deleted, but
 //!   `commit_manifest` then finds a newer one and fences it before it prunes anything.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{Context, Result};
-use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
 use super::{CheckpointStore, MANIFESTS, PACKS, manifest_path, pack_path};
@@ -45,6 +44,21 @@ pub struct PruneReport {
     pub retained: Vec<u64>,
 }
 
+/// The packs of manifests a writer committed itself, by generation: (name, size).
+pub type KnownPacks = BTreeMap<u64, Vec<(String, u64)>>;
+
+/// The manifests up to `newest`, split into those to delete (all but the newest `retain`,
+/// at least 1) and those to keep; `listed` is ascending.
+fn split_retained(
+    listed: &[(u64, u64)],
+    newest: u64,
+    retain: usize,
+) -> (&[(u64, u64)], &[(u64, u64)]) {
+    let upto = listed.partition_point(|(g, _)| *g <= newest);
+    let listed = &listed[..upto];
+    listed.split_at(listed.len().saturating_sub(retain.max(1)))
+}
+
 /// The generation a pack was written for, from its name (`<generation>-<writer>.pack`).
 pub fn pack_generation(name: &str) -> Option<u64> {
     let (generation, _) = name.split_once('-')?;
@@ -53,38 +67,74 @@ pub fn pack_generation(name: &str) -> Option<u64> {
 
 impl CheckpointStore {
     /// Keep the newest `retain` (at least 1) checkpoints up to `newest`; delete older
-    /// manifests and every pack no kept manifest names.
+    /// manifests, every pack no kept manifest names, and old staging files (`gc`).
     pub fn prune(&self, newest: u64, retain: usize) -> Result<PruneReport> {
-        self.prune_with(newest, retain, &|_| None)
+        let manifests = self.manifests()?;
+        self.prune_full(newest, retain, &manifests, &KnownPacks::new())
     }
 
-    /// [`Self::prune`], where `known` may give the pack names of a kept manifest without
-    /// reading it (the writer remembers what it committed).
-    pub fn prune_with(
+    /// Retention right after this writer committed `newest`: `listed` is the store's
+    /// manifests as the commit's fencing check listed them, and `known` the packs of the
+    /// manifests this writer committed. When every manifest to delete or keep is one of
+    /// those, the packs to delete follow from them with no listing at all: a pack becomes
+    /// garbage only when the last manifest naming it goes. Otherwise (manifests of another
+    /// process, or `full`, which the writer asks for now and then to collect what failed
+    /// checkpoints left) it lists the packs, as `gc` does.
+    pub fn prune_after_commit(
         &self,
         newest: u64,
         retain: usize,
-        known: &dyn Fn(u64) -> Option<Vec<String>>,
+        listed: &[(u64, u64)],
+        known: &KnownPacks,
+        full: bool,
     ) -> Result<PruneReport> {
-        let retain = retain.max(1);
-        let manifests: Vec<(u64, u64)> = self
-            .list(MANIFESTS)?
-            .into_iter()
-            .filter_map(|(name, size)| Some((crate::store::parse_generation(&name)?, size)))
-            .filter(|(generation, _)| *generation <= newest)
-            .collect::<std::collections::BTreeMap<_, _>>()
-            .into_iter()
+        let (old, kept) = split_retained(listed, newest, retain);
+        let all_known = old.iter().chain(kept).all(|(g, _)| known.contains_key(g));
+        if full || !all_known {
+            return self.prune_full(newest, retain, listed, known);
+        }
+        let live: HashSet<&str> = kept
+            .iter()
+            .flat_map(|(g, _)| &known[g])
+            .map(|(name, _)| name.as_str())
             .collect();
-        let split = manifests.len().saturating_sub(retain);
-        let (old, kept) = manifests.split_at(split);
+        let doomed: BTreeMap<&str, u64> = old
+            .iter()
+            .flat_map(|(g, _)| &known[g])
+            .filter(|(name, _)| !live.contains(name.as_str()))
+            .filter(|(name, _)| pack_generation(name).is_some_and(|g| g <= newest))
+            .map(|(name, bytes)| (name.as_str(), *bytes))
+            .collect();
+        let mut report = PruneReport {
+            retained: kept.iter().map(|(g, _)| *g).collect(),
+            ..Default::default()
+        };
+        self.delete_manifests(old, &mut report)?;
+        self.delete_all(doomed.keys().map(|name| pack_path(name)).collect())?;
+        report.packs_deleted = doomed.len();
+        report.bytes_freed += doomed.values().sum::<u64>();
+        tracing::debug!(?report, "pruned");
+        Ok(report)
+    }
+
+    /// Retention from listings: the manifests given, the kept ones' packs (from `known` or
+    /// read), the packs listed, and the staging files.
+    fn prune_full(
+        &self,
+        newest: u64,
+        retain: usize,
+        listed: &[(u64, u64)],
+        known: &KnownPacks,
+    ) -> Result<PruneReport> {
+        let (old, kept) = split_retained(listed, newest, retain);
 
         // Which packs the kept manifests need. If the store cannot be read, delete nothing:
         // never on a guess. A kept manifest that is corrupt cannot be restored from, so
         // what only it would name needs no keeping.
         let mut live: HashSet<String> = HashSet::new();
         for (generation, _) in kept {
-            if let Some(names) = known(*generation) {
-                live.extend(names);
+            if let Some(packs) = known.get(generation) {
+                live.extend(packs.iter().map(|(name, _)| name.clone()));
                 continue;
             }
             match self.read_manifest(*generation) {
@@ -102,24 +152,19 @@ impl CheckpointStore {
             retained: kept.iter().map(|(g, _)| *g).collect(),
             ..Default::default()
         };
-        for (generation, size) in old {
-            self.delete(&manifest_path(*generation))?;
-            report.manifests_deleted += 1;
-            report.bytes_freed += size;
-        }
-        if !old.is_empty() {
-            crate::crash::point("prune-manifests-deleted");
-        }
+        self.delete_manifests(old, &mut report)?;
+        let mut doomed = Vec::new();
         for (name, size) in self.list(PACKS)? {
             let Some(generation) = pack_generation(&name) else {
                 continue;
             };
             if generation <= newest && !live.contains(&name) {
-                self.delete(&pack_path(&name))?;
+                doomed.push(pack_path(&name));
                 report.packs_deleted += 1;
                 report.bytes_freed += size;
             }
         }
+        self.delete_all(doomed)?;
         for staged in self.staging_files()? {
             if staged.age >= STAGING_AGE {
                 match std::fs::remove_file(&staged.path) {
@@ -137,8 +182,44 @@ impl CheckpointStore {
                 }
             }
         }
-        tracing::debug!(?report, "pruned");
+        tracing::debug!(?report, "pruned (full)");
         Ok(report)
+    }
+
+    /// Delete the `old` manifests, oldest first, before any pack: at every moment each
+    /// remaining manifest still has all its packs.
+    fn delete_manifests(&self, old: &[(u64, u64)], report: &mut PruneReport) -> Result<()> {
+        self.delete_all(old.iter().map(|(g, _)| manifest_path(*g)).collect())?;
+        report.manifests_deleted += old.len();
+        report.bytes_freed += old.iter().map(|(_, size)| size).sum::<u64>();
+        if !old.is_empty() {
+            crate::crash::point("prune-manifests-deleted");
+        }
+        Ok(())
+    }
+
+    /// Delete objects, in order, as few requests as the store allows (S3 takes up to a
+    /// thousand in one); ones already gone are fine.
+    fn delete_all(&self, paths: Vec<Path>) -> Result<()> {
+        use futures::StreamExt;
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let results: Vec<_> = self.runtime.block_on(
+            self.objects
+                .delete_stream(futures::stream::iter(paths.into_iter().map(Ok)).boxed())
+                .collect(),
+        );
+        for result in results {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    return Err(anyhow::Error::from(e)
+                        .context(format!("prune: cannot delete from store {}", self.label)));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The staging files in a local store's `manifests/` and `packs/` (none for S3,
@@ -189,17 +270,6 @@ impl CheckpointStore {
         }
         found.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(found)
-    }
-
-    /// Delete an object (already gone is fine).
-    fn delete(&self, path: &Path) -> Result<()> {
-        match self.runtime.block_on(self.objects.delete(path)) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(anyhow::Error::from(e).context(format!(
-                "prune: cannot delete {path} in store {}",
-                self.label
-            ))),
-        }
     }
 
     /// Total size of everything under `manifests/` and `packs/`, staging files included.
@@ -259,10 +329,13 @@ mod tests {
             }
             .name()
         };
+        let mut known = KnownPacks::new();
         for generation in 1..=6 {
-            commit(generation, 1).unwrap();
-            let known = |g: u64| Some(vec![pack_of(g, 1)]);
-            store.prune_with(generation, 3, &known).unwrap();
+            let committed = commit(generation, 1).unwrap();
+            known.insert(generation, vec![(pack_of(generation, 1), 1)]);
+            store
+                .prune_after_commit(generation, 3, &committed.manifests, &known, false)
+                .unwrap();
         }
         assert_eq!(store.generations().unwrap(), vec![4, 5, 6]);
         // Writer 2 restored checkpoint 1 long ago; generation 2 is free again, but writer
@@ -279,5 +352,92 @@ mod tests {
             assert!(packs.contains(&pack_of(generation, 1)), "{packs:?}");
         }
         assert_eq!(store.generations().unwrap(), vec![2, 4, 5, 6]);
+    }
+}
+
+#[cfg(test)]
+mod incremental {
+    use super::*;
+    use crate::store::manifest::PackRef;
+
+    fn pack(generation: u64, writer: u8) -> PackRef {
+        PackRef {
+            generation,
+            writer_id: [writer; 16],
+            frames: 1,
+            bytes: 1,
+        }
+    }
+
+    /// A store with commits 1..=n by writer 1, each naming a cold pack of generation 0 and
+    /// its own, and a pack of generation 3 that writer 2's failed checkpoint left.
+    fn committed(n: u64) -> (CheckpointStore, KnownPacks, Vec<(u64, u64)>) {
+        let store = CheckpointStore::open("memory://").unwrap();
+        let put = |p: &PackRef| {
+            store
+                .put_pack(&p.name(), bytes::Bytes::from_static(b"p"))
+                .unwrap()
+        };
+        put(&pack(3, 2));
+        put(&pack(0, 1));
+        let mut known = KnownPacks::new();
+        let mut listed = Vec::new();
+        for g in 1..=n {
+            let mut manifest = crate::store::manifest::tests::sample();
+            manifest.generation = g;
+            // The sample's frame counts, which its runs need.
+            manifest.packs = vec![
+                PackRef {
+                    frames: 10,
+                    ..pack(0, 1)
+                },
+                PackRef {
+                    frames: 3,
+                    ..pack(g, 1)
+                },
+            ];
+            put(&pack(g, 1));
+            listed = store.commit_manifest(&manifest).unwrap().manifests;
+            known.insert(g, manifest.packs.iter().map(|p| (p.name(), 1)).collect());
+        }
+        (store, known, listed)
+    }
+
+    fn packs(store: &CheckpointStore) -> Vec<(u64, u8)> {
+        let mut packs: Vec<(u64, u8)> = store
+            .list(PACKS)
+            .unwrap()
+            .iter()
+            .filter_map(|(n, _)| {
+                Some((pack_generation(n)?, if n.contains("-0202") { 2 } else { 1 }))
+            })
+            .collect();
+        packs.sort();
+        packs
+    }
+
+    #[test]
+    fn known_packs_prune_without_listing_and_a_full_prune_takes_the_garbage_too() {
+        let (store, known, listed) = committed(5);
+        let report = store
+            .prune_after_commit(5, 2, &listed, &known, false)
+            .unwrap();
+        assert_eq!(report.retained, vec![4, 5]);
+        assert_eq!((report.manifests_deleted, report.packs_deleted), (3, 3));
+        // The packs of 1..=3 went with their manifests; the cold pack 0 is still named by
+        // 4 and 5; writer 2's garbage waits for a full prune, which lists the packs.
+        assert_eq!(packs(&store), vec![(0, 1), (3, 2), (4, 1), (5, 1)]);
+        store
+            .prune_after_commit(5, 2, &listed, &known, true)
+            .unwrap();
+        assert_eq!(packs(&store), vec![(0, 1), (4, 1), (5, 1)]);
+
+        // A manifest this writer does not know (another process's) forces the listing.
+        let (store, mut known, listed) = committed(5);
+        known.remove(&4);
+        store
+            .prune_after_commit(5, 2, &listed, &known, false)
+            .unwrap();
+        assert_eq!(packs(&store), vec![(0, 1), (4, 1), (5, 1)]);
     }
 }

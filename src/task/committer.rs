@@ -7,7 +7,7 @@
 //! thread, one queue); after a failure every later checkpoint is dropped unwritten, since
 //! its deltas may stand on frames that were never stored.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
@@ -63,12 +63,17 @@ pub struct CommitContext {
     pub retain: usize,
     /// Deltas a page's chain may have before its next version is written whole.
     pub max_deltas: usize,
-    /// Pack names of the manifests this writer committed, newest `retain`: a prune then
-    /// need not read back manifests it wrote itself.
-    pub known_packs: BTreeMap<u64, Vec<String>>,
+    /// The packs of the manifests this writer committed that retention may still meet
+    /// (the newest `retain`): a prune then need not list packs or read back manifests.
+    pub known_packs: crate::store::prune::KnownPacks,
+    /// Commits since the last full prune (one that lists the packs: see `prune`).
+    pub since_full_prune: u32,
     /// Packs this writer put or read lately, for rebasing and compaction.
     pub recent: RecentPacks,
 }
+
+/// A prune lists the store's packs once every this many commits (see `prune`).
+const FULL_PRUNE_EVERY: u32 = 32;
 
 /// Bytes of recent packs the committer keeps in memory.
 pub const RECENT_PACKS_BYTES: u64 = 64 << 20;
@@ -199,14 +204,6 @@ impl CommitContext {
         packs
     }
 
-    fn remember_packs(&mut self, manifest: &Manifest) {
-        let names = manifest.packs.iter().map(|p| p.name()).collect();
-        self.known_packs.insert(manifest.generation, names);
-        while self.known_packs.len() > self.retain.max(1) {
-            self.known_packs.pop_first();
-        }
-    }
-
     /// One checkpoint, step by step (each step named by its crash point, `crate::crash`):
     ///
     /// 1. encode: move the page cache on, encode the dirty pages against their bases,
@@ -236,7 +233,8 @@ impl CommitContext {
         let pack_bytes = self.put_pack_and_make_output_durable(&mut job, assembled.pack)?;
         crate::crash::point("commit-output-durable");
         let manifest = self.manifest(&mut job, &assembled.table);
-        let manifest_bytes = self.store.commit_manifest(&manifest)?;
+        let committed = self.store.commit_manifest(&manifest)?;
+        let manifest_bytes = committed.bytes;
         crate::crash::point("commit-manifest-created");
         let put = putting.elapsed();
         let committed_after = job.paused_at.elapsed();
@@ -261,7 +259,7 @@ impl CommitContext {
         let publish = publishing.elapsed();
 
         let pruning = Instant::now();
-        self.prune(&manifest);
+        self.prune(&manifest, &committed.manifests);
         let prune = pruning.elapsed();
         let contents = assembled.contents;
         Ok(CheckpointStats {
@@ -384,19 +382,31 @@ impl CommitContext {
         }
     }
 
-    /// Step 5: retention, strictly after the commit. A failed prune loses nothing (the
-    /// next one retries), so it warns rather than stopping the run.
-    fn prune(&mut self, manifest: &Manifest) {
+    /// Step 5: retention, strictly after the commit, from the listing the commit's fencing
+    /// check made and the packs of this writer's own manifests; every `FULL_PRUNE_EVERY`
+    /// commits (and first) a full one that lists the packs, which also collects what
+    /// failed checkpoints and other writers left. A failed prune loses nothing (the next
+    /// one retries), so it warns rather than stopping the run.
+    fn prune(&mut self, manifest: &Manifest, listed: &[(u64, u64)]) {
         if self.retain == usize::MAX {
             return;
         }
-        self.remember_packs(manifest);
-        let known = |g: u64| self.known_packs.get(&g).cloned();
-        if let Err(err) = self
-            .store
-            .prune_with(manifest.generation, self.retain, &known)
-        {
+        let packs = manifest.packs.iter().map(|p| (p.name(), p.bytes)).collect();
+        self.known_packs.insert(manifest.generation, packs);
+        let full = self.since_full_prune % FULL_PRUNE_EVERY == 0;
+        self.since_full_prune += 1;
+        let pruned = self.store.prune_after_commit(
+            manifest.generation,
+            self.retain,
+            listed,
+            &self.known_packs,
+            full,
+        );
+        if let Err(err) = pruned {
             tracing::warn!("{err:#}");
+        }
+        while self.known_packs.len() > self.retain.max(1) {
+            self.known_packs.pop_first();
         }
     }
 }

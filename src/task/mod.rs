@@ -237,6 +237,7 @@ impl Task {
             retain: config.retain,
             max_deltas: config.max_deltas.min(snapshot::table::MAX_DELTAS_LIMIT),
             known_packs: Default::default(),
+            since_full_prune: 0,
             recent: RecentPacks::shared(committer::RECENT_PACKS_BYTES),
         })?;
         let driver: Box<dyn Driver> = match config.mode {

@@ -322,8 +322,14 @@ pub struct LoggedRun {
 
 impl LoggedRun {
     pub fn spawn(args: &[String]) -> Self {
-        let mut child = wasnap()
-            .args(args)
+        let mut command = wasnap();
+        command.args(args);
+        Self::start(command)
+    }
+
+    /// Start `command` (a `wasnap` command line) with its checkpoints logged.
+    pub fn start(mut command: Command) -> Self {
+        let mut child = command
             .env("WASNAP_LOG", CHECKPOINT_LOG)
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
@@ -411,6 +417,28 @@ pub fn run_with_kills(
     kills: usize,
     kill_window: (Duration, Duration),
     rng: &mut Rng,
+    after_kill: impl FnMut(),
+) -> usize {
+    run_with_kills_of(
+        |_| {
+            let mut command = wasnap();
+            command.args(args);
+            command
+        },
+        kills,
+        kill_window,
+        rng,
+        after_kill,
+    )
+}
+
+/// [`run_with_kills`], run `i` (0 for the first, `kills` for the last, which finishes)
+/// started as `command(i)` says: on alternating machines, say.
+pub fn run_with_kills_of(
+    mut command: impl FnMut(usize) -> Command,
+    kills: usize,
+    kill_window: (Duration, Duration),
+    rng: &mut Rng,
     mut after_kill: impl FnMut(),
 ) -> usize {
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -428,7 +456,7 @@ pub fn run_with_kills(
         resumed
     };
     for kill in 0..kills {
-        let mut run = LoggedRun::spawn(args);
+        let mut run = LoggedRun::start(command(kill));
         if !run.wait_for_commit(deadline) {
             let status = run.child.wait().unwrap();
             assert!(
@@ -456,7 +484,7 @@ pub fn run_with_kills(
         previous_commit = run.log.committed;
         after_kill();
     }
-    let last = LoggedRun::spawn(args).finish();
+    let last = LoggedRun::start(command(kills)).finish();
     check_resume(&last, previous_resume, previous_commit);
     assert_eq!(
         resumes, kills,
