@@ -393,7 +393,7 @@ impl CommitContext {
         }
         let packs = manifest.packs.iter().map(|p| (p.name(), p.bytes)).collect();
         self.known_packs.insert(manifest.generation, packs);
-        let full = self.since_full_prune % FULL_PRUNE_EVERY == 0;
+        let full = self.since_full_prune.is_multiple_of(FULL_PRUNE_EVERY);
         self.since_full_prune += 1;
         let pruned = self.store.prune_after_commit(
             manifest.generation,
