@@ -47,13 +47,12 @@ pub struct PruneReport {
 /// The packs of manifests a writer committed itself, by generation: (name, size).
 pub type KnownPacks = BTreeMap<u64, Vec<(String, u64)>>;
 
+/// Manifests as listed: (generation, size), ascending.
+type Listed = [(u64, u64)];
+
 /// The manifests up to `newest`, split into those to delete (all but the newest `retain`,
-/// at least 1) and those to keep; `listed` is ascending.
-fn split_retained(
-    listed: &[(u64, u64)],
-    newest: u64,
-    retain: usize,
-) -> (&[(u64, u64)], &[(u64, u64)]) {
+/// at least 1) and those to keep.
+fn split_retained(listed: &Listed, newest: u64, retain: usize) -> (&Listed, &Listed) {
     let upto = listed.partition_point(|(g, _)| *g <= newest);
     let listed = &listed[..upto];
     listed.split_at(listed.len().saturating_sub(retain.max(1)))
