@@ -21,6 +21,9 @@ const FLAG_BODY_ZSTD: u16 = 1;
 const MAX_BODY_LEN: usize = 1 << 30;
 /// More layers than this (a whole page and its deltas) is refused as corrupt.
 pub const MAX_LAYERS: usize = 64;
+/// The largest memory a manifest may describe: what a 64-bit memory can address in
+/// wasmtime, less a page, so that every page number and run end fits in 32 bits.
+pub const MAX_MEMORY_BYTES: u64 = (1 << 48) - (1 << 16);
 
 /// A pack the manifest's page table refers to. Its object name follows from it
 /// (`store::pack_name`), and `frames` from its header.
@@ -335,6 +338,9 @@ impl Manifest {
         let memories = (0..r.varint_count(10)?)
             .map(|index| {
                 let byte_len = r.varint()?;
+                if byte_len > MAX_MEMORY_BYTES {
+                    return Err(corrupt!("{what} is corrupt: memory {index} claims {byte_len} bytes"));
+                }
                 let digest = r.u64()?;
                 let page_count = crate::state::page_count(byte_len) as u64;
                 let layer_count = r.varint_count(1)?;
@@ -418,7 +424,9 @@ impl Manifest {
 
     /// Bytes of memory, all memories together.
     pub fn memory_bytes(&self) -> u64 {
-        self.memories.iter().map(|m| m.byte_len).sum()
+        self.memories
+            .iter()
+            .fold(0u64, |sum, m| sum.saturating_add(m.byte_len))
     }
 
     /// Non-zero pages in the table, all memories together.
@@ -432,10 +440,10 @@ impl Manifest {
     }
 
     /// Frames the page table refers to in each of [`Self::packs`].
-    pub fn live_frames(&self) -> Vec<u32> {
-        let mut live = vec![0u32; self.packs.len()];
+    pub fn live_frames(&self) -> Vec<u64> {
+        let mut live = vec![0u64; self.packs.len()];
         for run in self.memories.iter().flat_map(|m| m.layers.iter().flatten()) {
-            live[run.pack as usize] += run.pages;
+            live[run.pack as usize] += u64::from(run.pages);
         }
         live
     }
@@ -587,6 +595,46 @@ pub(crate) mod tests {
                 Manifest::decode(&bytes[..len], "m").is_err(),
                 "truncation to {len} bytes went undetected"
             );
+        }
+    }
+
+    /// Bodies the fuzzer (`fuzz/`, target `manifest_body`) and a reading of the decoder
+    /// found to overflow: a memory of u64::MAX bytes summed, page numbers past 32 bits cut
+    /// short. Each must decode to an error, or to a manifest that survives every use.
+    #[test]
+    fn bodies_that_once_overflowed_are_refused_or_harmless() {
+        let bodies = [
+            // memory_bytes summed byte lengths of 0, u64::MAX, 0 and 1
+            "0909000000000d5ae107070700000000000500000000010100010000ffffffffffffffffffffffff000000000000000000400100000000000094010000000000000400000000010100010000ffffffffffffffffff010100010000000000000000400100000000000001010001000000000000",
+            // covered_by added page numbers past u32
+            "01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000010000000000000000000000000000000001010004000001808080808080800200000000000000000201ffffffff0f02000001ffffffff0f020002",
+            // encode subtracted a page number cut to 32 bits
+            "0100000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000001000000000000000000000000000000000101000200000180808080808080020000000000000000010200010000ffffffff0f010001",
+            // live_frames added runs of 2^31 + 1 pages in 32 bits
+            "010000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000100000000000000000000000000000000010100818080800800000180808080808080020000000000000000010200818080800800000081808080080000",
+        ];
+        for hex in bodies {
+            let body: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            for version in [MANIFEST_VERSION_2, MANIFEST_VERSION] {
+                let mut bytes = Vec::new();
+                bytes.extend_from_slice(MANIFEST_MAGIC);
+                bytes.put_u16(version);
+                bytes.put_u16(0);
+                bytes.put_u32(body.len() as u32);
+                bytes.put_u32(body.len() as u32);
+                bytes.extend_from_slice(&body);
+                let crc = crc32fast::hash(&bytes);
+                bytes.put_u32(crc);
+                if let Ok(m) = Manifest::decode(&bytes, "m") {
+                    m.memory_bytes();
+                    m.live_frames();
+                    let again = Manifest::decode(&m.encode().unwrap(), "m").unwrap();
+                    assert_eq!(again, m);
+                }
+            }
         }
     }
 
