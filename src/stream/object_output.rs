@@ -567,6 +567,12 @@ impl Sink for ObjectSink {
         })
     }
 
+    fn needs_commit(&self) -> bool {
+        let shared = self.shared.lock().expect("output lock");
+        !shared.unpublished.is_empty()
+            || shared.repairs.iter().any(|r| *r != Repair::CollectGarbage)
+    }
+
     fn len(&self) -> u64 {
         self.end + self.buffer.len() as u64
     }

@@ -37,6 +37,12 @@ pub trait Sink: Send {
     fn checkpoint(&mut self, generation: u64, writer_id: &[u8; 16]) -> Result<OutputFlush>;
     /// Output bytes emitted so far, buffered included.
     fn len(&self) -> u64;
+    /// Whether the restored checkpoint's output is not all visible to readers yet (its
+    /// publish was cut short by a crash): then the task takes a checkpoint before it
+    /// ends, even with no new input, since only a commit may change what readers see.
+    fn needs_commit(&self) -> bool {
+        false
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }

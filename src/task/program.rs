@@ -41,6 +41,13 @@ impl Driver for Program {
     ) -> Result<()> {
         loop {
             let rewind = match *self {
+                // A finished program whose last output a crash left unpublished: one more
+                // checkpoint of the same state publishes it.
+                Program::Exited(0) if checkpoints.sink.needs_commit() => {
+                    checkpoints.start(self.input_at(&checkpoints.instance), observer)?;
+                    worked.checkpoints += 1;
+                    return Ok(());
+                }
                 Program::Exited(0) => return Ok(()),
                 Program::Exited(status) => {
                     bail!(error(

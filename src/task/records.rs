@@ -71,7 +71,12 @@ impl Driver for Records {
                 worked.checkpoints += 1;
             }
         }
-        if self.since_checkpoint > 0 || checkpoints.captured_generation == 0 {
+        // A last checkpoint for what came since the last one; for a fresh task that saw no
+        // input (its first); and for a restored output that a crash left unpublished.
+        if self.since_checkpoint > 0
+            || checkpoints.captured_generation == 0
+            || checkpoints.sink.needs_commit()
+        {
             self.checkpoint(checkpoints, observer)?;
             worked.checkpoints += 1;
         }
