@@ -41,12 +41,26 @@ fn json_lines_account_for_every_byte_put_to_the_store() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    let records: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+    let mut records: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // One line per commit, then the run's summary. By count alone, each of the 10
+    // checkpoints is its own commit.
+    let summary = records.pop().unwrap();
+    assert_eq!(summary["kind"], "summary", "{summary}");
     assert_eq!(records.len(), 10);
+    assert_eq!(
+        (summary["commits"].as_u64(), summary["captures"].as_u64()),
+        (Some(10), Some(10))
+    );
+    let tax = summary["tax"].as_f64().unwrap();
+    assert!(
+        tax > 0.0 && summary["off_records_per_sec"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+    assert!(summary["commit_lag_p50_us"].as_u64() <= summary["commit_lag_max_us"].as_u64());
     let field = |r: &serde_json::Value, k: &str| {
         r[k].as_u64()
             .unwrap_or_else(|| panic!("{k} missing in {r}"))

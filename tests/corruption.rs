@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use wasnap::guest::Guest;
 use wasnap::store::CheckpointStore;
-use wasnap::{Mode, NoObserver, RunConfig, TaskConfig};
+use wasnap::{NoObserver, RunConfig, TaskConfig};
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
@@ -41,9 +41,8 @@ fn every_flipped_byte_of_every_store_object_is_detected_or_harmless() {
     let store_url = store_dir.to_str().unwrap();
     let config = RunConfig {
         task: TaskConfig {
-            mode: Mode::records(100),
             retain: usize::MAX,
-            ..TaskConfig::default()
+            ..TaskConfig::by_count(100)
         },
         ..RunConfig::new(&guest_path, &input, &output)
     };

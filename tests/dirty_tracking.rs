@@ -93,9 +93,8 @@ fn the_kernel_reports_every_page_hashing_finds_on_every_guest() {
         let store = case.join("store").display().to_string();
         let config = RunConfig {
             task: TaskConfig {
-                mode: Mode::records(500),
                 dirty_tracking: DirtyTracking::Verify,
-                ..TaskConfig::default()
+                ..TaskConfig::by_count(500)
             },
             ..RunConfig::new(&guest, &input, case.join("output"))
         };
@@ -133,6 +132,8 @@ fn the_kernel_reports_every_page_hashing_finds_on_stdio_programs() {
             task: TaskConfig {
                 mode: Mode::stdio(16 << 10),
                 dirty_tracking: DirtyTracking::Verify,
+                // Each checkpoint on its own: the test checks them one by one.
+                coalesce: false,
                 ..TaskConfig::default()
             },
             ..RunConfig::new(guest(name), &input, dir.path().join("output"))
@@ -196,9 +197,8 @@ fn grown_memories_several_memories_and_memory64_are_tracked() {
     let store = dir.path().join("store").display().to_string();
     let config = RunConfig {
         task: TaskConfig {
-            mode: Mode::records(50),
             dirty_tracking: DirtyTracking::Verify,
-            ..TaskConfig::default()
+            ..TaskConfig::by_count(50)
         },
         ..RunConfig::new(&guest, &input, dir.path().join("output"))
     };
@@ -246,10 +246,7 @@ fn a_tracker_failing_mid_run_falls_back_to_hashing_and_loses_nothing() {
     write_input(&input, 10_000, 3000, false);
     let expected = reference_output(&guest, &input);
     let config = RunConfig {
-        task: TaskConfig {
-            mode: Mode::records(250),
-            ..TaskConfig::default()
-        },
+        task: TaskConfig::by_count(250),
         ..RunConfig::new(&guest, &input, dir.path().join("output"))
     };
     let store = dir.path().join("store").display().to_string();
@@ -442,6 +439,7 @@ fn inspect_and_bench_say_which_tracker_is_used() {
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r.get("kind").is_none()) // the run's summary, last
             .collect::<Vec<_>>()
     };
     let kernel = bench("kernel");

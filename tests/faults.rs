@@ -12,7 +12,7 @@ use common::faulty::{ALL_FAULTS, ALL_POINTS, Fault, FaultyStore, Point};
 use common::*;
 use wasnap::CheckpointStats;
 use wasnap::store::{CheckpointStore, open_object_store};
-use wasnap::{CheckpointObserver, Mode, NoObserver, RunConfig, TaskConfig};
+use wasnap::{CheckpointObserver, NoObserver, RunConfig, TaskConfig};
 
 fn run_task(config: &RunConfig, store: CheckpointStore) -> anyhow::Result<()> {
     let mut task = config.open(store)?;
@@ -39,9 +39,8 @@ fn every_fault_at_every_point_commits_or_aborts_and_a_restart_is_exact() {
                 let output = case_dir.join("out");
                 let config = RunConfig {
                     task: TaskConfig {
-                        mode: Mode::records(250),
                         retain: 2,
-                        ..TaskConfig::default()
+                        ..TaskConfig::by_count(250)
                     },
                     ..RunConfig::new(&guest, &input, &output)
                 };
@@ -120,10 +119,7 @@ fn a_committer_that_dies_fails_the_run_and_observers_hear_of_every_checkpoint() 
     let store_dir = dir.path().join("store");
     let store_url = store_dir.to_str().unwrap();
     let config = RunConfig {
-        task: TaskConfig {
-            mode: Mode::records(250),
-            ..TaskConfig::default()
-        },
+        task: TaskConfig::by_count(250),
         ..RunConfig::new(&guest, &input, dir.path().join("out"))
     };
 

@@ -138,8 +138,8 @@ impl Fleet {
                 self.group.clone(),
                 "--checkpoint-every".into(),
                 "400".into(),
-                "--checkpoint-interval-ms".into(),
-                "300".into(),
+                "--checkpoint-interval".into(),
+                "300ms".into(),
                 "--assignment".into(),
                 self.assignment.into(),
                 "--session-timeout-ms".into(),
@@ -362,8 +362,19 @@ fn three_workers_killed_and_replaced_ten_times_write_each_record_once_in_order()
     }
     fleet.produce_rest();
     fleet.assert_exact_output(Duration::from_secs(180));
-    // Most kills came after the victim had committed checkpoints, and each of those tasks
-    // was opened again afterwards from that checkpoint or a newer one.
+    // Every task is owned by exactly one live worker.
+    fleet.wait_until(
+        Duration::from_secs(60),
+        "every task has one live owner",
+        |fleet| {
+            let mut owned: Vec<i32> = live.iter().flat_map(|&w| fleet.partitions_of(w)).collect();
+            owned.sort();
+            owned == (0..PARTITIONS).collect::<Vec<_>>()
+        },
+    );
+    // Every kill came after the victim had committed checkpoints, and each of those tasks
+    // was opened again afterwards (by now every task has a live owner) from that
+    // checkpoint or a newer one.
     let resumed = kills
         .iter()
         .filter(|(committed, logs_at)| {
@@ -383,16 +394,7 @@ fn three_workers_killed_and_replaced_ten_times_write_each_record_once_in_order()
         "only {resumed} of {KILLS} kills came after commits that later restores resumed from: {kills:?}\n{}",
         fleet.logs()
     );
-    // Every task is owned by exactly one live worker, and the survivors stop cleanly.
-    fleet.wait_until(
-        Duration::from_secs(60),
-        "every task has one live owner",
-        |fleet| {
-            let mut owned: Vec<i32> = live.iter().flat_map(|&w| fleet.partitions_of(w)).collect();
-            owned.sort();
-            owned == (0..PARTITIONS).collect::<Vec<_>>()
-        },
-    );
+    // The survivors stop cleanly.
     for worker in live {
         fleet.stop(worker);
     }

@@ -891,6 +891,10 @@ fn a_stdio_program_whose_start_function_writes_stdout_resumes_exactly() {
         store.to_str().unwrap(),
         "--checkpoint-every-bytes",
         "1000",
+        // Each checkpoint committed before the program goes on: the third commit is one
+        // the run reaches.
+        "--max-in-flight",
+        "0",
         "--quiet",
     ]
     .iter()

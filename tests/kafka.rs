@@ -46,6 +46,9 @@ impl KafkaTask {
             store,
             "--checkpoint-every".into(),
             every.to_string(),
+            // And every 20 ms: with an interval, captures coalesce while they wait.
+            "--checkpoint-interval".into(),
+            "20ms".into(),
             "--cache-dir".into(),
             dir.path().join("cache").display().to_string(),
             "--quiet".into(),
@@ -71,8 +74,7 @@ fn kafka_crash_test(guest_name: &str, records: usize) {
     let broker = kafka();
     let task = KafkaTask::new(broker, guest_name, records, 200);
     let mut rng = Rng::from_env_or_clock(guest_name);
-    let window = (Duration::from_millis(50), Duration::from_millis(400));
-    run_with_kills(&task.args, 10, window, &mut rng, || {
+    run_with_kills(&task.args, 10, &mut rng, || {
         // After every kill, what read_committed consumers see is a prefix of the
         // uninterrupted output: never a duplicate, never a gap.
         let seen = broker.read_committed(&task.output_topic, 0);
@@ -115,37 +117,37 @@ mod crash {
 
     #[test]
     fn rust_wordcount() {
-        kafka_crash_test("wordcount", 60_000);
+        kafka_crash_test("wordcount", 120_000);
     }
 
     #[test]
     fn rust_window() {
-        kafka_crash_test("window", 60_000);
+        kafka_crash_test("window", 120_000);
     }
 
     #[test]
     fn wat_globals() {
-        kafka_crash_test("wat-globals", 60_000);
+        kafka_crash_test("wat-globals", 120_000);
     }
 
     #[test]
     fn c_sessions() {
-        kafka_crash_test("c-sessions", 60_000);
+        kafka_crash_test("c-sessions", 120_000);
     }
 
     #[test]
     fn c_wordcount() {
-        kafka_crash_test("c-wordcount", 60_000);
+        kafka_crash_test("c-wordcount", 120_000);
     }
 
     #[test]
     fn assemblyscript_inventory() {
-        kafka_crash_test("as-inventory", 60_000);
+        kafka_crash_test("as-inventory", 120_000);
     }
 
     #[test]
     fn assemblyscript_wordcount() {
-        kafka_crash_test("as-wordcount", 60_000);
+        kafka_crash_test("as-wordcount", 120_000);
     }
 }
 
@@ -359,13 +361,12 @@ fn opened_with_third_manifest_failing(
 ) -> (wasnap::Task, std::sync::Arc<common::faulty::FaultyStore>) {
     use common::faulty::{Fault, FaultyStore, Point};
     use wasnap::store::{CheckpointStore, open_object_store};
-    use wasnap::{Mode, RunConfig, TaskConfig};
+    use wasnap::{RunConfig, TaskConfig};
 
     let config = RunConfig {
         task: TaskConfig {
-            mode: Mode::records(250),
             cache_dir: Some(task.dir.path().join("cache")),
-            ..TaskConfig::default()
+            ..TaskConfig::by_count(250)
         },
         ..RunConfig::new(guest("wordcount"), &task.input, &task.output)
     };
@@ -534,8 +535,7 @@ fn stdio_program_to_kafka_through_kills(name: &str) {
     let store = dir.path().join("store").display().to_string();
     let args = stdio_args(&broker.url(&topic, None), &store, 16 << 10);
     let mut rng = Rng::from_env_or_clock(name);
-    let window = (Duration::from_millis(30), Duration::from_millis(200));
-    run_with_kills(&args, 10, window, &mut rng, || {
+    run_with_kills(&args, 10, &mut rng, || {
         let seen = broker.read_committed(&topic, 0);
         assert!(
             expected.starts_with(&seen),

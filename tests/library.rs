@@ -9,7 +9,7 @@ use wasnap::CheckpointStats;
 use wasnap::error::Fenced;
 use wasnap::guest::Guest;
 use wasnap::store::CheckpointStore;
-use wasnap::{CheckpointObserver, Mode, NoObserver, RunConfig, Task, TaskConfig};
+use wasnap::{CheckpointObserver, NoObserver, RunConfig, Task, TaskConfig};
 
 fn lines(from: usize, to: usize) -> String {
     (from..to).map(|i| format!("record number {i}\n")).collect()
@@ -30,10 +30,7 @@ fn resume_after_append(
     let store_url = store_dir.to_str().unwrap();
     std::fs::write(&input, lines(0, 400)).unwrap();
     let config = RunConfig {
-        task: TaskConfig {
-            mode: Mode::records(100),
-            ..TaskConfig::default()
-        },
+        task: TaskConfig::by_count(100),
         ..RunConfig::new(&guest, &input, &output)
     };
     let mut task = config
@@ -129,17 +126,11 @@ fn a_second_writer_on_the_same_store_is_fenced_and_observers_hear_of_it() {
     let store_url = dir.path().join("store");
     let store_url = store_url.to_str().unwrap();
     let config_a = RunConfig {
-        task: TaskConfig {
-            mode: Mode::records(10),
-            ..TaskConfig::default()
-        },
+        task: TaskConfig::by_count(10),
         ..RunConfig::new(guest("wordcount"), &input, dir.path().join("a"))
     };
     let config_b = RunConfig {
-        task: TaskConfig {
-            mode: Mode::records(10),
-            ..TaskConfig::default()
-        },
+        task: TaskConfig::by_count(10),
         ..RunConfig::new(guest("wordcount"), &input, dir.path().join("b"))
     };
 

@@ -78,7 +78,6 @@ fn failover(args: &[String], kills: usize, output_url: &str, expected: &[u8], rn
     run_with_kills_of(
         |run| machines[run % 2].command(args),
         kills,
-        (Duration::from_millis(50), Duration::from_millis(400)),
         rng,
         || {
             let published = cat(output_url, None);
@@ -128,6 +127,8 @@ impl S3Task {
             args.push("--checkpoint-every".into());
         }
         args.push(every.to_string());
+        // With an interval, captures coalesce while they wait for S3 (the default's way).
+        args.extend(["--checkpoint-interval".into(), "50ms".into()]);
         args
     }
 }
@@ -159,7 +160,9 @@ fn stdio_reference(program: &std::path::Path, input: &std::path::Path) -> Vec<u8
 fn s3_failover(guest_name: &str, stdio: bool) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input");
-    write_input(&input, 120_000, 5000, guest_name == "window");
+    // Long enough for ten kills: a run that waits on S3 commits while its captures
+    // coalesce goes through about 20k records before its kill.
+    write_input(&input, 300_000, 5000, guest_name == "window");
     let guest = guest(guest_name);
     let expected = if stdio {
         stdio_reference(&guest, &input)
@@ -251,19 +254,33 @@ fn a_second_live_writer_on_another_machine_is_fenced_and_never_published() {
         first.wait_with_output().unwrap(),
         second.wait_with_output().unwrap(),
     );
+    // At least one is fenced. Both can be: captures that coalesced skip generations, so
+    // two writers' commits need not meet at one name, and each then sees the other's
+    // manifest past the last it knew of. Running the command again finishes the task.
     let codes = [first.status.code(), second.status.code()];
     assert!(
-        codes == [Some(0), Some(3)] || codes == [Some(3), Some(0)],
-        "one writer must finish and the other be fenced: {codes:?}\nA: {}\nB: {}",
+        codes.contains(&Some(3)) && codes.iter().all(|c| [Some(0), Some(3)].contains(c)),
+        "a writer must be fenced and none fail otherwise: {codes:?}\nA: {}\nB: {}",
         stderr(&first),
         stderr(&second)
     );
-    let fenced = if codes[0] == Some(3) { &first } else { &second };
-    assert!(
-        stderr(fenced).contains("another writer owns this task"),
-        "{}",
-        stderr(fenced)
-    );
+    for (run, code) in [(&first, codes[0]), (&second, codes[1])] {
+        if code == Some(3) {
+            assert!(
+                stderr(run).contains("another writer owns this task"),
+                "{}",
+                stderr(run)
+            );
+        }
+    }
+    if codes == [Some(3), Some(3)] {
+        let rerun = a.command(&args).output().unwrap();
+        assert!(
+            rerun.status.success(),
+            "the rerun failed: {}",
+            stderr(&rerun)
+        );
+    }
     assert!(
         !published_while_racing.is_empty(),
         "nothing was published while racing"
@@ -298,12 +315,11 @@ fn a_second_live_writer_on_another_machine_is_fenced_and_never_published() {
         "published by writers that never committed: {:?}",
         published.difference(&committed).collect::<Vec<_>>()
     );
-    // The first writer committed before the second started; the second committed too
-    // only if it won the race (and the first was the one fenced).
-    let winners = if codes[0] == Some(0) { 1 } else { 2 };
-    assert_eq!(
-        committed.len(),
-        winners,
+    // The first writer committed before the second started; the second may have created
+    // manifests too (and been fenced by its listing after one), and so may a rerun.
+    let runs = if codes == [Some(3), Some(3)] { 3 } else { 2 };
+    assert!(
+        (1..=runs).contains(&committed.len()),
         "writers that committed: {committed:?}"
     );
     assert!(written.is_superset(&published));
@@ -396,8 +412,7 @@ fn a_directory_output_survives_kills_and_cat_reads_it() {
         dir.path().join("cache").display().to_string(),
     ]);
     let mut rng = Rng::from_env_or_clock("directory output");
-    let window = (Duration::from_millis(20), Duration::from_millis(250));
-    run_with_kills(&args, 10, window, &mut rng, || {
+    run_with_kills(&args, 10, &mut rng, || {
         // Whatever is published is a prefix of the reference, and whatever the newest
         // checkpoint committed is there to read.
         let published = cat(&output_url, None);

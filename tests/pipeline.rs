@@ -14,7 +14,7 @@ use wasnap::guest::Guest;
 use wasnap::snapshot;
 use wasnap::state::PAGE_SIZE;
 use wasnap::store::{CheckpointStore, open_object_store};
-use wasnap::{CheckpointObserver, Mode, NoObserver, RunConfig, Task, TaskConfig};
+use wasnap::{CheckpointObserver, NoObserver, RunConfig, Task, TaskConfig};
 
 const PAGES: u32 = 64;
 
@@ -259,9 +259,8 @@ fn a_slow_store_is_overlapped_up_to_the_bound_and_then_holds_the_guest_back() {
         let output = case_dir.join("out");
         let config = RunConfig {
             task: TaskConfig {
-                mode: Mode::records(200),
                 max_in_flight,
-                ..TaskConfig::default()
+                ..TaskConfig::by_count(200)
             },
             ..RunConfig::new(&guest, &input, &output)
         };
@@ -305,10 +304,9 @@ fn a_real_histogram_goes_as_sparse_deltas_and_restores_exactly() {
     let store_url = dir.path().join("store").display().to_string();
     let config = RunConfig {
         task: TaskConfig {
-            mode: Mode::records(500),
             // Every pack stays, to be counted.
             retain: usize::MAX,
-            ..TaskConfig::default()
+            ..TaskConfig::by_count(500)
         },
         ..RunConfig::new(guest("window"), &input, dir.path().join("output"))
     };

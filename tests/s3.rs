@@ -101,7 +101,7 @@ fn sixteen_racing_writers_one_winner_every_round() {
                         barrier.wait();
                         (
                             w as u8,
-                            store.commit_manifest(&manifest).map(|c| c.bytes),
+                            store.commit_manifest(&manifest, round - 1).map(|c| c.bytes),
                             size,
                         )
                     })

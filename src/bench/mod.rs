@@ -1,7 +1,16 @@
-//! `wasnap bench`: run a guest through the real engine and report, per checkpoint, what
-//! was written and what it cost, beside what the Wasman-style baseline would write.
+//! `wasnap bench`: run a guest through the real engine and report, per commit, what was
+//! written and what it cost, beside what the Wasman-style baseline would write; and the
+//! durability tax: the guest's records/s under the policy ÷ its records/s with
+//! checkpoints off.
+//!
+//! Three passes over the same input, so that nothing measured runs on the measured
+//! guest's path but wasnap: the guest with checkpoints off (one at the end, in memory, its
+//! output to a scratch file); the guest under the policy, into the store; and, for the
+//! baseline, the guest run plainly once more, its memory handed to the baseline at the
+//! input offsets of the second pass's commits.
 
 pub mod baseline;
+mod replay;
 pub mod stdio;
 
 use std::path::PathBuf;
@@ -12,7 +21,7 @@ use serde::Serialize;
 use crate::snapshot::DirtyTracking;
 use crate::store::CheckpointStore;
 use crate::task::{CheckpointObserver, CheckpointStats, Mode, RunConfig, RunSummary, TaskConfig};
-use baseline::{BaselineSnapshot, WasmanBaseline};
+use baseline::WasmanBaseline;
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
@@ -22,11 +31,18 @@ pub struct BenchConfig {
     /// Where the output goes (a file, a directory or `s3://BUCKET/PREFIX`); a scratch
     /// file if `None`.
     pub output: Option<PathBuf>,
+    /// The policy: a checkpoint every this many records ([`crate::task::NEVER`]: not by
+    /// count) and/or once this much time passed. By count alone, every checkpoint is
+    /// committed on its own (no coalescing), so its bytes compare with the baseline's at
+    /// the same moments; with an interval, captures may coalesce.
     pub checkpoint_every: u64,
+    pub checkpoint_interval: Option<std::time::Duration>,
     /// Where checkpoints go; a fresh temporary directory (local disk, fsync) if `None`.
     pub store: Option<String>,
-    /// Also compute the Wasman-style baseline.
+    /// Also compute the Wasman-style baseline (a third pass).
     pub baseline: bool,
+    /// Also run the guest with checkpoints off, for the durability tax (a first pass).
+    pub compare_off: bool,
     /// See [`TaskConfig::max_deltas`].
     pub max_deltas: usize,
     /// See [`TaskConfig::dirty_tracking`].
@@ -39,6 +55,9 @@ pub struct BenchConfig {
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckpointRecord {
     pub generation: u64,
+    /// Captures this commit covered: more than one where captures waiting for the
+    /// committer merged (coalescing).
+    pub captures: usize,
     pub input_offset: u64,
     pub memory_bytes: u64,
     pub dirty_pages: usize,
@@ -85,36 +104,61 @@ pub struct CheckpointRecord {
 
 pub struct BenchReport {
     pub run: RunSummary,
+    /// The same guest with checkpoints off (`compare_off`).
+    pub off: Option<RunSummary>,
     pub dirty_tracking: DirtyTracking,
+    /// One per commit.
     pub checkpoints: Vec<CheckpointRecord>,
 }
 
+/// The whole run, as `--json` prints it after the checkpoints (`"kind": "summary"`).
+#[derive(Clone, Debug, Serialize)]
+pub struct SummaryRecord {
+    pub kind: &'static str,
+    pub records: u64,
+    pub seconds: f64,
+    pub records_per_sec: f64,
+    /// With checkpoints off, and the ratio: the durability tax (1 is free).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub off_records_per_sec: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tax: Option<f64>,
+    pub captures: u64,
+    pub commits: u64,
+    /// From a pause to the commit that covers it, over the commits.
+    pub commit_lag_p50_us: u64,
+    pub commit_lag_p99_us: u64,
+    pub commit_lag_max_us: u64,
+    pub bytes_written: u64,
+}
+
+/// Collects one record per commit; the baseline's figures are added after its own pass.
 struct Recorder<'a> {
-    baseline: Option<WasmanBaseline>,
-    /// The memory count and the baseline's figures of checkpoints captured and not yet
-    /// finished.
-    pending: std::collections::BTreeMap<u64, (usize, Option<BaselineSnapshot>)>,
+    /// The memory count of checkpoints captured and not yet finished.
+    pending: std::collections::BTreeMap<u64, usize>,
     records: Vec<CheckpointRecord>,
     on_record: &'a mut dyn FnMut(&CheckpointRecord),
+    /// `on_record` only once the baseline is known (it comes from a later pass).
+    deferred: bool,
 }
 
 impl CheckpointObserver for Recorder<'_> {
     fn captured(&mut self, generation: u64, memories: &[&[u8]]) {
-        // The guest is paused exactly as captured: the baseline snapshots the same memory.
-        let baseline = self
-            .baseline
-            .as_mut()
-            .map(|b| b.snapshot(&memories.concat()));
-        self.pending.insert(generation, (memories.len(), baseline));
+        self.pending.insert(generation, memories.len());
     }
 
     fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &crate::Error>) {
-        let (memories, baseline) = self.pending.remove(&generation).unwrap_or((0, None));
+        let memories = self.pending.remove(&generation).unwrap_or(0);
         let Ok(stats) = outcome else {
             return;
         };
+        // A capture merged into a later one's commit: that commit is recorded once.
+        if stats.generation != generation {
+            return;
+        }
         let record = CheckpointRecord {
             generation: stats.generation,
+            captures: stats.captures,
             input_offset: stats.input_offset,
             memory_bytes: stats.memory_bytes,
             dirty_pages: stats.dirty_pages,
@@ -141,17 +185,20 @@ impl CheckpointObserver for Recorder<'_> {
             publish_us: stats.publish.as_micros() as u64,
             prune_us: stats.prune.as_micros() as u64,
             commit_latency_us: stats.committed_after.as_micros() as u64,
-            baseline_bytes: baseline.as_ref().map(|b| b.bytes),
-            baseline_full: baseline.as_ref().map(|b| b.full),
-            baseline_hash_us: baseline.as_ref().map(|b| b.hash.as_micros() as u64),
-            baseline_encode_us: baseline.as_ref().map(|b| b.encode.as_micros() as u64),
+            baseline_bytes: None,
+            baseline_full: None,
+            baseline_hash_us: None,
+            baseline_encode_us: None,
         };
-        (self.on_record)(&record);
+        if !self.deferred {
+            (self.on_record)(&record);
+        }
         self.records.push(record);
     }
 }
 
-/// Run the guest over the whole input from a fresh start, calling `on_record` after every checkpoint.
+/// Run the guest over the whole input from a fresh start (see the module doc for the
+/// passes), calling `on_record` after every commit.
 pub fn bench(
     config: &BenchConfig,
     on_record: &mut dyn FnMut(&CheckpointRecord),
@@ -165,38 +212,126 @@ pub fn bench(
     if !store.generations()?.is_empty() {
         anyhow::bail!("bench needs an empty store, and {store_url} holds checkpoints");
     }
+    let task = |mode: Mode, interval, coalesce, cache: &str| TaskConfig {
+        mode,
+        checkpoint_interval: interval,
+        coalesce,
+        // The bench accounts for every byte put; retention would delete some of them.
+        retain: usize::MAX,
+        max_deltas: config.max_deltas,
+        dirty_tracking: config.dirty_tracking,
+        cache_dir: Some((config.cache_dir.clone()).unwrap_or_else(|| scratch.path().join(cache))),
+        ..TaskConfig::default()
+    };
+    let guest = RunConfig::new(&config.guest, &config.input, scratch.path()).load_guest()?;
+
+    // Checkpoints off: one at the end, in memory; the output to a scratch file.
+    let off = if config.compare_off {
+        let off = RunConfig {
+            task: task(Mode::records(crate::task::NEVER), None, false, "cache-off"),
+            ..RunConfig::new(
+                &config.guest,
+                &config.input,
+                scratch.path().join("output-off"),
+            )
+        };
+        let store = CheckpointStore::open("memory://")?;
+        Some(
+            off.open_with_guest(&guest, store)?
+                .run(&mut crate::task::NoObserver)?,
+        )
+    } else {
+        None
+    };
+
+    // Under the policy. By count alone, every checkpoint is its own commit.
     let run_config = RunConfig {
-        task: TaskConfig {
-            mode: Mode::records(config.checkpoint_every),
-            // The bench accounts for every byte put; retention would delete some of them.
-            retain: usize::MAX,
-            max_deltas: config.max_deltas,
-            dirty_tracking: config.dirty_tracking,
-            cache_dir: config.cache_dir.clone(),
-            ..TaskConfig::default()
-        },
+        task: task(
+            Mode::records(config.checkpoint_every),
+            config.checkpoint_interval,
+            config.checkpoint_interval.is_some(),
+            "cache",
+        ),
         ..RunConfig::new(
             &config.guest,
             &config.input,
             (config.output.clone()).unwrap_or_else(|| scratch.path().join("output")),
         )
     };
-    let mut task = run_config.open(store)?;
     let mut recorder = Recorder {
-        baseline: config.baseline.then(WasmanBaseline::default),
         pending: Default::default(),
         records: Vec::new(),
         on_record,
+        deferred: config.baseline,
     };
-    let run = task.run(&mut recorder)?;
+    let run = run_config
+        .open_with_guest(&guest, store)?
+        .run(&mut recorder)?;
+    let mut records = recorder.records;
+
+    // The baseline, at the commits' input offsets, from a plain run of the guest.
+    if config.baseline {
+        let offsets: Vec<u64> = records.iter().map(|r| r.input_offset).collect();
+        let mut baseline = WasmanBaseline::default();
+        replay::memories_at(&guest, &config.input, &offsets, &mut |i, memory| {
+            let snapshot = baseline.snapshot(memory);
+            let record = &mut records[i];
+            record.baseline_bytes = Some(snapshot.bytes);
+            record.baseline_full = Some(snapshot.full);
+            record.baseline_hash_us = Some(snapshot.hash.as_micros() as u64);
+            record.baseline_encode_us = Some(snapshot.encode.as_micros() as u64);
+        })
+        .context("the baseline's pass failed")?;
+        for record in &records {
+            (recorder.on_record)(record);
+        }
+    }
     Ok(BenchReport {
         run,
+        off,
         dirty_tracking: config.dirty_tracking,
-        checkpoints: recorder.records,
+        checkpoints: records,
     })
 }
 
+/// The `p`-th percentile (0–100) of `values`, nearest rank.
+fn percentile(values: &[u64], p: f64) -> u64 {
+    if values.is_empty() {
+        return 0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
 impl BenchReport {
+    /// The whole run in one record.
+    pub fn summary_record(&self) -> SummaryRecord {
+        let per_sec = |run: &RunSummary| run.records as f64 / run.elapsed.as_secs_f64().max(1e-9);
+        let lags: Vec<u64> = self
+            .checkpoints
+            .iter()
+            .map(|r| r.commit_latency_us)
+            .collect();
+        let records_per_sec = per_sec(&self.run);
+        let off = self.off.as_ref().map(per_sec);
+        SummaryRecord {
+            kind: "summary",
+            records: self.run.records,
+            seconds: self.run.elapsed.as_secs_f64(),
+            records_per_sec,
+            off_records_per_sec: off,
+            tax: off.map(|off| records_per_sec / off.max(1e-9)),
+            captures: self.checkpoints.iter().map(|r| r.captures as u64).sum(),
+            commits: self.checkpoints.len() as u64,
+            commit_lag_p50_us: percentile(&lags, 50.0),
+            commit_lag_p99_us: percentile(&lags, 99.0),
+            commit_lag_max_us: lags.iter().copied().max().unwrap_or(0),
+            bytes_written: self.checkpoints.iter().map(|r| r.delta_bytes as u64).sum(),
+        }
+    }
+
     /// The human summary: totals, averages and the ratio to the baseline.
     pub fn summary(&self, guest: &str) -> String {
         let c = &self.checkpoints;
@@ -207,13 +342,27 @@ impl BenchReport {
         let manifests = sum(|r| r.manifest_bytes as u64);
         let memory = c.last().map_or(0, |r| r.memory_bytes);
         let secs = self.run.elapsed.as_secs_f64().max(1e-9);
+        let summary = self.summary_record();
         let mut out = format!(
-            "guest {guest}: {} records in {:.2}s ({:.0} records/s), {} checkpoints, final memory {}\n\n",
+            "guest {guest}: {} records in {:.2}s ({:.0} records/s), {} commits of {} captures, final memory {}\n",
             self.run.records,
             secs,
             self.run.records as f64 / secs,
-            c.len(),
+            summary.commits,
+            summary.captures,
             human_bytes(memory as f64),
+        );
+        if let (Some(off), Some(tax)) = (summary.off_records_per_sec, summary.tax) {
+            out += &format!(
+                "durability tax: {tax:.2}x ({:.0} records/s with checkpoints, {off:.0} with them off)\n",
+                summary.records_per_sec
+            );
+        }
+        out += &format!(
+            "commit lag (pause to commit): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n\n",
+            summary.commit_lag_p50_us as f64 / 1000.0,
+            summary.commit_lag_p99_us as f64 / 1000.0,
+            summary.commit_lag_max_us as f64 / 1000.0,
         );
         out += &format!("{:<24} {:>14} {:>14}\n", "", "wasnap", "baseline");
         let baseline_total: Option<u64> =

@@ -67,6 +67,9 @@ impl Progress {
 impl CheckpointObserver for Progress {
     fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &crate::Error>) {
         let Ok(stats) = outcome else { return };
+        if stats.generation != generation {
+            return; // merged into a later commit, reported with it
+        }
         let first = *self.first_offset.get_or_insert(stats.input_offset);
         if !self.enabled || self.last.elapsed() < Self::EVERY {
             return;

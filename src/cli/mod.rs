@@ -52,9 +52,8 @@ enum Command {
         /// Checkpoint store: a directory, file:///DIR, s3://BUCKET/PREFIX or memory://.
         #[arg(long)]
         store: String,
-        /// Take a checkpoint every N records (and always at the end of input).
-        #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1..))]
-        checkpoint_every: u64,
+        #[command(flatten)]
+        policy: PolicyArgs,
         /// Seed of the guest's deterministic WASI random stream on a fresh start.
         #[arg(long, default_value_t = crate::guest::random::DEFAULT_SEED)]
         seed: u64,
@@ -63,8 +62,10 @@ enum Command {
         /// Keep the newest K checkpoints; delete older ones and packs none of them needs.
         #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
         retain: u64,
-        /// Checkpoints captured but not yet committed before the guest waits (0: commit
-        /// each checkpoint before going on).
+        /// Checkpoints captured but not yet committed before the guest waits, when they do
+        /// not merge (by count alone); with an interval they merge while they wait, and the
+        /// guest waits only once they hold 256 MiB of page copies. 0: each checkpoint is
+        /// committed before the guest goes on.
         #[arg(long, default_value_t = task::DEFAULT_MAX_IN_FLIGHT as u64)]
         max_in_flight: u64,
         /// Deltas a page may have on top of its last whole version before the next is
@@ -104,12 +105,8 @@ enum Command {
         /// The consumer group the fleet's workers share.
         #[arg(long)]
         group: String,
-        /// Take a checkpoint every N records.
-        #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1..))]
-        checkpoint_every: u64,
-        /// And once this many milliseconds passed since the last, if records came.
-        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-        checkpoint_interval_ms: u64,
+        #[command(flatten)]
+        policy: PolicyArgs,
         /// Serve per-task figures for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9464).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
@@ -146,7 +143,8 @@ enum Command {
         #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
         retain: u64,
     },
-    /// Measure a guest: per checkpoint, bytes written, stall and costs, beside the Wasman-style baseline.
+    /// Measure a guest: per commit, bytes written, stall and costs, beside the Wasman-style
+    /// baseline; and the durability tax (records/s with checkpoints ÷ with them off).
     Bench {
         /// The guest module (.wasm, or .wat text); with --stdio, a WASI command.
         guest: PathBuf,
@@ -164,9 +162,8 @@ enum Command {
         /// Where the output goes (see `run`); default: a scratch file.
         #[arg(long)]
         output: Option<PathBuf>,
-        /// Take a checkpoint every N records (and at the end of input).
-        #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1..))]
-        checkpoint_every: u64,
+        #[command(flatten)]
+        policy: PolicyArgs,
         /// Checkpoint store (must be empty); default: a fresh temporary directory.
         #[arg(long)]
         store: Option<String>,
@@ -207,6 +204,54 @@ enum Command {
         #[arg(long)]
         store: String,
     },
+}
+
+/// When checkpoints are taken, as `run`, `worker` and `bench` take it: by time, by record
+/// count, or both (whichever comes first). Neither given: every second.
+#[derive(clap::Args)]
+struct PolicyArgs {
+    /// Take a checkpoint every N records (and always at the end of the input). Given alone,
+    /// checkpoints are by count only, and each is committed on its own.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    checkpoint_every: Option<u64>,
+    /// Take a checkpoint once this long has passed since the last one and records came
+    /// (`200ms`, `1s`, `2m`) [default: 1s, unless --checkpoint-every is given alone]. It
+    /// bounds the records a crash replays and how far committed output trails the input.
+    /// Checkpoints the store cannot keep up with merge into one commit (coalescing).
+    #[arg(long, value_parser = parse_duration)]
+    checkpoint_interval: Option<std::time::Duration>,
+}
+
+impl PolicyArgs {
+    /// The record count and the interval this policy checkpoints at.
+    fn policy(&self) -> (u64, Option<std::time::Duration>) {
+        match (self.checkpoint_every, self.checkpoint_interval) {
+            (None, None) => (task::NEVER, Some(task::DEFAULT_CHECKPOINT_INTERVAL)),
+            (every, interval) => (every.unwrap_or(task::NEVER), interval),
+        }
+    }
+}
+
+/// A duration with its unit: `250ms`, `1s`, `1.5s`, `2m`, `1h`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{text:?} has no unit (ms, s, m or h)"))?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number with a unit"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m or h)")),
+    };
+    std::time::Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a positive duration"))
 }
 
 /// A guest's limits, as `run` and `worker` take them.
@@ -257,7 +302,7 @@ pub fn main() -> ExitCode {
             input,
             output,
             store,
-            checkpoint_every,
+            policy,
             seed,
             limits,
             retain,
@@ -267,6 +312,7 @@ pub fn main() -> ExitCode {
             dirty_tracking,
             quiet,
         } => {
+            let (checkpoint_every, checkpoint_interval) = policy.policy();
             let config = RunConfig {
                 guest,
                 input,
@@ -284,7 +330,11 @@ pub fn main() -> ExitCode {
                     cache_dir,
                     max_deltas: max_deltas as usize,
                     dirty_tracking,
-                    checkpoint_interval: None,
+                    checkpoint_interval,
+                    // By count alone, every N records is its own commit; with an interval,
+                    // captures the store cannot keep up with merge.
+                    coalesce: checkpoint_interval.is_some(),
+                    ..TaskConfig::default()
                 },
             };
             let mut progress = log::Progress::new(!quiet);
@@ -329,7 +379,7 @@ pub fn main() -> ExitCode {
             guest,
             input,
             output,
-            checkpoint_every,
+            policy,
             store,
             json,
             no_baseline,
@@ -338,13 +388,16 @@ pub fn main() -> ExitCode {
             cache_dir,
             ..
         } => {
+            let (checkpoint_every, checkpoint_interval) = policy.policy();
             let config = bench::BenchConfig {
                 guest,
                 input,
                 output,
                 checkpoint_every,
+                checkpoint_interval,
                 store,
                 baseline: !no_baseline,
+                compare_off: true,
                 max_deltas: max_deltas as usize,
                 dirty_tracking,
                 cache_dir,
@@ -361,7 +414,9 @@ pub fn main() -> ExitCode {
                 .and_then(|report| {
                     printed?;
                     if json {
-                        return Ok(());
+                        let line = serde_json::to_string(&report.summary_record())
+                            .expect("a summary serialises");
+                        return print_out(&format!("{line}\n"));
                     }
                     print_out(&report.summary(&config.guest.display().to_string()))
                 })
@@ -373,8 +428,7 @@ pub fn main() -> ExitCode {
             output,
             store,
             group,
-            checkpoint_every,
-            checkpoint_interval_ms,
+            policy,
             metrics,
             session_timeout_ms,
             cache_dir,
@@ -391,12 +445,16 @@ pub fn main() -> ExitCode {
                 store,
                 group,
                 task: TaskConfig {
-                    mode: Mode::records(checkpoint_every),
+                    mode: Mode::records(policy.policy().0),
                     retain: usize::try_from(retain).unwrap_or(usize::MAX),
                     dirty_tracking,
-                    checkpoint_interval: Some(std::time::Duration::from_millis(
-                        checkpoint_interval_ms,
-                    )),
+                    // An idle partition must still commit what it has: a worker always
+                    // checkpoints by time too.
+                    checkpoint_interval: Some(
+                        policy
+                            .checkpoint_interval
+                            .unwrap_or(task::DEFAULT_CHECKPOINT_INTERVAL),
+                    ),
                     ..TaskConfig::default()
                 },
                 metrics,

@@ -304,6 +304,10 @@ pub struct FiguresObserver(Arc<TaskFigures>);
 impl CheckpointObserver for FiguresObserver {
     fn finished(&mut self, generation: u64, outcome: Result<&CheckpointStats, &Error>) {
         let Ok(stats) = outcome else { return };
+        // Counted once, at the commit a merged capture's answer shares.
+        if stats.generation != generation {
+            return;
+        }
         let mut figures = self.0.figures();
         let now = Instant::now();
         match figures.window {
@@ -400,8 +404,9 @@ fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn stats(input_offset: u64) -> CheckpointStats {
+    fn stats(generation: u64, input_offset: u64) -> CheckpointStats {
         CheckpointStats {
+            generation,
             input_offset,
             pack_bytes: 1000,
             manifest_bytes: 24,
@@ -420,10 +425,12 @@ mod tests {
         let task = metrics.task(3);
         task.running(7, 40);
         let mut observer = task.observer();
-        observer.finished(8, Ok(&stats(100)));
-        observer.finished(9, Ok(&stats(250)));
+        observer.finished(8, Ok(&stats(8, 100)));
+        // 9 merged into 10's commit: counted once, with 10.
+        observer.finished(9, Ok(&stats(10, 250)));
+        observer.finished(10, Ok(&stats(10, 250)));
         let figures = metrics.snapshot()[&3].clone();
-        assert_eq!((figures.generation, figures.input_offset), (9, Some(250)));
+        assert_eq!((figures.generation, figures.input_offset), (10, Some(250)));
         assert_eq!((figures.checkpoints, figures.written_bytes), (2, 2048));
         assert_eq!(figures.records, 210);
         assert_eq!(
@@ -431,7 +438,7 @@ mod tests {
             "no rate before a whole window"
         );
         task.figures().window = Some((40, Instant::now() - RATE_WINDOW * 2));
-        observer.finished(10, Ok(&stats(290)));
+        observer.finished(11, Ok(&stats(11, 290)));
         let rate = metrics.snapshot()[&3].records_per_second;
         assert!(
             (100.0..=125.0).contains(&rate),
@@ -439,7 +446,7 @@ mod tests {
         );
         let page = metrics.render();
         assert!(
-            page.contains("wasnap_task_generation{topic=\"words\",partition=\"3\"} 10\n"),
+            page.contains("wasnap_task_generation{topic=\"words\",partition=\"3\"} 11\n"),
             "{page}"
         );
         assert!(

@@ -390,17 +390,20 @@ impl CheckpointStore {
 
     /// The commit point: create `manifests/<generation>`, failing if it exists, then make
     /// sure no rival went past it.
-    pub fn commit_manifest(&self, manifest: &Manifest) -> Result<Committed> {
+    pub fn commit_manifest(&self, manifest: &Manifest, after: u64) -> Result<Committed> {
         let bytes = self.create_manifest(manifest)?;
         // Create-if-absent alone does not fence a writer that fell behind: a rival's prune
         // deletes the manifests it no longer keeps, so a late writer can create one of
-        // those generations anew. Its commit is then older than the store's newest, and it
-        // must stop before it publishes output or prunes (which would delete the rival's
-        // packs). The rival's newest manifest is never deleted, so a listing shows it.
+        // those generations anew; and a writer whose captures coalesced skips generations,
+        // so two writers need not race for the same one. `after` is the newest generation
+        // this writer knew of before this commit (its last commit, or the newest listed
+        // when it opened): any other manifest past it is a rival's, and this writer must
+        // stop before it publishes output or prunes (which would delete the rival's packs).
+        // The rival's newest manifest is never deleted, so a listing shows it.
         let manifests = self.manifests()?;
         if manifests
-            .last()
-            .is_some_and(|(newest, _)| *newest > manifest.generation)
+            .iter()
+            .any(|(listed, _)| *listed > after && *listed != manifest.generation)
         {
             return Err(Fenced {
                 generation: manifest.generation,

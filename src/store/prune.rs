@@ -299,6 +299,32 @@ mod tests {
     }
 
     #[test]
+    fn writers_whose_coalesced_commits_skip_generations_fence_each_other() {
+        use crate::error::Fenced;
+        let store = CheckpointStore::open("memory://").unwrap();
+        let manifest = |generation: u64, writer: u8| {
+            let mut manifest = crate::store::manifest::tests::sample();
+            manifest.generation = generation;
+            manifest.writer_id = [writer; 16];
+            manifest.packs.clear();
+            manifest
+        };
+        store.commit_manifest(&manifest(10, 1), 9).unwrap();
+        // Both restored 10. Writer 2 commits 11 first; writer 1's captures 11 to 13
+        // merged into one commit, 13, which no one holds: the listing still fences it.
+        store.commit_manifest(&manifest(11, 2), 10).unwrap();
+        let err = store.commit_manifest(&manifest(13, 1), 10).unwrap_err();
+        assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
+        // The other order: writer 1's 15 first, then writer 2's 12 (after its 11).
+        let store = CheckpointStore::open("memory://").unwrap();
+        store.commit_manifest(&manifest(15, 1), 10).unwrap();
+        let err = store.commit_manifest(&manifest(12, 2), 11).unwrap_err();
+        assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
+        // A writer's own gaps are no rival: 18 after its own 15 (12 is older).
+        store.commit_manifest(&manifest(18, 1), 15).unwrap();
+    }
+
+    #[test]
     fn a_writer_that_fell_behind_cannot_commit_a_generation_a_prune_deleted() {
         use crate::error::Fenced;
         use crate::store::manifest::PackRef;
@@ -317,7 +343,7 @@ mod tests {
             store
                 .put_pack(&pack, bytes::Bytes::from_static(b"p"))
                 .unwrap();
-            store.commit_manifest(&manifest)
+            store.commit_manifest(&manifest, generation - 1)
         };
         let pack_of = |generation: u64, writer: u8| {
             PackRef {
@@ -396,7 +422,7 @@ mod incremental {
                 },
             ];
             put(&pack(g, 1));
-            listed = store.commit_manifest(&manifest).unwrap().manifests;
+            listed = store.commit_manifest(&manifest, g - 1).unwrap().manifests;
             known.insert(g, manifest.packs.iter().map(|p| (p.name(), 1)).collect());
         }
         (store, known, listed)

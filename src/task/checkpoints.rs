@@ -16,6 +16,9 @@ use crate::snapshot::{self, DirtyTracker, PageBuffers};
 use crate::store::manifest::RunState;
 use crate::stream::Sink;
 
+/// With coalescing: the guest waits once this many captures are queued, however small.
+const MAX_QUEUED_CAPTURES: usize = 64;
+
 /// Where the input stands at a checkpoint, as the driver reports it.
 pub(super) struct InputAt {
     /// Bytes consumed (statistics).
@@ -46,6 +49,10 @@ pub(super) struct Checkpoints {
     pub committed_generation: u64,
     pub committed_marker: Option<Vec<u8>>,
     pub max_in_flight: usize,
+    /// Captures merge while they wait for the committer (`task::coalesce`).
+    pub coalesce: bool,
+    /// With `coalesce`: the page copies captures may hold before the guest waits.
+    pub max_uncommitted_bytes: u64,
     /// The first checkpoint error, reported once everything in flight has settled.
     pub failure: Option<Error>,
     /// A checkpoint failed: whether its manifest landed is unknown.
@@ -81,10 +88,23 @@ impl Checkpoints {
             observer.finished(generation, Err(&err));
             return Err(err.into_anyhow());
         }
-        while self.committer.in_flight() > self.max_in_flight && self.failure.is_none() {
+        while self.must_wait() && self.failure.is_none() {
             self.settle(observer, true);
         }
         self.take_failure()
+    }
+
+    /// Whether the guest waits for the committer before it goes on. Captures that merge
+    /// (`coalesce`) wait only once the page copies they hold reach `max_uncommitted_bytes`
+    /// (or very many are queued); captures committed one by one once more than
+    /// `max_in_flight` are in flight.
+    fn must_wait(&self) -> bool {
+        if self.coalesce {
+            self.committer.in_flight_bytes() > self.max_uncommitted_bytes
+                || self.committer.in_flight() > MAX_QUEUED_CAPTURES
+        } else {
+            self.committer.in_flight() > self.max_in_flight
+        }
     }
 
     /// Settle what the committer has finished, without waiting; the first failure stops
@@ -125,6 +145,7 @@ impl Checkpoints {
             paused_at,
             stall,
             hash,
+            captures: 1,
         })
     }
 
@@ -139,8 +160,12 @@ impl Checkpoints {
             match outcome {
                 Ok(stats) => {
                     observer.finished(generation, Ok(&stats));
-                    self.committed_generation = generation;
-                    self.committed_marker = Some(output_marker);
+                    // A capture merged into a later commit was never committed itself; the
+                    // later one's answer follows at once.
+                    if stats.generation == generation {
+                        self.committed_generation = generation;
+                        self.committed_marker = Some(output_marker);
+                    }
                 }
                 Err(err) => {
                     let err = Error::from(err);

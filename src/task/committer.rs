@@ -38,6 +38,20 @@ pub struct Job {
     pub paused_at: Instant,
     pub stall: Duration,
     pub hash: Duration,
+    /// How many captures this job holds: more than one once others merged into it
+    /// (`coalesce`).
+    pub captures: usize,
+}
+
+impl Job {
+    /// Bytes of guest memory this job holds copies of.
+    pub fn page_bytes(&self) -> u64 {
+        self.capture
+            .dirty
+            .iter()
+            .map(|p| p.bytes.len() as u64)
+            .sum()
+    }
 }
 
 /// How a checkpoint ended.
@@ -70,6 +84,11 @@ pub struct CommitContext {
     pub since_full_prune: u32,
     /// Packs this writer put or read lately, for rebasing and compaction.
     pub recent: RecentPacks,
+    /// Merge captures waiting for the committer into one commit (`coalesce`).
+    pub coalesce: bool,
+    /// The newest generation this writer knows of: its last commit, or the store's newest
+    /// when it opened. Any other manifest past it is a rival's (`commit_manifest`).
+    pub known_generation: u64,
 }
 
 /// A prune lists the store's packs once every this many commits (see `prune`).
@@ -88,7 +107,9 @@ pub struct Committer {
     thread: Option<JoinHandle<()>>,
     /// Generation and flush marker of every checkpoint handed over and not yet answered,
     /// oldest first (the thread answers in order).
-    in_flight: VecDeque<(u64, Vec<u8>)>,
+    in_flight: VecDeque<(u64, Vec<u8>, u64)>,
+    /// Bytes of guest memory the jobs in flight hold copies of.
+    in_flight_bytes: u64,
 }
 
 impl Committer {
@@ -100,9 +121,16 @@ impl Committer {
             .spawn(move || {
                 let mut context = context;
                 let mut failed = false;
-                for job in job_queue {
+                while let Ok(mut job) = job_queue.recv() {
+                    // Every capture merged into this commit, oldest first.
+                    let mut covered = vec![(job.generation, job.output.marker.clone())];
+                    if context.coalesce {
+                        while let Ok(later) = job_queue.try_recv() {
+                            covered.push((later.generation, later.output.marker.clone()));
+                            job.absorb(later, &context.buffers);
+                        }
+                    }
                     let generation = job.generation;
-                    let output_marker = job.output.marker.clone();
                     let outcome = if failed {
                         Err(anyhow!(
                             "checkpoint {generation} was dropped: an earlier checkpoint failed"
@@ -111,12 +139,25 @@ impl Committer {
                         context.commit(job)
                     };
                     failed |= outcome.is_err();
-                    let done = Done {
-                        generation,
-                        output_marker,
-                        outcome,
-                    };
-                    if done_tx.send(done).is_err() {
+                    // One answer per capture: those merged into the commit share its outcome.
+                    let mut answers: Vec<Done> = Vec::with_capacity(covered.len());
+                    for (generation, output_marker) in covered {
+                        let outcome = match &outcome {
+                            Ok(stats) => Ok(stats.clone()),
+                            Err(err) => Err(anyhow!("{err:#}")),
+                        };
+                        answers.push(Done {
+                            generation,
+                            output_marker,
+                            outcome,
+                        });
+                    }
+                    // The first answer, which the run reports, keeps the error's chain (its
+                    // kind: fencing, say).
+                    if let (Some(first), Err(err)) = (answers.first_mut(), outcome) {
+                        first.outcome = Err(err);
+                    }
+                    if answers.into_iter().any(|done| done_tx.send(done).is_err()) {
                         break;
                     }
                 }
@@ -127,6 +168,7 @@ impl Committer {
             done,
             thread: Some(thread),
             in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
         })
     }
 
@@ -134,12 +176,18 @@ impl Committer {
         self.in_flight.len()
     }
 
+    /// Bytes of page copies held by checkpoints captured and not yet answered.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.in_flight_bytes
+    }
+
     pub fn submit(&mut self, job: Job) -> Result<()> {
-        let handed = (job.generation, job.output.marker.clone());
+        let handed = (job.generation, job.output.marker.clone(), job.page_bytes());
         self.jobs
             .as_ref()
             .and_then(|jobs| jobs.send(job).ok())
             .ok_or_else(|| anyhow!("the checkpoint committer has stopped"))?;
+        self.in_flight_bytes += handed.2;
         self.in_flight.push_back(handed);
         Ok(())
     }
@@ -148,7 +196,7 @@ impl Committer {
     /// (or, not blocking, none has finished yet). If the thread died (a panic), every
     /// checkpoint it held ends with an error: none of them is known to be committed.
     pub fn next_done(&mut self, block: bool) -> Option<Done> {
-        let (generation, output_marker) = self.in_flight.front()?.clone();
+        let (generation, output_marker, _) = self.in_flight.front()?.clone();
         let received = if block {
             self.done.recv().map_err(|_| TryRecvError::Disconnected)
         } else {
@@ -166,7 +214,9 @@ impl Committer {
                 )),
             },
         };
-        self.in_flight.pop_front();
+        if let Some((_, _, bytes)) = self.in_flight.pop_front() {
+            self.in_flight_bytes -= bytes;
+        }
         Some(done)
     }
 }
@@ -233,7 +283,10 @@ impl CommitContext {
         let pack_bytes = self.put_pack_and_make_output_durable(&mut job, assembled.pack)?;
         crate::crash::point("commit-output-durable");
         let manifest = self.manifest(&mut job, &assembled.table);
-        let committed = self.store.commit_manifest(&manifest)?;
+        let committed = self
+            .store
+            .commit_manifest(&manifest, self.known_generation)?;
+        self.known_generation = generation;
         let manifest_bytes = committed.bytes;
         crate::crash::point("commit-manifest-created");
         let put = putting.elapsed();
@@ -264,6 +317,7 @@ impl CommitContext {
         let contents = assembled.contents;
         Ok(CheckpointStats {
             generation,
+            captures: job.captures,
             input_offset: manifest.input_offset,
             output_marker: manifest.output_marker,
             memory_bytes: manifest.memory_bytes(),
@@ -342,14 +396,14 @@ impl CommitContext {
         }
         if let Err(err) = output_durable {
             // An output that refuses this writer (a Kafka producer fenced, or timed out
-            // after its transaction was aborted) while the store holds this generation or a
-            // later one: another writer owns the task.
+            // after its transaction was aborted) while the store holds a generation this
+            // writer did not commit: another writer owns the task.
             let newest = self
                 .store
                 .generations()
                 .ok()
                 .and_then(|g| g.last().copied());
-            if newest >= Some(generation) {
+            if newest > Some(self.known_generation) {
                 return Err(err.context(Fenced { generation }));
             }
             return Err(err);

@@ -18,8 +18,17 @@ pub const DEFAULT_RETAIN: usize = 3;
 /// How many checkpoints may be captured and not yet committed, by default.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 2;
 
-/// Record mode: checkpoint after this many records, by default.
-pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
+/// Record mode: checkpoint once this much time passed since the last checkpoint (and
+/// records came), unless the policy says otherwise. It bounds what a crash replays and
+/// how far committed output trails the input (this plus one commit).
+pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A record count that never falls due: no checkpoints by count.
+pub const NEVER: u64 = u64::MAX;
+
+/// With coalescing: page copies that captures waiting for the committer may hold before the
+/// guest waits for it, by default.
+pub const DEFAULT_MAX_UNCOMMITTED_BYTES: u64 = 256 << 20;
 
 /// Stdio mode: checkpoint at the first stdin read after this many bytes, by default.
 pub const DEFAULT_CHECKPOINT_EVERY_BYTES: u64 = 1 << 20;
@@ -29,7 +38,8 @@ pub const DEFAULT_CHECKPOINT_EVERY_BYTES: u64 = 1 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// A record guest (the wasnap ABI): one `process` call per input record; a checkpoint
-    /// after every `checkpoint_every` records and at the end of the input.
+    /// after every `checkpoint_every` records ([`NEVER`]: not by count; see also
+    /// [`TaskConfig::checkpoint_interval`]) and at the end of the input.
     Records { checkpoint_every: u64 },
     /// An unmodified WASI command: the input is its stdin and the output its stdout; a
     /// checkpoint at its first stdin read after every `checkpoint_every_bytes` bytes, and
@@ -54,8 +64,9 @@ impl Mode {
 }
 
 impl Default for Mode {
+    /// Records, checkpointed by time only ([`DEFAULT_CHECKPOINT_INTERVAL`]).
     fn default() -> Self {
-        Mode::records(DEFAULT_CHECKPOINT_EVERY)
+        Mode::records(NEVER)
     }
 }
 
@@ -68,9 +79,18 @@ pub struct TaskConfig {
     /// Keep this many newest checkpoints; older ones, and packs none of the kept ones
     /// need, are deleted after each commit. `usize::MAX` keeps everything.
     pub retain: usize,
-    /// Checkpoints captured but not yet committed before the guest waits; 0 commits each
-    /// checkpoint before the guest goes on.
+    /// Checkpoints captured but not yet committed before the guest waits, when they do not
+    /// coalesce; 0 commits each checkpoint before the guest goes on (and then none
+    /// coalesce).
     pub max_in_flight: usize,
+    /// Captures waiting for the committer merge into one commit (`task::coalesce`), so the
+    /// guest waits for the store only once they hold `max_uncommitted_bytes` of page copies.
+    /// Off, every capture is committed on its own: a policy by count alone (`wasnap run
+    /// --checkpoint-every N`), what a benchmark that compares checkpoint by checkpoint
+    /// needs.
+    pub coalesce: bool,
+    /// See `coalesce`.
+    pub max_uncommitted_bytes: u64,
     /// Where the page cache (the last captured version of every page, the base of deltas)
     /// lives. `None`: under the user's cache directory, named by the store.
     pub cache_dir: Option<PathBuf>,
@@ -79,8 +99,9 @@ pub struct TaskConfig {
     pub max_deltas: usize,
     /// How a capture finds the pages that changed (`snapshot::dirty`).
     pub dirty_tracking: DirtyTracking,
-    /// Record mode: also checkpoint once this long has passed since the last checkpoint
-    /// and records came (an input that trickles, or idles, still commits its output).
+    /// Record mode: checkpoint once this long has passed since the last checkpoint and
+    /// records came (an input that trickles, or idles, still commits its output), as well
+    /// as by count (`Mode::Records`), whichever comes first. `None`: by count only.
     pub checkpoint_interval: Option<std::time::Duration>,
 }
 
@@ -94,12 +115,26 @@ impl Default for TaskConfig {
             cache_dir: None,
             max_deltas: snapshot::table::DEFAULT_MAX_DELTAS,
             dirty_tracking: DirtyTracking::default(),
-            checkpoint_interval: None,
+            checkpoint_interval: Some(DEFAULT_CHECKPOINT_INTERVAL),
+            coalesce: true,
+            max_uncommitted_bytes: DEFAULT_MAX_UNCOMMITTED_BYTES,
         }
     }
 }
 
 impl TaskConfig {
+    /// A record task checkpointed by count alone: after every `records` records (and at
+    /// the end), each checkpoint committed on its own, in order (no interval, no
+    /// coalescing); the other knobs at their defaults.
+    pub fn by_count(records: u64) -> Self {
+        Self {
+            mode: Mode::records(records),
+            checkpoint_interval: None,
+            coalesce: false,
+            ..Self::default()
+        }
+    }
+
     /// The page cache directory of a task on `store`.
     pub(crate) fn cache_dir_for(&self, store: &CheckpointStore) -> PathBuf {
         self.cache_dir

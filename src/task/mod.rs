@@ -26,6 +26,7 @@
 //! the next run restores it and cuts the output back to its marker.
 
 mod checkpoints;
+mod coalesce;
 mod committer;
 mod config;
 mod observer;
@@ -40,8 +41,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 pub use config::{
-    DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_EVERY_BYTES, DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_RETAIN, Mode, RunConfig, TaskConfig, run,
+    DEFAULT_CHECKPOINT_EVERY_BYTES, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_UNCOMMITTED_BYTES, DEFAULT_RETAIN, Mode, NEVER, RunConfig, TaskConfig, run,
 };
 pub use observer::{CheckpointObserver, CheckpointStats, NoObserver};
 
@@ -239,6 +240,8 @@ impl Task {
             known_packs: Default::default(),
             since_full_prune: 0,
             recent: RecentPacks::shared(committer::RECENT_PACKS_BYTES),
+            coalesce: config.coalesce && config.max_in_flight > 0,
+            known_generation: start.generation,
         })?;
         let driver: Box<dyn Driver> = match config.mode {
             Mode::Records { checkpoint_every } => Box::new(records::Records {
@@ -275,6 +278,8 @@ impl Task {
                 committed_generation: start.generation,
                 committed_marker: start.output_marker,
                 max_in_flight: config.max_in_flight,
+                coalesce: config.coalesce && config.max_in_flight > 0,
+                max_uncommitted_bytes: config.max_uncommitted_bytes,
                 failure: None,
                 committer_failed: false,
                 stop: StopHandle::new(),

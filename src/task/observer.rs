@@ -9,6 +9,9 @@ use crate::Error;
 #[derive(Clone, Debug, Default)]
 pub struct CheckpointStats {
     pub generation: u64,
+    /// Captures this commit covered: 1, or more where captures that waited for the
+    /// committer merged (their generations are told the same stats).
+    pub captures: usize,
     pub input_offset: u64,
     pub output_marker: u64,
     pub memory_bytes: u64,
@@ -61,6 +64,9 @@ pub trait CheckpointObserver {
     /// of each of its memories. Not counted in the stall (the benchmark computes its
     /// baseline here).
     fn captured(&mut self, _generation: u64, _memories: &[&[u8]]) {}
+    /// A capture merged into a later one's commit (coalescing) finishes with that commit's
+    /// stats: `stats.generation` is then the later generation, and `generation` itself is
+    /// never committed. Observers that count commits count those where the two are equal.
     fn finished(&mut self, _generation: u64, _outcome: Result<&CheckpointStats, &Error>) {}
 }
 

@@ -284,8 +284,9 @@ pub fn stderr(out: &Output) -> String {
 pub struct RunLog {
     /// The generation it restored (`None`: a fresh start).
     pub resumed_from: Option<u64>,
-    /// The newest generation it reported committed (0: none).
+    /// The newest generation it reported committed (0: none), and how many commits.
     pub committed: u64,
+    pub commits: u64,
     /// Everything it printed, for failure messages.
     pub text: String,
     /// How it ended (once it has).
@@ -301,6 +302,7 @@ impl RunLog {
         };
         if line.contains("checkpoint committed") {
             self.committed = self.committed.max(generation().unwrap_or(0));
+            self.commits += 1;
         } else if line.contains(" restored ") || line.contains(": restored") {
             self.resumed_from = generation().or(self.resumed_from);
         }
@@ -370,7 +372,12 @@ impl LoggedRun {
 
     /// Wait until the run reports a commit (`true`) or ends (`false`).
     pub fn wait_for_commit(&mut self, deadline: Instant) -> bool {
-        while self.log.committed == 0 {
+        self.wait_for_commits(1, deadline)
+    }
+
+    /// Wait until the run reports `n` commits (`true`) or ends (`false`).
+    pub fn wait_for_commits(&mut self, n: u64, deadline: Instant) -> bool {
+        while self.log.commits < n {
             assert!(
                 Instant::now() < deadline,
                 "no checkpoint committed in time:\n{}",
@@ -405,8 +412,13 @@ impl LoggedRun {
     }
 }
 
-/// Run `args` again and again, each run killed with SIGKILL a random delay in
-/// `kill_window` *after it reported its first commit*, until `kills` runs have been
+/// How long after the commit it waited for a run is killed: a random delay in this range.
+/// Short, since commits come every few milliseconds: a kill lands anywhere in the protocol
+/// of the commits that follow, and a run consumes little input before it.
+const KILL_DELAY: (Duration, Duration) = (Duration::ZERO, Duration::from_millis(20));
+
+/// Run `args` again and again, each run killed with SIGKILL after it reported its first
+/// commit, or its second, plus a random [`KILL_DELAY`], until `kills` runs have been
 /// killed; then let the last run finish. `after_kill` checks invariants with the process
 /// gone. Fails unless every run after a kill resumed from a checkpoint at least as new as
 /// the newest its predecessor reported committed (a reported commit is durable) and newer
@@ -415,7 +427,6 @@ impl LoggedRun {
 pub fn run_with_kills(
     args: &[String],
     kills: usize,
-    kill_window: (Duration, Duration),
     rng: &mut Rng,
     after_kill: impl FnMut(),
 ) -> usize {
@@ -426,7 +437,6 @@ pub fn run_with_kills(
             command
         },
         kills,
-        kill_window,
         rng,
         after_kill,
     )
@@ -437,7 +447,6 @@ pub fn run_with_kills(
 pub fn run_with_kills_of(
     mut command: impl FnMut(usize) -> Command,
     kills: usize,
-    kill_window: (Duration, Duration),
     rng: &mut Rng,
     mut after_kill: impl FnMut(),
 ) -> usize {
@@ -457,7 +466,8 @@ pub fn run_with_kills_of(
     };
     for kill in 0..kills {
         let mut run = LoggedRun::start(command(kill));
-        if !run.wait_for_commit(deadline) {
+        let commits = 1 + rng.below(2);
+        if !run.wait_for_commits(commits, deadline) {
             let status = run.child.wait().unwrap();
             assert!(
                 status.success(),
@@ -466,14 +476,14 @@ pub fn run_with_kills_of(
             );
             panic!("the run finished after {kill} kills; the input is too short for {kills} kills");
         }
-        let span = (kill_window.1 - kill_window.0).as_micros() as u64;
-        let delay = kill_window.0 + Duration::from_micros(rng.below(span.max(1)));
+        let span = (KILL_DELAY.1 - KILL_DELAY.0).as_micros() as u64;
+        let delay = KILL_DELAY.0 + Duration::from_micros(rng.below(span.max(1)));
         let killed_at = Instant::now() + delay;
         while Instant::now() < killed_at && run.pump(Duration::from_millis(1)) {}
         if run.child.try_wait().unwrap().is_some() {
             let log = run.finish_any();
             panic!(
-                "the run finished after {kill} kills; the input is too short for {kills} kills in {kill_window:?}:\n{}",
+                "the run finished after {kill} kills; the input is too short for {kills} kills:\n{}",
                 log.text
             );
         }
@@ -571,10 +581,12 @@ pub fn crash_test_with(
 
     let output = dir.path().join("output");
     let mut args = run_args(&guest, &input, &output, store, every);
+    // Every `every` records or 20 ms: a policy with an interval, so captures the store
+    // cannot keep up with merge (coalescing), as they do by default.
+    args.extend(["--checkpoint-interval".into(), "20ms".into()]);
     args.extend(extra.iter().map(|a| a.to_string()));
     let mut rng = Rng::from_env_or_clock(guest_name);
-    let window = (Duration::from_millis(20), Duration::from_millis(250));
-    run_with_kills(&args, KILLS, window, &mut rng, || {
+    run_with_kills(&args, KILLS, &mut rng, || {
         assert_committed_prefix(&output, store, &expected)
     });
     assert_same_output(&std::fs::read(&output).unwrap(), &expected, guest_name);
