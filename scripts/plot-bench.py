@@ -16,8 +16,10 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e3
 
 
 def load(path):
+    """The per-commit records (the run's summary line, last, is not one)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r.get("kind") != "summary"]
 
 
 def esc(s):
