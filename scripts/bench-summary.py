@@ -3,13 +3,15 @@
 the durability tax.
 
 For each NAME.jsonl (a run by count, `--checkpoint-every N`: every checkpoint its own
-commit, the baseline at the same moments) and, beside it, NAME-default.jsonl (the same
-guest under the default policy: a checkpoint a second, captures coalescing), the columns:
-bytes wasnap put (packs + manifests) and the baseline's, their ratio (baseline / wasnap:
-above 1 means wasnap wrote fewer), the share of dirty pages written as deltas, the stall
-(guest paused, median and max), the durability tax of each policy (records/s under it ÷
-records/s with checkpoints off: 1.00x is free), and the default policy's commit lag
-(pause to commit: median, p99, max).
+commit, the baseline at the same moments) and, beside it, NAME-coalesced.jsonl (the same
+count with `--coalesce`, as `run` takes it) and NAME-default.jsonl (the default policy: a
+checkpoint a second, captures coalescing, over ten times the input), the columns: bytes
+wasnap put (packs + manifests) and the baseline's, their ratio (baseline / wasnap: above 1
+means wasnap wrote fewer), the share of dirty pages written as deltas, the stall (guest
+paused, median and max), the durability tax of each policy (records/s under it ÷
+records/s with checkpoints off: 1.00x is free), the coalesced run's commits per capture
+and bytes against the strict run's, and the default policy's commit lag (pause to
+commit: median, p99, max).
 
 Usage: bench-summary.py FILE.jsonl [FILE.jsonl ...]
 """
@@ -30,12 +32,14 @@ def tax(summary):
 
 
 print(f'{"workload":<18} {"memory":>10} {"ckpts":>5} {"wasnap":>11} {"baseline":>11} {"ratio":>7} '
-      f'{"deltas":>7} {"stall p50":>10} {"stall max":>10} {"tax/N":>7} {"tax 1s":>7} '
-      f'{"commits":>8} {"lag p50":>9} {"lag p99":>9} {"lag max":>9}')
+      f'{"deltas":>7} {"stall p50":>10} {"stall max":>10} {"tax/N":>7} {"merged":>7} '
+      f'{"commits":>8} {"bytes":>6} {"tax 1s":>7} {"lag p50":>9} {"lag p99":>9} {"lag max":>9}')
 for path in sys.argv[1:]:
     recs, summary = load(path)
     default_path = path.removesuffix(".jsonl") + "-default.jsonl"
     default = load(default_path)[1] if os.path.exists(default_path) else {}
+    merged_path = path.removesuffix(".jsonl") + "-coalesced.jsonl"
+    merged = load(merged_path)[1] if os.path.exists(merged_path) else {}
     ours = sum(r["delta_bytes"] for r in recs)
     base = sum(r.get("baseline_bytes", 0) for r in recs)
     median = lambda key: sorted(r[key] for r in recs)[len(recs) // 2] / 1000
@@ -44,10 +48,11 @@ for path in sys.argv[1:]:
     dirty = sum(r["dirty_pages"] for r in recs)
     deltas = f'{100 * sum(r["delta_pages"] for r in recs) / dirty:.0f} %' if dirty else "-"
     ms = lambda us: f"{us / 1000:>6.1f} ms" if us is not None else "-"
-    commits = f'{default["commits"]}/{default["captures"]}' if default else "-"
+    commits = f'{merged["commits"]}/{merged["captures"]}' if merged else "-"
+    merged_bytes = f'{merged["bytes_written"] / ours:.2f}' if merged and ours else "-"
     print(f'{name:<18} {recs[-1]["memory_bytes"] / 2**20:>6.1f} MiB {len(recs):>5} '
           f'{ours / 2**20:>7.2f} MiB {base / 2**20:>7.2f} MiB {ratio:>7} {deltas:>7} '
           f'{median("stall_us"):>7.2f} ms {max(r["stall_us"] for r in recs) / 1000:>7.2f} ms '
-          f'{tax(summary):>7} {tax(default):>7} {commits:>8} '
+          f'{tax(summary):>7} {tax(merged):>7} {commits:>8} {merged_bytes:>6} {tax(default):>7} '
           f'{ms(default.get("commit_lag_p50_us")):>9} {ms(default.get("commit_lag_p99_us")):>9} '
           f'{ms(default.get("commit_lag_max_us")):>9}')

@@ -96,6 +96,9 @@ impl Fleet {
     /// Produce the next `count` lines of every partition.
     fn produce(&mut self, count: usize) {
         let end = (self.produced + count).min(self.inputs[0].len());
+        if end == self.produced {
+            return;
+        }
         for (p, lines) in self.inputs.iter().enumerate() {
             let mut text = lines[self.produced..end].join(&b'\n');
             text.push(b'\n');
@@ -345,12 +348,19 @@ fn three_workers_killed_and_replaced_ten_times_write_each_record_once_in_order()
             "worker {victim} died on its own before kill {kill}:\n{}",
             fleet.log(victim)
         );
-        // The kill lands after the victim committed checkpoints of a task it runs.
-        fleet.wait_until(
-            Duration::from_secs(60),
-            &format!("worker {victim} commits a checkpoint before kill {kill}"),
-            |fleet| !fleet.committed_tasks(victim).is_empty(),
-        );
+        // The kill lands after the victim committed checkpoints of a task it runs. A task
+        // checkpoints only once records came: a few more keep coming while it waits (a
+        // victim whose tasks opened after the last batch would otherwise wait for ever).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while fleet.committed_tasks(victim).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting until worker {victim} commits a checkpoint before kill {kill}\n{}",
+                fleet.logs()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            fleet.produce(2);
+        }
         let committed = fleet.committed_tasks(victim);
         std::thread::sleep(Duration::from_millis(rng.below(500)));
         let logs_at: Vec<usize> = (0..fleet.workers.len())

@@ -185,6 +185,11 @@ enum Command {
         /// Page cache directory (see `run`) [default: in the bench's scratch directory].
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Merge captures the store cannot keep up with, as `run` does with an interval
+        /// (the default then). By count alone, each checkpoint is committed on its own,
+        /// so that its bytes compare with the baseline's at the same moments.
+        #[arg(long)]
+        coalesce: bool,
     },
     /// Write the committed output to stdout, in order: of an object-storage output
     /// (`s3://…`, `file:///DIR`, a directory: the published parts), a Kafka partition (its
@@ -331,8 +336,8 @@ pub fn main() -> ExitCode {
                     max_deltas: max_deltas as usize,
                     dirty_tracking,
                     checkpoint_interval,
-                    // By count alone, every N records is its own commit; with an interval,
-                    // captures the store cannot keep up with merge.
+                    // With an interval, captures the store cannot keep up with merge; by
+                    // count alone, every N records is its own commit.
                     coalesce: checkpoint_interval.is_some(),
                     ..TaskConfig::default()
                 },
@@ -386,6 +391,7 @@ pub fn main() -> ExitCode {
             max_deltas,
             dirty_tracking,
             cache_dir,
+            coalesce,
             ..
         } => {
             let (checkpoint_every, checkpoint_interval) = policy.policy();
@@ -395,6 +401,7 @@ pub fn main() -> ExitCode {
                 output,
                 checkpoint_every,
                 checkpoint_interval,
+                coalesce: coalesce || checkpoint_interval.is_some(),
                 store,
                 baseline: !no_baseline,
                 compare_off: true,

@@ -33,6 +33,14 @@ pub const DELTA_ZSTD_LEVEL: i32 = 1;
 /// moved, and then by far; with bytes changed in place they win a few percent at most.
 const PREFIX_WORTH: usize = 8192;
 
+/// Past this share of changed 32-bit words (in percent), a page was rewritten rather than
+/// edited (a table rehashed, objects moved, a collector's marks on every object): XOR and
+/// sparse deltas then come out a quarter larger than a prefix delta, so only the prefix
+/// delta is compressed. On the dirty pages of six guests (120 checkpoints each), this cut
+/// the encoding time of the AssemblyScript and C-sessions guests' pages by 41–46 % and
+/// wrote at most 0.3 % more bytes (a 25 % threshold: up to 1.2 % more).
+const DENSE_PERCENT: usize = 35;
+
 /// How a payload encodes a page, written in its frame's header. A manifest's layer 0
 /// holds whole pages; a layer k > 0 holds deltas, each against the version the layers
 /// below it rebuild.
@@ -129,8 +137,17 @@ pub fn encode_payload(
             level(cctx, DELTA_ZSTD_LEVEL)?;
             cctx.compress2(&mut out, scratch)
         }
-        // The previous version as a raw-content dictionary: zstd references it in place.
-        Encoding::PrefixDelta => cctx.compress_using_dict(&mut out, page, base, ZSTD_LEVEL),
+        // The previous version as a raw-content dictionary, which zstd references in
+        // place. Laid out right before the page, so zstd sees one contiguous window instead
+        // of an external dictionary: measured 26 % faster on the AssemblyScript guests'
+        // pages, for a copy of two pages.
+        Encoding::PrefixDelta => {
+            scratch.clear();
+            scratch.extend_from_slice(base);
+            scratch.extend_from_slice(page);
+            let (base, page) = scratch.split_at(base.len());
+            cctx.compress_using_dict(&mut out, page, base, ZSTD_LEVEL)
+        }
     };
     written
         .map_err(zstd_error)
@@ -218,10 +235,15 @@ impl Coder<'_> {
 
     /// The smallest delta of `page` against `base`: XOR (bytes changed in place: flags,
     /// pointers) or the changed words alone (scattered counters and slots); and if both
-    /// are big, a prefix delta (bytes that moved). Dense subtraction (encoding 4) is no
+    /// are big, a prefix delta (bytes that moved). A page rewritten all over goes straight
+    /// to a prefix delta (`DENSE_PERCENT`). Dense subtraction (encoding 4) is no
     /// longer tried: on the memory of four guests over 38 checkpoints, taking it where
     /// it beat both saved under 0.01 %.
     pub fn best_delta(&mut self, page: &[u8], base: &[u8]) -> Result<(Encoding, Vec<u8>)> {
+        let dense = sparse::changed_words(page, base) * 100 > page.len() / 4 * DENSE_PERCENT;
+        if dense && prefix_usable(base) {
+            return self.encode(Encoding::PrefixDelta, page, base);
+        }
         let mut best = self.encode(Encoding::XorDelta, page, base)?;
         let sparse = self.encode(Encoding::SparseDelta, page, base)?;
         if sparse.1.len() < best.1.len() {

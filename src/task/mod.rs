@@ -42,7 +42,7 @@ use anyhow::Result;
 
 pub use config::{
     DEFAULT_CHECKPOINT_EVERY_BYTES, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_MAX_UNCOMMITTED_BYTES, DEFAULT_RETAIN, Mode, NEVER, RunConfig, TaskConfig, run,
+    DEFAULT_RETAIN, Mode, NEVER, RunConfig, TaskConfig, run,
 };
 pub use observer::{CheckpointObserver, CheckpointStats, NoObserver};
 
