@@ -32,9 +32,8 @@ pub struct BenchConfig {
     /// file if `None`.
     pub output: Option<PathBuf>,
     /// The policy: a checkpoint every this many records ([`crate::task::NEVER`]: not by
-    /// count) and/or once this much time passed. By count alone, every checkpoint is
-    /// committed on its own (no coalescing), so its bytes compare with the baseline's at
-    /// the same moments; with an interval, captures may coalesce.
+    /// count) and/or once this much time passed. Without `coalesce`, every checkpoint is
+    /// committed on its own, so its bytes compare with the baseline's at the same moments.
     pub checkpoint_every: u64,
     pub checkpoint_interval: Option<std::time::Duration>,
     /// Merge captures the committer cannot keep up with (as `run` does).
@@ -227,7 +226,6 @@ pub fn bench(
     };
     let guest = RunConfig::new(&config.guest, &config.input, scratch.path()).load_guest()?;
 
-    // Checkpoints off: one at the end, in memory; the output to a scratch file.
     // Checkpoints off: one at the end, in memory; the output to a scratch file. Run
     // before and after the measured pass, the faster kept: a single pass swung the tax by
     // up to a third either way on a busy two-core machine.
