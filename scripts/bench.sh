@@ -25,15 +25,17 @@ numbers 120000 > "$out/numbers.txt"
 words 1000000 1000 > "$out/counter.txt"
 
 plots=()
-run() { # name guest input every
+run() { # name guest input every [copies]
   # 1. By count, each checkpoint its own commit, the baseline at the same moments: the
   #    bytes and the plot. 2. By count as `run` does it, captures the store cannot keep
   #    up with merging: the tax at that count. 3. The default policy (a checkpoint a
-  #    second, coalescing) over the input ten times over, so that the interval, not the
-  #    end of the input, sets the checkpoints: the tax and the commit lag a user gets.
+  #    second, coalescing) over `copies` copies of the input (default 10), about 15 s of
+  #    the guest's time, so that the interval, not the start-up and the end of the
+  #    input, sets the checkpoints: the tax and the commit lag a user gets.
   # Each bench also runs the guest with checkpoints off, for its durability tax.
-  local long="${3%.txt}-x10.txt"
-  [ -s "$long" ] || for _ in 1 2 3 4 5 6 7 8 9 10; do cat "$3"; done > "$long"
+  local copies="${5:-10}"
+  local long="${3%.txt}-x$copies.txt"
+  [ -s "$long" ] || for _ in $(seq "$copies"); do cat "$3"; done > "$long"
   echo "== $1 ($2, checkpoint every $4 records, alone and coalescing; then the default policy)"
   "$wasnap" bench "target/guests/$2.wasm" --input "$3" --checkpoint-every "$4" --json > "$out/$1.jsonl"
   "$wasnap" bench "target/guests/$2.wasm" --input "$3" --checkpoint-every "$4" --coalesce --no-baseline --json > "$out/$1-coalesced.jsonl"
@@ -41,14 +43,14 @@ run() { # name guest input every
   tail -n 1 "$out/$1-default.jsonl"
   plots+=("$1=$out/$1.jsonl")
 }
-run counter counter "$out/counter.txt" 10000
-run wordcount-rust wordcount "$out/words.txt" 1000
-run wordcount-c c-wordcount "$out/words.txt" 1000
-run wordcount-as as-wordcount "$out/words.txt" 1000
+run counter counter "$out/counter.txt" 10000 40
+run wordcount-rust wordcount "$out/words.txt" 1000 30
+run wordcount-c c-wordcount "$out/words.txt" 1000 30
+run wordcount-as as-wordcount "$out/words.txt" 1000 20
 run wordcount-as-16mib as-wordcount "$out/words-100k.txt" 1000
-run sessions-c c-sessions "$out/words.txt" 1000
-run inventory-as as-inventory "$out/words.txt" 1000
-run window window "$out/numbers.txt" 1000
+run sessions-c c-sessions "$out/words.txt" 1000 30
+run inventory-as as-inventory "$out/words.txt" 1000 20
+run window window "$out/numbers.txt" 1000 150
 head -n 30000 "$out/words.txt" > "$out/words-30k.txt"
 run bigstate bigstate "$out/words-30k.txt" 1000
 
