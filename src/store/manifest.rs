@@ -598,6 +598,20 @@ pub(crate) mod tests {
         }
     }
 
+    /// `body`, uncompressed (no flags), behind a header of `version` and with a valid CRC.
+    fn framed_plain_body(version: u16, body: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(MANIFEST_MAGIC);
+        bytes.put_u16(version);
+        bytes.put_u16(0);
+        bytes.put_u32(body.len() as u32);
+        bytes.put_u32(body.len() as u32);
+        bytes.extend_from_slice(body);
+        let crc = crc32fast::hash(&bytes);
+        bytes.put_u32(crc);
+        bytes
+    }
+
     /// Bodies the fuzzer (`fuzz/`, target `manifest_body`) and a reading of the decoder
     /// found to overflow: a memory of u64::MAX bytes summed, page numbers past 32 bits cut
     /// short. Each must decode to an error, or to a manifest that survives every use.
@@ -619,15 +633,7 @@ pub(crate) mod tests {
                 .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
                 .collect();
             for version in [MANIFEST_VERSION_2, MANIFEST_VERSION] {
-                let mut bytes = Vec::new();
-                bytes.extend_from_slice(MANIFEST_MAGIC);
-                bytes.put_u16(version);
-                bytes.put_u16(0);
-                bytes.put_u32(body.len() as u32);
-                bytes.put_u32(body.len() as u32);
-                bytes.extend_from_slice(&body);
-                let crc = crc32fast::hash(&bytes);
-                bytes.put_u32(crc);
+                let bytes = framed_plain_body(version, &body);
                 if let Ok(m) = Manifest::decode(&bytes, "m") {
                     m.memory_bytes();
                     m.live_frames();
@@ -647,16 +653,7 @@ pub(crate) mod tests {
         #[test]
         fn arbitrary_bytes_behind_a_valid_header_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
             // A body that passes the checksum but is garbage: only the body decoder stands guard.
-            let mut bytes = Vec::new();
-            bytes.extend_from_slice(MANIFEST_MAGIC);
-            bytes.put_u16(MANIFEST_VERSION);
-            bytes.put_u16(0);
-            bytes.put_u32(body.len() as u32);
-            bytes.put_u32(body.len() as u32);
-            bytes.extend_from_slice(&body);
-            let crc = crc32fast::hash(&bytes);
-            bytes.put_u32(crc);
-            let _ = Manifest::decode(&bytes, "m");
+            let _ = Manifest::decode(&framed_plain_body(MANIFEST_VERSION, &body), "m");
         }
 
         #[test]
