@@ -247,9 +247,8 @@ impl Task {
             Mode::Records { checkpoint_every } => Box::new(records::Records {
                 source,
                 checkpoint_every: checkpoint_every.max(1),
-                checkpoint_interval: config.checkpoint_interval,
+                interval: records::IntervalClock::new(config.checkpoint_interval),
                 since_checkpoint: 0,
-                last_checkpoint: Instant::now(),
             }),
             Mode::Stdio {
                 checkpoint_every_bytes,
