@@ -115,6 +115,11 @@ pub mod codec;
 mod codec;
 #[cfg(feature = "internals")]
 #[doc(hidden)]
+pub mod component;
+#[cfg(not(feature = "internals"))]
+mod component;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
 pub mod delta;
 #[cfg(not(feature = "internals"))]
 mod delta;

@@ -67,6 +67,7 @@ fn big_manifest(generation: u64, writer_id: [u8; 16], pages: u32, rng: &mut Rng)
             digest: rng.next(),
             layers: vec![runs],
         }],
+        host_state: vec![],
     }
 }
 

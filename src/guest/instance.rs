@@ -125,7 +125,7 @@ fn arm_deadline(store: &mut Store<HostState>, limits: &Limits) {
     }
 }
 
-pub struct GuestInstance {
+pub struct CoreInstance {
     store: Store<HostState>,
     abi_memory: Memory,
     entry: Entry,
@@ -139,8 +139,13 @@ pub struct GuestInstance {
     _ticker: Option<std::sync::Arc<super::limits::EpochTicker>>,
 }
 
-impl GuestInstance {
-    pub(super) fn new(guest: &Guest, random_seed: u64, random_position: u64) -> Result<Self> {
+impl CoreInstance {
+    pub(super) fn new(
+        guest: &Guest,
+        pre: &wasmtime::InstancePre<HostState>,
+        random_seed: u64,
+        random_position: u64,
+    ) -> Result<Self> {
         let random = DeterministicRandom::new(random_seed, random_position);
         let clock = super::wasi::GuestClock::new();
         let wasi = WasiCtxBuilder::new()
@@ -168,7 +173,7 @@ impl GuestInstance {
         // The start function runs inside instantiate: it gets a deadline too.
         arm_deadline(&mut store, &guest.limits);
 
-        let instance = guest.pre.instantiate(&mut store).map_err(|err| {
+        let instance = pre.instantiate(&mut store).map_err(|err| {
             describe(
                 &guest.limits,
                 err,
@@ -223,6 +228,7 @@ impl GuestInstance {
                     None
                 },
             },
+            GuestKind::Component => bail!("a component has no core instance (a wasnap bug)"),
             GuestKind::Program => Entry::Program {
                 start: instance.get_typed_func(&mut store, "_start")?,
                 asyncify: Asyncify::lookup(&instance, &mut store)?,

@@ -73,6 +73,8 @@ pub struct Instrumented {
     pub original_sha256: [u8; 32],
     /// Every defined memory, in index order.
     pub memories: Vec<StateExport>,
+    /// The type of each memory of `memories`.
+    pub memory_types: Vec<wasm_encoder::MemoryType>,
     /// Every defined mutable global, in index order, with its type.
     pub globals: Vec<(StateExport, GlobalKind)>,
 }
@@ -80,9 +82,30 @@ pub struct Instrumented {
 /// Rewrite `wasm` so every defined memory and mutable global is exported.
 pub fn instrument(wasm: &[u8]) -> Result<Instrumented> {
     check_is_core_module(wasm)?;
+    instrument_with(wasm, Imports::Refused)
+}
+
+/// [`instrument`] for a core module inside a component, whose imported memories, globals
+/// and tables are defined by another module of the same component (whose own
+/// instrumentation exports them).
+pub fn instrument_in_component(wasm: &[u8]) -> Result<Instrumented> {
+    instrument_with(wasm, Imports::FromComponent)
+}
+
+/// Whether a module may import state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Imports {
+    /// A guest on its own: imported state would live outside the snapshot.
+    Refused,
+    /// A module of a component: its imports are another module's exports.
+    FromComponent,
+}
+
+fn instrument_with(wasm: &[u8], imports: Imports) -> Result<Instrumented> {
     let original_sha256: [u8; 32] = Sha256::digest(wasm).into();
 
     let mut memories = Vec::new();
+    let mut memory_types = Vec::new();
     let mut globals = Vec::new();
     let mut memory_count = 0u32;
     let mut global_count = 0u32;
@@ -96,6 +119,15 @@ pub fn instrument(wasm: &[u8]) -> Result<Instrumented> {
             Payload::ImportSection(reader) => {
                 for import in reader.clone().into_imports() {
                     let import = import.context("malformed import section")?;
+                    // Imported items come first in their index spaces.
+                    match import.ty {
+                        TypeRef::Memory(_) => memory_count += 1,
+                        TypeRef::Global(_) => global_count += 1,
+                        _ => {}
+                    }
+                    if imports == Imports::FromComponent {
+                        continue;
+                    }
                     match import.ty {
                         TypeRef::Memory(_) => bail!(
                             "the guest imports a memory ({}.{}); wasnap can only snapshot memories the guest defines",
@@ -127,6 +159,13 @@ pub fn instrument(wasm: &[u8]) -> Result<Instrumented> {
                     memories.push(StateExport {
                         index: memory_count,
                         export_name: memory_export_name(memory_count),
+                    });
+                    memory_types.push(wasm_encoder::MemoryType {
+                        minimum: memory.initial,
+                        maximum: memory.maximum,
+                        memory64: memory.memory64,
+                        shared: false,
+                        page_size_log2: memory.page_size_log2,
                     });
                     memory_count += 1;
                 }
@@ -225,6 +264,7 @@ pub fn instrument(wasm: &[u8]) -> Result<Instrumented> {
         wasm: module.finish(),
         original_sha256,
         memories,
+        memory_types,
         globals,
     })
 }

@@ -2,14 +2,15 @@
 
 pub mod abi;
 pub mod asyncify;
-mod host;
+pub(crate) mod host;
 pub mod instance;
 pub mod instrument;
 pub mod limits;
+mod live;
 pub mod random;
 mod stdin;
 pub mod stdio;
-mod wasi;
+pub(crate) mod wasi;
 
 use std::path::Path;
 
@@ -19,9 +20,10 @@ use crate::Error;
 use crate::error::{ErrorKind, KindContext};
 use wasmtime::{Config, Engine, InstancePre, Linker, Module};
 
-pub use instance::{GuestInstance, ProgramOutcome};
+pub use instance::{CoreInstance, ProgramOutcome};
 pub use instrument::Instrumented;
 pub use limits::Limits;
+pub use live::GuestInstance;
 
 /// What kind of guest a module is.
 pub enum GuestKind {
@@ -29,13 +31,21 @@ pub enum GuestKind {
     Records(abi::Abi),
     /// An unmodified WASI command in stdio mode, asyncified.
     Program,
+    /// A component of the `functionstream:core/processor` world.
+    Component,
+}
+
+/// What instantiates a guest of each kind.
+enum Body {
+    Core(InstancePre<host::HostState>),
+    Component(Box<crate::component::CompiledComponent>),
 }
 
 /// A compiled, instrumented guest, ready to be instantiated any number of times.
 pub struct Guest {
     engine: Engine,
     /// Imports resolved once; every instantiation (fresh or restore) starts from here.
-    pre: InstancePre<host::HostState>,
+    body: Body,
     kind: GuestKind,
     limits: Limits,
     /// Runs while a time limit is set and this guest or any of its instances lives.
@@ -50,10 +60,17 @@ impl Guest {
         Self::load_with_limits(path, Limits::default())
     }
 
-    /// [`Guest::load`], with resource limits for every instance.
+    /// [`Guest::load`], with resource limits for every instance. A component is loaded
+    /// as a processor (`functionstream:core/processor`), a core module as a record guest.
     pub fn load_with_limits(path: &Path, limits: Limits) -> Result<Self, Error> {
         let guest = read_module(path)
-            .and_then(|bytes| Self::compile_records(&bytes, limits))
+            .and_then(|bytes| {
+                if crate::component::is_component(&bytes) {
+                    Self::compile_component(&bytes, limits)
+                } else {
+                    Self::compile_records(&bytes, limits)
+                }
+            })
             .with_kind_context(ErrorKind::InvalidGuest, || {
                 format!("cannot load guest {}", path.display())
             })?;
@@ -100,7 +117,7 @@ impl Guest {
             .map_err(anyhow::Error::from)
             .context("cannot link the program's imports")?;
         state.wasm = Vec::new();
-        Self::finish(engine, pre, GuestKind::Program, limits, state)
+        Self::finish(engine, Body::Core(pre), GuestKind::Program, limits, state)
     }
 
     /// Whether this is a stdio program.
@@ -134,12 +151,58 @@ impl Guest {
             .map_err(anyhow::Error::from)
             .context("cannot link the guest's imports")?;
         state.wasm = Vec::new();
-        Self::finish(engine, pre, GuestKind::Records(abi), limits, state)
+        Self::finish(
+            engine,
+            Body::Core(pre),
+            GuestKind::Records(abi),
+            limits,
+            state,
+        )
+    }
+
+    fn compile_component(wasm: &[u8], limits: Limits) -> Result<Self> {
+        let compiled = crate::component::CompiledComponent::compile(wasm, engine_config(limits))?;
+        let engine = compiled.engine.clone();
+        let state = Instrumented {
+            wasm: Vec::new(),
+            original_sha256: compiled.state.original_sha256,
+            memories: Vec::new(),
+            memory_types: Vec::new(),
+            globals: Vec::new(),
+        };
+        Self::finish(
+            engine,
+            Body::Component(Box::new(compiled)),
+            GuestKind::Component,
+            limits,
+            state,
+        )
+    }
+
+    /// Whether this is a component.
+    pub fn is_component(&self) -> bool {
+        matches!(self.kind, GuestKind::Component)
+    }
+
+    /// The `--config` pairs a component's `fs-init` gets on a fresh start.
+    pub fn set_component_config(&mut self, config: Vec<(String, String)>) -> Result<(), Error> {
+        match &mut self.body {
+            Body::Component(compiled) => {
+                compiled.config = config;
+                Ok(())
+            }
+            Body::Core(_) if config.is_empty() => Ok(()),
+            Body::Core(_) => Err(crate::error::error(
+                ErrorKind::Other,
+                "--config is for components; this guest is a core module",
+            )
+            .into()),
+        }
     }
 
     fn finish(
         engine: Engine,
-        pre: InstancePre<host::HostState>,
+        body: Body,
         kind: GuestKind,
         limits: Limits,
         state: Instrumented,
@@ -149,7 +212,7 @@ impl Guest {
             .map(|_| std::sync::Arc::new(limits::EpochTicker::start(&engine)));
         Ok(Self {
             engine,
-            pre,
+            body,
             kind,
             limits,
             ticker,
@@ -165,11 +228,26 @@ impl Guest {
     /// A fresh instance whose WASI random stream starts at `random_position`.
     /// Nothing of the guest has run yet but its start function.
     pub fn instantiate(&self, random_seed: u64, random_position: u64) -> Result<GuestInstance> {
-        GuestInstance::new(self, random_seed, random_position)
+        Ok(match &self.body {
+            Body::Core(pre) => GuestInstance::Core(Box::new(CoreInstance::new(
+                self,
+                pre,
+                random_seed,
+                random_position,
+            )?)),
+            Body::Component(compiled) => {
+                GuestInstance::Component(Box::new(crate::component::ComponentInstance::new(
+                    compiled,
+                    self.limits,
+                    random_seed,
+                    random_position,
+                )?))
+            }
+        })
     }
 }
 
-fn engine_config(limits: Limits) -> Config {
+pub(crate) fn engine_config(limits: Limits) -> Config {
     let mut config = Config::new();
     config
         .wasm_multi_memory(true)

@@ -43,6 +43,8 @@ pub struct CapturedMemory {
 /// Everything a checkpoint needs from the paused guest.
 pub struct Capture {
     pub globals: Vec<GlobalValue>,
+    /// What the host keeps for a component (empty for a core module): whole, not a delta.
+    pub host_state: Vec<u8>,
     pub memories: Vec<CapturedMemory>,
     pub dirty: Vec<CapturedPage>,
     /// Pages that changed to all-zero: recorded as zero, nothing written.
@@ -64,6 +66,7 @@ pub fn capture(
     buffers: &PageBuffers,
 ) -> Result<Capture> {
     let globals = instance.globals()?;
+    let host_state = instance.host_state()?;
     let mut memories = Vec::with_capacity(instance.memory_count());
     let mut dirty = Vec::new();
     let mut zeroed = Vec::new();
@@ -110,6 +113,7 @@ pub fn capture(
     }
     Ok(Capture {
         globals,
+        host_state,
         memories,
         dirty,
         zeroed,
@@ -249,6 +253,7 @@ mod tests {
         assert_eq!(hashes, pages::hash_pages(memory));
         let capture = Capture {
             globals: Vec::new(),
+            host_state: Vec::new(),
             memories: vec![CapturedMemory {
                 byte_len: memory.len() as u64,
                 digest: pages::memory_digest(&hashes),

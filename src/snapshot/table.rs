@@ -214,6 +214,7 @@ mod tests {
             packs,
             globals: vec![],
             memories,
+            host_state: vec![],
         };
         let decoded = Manifest::decode(&manifest.encode().unwrap(), "m").unwrap();
         assert_eq!(PageTable::from_manifest(&decoded), table);

@@ -11,6 +11,9 @@ use crate::state::GlobalValue;
 
 pub const MANIFEST_MAGIC: &[u8; 8] = b"WASNAPMF";
 pub const MANIFEST_VERSION: u16 = 3;
+/// Version 4 is version 3 plus a component's host state at the end; written only when
+/// there is one, so core modules' manifests stay readable by older wasnaps.
+pub const MANIFEST_VERSION_4: u16 = 4;
 /// Version 2 had no stream positions, only the two byte counts; it is still read (its
 /// positions are the counts as varints, which is what the file input and output use).
 const MANIFEST_VERSION_2: u16 = 2;
@@ -101,11 +104,18 @@ pub struct Manifest {
     pub packs: Vec<PackRef>,
     pub globals: Vec<GlobalValue>,
     pub memories: Vec<MemoryManifest>,
+    /// What the host keeps for a component (kv state, handle table, watermarks; see
+    /// `component::instance`); empty for a core module.
+    pub host_state: Vec<u8>,
 }
 
 impl Manifest {
     pub fn encode(&self) -> Result<Vec<u8>> {
-        self.encode_as(MANIFEST_VERSION)
+        if self.host_state.is_empty() {
+            self.encode_as(MANIFEST_VERSION)
+        } else {
+            self.encode_as(MANIFEST_VERSION_4)
+        }
     }
 
     /// Encode in `version` (3, or 2 for the compatibility tests: without positions).
@@ -204,6 +214,10 @@ impl Manifest {
                 }
             }
         }
+        if version >= MANIFEST_VERSION_4 {
+            body.put_varint(self.host_state.len() as u64);
+            body.extend_from_slice(&self.host_state);
+        }
 
         let stored = zstd::bulk::compress(&body, 3)?;
         let mut out = Vec::with_capacity(HEADER_LEN + stored.len() + 4);
@@ -225,9 +239,9 @@ impl Manifest {
             return Err(corrupt!("{what} is not a wasnap manifest (bad magic)"));
         }
         let version = r.u16()?;
-        if version != MANIFEST_VERSION && version != MANIFEST_VERSION_2 {
+        if ![MANIFEST_VERSION_2, MANIFEST_VERSION, MANIFEST_VERSION_4].contains(&version) {
             return Err(corrupt!(
-                "{what} has manifest format version {version}; this wasnap reads version {MANIFEST_VERSION}"
+                "{what} has manifest format version {version}; this wasnap reads versions 2 to {MANIFEST_VERSION_4}"
             ));
         }
         let flags = r.u16()?;
@@ -388,6 +402,12 @@ impl Manifest {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let host_state = if version >= MANIFEST_VERSION_4 {
+            let n = r.varint_count(1)?;
+            r.bytes(n)?.to_vec()
+        } else {
+            Vec::new()
+        };
         r.finish()?;
         // Every pack listed is one a page uses: a restore reads them all.
         let mut used = vec![false; packs.len()];
@@ -419,6 +439,7 @@ impl Manifest {
             packs,
             globals,
             memories,
+            host_state,
         })
     }
 
@@ -544,6 +565,7 @@ pub(crate) mod tests {
                     layers: vec![],
                 },
             ],
+            host_state: vec![],
         }
     }
 
@@ -551,6 +573,17 @@ pub(crate) mod tests {
     fn round_trips() {
         let m = sample();
         assert_eq!(Manifest::decode(&m.encode().unwrap(), "m").unwrap(), m);
+    }
+
+    #[test]
+    fn a_component_manifest_is_version_4_and_keeps_its_host_state() {
+        let mut m = sample();
+        let v3 = m.encode().unwrap();
+        assert_eq!(u16::from_le_bytes([v3[8], v3[9]]), MANIFEST_VERSION);
+        m.host_state = b"\x01kv and handles".to_vec();
+        let v4 = m.encode().unwrap();
+        assert_eq!(u16::from_le_bytes([v4[8], v4[9]]), MANIFEST_VERSION_4);
+        assert_eq!(Manifest::decode(&v4, "m").unwrap(), m);
     }
 
     #[test]

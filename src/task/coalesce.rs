@@ -100,6 +100,7 @@ impl Job {
         self.capture.dirty = pages.into_values().collect();
         self.capture.zeroed = zeroed;
         self.capture.globals = capture.globals;
+        self.capture.host_state = capture.host_state;
         self.capture.memories = capture.memories;
         self.capture.hashed_pages += capture.hashed_pages;
         self.capture.kernel_tracked_memories = capture.kernel_tracked_memories;
@@ -181,6 +182,7 @@ mod tests {
             generation,
             capture: Capture {
                 globals: vec![GlobalValue::I32(generation as i32)],
+                host_state: Vec::new(),
                 memories: vec![CapturedMemory {
                     byte_len: generation << 16,
                     digest: generation,

@@ -433,6 +433,7 @@ impl CommitContext {
             packs,
             globals: std::mem::take(&mut job.capture.globals),
             memories,
+            host_state: std::mem::take(&mut job.capture.host_state),
         }
     }
 

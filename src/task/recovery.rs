@@ -133,6 +133,10 @@ fn restore(
     let mut instance = guest.instantiate(manifest.random_seed, manifest.random_position)?;
     let restored = snapshot::restore(&mut instance, &manifest, store)
         .with_context(|| format!("cannot restore checkpoint {generation}"))?;
+    // A component's handles go back after its memories: the replay touches neither.
+    instance
+        .restore_host_state(&manifest.host_state)
+        .with_context(|| format!("cannot restore checkpoint {generation}"))?;
     instance.rewind_host_state(manifest.random_position);
     Ok((manifest, instance, restored))
 }
