@@ -86,6 +86,11 @@ pub fn inspect(url: &str) -> Result<()> {
             )?;
             live.insert(format!("{PACKS}/{name}"));
         }
+        if !m.host_state.is_empty() {
+            let state = crate::component::describe_host_state(&m.host_state)
+                .unwrap_or_else(|err| format!("unreadable: {err:#}"));
+            writeln!(out, "{:>12}component: {state}", "")?;
+        }
     }
     // Left by interrupted writes (local stores): garbage, removed by a prune once old.
     let staging = store.staging_files()?;

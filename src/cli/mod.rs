@@ -30,8 +30,13 @@ struct Cli {
 enum Command {
     /// Run a guest over an input file; rerunning the same command resumes from the newest checkpoint.
     Run {
-        /// The guest module (.wasm, or .wat text); with --stdio, a WASI command.
+        /// The guest: a core module (.wasm, or .wat text) of the record ABI, a
+        /// `functionstream:core/processor` component, or with --stdio a WASI command.
         guest: PathBuf,
+        /// A component's configuration: KEY=VALUE, repeated; `fs-init` gets the pairs in
+        /// order on a fresh start (never after a restore).
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_pair)]
+        config: Vec<(String, String)>,
         /// Stdio mode: GUEST is an unmodified WASI command (a `main`); the input is its
         /// stdin, the output its stdout. Needs binaryen's wasm-opt (asyncify).
         #[arg(long)]
@@ -279,6 +284,14 @@ impl LimitArgs {
     }
 }
 
+/// `KEY=VALUE` of `--config`: the key is everything before the first `=`.
+fn parse_config_pair(pair: &str) -> Result<(String, String), String> {
+    match pair.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("`{pair}` is not KEY=VALUE")),
+    }
+}
+
 /// Exit code when another writer owns the task.
 pub const EXIT_FENCED: u8 = 3;
 
@@ -302,6 +315,7 @@ pub fn main() -> ExitCode {
     let result: Result<(), crate::Error> = match cli.command {
         Command::Run {
             guest,
+            config: component_config,
             stdio,
             checkpoint_every_bytes,
             input,
@@ -322,6 +336,7 @@ pub fn main() -> ExitCode {
                 guest,
                 input,
                 output,
+                component_config,
                 limits: limits.limits(),
                 task: TaskConfig {
                     mode: if stdio {

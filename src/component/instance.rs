@@ -543,9 +543,9 @@ pub fn describe_host_state(bytes: &[u8]) -> Result<String> {
         .filter_map(|(i, r)| r.as_ref().map(|r| format!("{}:{}", i + 1, r.describe())))
         .collect();
     Ok(format!(
-        "kv {} bytes in {} store(s); handles [{}]; watermarks [{}]",
+        "kv {} bytes in store(s) [{}]; handles [{}]; watermarks [{}]",
         kv.bytes(),
-        kv.store_names().count(),
+        kv.store_names().collect::<Vec<_>>().join(", "),
         live.join(", "),
         watermarks.join(", ")
     ))

@@ -89,8 +89,6 @@ impl ResourceKind {
 /// A memory of one of the guest's core instances, in allocation order.
 #[derive(Clone, Debug)]
 pub struct MemoryInfo {
-    pub core_instance: u32,
-    pub index: u32,
     pub is_64: bool,
     /// The export the accessor grows it by.
     pub grow_export: String,
@@ -133,8 +131,10 @@ impl Counts {
             ComponentExternalKind::Module => {
                 bail!("the component has module {what}; wasnap refuses them")
             }
+            // Component items add no index the accessor uses.
+            ComponentExternalKind::Component if what == "exports" => {}
             ComponentExternalKind::Component => {
-                bail!("the component has component {what}; wasnap refuses nested components")
+                bail!("the component has component {what}; wasnap refuses them")
             }
             ComponentExternalKind::Value => {
                 bail!("the component has value {what}; wasnap refuses them")
@@ -157,9 +157,23 @@ pub fn instrument(wasm: &[u8]) -> Result<InstrumentedComponent> {
     // (component instance index, interface name without version, resource names).
     let mut imported_instances: Vec<(u32, String, Vec<String>)> = Vec::new();
     let mut in_module = false;
+    // Inside a nested component (wit-component nests type-only ones for exported
+    // interfaces): how deep. Its bytes are copied whole with its section.
+    let mut nested = 0u32;
 
     for payload in Parser::new(0).parse_all(wasm) {
         let payload = payload.context("the component is not valid WebAssembly")?;
+        if nested > 0 {
+            match payload {
+                Payload::ModuleSection { .. } => {
+                    bail!("the component nests a component with core modules; wasnap refuses those")
+                }
+                Payload::ComponentSection { .. } => nested += 1,
+                Payload::End(_) => nested -= 1,
+                _ => {}
+            }
+            continue;
+        }
         if in_module {
             // The payloads of a module section, already handed to the core instrumentation.
             if let Payload::End(_) = payload {
@@ -187,8 +201,15 @@ pub fn instrument(wasm: &[u8]) -> Result<InstrumentedComponent> {
                 in_module = true;
                 continue;
             }
-            Payload::ComponentSection { .. } => {
-                bail!("the component nests another component; wasnap refuses nested components")
+            Payload::ComponentSection {
+                unchecked_range, ..
+            } => {
+                out.section(&wasm_encoder::RawSection {
+                    id: wasm_encoder::ComponentSectionId::Component as u8,
+                    data: &wasm[unchecked_range.clone()],
+                });
+                nested = 1;
+                continue;
             }
             Payload::InstanceSection(reader) => {
                 for instance in reader.clone() {
@@ -404,8 +425,6 @@ impl Accessor<'_> {
                 let ty = *ty;
                 imports.import(&name, &memory.export_name, EntityType::Memory(ty));
                 memories.push(MemoryInfo {
-                    core_instance: *core_instance,
-                    index: memory.index,
                     is_64: ty.memory64,
                     grow_export: format!("grow{}", memories.len()),
                 });

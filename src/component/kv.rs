@@ -82,10 +82,6 @@ impl Kv {
         }
     }
 
-    pub fn store(&self, name: &str) -> Option<&Store> {
-        self.stores.get(name)
-    }
-
     fn admit(&self, grow: usize, shrink: usize) -> Result<(), OverBudget> {
         let would_hold = (self.bytes - shrink).saturating_add(grow);
         if would_hold > MAX_KV_BYTES && grow > shrink {

@@ -16,6 +16,7 @@
 //! every mutable global) plus its host state: the kv contents, the handle table and the
 //! watermarks, in the manifest (docs/FORMAT.md).
 
+pub mod cache;
 pub mod handles;
 pub mod host;
 pub mod instance;
@@ -27,7 +28,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use wasmtime::Engine;
-use wasmtime::component::{Component, InstancePre};
+use wasmtime::component::InstancePre;
 
 pub use instance::{ComponentInstance, describe_host_state};
 pub use instrument::InstrumentedComponent;
@@ -59,9 +60,17 @@ impl CompiledComponent {
             .memory_init_cow(false)
             .with_host_memory(Arc::new(memories::Creator));
         let engine = Engine::new(&config)?;
-        let component = Component::new(&engine, &state.wasm)
-            .map_err(anyhow::Error::from)
-            .context("wasmtime rejected the component")?;
+        let started = std::time::Instant::now();
+        let (component, origin) =
+            cache::compile(&engine, &state.wasm).context("wasmtime rejected the component")?;
+        tracing::info!(
+            "component {} in {:.2} s",
+            match origin {
+                cache::Origin::Cache => "loaded from the compiled-component cache",
+                cache::Origin::Compiled => "compiled",
+            },
+            started.elapsed().as_secs_f64()
+        );
         state.wasm = Vec::new();
         let linker = host::linker(&engine)?;
         let pre = linker

@@ -154,6 +154,8 @@ pub struct RunConfig {
     pub output: PathBuf,
     /// Memory cap and per-call time limit for the guest.
     pub limits: Limits,
+    /// A component's `--config` pairs, given to `fs-init` on a fresh start.
+    pub component_config: Vec<(String, String)>,
     /// The page cache goes beside a file output, and under the user's cache directory
     /// (named by the output) for any other output, unless `task.cache_dir` says where.
     pub task: TaskConfig,
@@ -170,6 +172,7 @@ impl RunConfig {
             guest: guest.into(),
             input: input.into(),
             output: output.into(),
+            component_config: Vec::new(),
             limits: Limits::default(),
             task: TaskConfig::default(),
         }
@@ -199,11 +202,13 @@ impl RunConfig {
 
     /// Load the guest for the configured mode.
     pub fn load_guest(&self) -> Result<Guest, crate::Error> {
-        if self.task.mode.is_stdio() {
-            Guest::load_program(&self.guest, self.limits)
+        let mut guest = if self.task.mode.is_stdio() {
+            Guest::load_program(&self.guest, self.limits)?
         } else {
-            Guest::load_with_limits(&self.guest, self.limits)
-        }
+            Guest::load_with_limits(&self.guest, self.limits)?
+        };
+        guest.set_component_config(self.component_config.clone())?;
+        Ok(guest)
     }
 
     /// Open the task on `store`: load the guest, open the input and output, and restore

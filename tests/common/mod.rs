@@ -42,6 +42,12 @@ pub fn guest(name: &str) -> PathBuf {
 /// The `wasnap` binary, with the test S3 server's settings if one was started.
 pub fn wasnap() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasnap"));
+    // Compiled components (a Python processor takes 15-30 s to compile) are shared by
+    // every test run, whatever cache directory a test gives wasnap otherwise.
+    cmd.env(
+        "WASNAP_COMPONENT_CACHE",
+        root().join("target/component-cache"),
+    );
     if let Some(s3) = S3.get() {
         cmd.envs(s3.env.iter().map(|(k, v)| (k, v)));
     }

@@ -1,0 +1,236 @@
+//! Components of FunctionStream's `functionstream:core/processor` world, in three
+//! languages (guests/components: Rust, Python plain and with stubbed WASI, JavaScript),
+//! under wasnap: their output against a reference implementation of their logic, kill -9
+//! at any moment, handles held across a restore, `--config`, `inspect`, and the
+//! components wasnap refuses.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Every component guest; all implement the same word count (guests/components/README.md).
+const COMPONENTS: [&str; 4] = [
+    "component-rust",
+    "component-python",
+    "component-python-stubwasi",
+    "component-js",
+];
+
+/// What the component guests print for `input`: per record `N:` and ` word=M/K` per word,
+/// where M counts the word in the guest's memory and K in its kv store (the same number
+/// when both survive every restore).
+fn expected_output(input: &[u8]) -> Vec<u8> {
+    let mut counts: HashMap<&[u8], u64> = HashMap::new();
+    let mut out = Vec::new();
+    for (n, line) in input.split(|b| *b == b'\n').enumerate() {
+        if n + 1 == input.split(|b| *b == b'\n').count() && line.is_empty() {
+            break;
+        }
+        out.extend_from_slice(format!("{}:", n + 1).as_bytes());
+        for word in line
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|w| !w.is_empty())
+        {
+            let count = counts.entry(word).or_default();
+            *count += 1;
+            out.extend_from_slice(b" ");
+            out.extend_from_slice(word);
+            out.extend_from_slice(format!("={count}/{count}").as_bytes());
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+#[test]
+fn every_component_matches_a_reference_implementation_of_its_logic() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    write_input(&input, 3000, 300, false);
+    let expected = expected_output(&std::fs::read(&input).unwrap());
+    for name in COMPONENTS {
+        let guest = guest(name);
+        // A checkpoint every 250 records: each captures the kv state and the handles.
+        let output = dir.path().join(format!("{name}.out"));
+        let store = dir.path().join(format!("{name}.store"));
+        let args = run_args(&guest, &input, &output, &store.display().to_string(), 250);
+        run_ok(&args);
+        assert_same_output(&std::fs::read(&output).unwrap(), &expected, name);
+    }
+}
+
+fn crash_test(name: &str, records: usize) {
+    crash_test_on(
+        name,
+        records,
+        false,
+        500,
+        &tempfile::tempdir().unwrap().keep().display().to_string(),
+    );
+}
+
+mod kill_9 {
+    #[test]
+    fn rust() {
+        super::crash_test("component-rust", 60_000);
+    }
+
+    #[test]
+    fn python() {
+        super::crash_test("component-python", 30_000);
+    }
+
+    #[test]
+    fn python_with_stubbed_wasi() {
+        super::crash_test("component-python-stubwasi", 30_000);
+    }
+
+    #[test]
+    fn javascript() {
+        super::crash_test("component-js", 30_000);
+    }
+}
+
+/// After a restore the guest goes on with the kv store handle and the stderr stream (and
+/// the pollable wasi-libc keeps on it) it opened in `fs-init`, before the checkpoint:
+/// `fs-init` does not run again, its `progress` lines still reach stderr, and its counts
+/// still agree with the kv store's.
+#[test]
+fn a_resumed_component_uses_the_kv_store_and_stderr_it_opened_before_the_checkpoint() {
+    for name in ["component-rust", "component-python"] {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("input");
+        write_input(&input, 20_000, 300, false);
+        let expected = expected_output(&std::fs::read(&input).unwrap());
+        let output = dir.path().join("output");
+        let store = dir.path().join("store").display().to_string();
+        let args = run_args(&guest(name), &input, &output, &store, 500);
+        let mut first = LoggedRun::spawn(&args);
+        assert!(first.wait_for_commits(2, Instant::now() + Duration::from_secs(120)));
+        first.kill();
+        assert!(
+            first.log.text.contains("processor ready"),
+            "{}",
+            first.log.text
+        );
+
+        let resumed = LoggedRun::spawn(&args).finish();
+        assert!(resumed.resumed_from.is_some(), "{}", resumed.text);
+        assert!(
+            !resumed.text.contains("processor ready"),
+            "{name}: fs-init ran again after a restore:\n{}",
+            resumed.text
+        );
+        assert!(
+            resumed.text.contains("progress 20000"),
+            "{name}: the resumed guest's stderr lines are missing:\n{}",
+            resumed.text
+        );
+        assert_same_output(&std::fs::read(&output).unwrap(), &expected, name);
+
+        let inspect = run_ok(&["inspect".into(), "--store".into(), store.clone()]);
+        let text = String::from_utf8_lossy(&inspect.stdout);
+        assert!(
+            text.contains("component: kv") && text.contains("1:kv.store"),
+            "{name}: inspect does not show the component state:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn config_pairs_reach_fs_init_on_a_fresh_start_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    write_input(&input, 500, 50, false);
+    let store = dir.path().join("store").display().to_string();
+    let mut args = run_args(
+        &guest("component-rust"),
+        &input,
+        &dir.path().join("output"),
+        &store,
+        100,
+    );
+    args.extend(["--config".into(), "store=totals".into()]);
+    run_ok(&args);
+    let inspect = run_ok(&["inspect".into(), "--store".into(), store]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(text.contains("store(s) [totals]"), "{text}");
+
+    let bad = run(&[
+        "run".into(),
+        guest("wordcount").display().to_string(),
+        "--input".into(),
+        input.display().to_string(),
+        "--output".into(),
+        dir.path().join("out2").display().to_string(),
+        "--store".into(),
+        "memory://".into(),
+        "--config".into(),
+        "a=b".into(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("--config is for components"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+/// Components wasnap cannot restore exactly are refused at load time, each with an error
+/// that names the construct.
+#[test]
+fn components_wasnap_cannot_restore_are_refused_by_name() {
+    let cases = [
+        (
+            "another world",
+            r#"(component (core module $m (func (export "f"))) (core instance (instantiate $m)))"#,
+            "not a `functionstream:core/processor`",
+        ),
+        (
+            "a guest-defined resource",
+            r#"(component (type $r (resource (rep i32))) (core func (canon resource.new $r)))"#,
+            "resource type of its own",
+        ),
+        (
+            "a module instantiated twice",
+            r#"(component (core module $m) (core instance (instantiate $m)) (core instance (instantiate $m)))"#,
+            "instantiates core module 0 twice",
+        ),
+        (
+            "a nested component with a module",
+            r#"(component (component (core module $m)))"#,
+            "nests a component with core modules",
+        ),
+        (
+            "a component start function",
+            r#"(component (import "f" (func $f)) (start $f))"#,
+            "start function",
+        ),
+        (
+            "async lowering",
+            r#"(component (import "f" (func $f)) (core func (canon lower (func $f) async)))"#,
+            "async",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    std::fs::write(&input, "a\n").unwrap();
+    for (what, wat, expected) in cases {
+        let guest = dir.path().join("bad.wat");
+        std::fs::write(&guest, wat).unwrap();
+        let out = run(&run_args(
+            &guest,
+            &input,
+            &dir.path().join("output"),
+            "memory://",
+            10,
+        ));
+        assert!(!out.status.success(), "{what} was accepted");
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{what}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: not one line: {err}");
+    }
+}
