@@ -42,6 +42,8 @@ struct Fleet {
     produced: usize,
     /// The workers' `--assignment`.
     assignment: &'static str,
+    /// The guest every worker runs.
+    guest: PathBuf,
     workers: Vec<Worker>,
 }
 
@@ -53,10 +55,14 @@ struct Worker {
 
 impl Fleet {
     fn new(name: &str, partitions: i32, records: usize) -> Self {
+        Self::of_guest("wordcount", name, partitions, records)
+    }
+
+    fn of_guest(guest_name: &str, name: &str, partitions: i32, records: usize) -> Self {
         let broker = kafka();
         let groups = tansu();
         let dir = tempfile::tempdir().unwrap();
-        let guest = guest("wordcount");
+        let guest = guest(guest_name);
         let mut inputs = Vec::new();
         let mut expected = Vec::new();
         let mut rng = Rng::new(7);
@@ -89,6 +95,7 @@ impl Fleet {
             expected,
             produced: 0,
             assignment: "range",
+            guest,
             workers: Vec::new(),
         }
     }
@@ -130,7 +137,7 @@ impl Fleet {
         let child = wasnap()
             .args([
                 "worker".to_string(),
-                guest("wordcount").display().to_string(),
+                self.guest.display().to_string(),
                 "--input".into(),
                 self.groups.url(&self.input_topic, None),
                 "--output".into(),
@@ -328,20 +335,36 @@ fn opened_at(log: &str, partition: i32) -> Option<u64> {
 /// arrive; then the survivors stop cleanly.
 #[test]
 fn three_workers_killed_and_replaced_ten_times_write_each_record_once_in_order() {
-    const PARTITIONS: i32 = 8;
+    workers_killed_and_replaced("wordcount", 8, 10);
+}
+
+#[test]
+fn component_workers_killed_and_replaced_write_each_record_once_in_order() {
+    workers_killed_and_replaced("component-python", 4, 4);
+}
+
+/// Three workers of `guest_name` over `partitions` partitions, one killed at random and
+/// replaced `kill_count` times while records keep coming: every output partition must then
+/// equal an uninterrupted run's, and every kill must have come after commits that a later
+/// restore resumed from.
+fn workers_killed_and_replaced(guest_name: &str, partitions: i32, kill_count: usize) {
     const RECORDS: usize = 3000;
-    const KILLS: usize = 10;
-    let mut fleet = Fleet::new("kills", PARTITIONS, RECORDS);
+    let mut fleet = Fleet::of_guest(
+        guest_name,
+        &format!("kills-{guest_name}"),
+        partitions,
+        RECORDS,
+    );
     fleet.produce(RECORDS / 4);
     let mut live: Vec<usize> = (0..3).map(|_| fleet.start_worker()).collect();
     let mut rng = Rng::from_env_or_clock("fleet kills");
     // Per kill: the tasks the victim had committed checkpoints of (partition, generation),
     // and where each worker's log stood.
     let mut kills = Vec::new();
-    for kill in 0..KILLS {
+    for kill in 0..kill_count {
         std::thread::sleep(Duration::from_millis(1500 + rng.below(3000)));
         // Records keep arriving while workers die.
-        fleet.produce((RECORDS * 3 / 4).div_ceil(KILLS));
+        fleet.produce((RECORDS * 3 / 4).div_ceil(kill_count));
         let victim = live.remove(rng.below(live.len() as u64) as usize);
         assert!(
             fleet.running(victim),
@@ -379,7 +402,7 @@ fn three_workers_killed_and_replaced_ten_times_write_each_record_once_in_order()
         |fleet| {
             let mut owned: Vec<i32> = live.iter().flat_map(|&w| fleet.partitions_of(w)).collect();
             owned.sort();
-            owned == (0..PARTITIONS).collect::<Vec<_>>()
+            owned == (0..partitions).collect::<Vec<_>>()
         },
     );
     // Every kill came after the victim had committed checkpoints, and each of those tasks
@@ -400,8 +423,8 @@ fn three_workers_killed_and_replaced_ten_times_write_each_record_once_in_order()
         .count();
     assert_eq!(
         resumed,
-        KILLS,
-        "only {resumed} of {KILLS} kills came after commits that later restores resumed from: {kills:?}\n{}",
+        kill_count,
+        "only {resumed} of {kill_count} kills came after commits that later restores resumed from: {kills:?}\n{}",
         fleet.logs()
     );
     // The survivors stop cleanly.

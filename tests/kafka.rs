@@ -149,6 +149,21 @@ mod crash {
     fn assemblyscript_wordcount() {
         kafka_crash_test("as-wordcount", 120_000);
     }
+
+    #[test]
+    fn rust_component() {
+        kafka_crash_test("component-rust", 60_000);
+    }
+
+    #[test]
+    fn python_component() {
+        kafka_crash_test("component-python", 30_000);
+    }
+
+    #[test]
+    fn javascript_component() {
+        kafka_crash_test("component-js", 30_000);
+    }
 }
 
 /// Run `task`, committing each checkpoint before going on, and freeze it (SIGSTOP) just

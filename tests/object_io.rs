@@ -163,7 +163,15 @@ fn s3_failover(guest_name: &str, stdio: bool) {
     // Long enough for ten kills: a run that waits on S3 commits while its captures
     // coalesce goes through about 20k records before its kill.
     // (A stdio program reads faster still.)
-    let records = if stdio { 600_000 } else { 300_000 };
+    // Components start slower (a compiled-component cache read, ~1 s for Python) and
+    // run slower: fewer records last the ten kills.
+    let records = if stdio {
+        600_000
+    } else if guest_name.starts_with("component-") {
+        40_000
+    } else {
+        300_000
+    };
     write_input(&input, records, 5000, guest_name == "window");
     let guest = guest(guest_name);
     let expected = if stdio {
@@ -215,6 +223,21 @@ mod failover_on_s3 {
     #[test]
     fn assemblyscript_wordcount() {
         s3_failover("as-wordcount", false);
+    }
+
+    #[test]
+    fn rust_component() {
+        s3_failover("component-rust", false);
+    }
+
+    #[test]
+    fn python_component() {
+        s3_failover("component-python", false);
+    }
+
+    #[test]
+    fn javascript_component() {
+        s3_failover("component-js", false);
     }
 
     #[test]
