@@ -6,7 +6,9 @@
 //! (`Engine::precompile_compatibility_hash`).
 //!
 //! A cache file is only ever one wasnap wrote (temporary file, then rename), read with
-//! no symlink followed and a size cap; anything wrong with it means compiling again.
+//! no symlink followed and a size cap; anything wrong with it means compiling again. A
+//! compiled component is native code, so the directory must be this user's own and
+//! writable by nobody else (wasnap makes it so, 0700); otherwise it is not used.
 
 use std::hash::{Hash, Hasher};
 use std::io::Read;
@@ -59,6 +61,13 @@ pub fn compile(engine: &Engine, wasm: &[u8]) -> Result<(Component, Origin)> {
     let Some(dir) = cache_dir() else {
         return Ok((Component::new(engine, wasm)?, Origin::Compiled));
     };
+    if let Err(err) = own_private_dir(&dir) {
+        tracing::warn!(
+            "not caching compiled components in {}: {err:#}",
+            dir.display()
+        );
+        return Ok((Component::new(engine, wasm)?, Origin::Compiled));
+    }
     let path = dir.join(format!("{}.cwasm", cache_key(engine, wasm)));
     if let Some(bytes) = read_cached(&path) {
         // SAFETY: the file is one this user's wasnap serialized with an engine of these
@@ -81,6 +90,32 @@ pub fn compile(engine: &Engine, wasm: &[u8]) -> Result<(Component, Origin)> {
     Ok((component, Origin::Compiled))
 }
 
+/// Make `dir` (0700) if it is missing, and check it is a directory (not a symlink) owned
+/// by this user that no one else can write to.
+fn own_private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if std::fs::symlink_metadata(dir).is_err() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .context("cannot create the cache directory")?;
+    }
+    let meta = std::fs::symlink_metadata(dir).context("cannot read the cache directory")?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() {
+        anyhow::bail!("it is not a directory");
+    }
+    if meta.uid() != me {
+        anyhow::bail!("it belongs to user {}, not to this user ({me})", meta.uid());
+    }
+    if meta.mode() & 0o022 != 0 {
+        anyhow::bail!("others can write to it (mode {:o})", meta.mode() & 0o777);
+    }
+    Ok(())
+}
+
 fn read_cached(path: &std::path::Path) -> Option<Vec<u8>> {
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -101,7 +136,6 @@ fn write_cached(
     path: &std::path::Path,
     component: &Component,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).context("cannot create the cache directory")?;
     let bytes = component.serialize()?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     std::io::Write::write_all(&mut tmp, &bytes)?;

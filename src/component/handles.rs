@@ -115,6 +115,11 @@ impl HandleTable {
         Ok(index)
     }
 
+    /// The index the next handle the guest receives will get.
+    pub fn next_index(&self) -> u32 {
+        self.next + 1
+    }
+
     /// The index of a live handle, if the guest holds it.
     pub fn index_of(&self, key: HostKey) -> Option<u32> {
         self.by_key.get(&key).copied()

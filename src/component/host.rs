@@ -56,6 +56,10 @@ impl KvIteratorHandle {
             remaining: VecDeque::new(),
         }
     }
+
+    fn bytes(&self) -> usize {
+        self.remaining.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
 }
 
 /// Resource types, as the mirror keys them.
@@ -83,6 +87,9 @@ pub struct ComponentHost {
     /// While a restore rebuilds the handle table: handles come and go without being
     /// mirrored (the restore builds the mirror itself).
     pub replaying: bool,
+    /// Bytes the live kv iterators still hold (each is a copy of its scope): they count
+    /// against the kv budget, since every checkpoint writes them too.
+    iterator_bytes: usize,
     limits: StoreLimits,
 }
 
@@ -109,6 +116,7 @@ impl ComponentHost {
             watermarks: BTreeMap::new(),
             emitted: Vec::new(),
             replaying: false,
+            iterator_bytes: 0,
             limits,
         }
     }
@@ -170,9 +178,11 @@ impl ComponentHost {
                 (type_id::KV_STORE, r.rep())
             }
             Recipe::KvIterator { remaining } => {
-                let r = self.table.push(KvIteratorHandle {
+                let iterator = KvIteratorHandle {
                     remaining: remaining.iter().cloned().collect(),
-                })?;
+                };
+                self.iterator_bytes += iterator.bytes();
+                let r = self.table.push(iterator)?;
                 (type_id::KV_ITERATOR, r.rep())
             }
             Recipe::Stdin => (
@@ -404,8 +414,18 @@ impl kv::HostStore for ComponentHost {
         namespace: Vec<u8>,
     ) -> wasmtime::Result<Result<Resource<KvIteratorHandle>, kv::Error>> {
         let name = self.store_name(&store)?;
-        let remaining: VecDeque<_> = self.kv.scan(&name, &(key_group, key, namespace)).into();
-        let handle = self.table.push(KvIteratorHandle { remaining })?;
+        let iterator = KvIteratorHandle {
+            remaining: self.kv.scan(&name, &(key_group, key, namespace)).into(),
+        };
+        let would_hold = self.kv.bytes() + self.iterator_bytes + iterator.bytes();
+        if would_hold > super::kv::MAX_KV_BYTES {
+            return Err(trap(format!(
+                "the processor's kv state and open iterators would hold {would_hold} bytes, more than wasnap's limit of {} MiB",
+                super::kv::MAX_KV_BYTES >> 20
+            )));
+        }
+        self.iterator_bytes += iterator.bytes();
+        let handle = self.table.push(iterator)?;
         self.mirror_insert(
             type_id::KV_ITERATOR,
             handle.rep(),
@@ -435,12 +455,17 @@ impl kv::HostIterator for ComponentHost {
         &mut self,
         iterator: Resource<KvIteratorHandle>,
     ) -> wasmtime::Result<Result<Option<(Vec<u8>, Vec<u8>)>, kv::Error>> {
-        Ok(Ok(self.table.get_mut(&iterator)?.remaining.pop_front()))
+        let next = self.table.get_mut(&iterator)?.remaining.pop_front();
+        if let Some((k, v)) = &next {
+            self.iterator_bytes -= k.len() + v.len();
+        }
+        Ok(Ok(next))
     }
 
     fn drop(&mut self, iterator: Resource<KvIteratorHandle>) -> wasmtime::Result<()> {
         self.mirror_remove(type_id::KV_ITERATOR, iterator.rep())?;
-        self.table.delete(iterator)?;
+        let iterator = self.table.delete(iterator)?;
+        self.iterator_bytes -= iterator.bytes();
         Ok(())
     }
 }

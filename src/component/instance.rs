@@ -82,21 +82,9 @@ impl ComponentInstance {
     ) -> Result<Self> {
         let random = DeterministicRandom::new(random_seed, random_position);
         let clock = crate::guest::wasi::GuestClock::new();
-        let stderr = std::io::stderr();
-        let stderr_file = |what: &str| -> Result<std::fs::File> {
-            use std::os::fd::AsFd;
-            Ok(std::fs::File::from(
-                stderr
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .with_context(|| format!("cannot give the processor a {what}"))?,
-            ))
-        };
-        // Neither stream is a terminal, so the guest's handle numbering never depends
-        // on where wasnap's own stderr goes. A processor's stdout is diagnostics too.
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
-            .stdout(wasmtime_wasi::cli::OutputFile::new(stderr_file("stdout")?))
-            .stderr(wasmtime_wasi::cli::OutputFile::new(stderr_file("stderr")?))
+            .stdout(super::stdio::Diagnostics)
+            .stderr(super::stdio::Diagnostics)
             .monotonic_clock(clock)
             .secure_random(random.clone())
             .insecure_random(random.clone())
@@ -128,6 +116,13 @@ impl ComponentInstance {
             );
         }
         allocated.pop();
+        for (i, (memory, info)) in allocated.iter().zip(&compiled.state.memories).enumerate() {
+            if memory.ty.is_64() != info.is_64 || memory.ty.minimum() != info.minimum {
+                bail!(
+                    "memory {i} of the component is not the one wasnap expected there (a wasnap bug)"
+                );
+            }
+        }
         if store.data().handles.live().next().is_some() {
             bail!(
                 "the component took resource handles while it was instantiated; wasnap cannot restore those"
@@ -352,6 +347,7 @@ impl ComponentInstance {
     /// What the host holds for the guest, for a checkpoint: the kv state, the handle
     /// table and the watermarks (docs/FORMAT.md, "Component host state").
     pub fn host_state(&mut self) -> Result<Vec<u8>> {
+        self.check_mirror()?;
         let host = self.store.data_mut();
         host.refresh_iterators();
         let mut out = Vec::with_capacity(64 + host.kv.bytes());
@@ -364,6 +360,42 @@ impl ComponentInstance {
             out.put_varint(*watermark);
         }
         Ok(out)
+    }
+
+    /// Check the handle mirror against wasmtime's table where it can be asked: hand the
+    /// guest a throw-away handle and take it back at once (which leaves the table as it
+    /// was: the slot goes back to the head of the free chain), and compare the index it
+    /// got with the one the mirror predicts. A mirror that missed a handle coming or going
+    /// refuses the checkpoint instead of writing a table a restore would get wrong.
+    fn check_mirror(&mut self) -> Result<()> {
+        let Some(kind) = self.filler else {
+            return Ok(());
+        };
+        let predicted = self.store.data().handles.next_index();
+        self.store.data_mut().replaying = true;
+        let probed = self.probe_next_index(kind);
+        self.store.data_mut().replaying = false;
+        let actual = probed?;
+        if actual != predicted {
+            bail!(error(
+                ErrorKind::Guest,
+                format!(
+                    "wasnap lost track of the guest's resource handles (the next one would be {actual}, wasnap expected {predicted}); the checkpoint is refused"
+                )
+            ));
+        }
+        Ok(())
+    }
+
+    fn probe_next_index(&mut self, kind: ResourceKind) -> Result<u32> {
+        let (_, rep) = self.make_filler(kind)?;
+        let index = self.adopt(kind, rep)?;
+        if let Some(drop_filler) = self.drop_filler {
+            drop_filler
+                .call(&mut self.store, (index,))
+                .map_err(|e| describe(e, "wasnap's handle check", &self.limits))?;
+        }
+        Ok(index)
     }
 
     /// Put a checkpoint's host state back: the kv state and watermarks, and the guest's
@@ -493,7 +525,7 @@ impl ComponentInstance {
             .find(|(k, _)| *k == kind)
             .ok_or_else(|| {
                 corrupt!(
-                    "the checkpoint holds a {kind:?} handle but the component imports no such type"
+                    "the checkpoint holds a handle of type {kind:?} but the component imports no such type"
                 )
             })?;
         let result = match adopter {
@@ -543,10 +575,11 @@ pub fn describe_host_state(bytes: &[u8]) -> Result<String> {
         .filter_map(|(i, r)| r.as_ref().map(|r| format!("{}:{}", i + 1, r.describe())))
         .collect();
     Ok(format!(
-        "kv {} bytes in store(s) [{}]; handles [{}]; watermarks [{}]",
+        "kv {} bytes in store(s) [{}]; handles [{}] of {} slots; watermarks [{}]",
         kv.bytes(),
         kv.store_names().collect::<Vec<_>>().join(", "),
         live.join(", "),
+        decoded.recipes.len(),
         watermarks.join(", ")
     ))
 }

@@ -90,6 +90,9 @@ impl ResourceKind {
 #[derive(Clone, Debug)]
 pub struct MemoryInfo {
     pub is_64: bool,
+    /// Its initial size in pages: with `is_64`, what identifies it among the memories
+    /// the engine allocates.
+    pub minimum: u64,
     /// The export the accessor grows it by.
     pub grow_export: String,
 }
@@ -164,13 +167,31 @@ pub fn instrument(wasm: &[u8]) -> Result<InstrumentedComponent> {
     for payload in Parser::new(0).parse_all(wasm) {
         let payload = payload.context("the component is not valid WebAssembly")?;
         if nested > 0 {
+            // Only type-only nested components (types, imports, exports) hold no state
+            // and take no handles: anything else in one is refused.
             match payload {
+                Payload::ComponentSection { .. } => nested += 1,
+                Payload::End(_) => nested -= 1,
+                Payload::Version { .. }
+                | Payload::ComponentTypeSection(_)
+                | Payload::ComponentImportSection(_)
+                | Payload::ComponentExportSection(_)
+                | Payload::CustomSection(_) => {}
                 Payload::ModuleSection { .. } => {
                     bail!("the component nests a component with core modules; wasnap refuses those")
                 }
-                Payload::ComponentSection { .. } => nested += 1,
-                Payload::End(_) => nested -= 1,
-                _ => {}
+                other => bail!(
+                    "the component nests a component with more than types, imports and exports (a {} section); wasnap refuses those",
+                    match other.as_section().map_or(0, |(id, _)| id) {
+                        2 => "core instance",
+                        3 => "core type",
+                        5 => "component instance",
+                        6 => "alias",
+                        8 => "canonical function",
+                        9 => "start",
+                        _ => "further",
+                    }
+                ),
             }
             continue;
         }
@@ -426,6 +447,7 @@ impl Accessor<'_> {
                 imports.import(&name, &memory.export_name, EntityType::Memory(ty));
                 memories.push(MemoryInfo {
                     is_64: ty.memory64,
+                    minimum: ty.minimum,
                     grow_export: format!("grow{}", memories.len()),
                 });
                 imported_memories += 1;

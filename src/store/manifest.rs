@@ -3,7 +3,7 @@
 //! module's SHA-256, and the stream positions (input offset, output flush marker) that
 //! the commit binds to that state. The byte layout is specified in `docs/FORMAT.md`.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::codec::{Put, Reader};
 use crate::error::corrupt;
@@ -219,6 +219,13 @@ impl Manifest {
             body.extend_from_slice(&self.host_state);
         }
 
+        if body.len() > MAX_BODY_LEN {
+            bail!(
+                "a manifest of {} MiB is more than a reader accepts ({} MiB)",
+                body.len() >> 20,
+                MAX_BODY_LEN >> 20
+            );
+        }
         let stored = zstd::bulk::compress(&body, 3)?;
         let mut out = Vec::with_capacity(HEADER_LEN + stored.len() + 4);
         out.extend_from_slice(MANIFEST_MAGIC);

@@ -21,6 +21,8 @@ struct State {
     counts: BTreeMap<String, u64>,
     // Opened once in fs-init and kept: a host handle that must survive a checkpoint.
     store: Option<Store>,
+    // Its name, for `#reopen`.
+    name: String,
 }
 
 thread_local! {
@@ -75,7 +77,10 @@ impl Guest for Component {
         // A second fs-init drops the handle it had first, as fs-close does.
         Self::fs_close();
         let store = Store::new(name);
-        STATE.with_borrow_mut(|s| s.store = Some(store));
+        STATE.with_borrow_mut(|s| {
+            s.store = Some(store);
+            s.name = name.to_owned();
+        });
         eprintln!("processor ready");
     }
 
@@ -83,6 +88,20 @@ impl Guest for Component {
         STATE.with_borrow_mut(|s| {
             s.records += 1;
             let text = String::from_utf8_lossy(&data);
+            // Two records of this guest only (not in the other languages), for wasnap's
+            // tests: `#reopen` opens its store again and then drops the old handle (so
+            // the handle table gets a free slot), `#trap` traps.
+            match text.trim_matches(is_ws) {
+                "#reopen" => {
+                    let again = Store::new(&s.name);
+                    drop(s.store.replace(again));
+                    collector::emit(0, format!("{}: reopened", s.records).as_bytes());
+                    progress(s.records);
+                    return;
+                }
+                "#trap" => panic!("record {} asked for a trap", s.records),
+                _ => {}
+            }
             if let Some(wm) = watermark(&text) {
                 collector::emit_watermark(0, wm);
             } else {
