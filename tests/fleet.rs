@@ -100,6 +100,12 @@ impl Fleet {
         }
     }
 
+    fn is_component(&self) -> bool {
+        self.guest
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("component-"))
+    }
+
     /// Produce the next `count` lines of every partition.
     fn produce(&mut self, count: usize) {
         let end = (self.produced + count).min(self.inputs[0].len());
@@ -159,6 +165,13 @@ impl Fleet {
                 "--cache-dir".into(),
                 self.dir.path().join("caches").display().to_string(),
             ])
+            // A component's configuration reaches each task's fs-init.
+            .args(
+                self.is_component()
+                    .then_some(["--config", "store=fleet-counts"])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("WASNAP_LOG", "wasnap=info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -433,6 +446,12 @@ fn workers_killed_and_replaced(guest_name: &str, partitions: i32, kill_count: us
     }
     // Nothing more after the clean stops (their last checkpoints wrote no output twice).
     fleet.assert_exact_output(Duration::from_secs(10));
+    if fleet.is_component() {
+        let task_store = format!("{}/{}/0", fleet.store, fleet.input_topic);
+        let inspect = run_ok(&["inspect".into(), "--store".into(), task_store]);
+        let text = String::from_utf8_lossy(&inspect.stdout);
+        assert!(text.contains("store(s) [fleet-counts]"), "{text}");
+    }
 }
 
 #[test]

@@ -107,6 +107,9 @@ pub struct BenchReport {
     pub run: RunSummary,
     /// The same guest with checkpoints off (`compare_off`).
     pub off: Option<RunSummary>,
+    /// A component's records/s under stock wasmtime, uninstrumented, with no
+    /// checkpoints (`compare_off`, an input file).
+    pub plain_records_per_sec: Option<f64>,
     pub dirty_tracking: DirtyTracking,
     /// One per commit.
     pub checkpoints: Vec<CheckpointRecord>,
@@ -124,6 +127,9 @@ pub struct SummaryRecord {
     pub off_records_per_sec: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tax: Option<f64>,
+    /// A component under stock wasmtime (uninstrumented, no checkpoints).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plain_wasmtime_records_per_sec: Option<f64>,
     pub captures: u64,
     pub commits: u64,
     /// From a pause to the commit that covers it, over the commits.
@@ -302,9 +308,23 @@ pub fn bench(
             (recorder.on_record)(record);
         }
     }
+    // A component, also under stock wasmtime (an input file only: this pass reads it
+    // whole, as lines).
+    let plain_records_per_sec = if config.compare_off
+        && guest.is_component()
+        && std::fs::symlink_metadata(&config.input).is_ok_and(|m| m.is_file())
+    {
+        Some(
+            crate::component::plain::records_per_second(&config.guest, &config.input, &[])
+                .context("the stock-wasmtime pass failed")?,
+        )
+    } else {
+        None
+    };
     Ok(BenchReport {
         run,
         off,
+        plain_records_per_sec,
         dirty_tracking: config.dirty_tracking,
         checkpoints: records,
     })
@@ -339,6 +359,7 @@ impl BenchReport {
             records_per_sec,
             off_records_per_sec: off,
             tax: off.map(|off| records_per_sec / off.max(1e-9)),
+            plain_wasmtime_records_per_sec: self.plain_records_per_sec,
             captures: self.checkpoints.iter().map(|r| r.captures as u64).sum(),
             commits: self.checkpoints.len() as u64,
             commit_lag_p50_us: percentile(&lags, 50.0),
@@ -372,6 +393,12 @@ impl BenchReport {
             out += &format!(
                 "durability tax: {tax:.2}x ({:.0} records/s with checkpoints, {off:.0} with them off)\n",
                 summary.records_per_sec
+            );
+        }
+        if let Some(plain) = summary.plain_wasmtime_records_per_sec {
+            out += &format!(
+                "stock wasmtime, the component uninstrumented, no checkpoints: {plain:.0} records/s (wasnap with checkpoints: {:.2}x of it)\n",
+                summary.records_per_sec / plain.max(1e-9)
             );
         }
         out += &format!(

@@ -96,8 +96,13 @@ enum Command {
     /// Join a fleet: run one task per partition of the input topic that the consumer group
     /// assigns this worker, until SIGTERM or SIGINT (last checkpoints, then leave).
     Worker {
-        /// The record guest (.wasm, or .wat text).
+        /// The guest: a record-ABI core module (.wasm, or .wat text) or a
+        /// `functionstream:core/processor` component.
         guest: PathBuf,
+        /// A component's configuration: KEY=VALUE, repeated; each task's `fs-init` gets
+        /// the pairs on a fresh start.
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_pair)]
+        config: Vec<(String, String)>,
         /// kafka://HOST:PORT/TOPIC: each partition is one task.
         #[arg(long)]
         input: String,
@@ -446,6 +451,7 @@ pub fn main() -> ExitCode {
         }
         Command::Worker {
             guest,
+            config: component_config,
             input,
             output,
             store,
@@ -461,6 +467,7 @@ pub fn main() -> ExitCode {
         } => {
             let config = crate::fleet::WorkerConfig {
                 guest,
+                component_config,
                 limits: limits.limits(),
                 input,
                 output,

@@ -23,6 +23,7 @@ pub mod instance;
 pub mod instrument;
 pub mod kv;
 pub mod memories;
+pub mod plain;
 pub mod stdio;
 
 use std::sync::Arc;

@@ -41,8 +41,10 @@ const TICK: Duration = Duration::from_millis(200);
 /// What `wasnap worker` is asked to run.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
-    /// The record guest (.wasm or .wat).
+    /// The guest: a record-ABI core module (.wasm or .wat) or a processor component.
     pub guest: PathBuf,
+    /// A component's `--config` pairs, given to each task's `fs-init` on a fresh start.
+    pub component_config: Vec<(String, String)>,
     pub limits: Limits,
     /// `kafka://HOST:PORT/TOPIC`: the topic whose partitions are the tasks.
     pub input: String,
@@ -131,7 +133,9 @@ pub fn run_worker(config: &WorkerConfig, stop: &AtomicBool) -> Result<(), crate:
     }
     // Everything a task needs that can fail for the whole fleet fails here, first.
     check_partitions(&input, &output)?;
-    let guest = Arc::new(Guest::load_with_limits(&config.guest, config.limits)?);
+    let mut guest = Guest::load_with_limits(&config.guest, config.limits)?;
+    guest.set_component_config(config.component_config.clone())?;
+    let guest = Arc::new(guest);
     let store = CheckpointStore::open(&config.store)?;
     let cache_base = config.cache_dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&cache_base)

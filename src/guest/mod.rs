@@ -261,7 +261,7 @@ pub(crate) fn engine_config(limits: Limits) -> Config {
 }
 
 /// A module's bytes: a wasm binary, or WAT text if the name ends in `.wat`.
-fn read_module(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_module(path: &Path) -> Result<Vec<u8>> {
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read guest {}", path.display()))?;
     if path.extension().is_some_and(|e| e == "wat") {
