@@ -301,3 +301,31 @@ fn a_trap_in_fs_process_stops_the_run_with_one_clear_line() {
         );
     }
 }
+
+/// wasnap's own stderr unwritable (a full disk behind it): the processor's stderr writes
+/// and wasnap's progress lines are dropped, and the run finishes as it would otherwise
+/// (a failing WASI stream would hand the guest an error handle; an `eprintln!` would
+/// panic).
+#[test]
+fn a_run_whose_stderr_is_unwritable_finishes_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    write_input(&input, 3000, 300, false);
+    let expected = expected_output(&std::fs::read(&input).unwrap());
+    let output = dir.path().join("output");
+    let store = dir.path().join("store").display().to_string();
+    let mut args = run_args(&guest("component-rust"), &input, &output, &store, 500);
+    args.retain(|a| a != "--quiet");
+    let status = wasnap()
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create("/dev/full").unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert_same_output(
+        &std::fs::read(&output).unwrap(),
+        &expected,
+        "stderr on /dev/full",
+    );
+}

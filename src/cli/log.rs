@@ -78,9 +78,10 @@ impl CheckpointObserver for Progress {
         let rate = (stats.input_offset - first) as f64
             / self.started.elapsed().as_secs_f64()
             / (1 << 20) as f64;
-        eprintln!(
+        say!(
             "wasnap: checkpoint {generation}: input at byte {} ({rate:.1} MiB/s), {} output bytes committed",
-            stats.input_offset, stats.output_marker
+            stats.input_offset,
+            stats.output_marker
         );
     }
 }

@@ -1,5 +1,14 @@
 //! The `wasnap` command line.
 
+/// A line on wasnap's stderr. Unlike `eprintln!` it does not panic when stderr is gone (a
+/// closed pipe, a full disk): a run's result must not depend on who reads its messages.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod inspect;
 mod log;
 mod signals;
@@ -384,9 +393,10 @@ pub fn main() -> ExitCode {
                             summary.records as f64 / secs
                         )
                     };
-                    eprintln!(
+                    say!(
                         "wasnap: done: {work}, {} checkpoints, newest generation {} ({resumed})",
-                        summary.checkpoints, summary.generation,
+                        summary.checkpoints,
+                        summary.generation,
                     );
                 }
             })
@@ -503,7 +513,7 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line naming the cause, outermost context first.
-            eprintln!("wasnap: error: {err}");
+            say!("wasnap: error: {err}");
             match err.kind() {
                 ErrorKind::Fenced => ExitCode::from(EXIT_FENCED),
                 _ => ExitCode::FAILURE,

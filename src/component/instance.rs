@@ -348,6 +348,22 @@ impl ComponentInstance {
     /// table and the watermarks (docs/FORMAT.md, "Component host state").
     pub fn host_state(&mut self) -> Result<Vec<u8>> {
         self.check_mirror()?;
+        // Every live handle must be one a restore can hand back: of a type the accessor
+        // adopts (a component that imports one interface twice, at two versions, may hold
+        // handles of a type it was not instrumented for).
+        for (index, _, recipe) in self.store.data().handles.live() {
+            if let Some(kind) = kind_of(recipe)
+                && !self.adopters.iter().any(|(k, _)| *k == kind)
+            {
+                bail!(error(
+                    ErrorKind::Guest,
+                    format!(
+                        "the guest holds a {} handle (index {index}) of a type wasnap cannot give back after a restore",
+                        recipe.describe()
+                    )
+                ));
+            }
+        }
         let host = self.store.data_mut();
         host.refresh_iterators();
         let mut out = Vec::with_capacity(64 + host.kv.bytes());
@@ -438,11 +454,10 @@ impl ComponentInstance {
         for (slot, recipe) in decoded.recipes.iter().enumerate() {
             let kind = match recipe {
                 None | Some(Recipe::StreamPollable { .. }) => continue,
-                Some(Recipe::KvStore { .. }) => ResourceKind::KvStore,
-                Some(Recipe::KvIterator { .. }) => ResourceKind::KvIterator,
-                Some(Recipe::Stdin) => ResourceKind::InputStream,
-                Some(Recipe::Stdout | Recipe::Stderr) => ResourceKind::OutputStream,
-                Some(Recipe::Unrestorable(what)) => bail!("a checkpoint cannot hold a {what}"),
+                Some(recipe) => match kind_of(recipe) {
+                    Some(kind) => kind,
+                    None => bail!("a checkpoint cannot hold a {}", recipe.describe()),
+                },
             };
             let (type_id, rep) = self
                 .store
@@ -548,6 +563,19 @@ impl ComponentInstance {
             .map(|(t, w)| (*t, *w))
             .collect()
     }
+}
+
+/// The resource type of a restorable handle.
+fn kind_of(recipe: &handles::Recipe) -> Option<ResourceKind> {
+    use handles::Recipe;
+    Some(match recipe {
+        Recipe::KvStore { .. } => ResourceKind::KvStore,
+        Recipe::KvIterator { .. } => ResourceKind::KvIterator,
+        Recipe::Stdin => ResourceKind::InputStream,
+        Recipe::Stdout | Recipe::Stderr => ResourceKind::OutputStream,
+        Recipe::StreamPollable { .. } => ResourceKind::Pollable,
+        Recipe::Unrestorable(_) => return None,
+    })
 }
 
 /// The first byte of a component's host state.
