@@ -240,19 +240,12 @@ impl ComponentInstance {
         unsafe { self.memories[index].bytes_mut() }
     }
 
+    /// The most bytes memory `index` may ever hold ([`Limits::memory_limit`]; no more
+    /// than wasnap reserved for it).
     pub fn memory_limit(&self, index: usize) -> (u64, Option<u64>) {
-        let ty = &self.memories[index].ty;
-        let page = ty.page_size();
-        let addressable = if ty.is_64() { 1u64 << 48 } else { 1u64 << 32 };
-        let declared = ty
-            .maximum()
-            .map_or(addressable, |pages| pages.saturating_mul(page))
-            .min(addressable)
-            .min(self.memories[index].capacity() as u64);
-        match self.limits.max_memory_bytes {
-            Some(cap) if cap < declared => (declared, Some(cap)),
-            _ => (declared, None),
-        }
+        let memory = &self.memories[index];
+        self.limits
+            .memory_limit(&memory.ty, memory.capacity() as u64)
     }
 
     /// Grow memory `index` to exactly `bytes`, through the guest's own `memory.grow`.
@@ -417,29 +410,17 @@ impl ComponentInstance {
     /// Put a checkpoint's host state back: the kv state and watermarks, and the guest's
     /// handle table, rebuilt slot by slot with every index checked.
     pub fn restore_host_state(&mut self, bytes: &[u8]) -> Result<()> {
-        let mut r = Reader::new(bytes, "the checkpoint's component state");
-        if bytes.is_empty() || r.u8()? != HOST_STATE_VERSION {
-            return Err(corrupt!(
-                "the checkpoint's component state has an unknown version"
-            ));
-        }
-        let kv = kv::Kv::decode(&mut r)?;
-        let decoded = handles::HandleTable::decode(&mut r)?;
-        let mut watermarks = std::collections::BTreeMap::new();
-        for _ in 0..r.varint_count(2)? {
-            watermarks.insert(r.varint_u32()?, r.varint()?);
-        }
-        r.finish()?;
+        let saved = SavedHostState::decode(bytes)?;
         {
             let host = self.store.data_mut();
-            host.kv = kv;
-            host.watermarks = watermarks;
+            host.kv = saved.kv;
+            host.watermarks = saved.watermarks;
             host.replaying = true;
         }
-        let rebuilt = self.replay_handles(&decoded);
+        let rebuilt = self.replay_handles(&saved.handles);
         self.store.data_mut().replaying = false;
         let keys = rebuilt?;
-        self.store.data_mut().handles = handles::HandleTable::rebuilt(&decoded, &keys);
+        self.store.data_mut().handles = handles::HandleTable::rebuilt(&saved.handles, &keys);
         Ok(())
     }
 
@@ -581,21 +562,45 @@ fn kind_of(recipe: &handles::Recipe) -> Option<ResourceKind> {
 /// The first byte of a component's host state.
 const HOST_STATE_VERSION: u8 = 1;
 
-/// Read a checkpoint's host state for `inspect`: kv bytes and keys, live handles,
+/// A checkpoint's host state, read back (checked, see docs/FORMAT.md).
+struct SavedHostState {
+    kv: kv::Kv,
+    handles: handles::DecodedTable,
+    watermarks: std::collections::BTreeMap<u32, u64>,
+}
+
+impl SavedHostState {
+    fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(bytes, "the checkpoint's component state");
+        if bytes.is_empty() || r.u8()? != HOST_STATE_VERSION {
+            return Err(corrupt!(
+                "the checkpoint's component state has an unknown version"
+            ));
+        }
+        let kv = kv::Kv::decode(&mut r)?;
+        let handles = handles::HandleTable::decode(&mut r)?;
+        let mut watermarks = std::collections::BTreeMap::new();
+        for _ in 0..r.varint_count(2)? {
+            watermarks.insert(r.varint_u32()?, r.varint()?);
+        }
+        r.finish()?;
+        Ok(Self {
+            kv,
+            handles,
+            watermarks,
+        })
+    }
+}
+
+/// Read a checkpoint's host state for `inspect`: kv bytes and stores, live handles,
 /// watermarks.
 pub fn describe_host_state(bytes: &[u8]) -> Result<String> {
-    let mut r = Reader::new(bytes, "the checkpoint's component state");
-    if bytes.is_empty() || r.u8()? != HOST_STATE_VERSION {
-        return Err(corrupt!(
-            "the checkpoint's component state has an unknown version"
-        ));
-    }
-    let kv = kv::Kv::decode(&mut r)?;
-    let decoded = handles::HandleTable::decode(&mut r)?;
-    let mut watermarks = Vec::new();
-    for _ in 0..r.varint_count(2)? {
-        watermarks.push(format!("{}={}", r.varint_u32()?, r.varint()?));
-    }
+    let SavedHostState {
+        kv,
+        handles: decoded,
+        watermarks,
+    } = SavedHostState::decode(bytes)?;
+    let watermarks: Vec<String> = watermarks.iter().map(|(t, w)| format!("{t}={w}")).collect();
     let live: Vec<String> = decoded
         .recipes
         .iter()

@@ -134,8 +134,6 @@ impl Counts {
             ComponentExternalKind::Module => {
                 bail!("the component has module {what}; wasnap refuses them")
             }
-            // Component items add no index the accessor uses.
-            ComponentExternalKind::Component if what == "exports" => {}
             ComponentExternalKind::Component => {
                 bail!("the component has component {what}; wasnap refuses them")
             }

@@ -442,22 +442,10 @@ impl CoreInstance {
         self.memories[index].data_mut(&mut self.store)
     }
 
-    /// The most bytes memory `index` may ever hold: its declared maximum (or what its
-    /// index type can address), and the guest's cap (`--max-memory-mib`, which counts all
-    /// memories together, so it bounds each too). The second is `None` when the cap is
-    /// not what binds.
+    /// The most bytes memory `index` may ever hold ([`Limits::memory_limit`]).
     pub fn memory_limit(&self, index: usize) -> (u64, Option<u64>) {
         let ty = self.memories[index].ty(&self.store);
-        let page = ty.page_size();
-        let addressable = if ty.is_64() { 1u64 << 48 } else { 1u64 << 32 };
-        let declared = ty
-            .maximum()
-            .map_or(addressable, |pages| pages.saturating_mul(page))
-            .min(addressable);
-        match self.limits.max_memory_bytes {
-            Some(cap) if cap < declared => (declared, Some(cap)),
-            _ => (declared, None),
-        }
+        self.limits.memory_limit(&ty, u64::MAX)
     }
 
     /// Grow memory `index` to exactly `bytes` (restore only; memories never shrink).

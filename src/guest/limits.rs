@@ -22,6 +22,24 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The most bytes a memory of type `ty` may ever hold: its declared maximum (or what
+    /// its index type can address, or `reserved` bytes where the host allocated less), and
+    /// the guest's cap (`--max-memory-mib`, which counts all memories together, so it
+    /// bounds each too). The second is `None` when the cap is not what binds.
+    pub fn memory_limit(&self, ty: &wasmtime::MemoryType, reserved: u64) -> (u64, Option<u64>) {
+        let page = ty.page_size();
+        let addressable = if ty.is_64() { 1u64 << 48 } else { 1u64 << 32 };
+        let declared = ty
+            .maximum()
+            .map_or(addressable, |pages| pages.saturating_mul(page))
+            .min(addressable)
+            .min(reserved);
+        match self.max_memory_bytes {
+            Some(cap) if cap < declared => (declared, Some(cap)),
+            _ => (declared, None),
+        }
+    }
+
     /// Epoch ticks a call may run: the timeout rounded up, plus the tick in progress.
     pub fn deadline_ticks(&self) -> Option<u64> {
         self.call_timeout
