@@ -111,6 +111,11 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// How many bytes `put_varint` writes for `v`.
+pub fn varint_len(v: u64) -> usize {
+    (64 - v.leading_zeros() as usize).max(1).div_ceil(7)
+}
+
 /// Appending little-endian integers to a byte vector.
 pub trait Put {
     fn put_u8(&mut self, v: u8);
@@ -152,6 +157,7 @@ mod tests {
         for v in [0, 1, 127, 128, 300, u32::MAX as u64, u64::MAX - 1, u64::MAX] {
             let mut bytes = Vec::new();
             bytes.put_varint(v);
+            assert_eq!(varint_len(v), bytes.len());
             let mut r = Reader::new(&bytes, "v");
             assert_eq!(r.varint().unwrap(), v);
             r.finish().unwrap();

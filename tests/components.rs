@@ -102,7 +102,8 @@ fn a_resumed_component_uses_the_kv_store_and_stderr_it_opened_before_the_checkpo
         let expected = expected_output(&std::fs::read(&input).unwrap());
         let output = dir.path().join("output");
         let store = dir.path().join("store").display().to_string();
-        let args = run_args(&guest(name), &input, &output, &store, 500);
+        let mut args = run_args(&guest(name), &input, &output, &store, 500);
+        args.extend(["--retain".into(), "10".into()]);
         let mut first = LoggedRun::spawn(&args);
         assert!(first.wait_for_commits(2, Instant::now() + Duration::from_secs(120)));
         first.kill();
@@ -131,6 +132,22 @@ fn a_resumed_component_uses_the_kv_store_and_stderr_it_opened_before_the_checkpo
         assert!(
             text.contains("component: kv") && text.contains("1:kv.store"),
             "{name}: inspect does not show the component state:\n{text}"
+        );
+        // The kv state is a chain of runs in every retained checkpoint: whole first,
+        // then the deltas of later checkpoints, merged as they accumulate (this guest
+        // touches most of its keys between checkpoints, so its chain is rewritten whole
+        // about every third checkpoint: of ten, some have deltas).
+        let chains: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("kv runs: "))
+            .collect();
+        assert!(
+            chains.len() >= 3 && chains.iter().all(|c| c.starts_with("whole ")),
+            "{name}: {chains:?}"
+        );
+        assert!(
+            chains.iter().any(|c| c.contains(", delta ")),
+            "{name}: {chains:?}"
         );
     }
 }

@@ -68,6 +68,7 @@ fn big_manifest(generation: u64, writer_id: [u8; 16], pages: u32, rng: &mut Rng)
             layers: vec![runs],
         }],
         host_state: vec![],
+        kv_runs: vec![],
     }
 }
 

@@ -91,6 +91,23 @@ pub fn inspect(url: &str) -> Result<()> {
                 .unwrap_or_else(|err| format!("unreadable: {err:#}"));
             writeln!(out, "{:>12}component: {state}", "")?;
         }
+        if !m.kv_runs.is_empty() {
+            // The chain a restore applies: the whole run, then the deltas.
+            let runs: Vec<String> = m
+                .kv_runs
+                .iter()
+                .enumerate()
+                .map(|(i, run)| {
+                    let kind = if i == 0 { "whole" } else { "delta" };
+                    format!(
+                        "{kind} {} in {}",
+                        human_bytes(run.bytes as f64),
+                        names[run.pack as usize]
+                    )
+                })
+                .collect();
+            writeln!(out, "{:>12}kv runs: {}", "", runs.join(", "))?;
+        }
     }
     // Left by interrupted writes (local stores): garbage, removed by a prune once old.
     let staging = store.staging_files()?;

@@ -10,7 +10,7 @@ use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
 use super::host::{ComponentHost, KvIteratorHandle, KvStoreHandle, Processor, type_id};
 use super::instrument::{ACCESS_EXPORT, ResourceKind};
 use super::memories::{self, HostMemory};
-use super::{CompiledComponent, handles, kv};
+use super::{CompiledComponent, handles, kv, kv_runs};
 use crate::codec::{Put, Reader};
 use crate::error::{ErrorKind, corrupt, error};
 use crate::guest::Limits;
@@ -41,6 +41,8 @@ pub struct ComponentInstance {
     random: DeterministicRandom,
     limits: Limits,
     config: Vec<(String, String)>,
+    /// The kv chain of the last checkpoint (`kv_runs`).
+    kv_log: kv_runs::KvLog,
 }
 
 /// A guest error as one line, of kind `Guest`.
@@ -192,6 +194,7 @@ impl ComponentInstance {
             random,
             limits,
             config: compiled.config.clone(),
+            kv_log: kv_runs::KvLog::default(),
         })
     }
 
@@ -337,9 +340,10 @@ impl ComponentInstance {
         self.store.data_mut().emitted.clear();
     }
 
-    /// What the host holds for the guest, for a checkpoint: the kv state, the handle
-    /// table and the watermarks (docs/FORMAT.md, "Component host state").
-    pub fn host_state(&mut self) -> Result<Vec<u8>> {
+    /// What the host holds for the guest, for a checkpoint: a summary of the kv state,
+    /// the handle table and the watermarks (docs/FORMAT.md, "Component host state"),
+    /// and the kv runs to write (`None`: the kv state did not change).
+    pub fn host_state(&mut self) -> Result<(Vec<u8>, Option<kv_runs::KvUpdate>)> {
         self.check_mirror()?;
         // Every live handle must be one a restore can hand back: of a type the accessor
         // adopts (a component that imports one interface twice, at two versions, may hold
@@ -359,16 +363,17 @@ impl ComponentInstance {
         }
         let host = self.store.data_mut();
         host.refresh_iterators();
-        let mut out = Vec::with_capacity(64 + host.kv.bytes());
+        let mut out = Vec::with_capacity(256);
         out.push(HOST_STATE_VERSION);
-        host.kv.encode(&mut out);
+        KvSummary::of(&host.kv).encode(&mut out);
         host.handles.encode(&mut out)?;
         out.put_varint(host.watermarks.len() as u64);
         for (target, watermark) in &host.watermarks {
             out.put_varint(u64::from(*target));
             out.put_varint(*watermark);
         }
-        Ok(out)
+        let update = self.kv_log.capture(&mut host.kv);
+        Ok((out, update))
     }
 
     /// Check the handle mirror against wasmtime's table where it can be asked: hand the
@@ -407,13 +412,26 @@ impl ComponentInstance {
         Ok(index)
     }
 
-    /// Put a checkpoint's host state back: the kv state and watermarks, and the guest's
-    /// handle table, rebuilt slot by slot with every index checked.
-    pub fn restore_host_state(&mut self, bytes: &[u8]) -> Result<()> {
+    /// Put a checkpoint's host state back: the kv state from the chain of `kv_runs`
+    /// (checked against the summary), the watermarks, and the guest's handle table,
+    /// rebuilt slot by slot with every index checked.
+    pub fn restore_host_state(&mut self, bytes: &[u8], kv_runs: &[Vec<u8>]) -> Result<()> {
         let saved = SavedHostState::decode(bytes)?;
+        let (kv, kv_log) = kv_runs::KvLog::restore(kv_runs.iter().map(Vec::as_slice))?;
+        let rebuilt = KvSummary::of(&kv);
+        if rebuilt != saved.kv {
+            return Err(corrupt!(
+                "the checkpoint's kv runs rebuild {} bytes with digest {:016x}, not the {} bytes with digest {:016x} it recorded",
+                rebuilt.bytes,
+                rebuilt.digest,
+                saved.kv.bytes,
+                saved.kv.digest
+            ));
+        }
+        self.kv_log = kv_log;
         {
             let host = self.store.data_mut();
-            host.kv = saved.kv;
+            host.kv = kv;
             host.watermarks = saved.watermarks;
             host.replaying = true;
         }
@@ -560,11 +578,55 @@ fn kind_of(recipe: &handles::Recipe) -> Option<ResourceKind> {
 }
 
 /// The first byte of a component's host state.
-const HOST_STATE_VERSION: u8 = 1;
+const HOST_STATE_VERSION: u8 = 2;
+
+/// What a checkpoint records of the kv state beside its runs: enough to check a restore
+/// and to describe it.
+#[derive(Debug, PartialEq, Eq)]
+struct KvSummary {
+    bytes: u64,
+    digest: u64,
+    stores: Vec<String>,
+}
+
+impl KvSummary {
+    fn of(kv: &kv::Kv) -> Self {
+        KvSummary {
+            bytes: kv.bytes() as u64,
+            digest: kv.digest(),
+            stores: kv.store_names().map(str::to_string).collect(),
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.put_varint(self.bytes);
+        out.put_u64(self.digest);
+        out.put_varint(self.stores.len() as u64);
+        for name in &self.stores {
+            kv::put_bytes(out, name.as_bytes());
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        let bytes = r.varint()?;
+        let digest = r.u64()?;
+        let stores = (0..r.varint_count(1)?)
+            .map(|_| {
+                String::from_utf8(kv::read_bytes(r)?.to_vec())
+                    .map_err(|_| corrupt!("a kv store name is not UTF-8"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvSummary {
+            bytes,
+            digest,
+            stores,
+        })
+    }
+}
 
 /// A checkpoint's host state, read back (checked, see docs/FORMAT.md).
 struct SavedHostState {
-    kv: kv::Kv,
+    kv: KvSummary,
     handles: handles::DecodedTable,
     watermarks: std::collections::BTreeMap<u32, u64>,
 }
@@ -577,7 +639,7 @@ impl SavedHostState {
                 "the checkpoint's component state has an unknown version"
             ));
         }
-        let kv = kv::Kv::decode(&mut r)?;
+        let kv = KvSummary::decode(&mut r)?;
         let handles = handles::HandleTable::decode(&mut r)?;
         let mut watermarks = std::collections::BTreeMap::new();
         for _ in 0..r.varint_count(2)? {
@@ -609,8 +671,8 @@ pub fn describe_host_state(bytes: &[u8]) -> Result<String> {
         .collect();
     Ok(format!(
         "kv {} bytes in store(s) [{}]; handles [{}] of {} slots; watermarks [{}]",
-        kv.bytes(),
-        kv.store_names().collect::<Vec<_>>().join(", "),
+        kv.bytes,
+        kv.stores.join(", "),
         live.join(", "),
         decoded.recipes.len(),
         watermarks.join(", ")

@@ -1,7 +1,8 @@
 //! The keyed state a processor keeps on the host (`functionstream:core/kv`), as plain
 //! data with no wasmtime in it: named stores of simple keys and complex keys, a byte
-//! budget, and the encoding that goes into a checkpoint. The host functions in
-//! `host.rs` are thin wrappers over this.
+//! budget, the keys changed since the last checkpoint, and a digest of the whole state.
+//! The host functions in `host.rs` are thin wrappers over this; `kv_runs` turns the
+//! changed keys into the runs a checkpoint writes.
 //!
 //! Semantics where the WIT file is silent (written down in docs/GUESTS and FORMAT):
 //! - `store(name)` opens the store of that name; two handles of one name share data.
@@ -15,15 +16,15 @@
 //! - `scan-complex` yields (user-key, value) pairs of one (key-group, key, namespace) as
 //!   they were when the scan started.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 
 use crate::codec::{Put, Reader};
-use crate::error::corrupt;
 
-/// The most bytes (keys + values, all stores) the kv state may hold. Past it a write
-/// fails with a clear error: the whole state is in every checkpoint's manifest.
+/// The most bytes the kv state may take, counted as a whole run writes it (keys, values,
+/// store names and their framing: `encode_entry`). Past it a write fails with a clear
+/// error: the state lives in the host's memory, and a checkpoint may write it whole.
 pub const MAX_KV_BYTES: usize = 64 << 20;
 
 /// A complex key's prefix: (key-group, key, namespace).
@@ -35,12 +36,55 @@ pub struct Store {
     pub complex: BTreeMap<Scope, BTreeMap<Vec<u8>, Vec<u8>>>,
 }
 
-/// Every store, by name, and the bytes they hold.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// One key of the kv state, in the order runs list them: by store, then the store's
+/// existence, its simple keys, its complex keys.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyRef {
+    pub store: String,
+    pub key: EntryKey,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EntryKey {
+    /// The store itself (an opened store exists even when empty).
+    Opened,
+    Simple(Vec<u8>),
+    Complex(Scope, Vec<u8>),
+}
+
+/// Every store, by name, and the bytes they take.
+#[derive(Clone, Debug, Default)]
 pub struct Kv {
     stores: BTreeMap<String, Store>,
+    /// Bytes of every entry's encoding (`encode_entry`): the size of a whole run.
     bytes: usize,
+    /// Keys written, deleted or created since the last [`Kv::take_changed`].
+    changed: BTreeSet<KeyRef>,
+    /// Bytes of the keys in `changed`; past `MAX_KV_BYTES` (a guest that writes and
+    /// deletes ever new keys) the set is dropped and the next checkpoint is whole.
+    changed_bytes: usize,
+    changed_all: bool,
+    /// The wrapping sum of the XXH3 of every entry's encoding (`encode_entry`), so that
+    /// it follows each write in O(entry) time: what a restore checks.
+    digest: u64,
 }
+
+/// What changed since the last checkpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Changes {
+    Keys(BTreeSet<KeyRef>),
+    /// Too many keys to list: write the state whole.
+    All,
+}
+
+/// Two states are equal when they hold the same data, whatever changed lately.
+impl PartialEq for Kv {
+    fn eq(&self, other: &Self) -> bool {
+        self.stores == other.stores && self.bytes == other.bytes
+    }
+}
+
+impl Eq for Kv {}
 
 /// Why a kv write was refused.
 #[derive(Debug)]
@@ -52,7 +96,7 @@ impl std::fmt::Display for OverBudget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the processor's kv state would hold {} bytes, more than wasnap's limit of {} MiB",
+            "the processor's kv state would take {} bytes, more than wasnap's limit of {} MiB",
             self.would_hold,
             MAX_KV_BYTES >> 20
         )
@@ -61,8 +105,47 @@ impl std::fmt::Display for OverBudget {
 
 impl std::error::Error for OverBudget {}
 
-fn scope_bytes(scope: &Scope) -> usize {
-    scope.0.len() + scope.1.len() + scope.2.len()
+pub const KIND_OPENED: u8 = 0;
+pub const KIND_SIMPLE_PUT: u8 = 1;
+pub const KIND_SIMPLE_DELETE: u8 = 2;
+pub const KIND_COMPLEX_PUT: u8 = 3;
+pub const KIND_COMPLEX_DELETE: u8 = 4;
+
+/// One entry as a kv run holds it (docs/FORMAT.md, "Kv runs"): `value` `None` is a
+/// tombstone.
+/// The length of `entry`'s encoding with `value` (what `encode_entry` writes).
+pub fn entry_len(entry: &KeyRef, value: &[u8]) -> usize {
+    let field = |len: usize| crate::codec::varint_len(len as u64) + len;
+    let key = match &entry.key {
+        EntryKey::Opened => return 1 + field(entry.store.len()),
+        EntryKey::Simple(key) => field(key.len()),
+        EntryKey::Complex((group, key, namespace), user_key) => {
+            field(group.len()) + field(key.len()) + field(namespace.len()) + field(user_key.len())
+        }
+    };
+    1 + field(entry.store.len()) + key + field(value.len())
+}
+
+pub fn encode_entry(out: &mut Vec<u8>, entry: &KeyRef, value: Option<&[u8]>) {
+    let (put, delete) = match entry.key {
+        EntryKey::Opened => (KIND_OPENED, KIND_OPENED),
+        EntryKey::Simple(_) => (KIND_SIMPLE_PUT, KIND_SIMPLE_DELETE),
+        EntryKey::Complex(..) => (KIND_COMPLEX_PUT, KIND_COMPLEX_DELETE),
+    };
+    out.put_u8(if value.is_some() { put } else { delete });
+    put_bytes(out, entry.store.as_bytes());
+    match &entry.key {
+        EntryKey::Opened => return,
+        EntryKey::Simple(key) => put_bytes(out, key),
+        EntryKey::Complex((group, key, namespace), user_key) => {
+            for part in [group, key, namespace, user_key] {
+                put_bytes(out, part);
+            }
+        }
+    }
+    if let Some(value) = value {
+        put_bytes(out, value);
+    }
 }
 
 impl Kv {
@@ -75,22 +158,101 @@ impl Kv {
         self.stores.keys().map(String::as_str)
     }
 
-    /// Make sure a store of this name exists (opening one is not a write of data).
-    pub fn open(&mut self, name: &str) {
-        if !self.stores.contains_key(name) {
-            self.stores.insert(name.to_string(), Store::default());
+    pub fn stores(&self) -> &BTreeMap<String, Store> {
+        &self.stores
+    }
+
+    /// The order-free digest of the whole state.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// What changed since the last call, which starts the next round.
+    pub fn take_changed(&mut self) -> Changes {
+        let keys = std::mem::take(&mut self.changed);
+        self.changed_bytes = 0;
+        if std::mem::take(&mut self.changed_all) {
+            Changes::All
+        } else {
+            Changes::Keys(keys)
         }
     }
 
-    fn admit(&self, grow: usize, shrink: usize) -> Result<(), OverBudget> {
-        let would_hold = (self.bytes - shrink).saturating_add(grow);
-        if would_hold > MAX_KV_BYTES && grow > shrink {
+    /// Make sure a store of this name exists.
+    pub fn open(&mut self, name: &str) {
+        if !self.stores.contains_key(name) {
+            self.stores.insert(name.to_string(), Store::default());
+            self.record(name, EntryKey::Opened, None, Some(&[]));
+        }
+    }
+
+    /// Note a change of `key` from `old` to `new` (`None`: absent) in the digest and
+    /// the changed keys.
+    fn record(&mut self, store: &str, key: EntryKey, old: Option<&[u8]>, new: Option<&[u8]>) {
+        let entry = KeyRef {
+            store: store.to_string(),
+            key,
+        };
+        let mut encoded = Vec::new();
+        for (value, add) in [(old, false), (new, true)] {
+            let Some(value) = value else { continue };
+            encoded.clear();
+            encode_entry(&mut encoded, &entry, Some(value));
+            let hash = twox_hash::XxHash3_64::oneshot(&encoded);
+            if add {
+                self.digest = self.digest.wrapping_add(hash);
+                self.bytes += encoded.len();
+            } else {
+                self.digest = self.digest.wrapping_sub(hash);
+                self.bytes -= encoded.len();
+            }
+        }
+        if self.changed_all {
+            return;
+        }
+        self.changed_bytes += entry_len(&entry, &[]);
+        if self.changed_bytes > MAX_KV_BYTES {
+            self.changed.clear();
+            self.changed_all = true;
+        } else {
+            self.changed.insert(entry);
+        }
+    }
+
+    /// The current value of an entry: `Some(&[])` for an existing store's `Opened`.
+    pub fn value_of(&self, entry: &KeyRef) -> Option<&[u8]> {
+        let store = self.stores.get(&entry.store)?;
+        match &entry.key {
+            EntryKey::Opened => Some(&[]),
+            EntryKey::Simple(key) => store.simple.get(key).map(Vec::as_slice),
+            EntryKey::Complex(scope, user_key) => {
+                store.complex.get(scope)?.get(user_key).map(Vec::as_slice)
+            }
+        }
+    }
+
+    /// Whether `entry` may take `value` in place of what takes `old` bytes now (a store
+    /// it creates included).
+    fn admit_entry(&self, entry: &KeyRef, value: &[u8], old: usize) -> Result<(), OverBudget> {
+        let mut grow = entry_len(entry, value);
+        if !self.stores.contains_key(&entry.store) {
+            grow += entry_len(
+                &KeyRef {
+                    store: entry.store.clone(),
+                    key: EntryKey::Opened,
+                },
+                &[],
+            );
+        }
+        let would_hold = (self.bytes - old).saturating_add(grow);
+        if would_hold > MAX_KV_BYTES && grow > old {
             return Err(OverBudget { would_hold });
         }
         Ok(())
     }
 
     fn store_mut(&mut self, name: &str) -> &mut Store {
+        self.open(name);
         self.stores.entry(name.to_string()).or_default()
     }
 
@@ -99,18 +261,30 @@ impl Kv {
     }
 
     pub fn put_state(&mut self, name: &str, key: &[u8], value: &[u8]) -> Result<(), OverBudget> {
-        let old = self.get_state(name, key).map_or(0, |v| key.len() + v.len());
-        self.admit(key.len() + value.len(), old)?;
-        self.store_mut(name)
+        let entry = KeyRef {
+            store: name.to_string(),
+            key: EntryKey::Simple(key.to_vec()),
+        };
+        let old = self
+            .get_state(name, key)
+            .map_or(0, |v| entry_len(&entry, v));
+        self.admit_entry(&entry, value, old)?;
+        let previous = self
+            .store_mut(name)
             .simple
             .insert(key.to_vec(), value.to_vec());
-        self.bytes = self.bytes - old + key.len() + value.len();
+        self.record(
+            name,
+            EntryKey::Simple(key.to_vec()),
+            previous.as_deref(),
+            Some(value),
+        );
         Ok(())
     }
 
     pub fn delete_state(&mut self, name: &str, key: &[u8]) {
         if let Some(old) = self.store_mut(name).simple.remove(key) {
-            self.bytes -= key.len() + old.len();
+            self.record(name, EntryKey::Simple(key.to_vec()), Some(&old), None);
         }
     }
 
@@ -143,16 +317,19 @@ impl Kv {
         user_key: &[u8],
         value: Vec<u8>,
     ) -> Result<(), OverBudget> {
-        let existing = self.get(name, &scope, user_key).map(<[u8]>::len);
-        let old = existing.map_or(0, |v| scope_bytes(&scope) + user_key.len() + v);
-        let new = scope_bytes(&scope) + user_key.len() + value.len();
-        self.admit(new, old)?;
+        let existing_value = self.get(name, &scope, user_key).map(<[u8]>::to_vec);
+        let entry = KeyRef {
+            store: name.to_string(),
+            key: EntryKey::Complex(scope.clone(), user_key.to_vec()),
+        };
+        let old = existing_value.as_ref().map_or(0, |v| entry_len(&entry, v));
+        self.admit_entry(&entry, &value, old)?;
         self.store_mut(name)
             .complex
             .entry(scope)
             .or_default()
-            .insert(user_key.to_vec(), value);
-        self.bytes = self.bytes - old + new;
+            .insert(user_key.to_vec(), value.clone());
+        self.record(name, entry.key, existing_value.as_deref(), Some(&value));
         Ok(())
     }
 
@@ -178,7 +355,8 @@ impl Kv {
             if entries.is_empty() {
                 store.complex.remove(scope);
             }
-            self.bytes -= scope_bytes(scope) + user_key.len() + old.len();
+            let entry = EntryKey::Complex(scope.clone(), user_key.to_vec());
+            self.record(name, entry, Some(&old), None);
         }
     }
 
@@ -228,69 +406,6 @@ impl Kv {
             })
             .unwrap_or_default()
     }
-
-    /// The whole state, for a checkpoint (see docs/FORMAT.md, "Component host state").
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        out.put_varint(self.stores.len() as u64);
-        for (name, store) in &self.stores {
-            put_bytes(out, name.as_bytes());
-            out.put_varint(store.simple.len() as u64);
-            for (k, v) in &store.simple {
-                put_bytes(out, k);
-                put_bytes(out, v);
-            }
-            out.put_varint(store.complex.len() as u64);
-            for ((group, key, namespace), entries) in &store.complex {
-                put_bytes(out, group);
-                put_bytes(out, key);
-                put_bytes(out, namespace);
-                out.put_varint(entries.len() as u64);
-                for (k, v) in entries {
-                    put_bytes(out, k);
-                    put_bytes(out, v);
-                }
-            }
-        }
-    }
-
-    /// Read what [`Kv::encode`] wrote; sizes are checked against the bytes left and the
-    /// budget before anything is kept.
-    pub fn decode(r: &mut Reader<'_>) -> Result<Self> {
-        let mut kv = Kv::default();
-        let stores = r.varint_count(2)?;
-        for _ in 0..stores {
-            let name = String::from_utf8(read_bytes(r)?.to_vec())
-                .map_err(|_| corrupt!("a kv store name is not UTF-8"))?;
-            let mut store = Store::default();
-            for _ in 0..r.varint_count(2)? {
-                let (k, v) = (read_bytes(r)?.to_vec(), read_bytes(r)?.to_vec());
-                kv.bytes += k.len() + v.len();
-                store.simple.insert(k, v);
-            }
-            for _ in 0..r.varint_count(4)? {
-                let scope = (
-                    read_bytes(r)?.to_vec(),
-                    read_bytes(r)?.to_vec(),
-                    read_bytes(r)?.to_vec(),
-                );
-                let mut entries = BTreeMap::new();
-                for _ in 0..r.varint_count(2)? {
-                    let (k, v) = (read_bytes(r)?.to_vec(), read_bytes(r)?.to_vec());
-                    kv.bytes += scope_bytes(&scope) + k.len() + v.len();
-                    entries.insert(k, v);
-                }
-                store.complex.insert(scope, entries);
-            }
-            if kv.bytes > MAX_KV_BYTES {
-                return Err(corrupt!(
-                    "the checkpoint's kv state holds more than {} MiB",
-                    MAX_KV_BYTES >> 20
-                ));
-            }
-            kv.stores.insert(name, store);
-        }
-        Ok(kv)
-    }
 }
 
 pub(crate) fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -312,23 +427,69 @@ mod tests {
     }
 
     #[test]
-    fn simple_and_complex_keys_round_trip_through_a_checkpoint() {
+    fn bytes_and_digest_follow_every_write_and_come_back_when_it_is_undone() {
         let mut kv = Kv::default();
         kv.open("empty");
+        let (empty_bytes, empty_digest) = (kv.bytes(), kv.digest());
+        assert_eq!(empty_bytes, 1 + 1 + 5, "an opened store's entry");
         kv.put_state("a", b"x", b"1").unwrap();
-        kv.put_state("a", b"y", b"22").unwrap();
         kv.put("a", scope("g"), b"u1", b"v".to_vec()).unwrap();
         kv.merge("a", scope("g"), b"u1", b"w").unwrap();
-        kv.merge("b", scope("h"), b"u2", b"z").unwrap();
         assert_eq!(kv.get("a", &scope("g"), b"u1"), Some(&b"vw"[..]));
-        let mut bytes = Vec::new();
-        kv.encode(&mut bytes);
-        let back = Kv::decode(&mut Reader::new(&bytes, "kv")).unwrap();
-        assert_eq!(back, kv);
-        assert_eq!(
-            back.bytes(),
-            1 + 1 + 1 + 2 + (1 + 1 + 2 + 2 + 2) + (1 + 1 + 2 + 2 + 1)
+        // Store "a", its simple key, its complex key: each entry as a run encodes it.
+        let a = |key| KeyRef {
+            store: "a".into(),
+            key,
+        };
+        let expected = empty_bytes
+            + entry_len(&a(EntryKey::Opened), &[])
+            + entry_len(&a(EntryKey::Simple(b"x".to_vec())), b"1")
+            + entry_len(&a(EntryKey::Complex(scope("g"), b"u1".to_vec())), b"vw");
+        assert_eq!(kv.bytes(), expected);
+        let mut encoded = Vec::new();
+        encode_entry(
+            &mut encoded,
+            &a(EntryKey::Simple(b"x".to_vec())),
+            Some(b"1"),
         );
+        assert_eq!(
+            encoded.len(),
+            entry_len(&a(EntryKey::Simple(b"x".to_vec())), b"1")
+        );
+
+        let digest = kv.digest();
+        kv.put_state("a", b"x", b"2").unwrap();
+        assert_ne!(kv.digest(), digest);
+        kv.put_state("a", b"x", b"1").unwrap();
+        assert_eq!(kv.digest(), digest, "the digest depends on the data only");
+        kv.delete_state("a", b"x");
+        kv.delete("a", &scope("g"), b"u1");
+        assert_eq!(
+            kv.bytes(),
+            expected
+                - entry_len(&a(EntryKey::Simple(b"x".to_vec())), b"1")
+                - entry_len(&a(EntryKey::Complex(scope("g"), b"u1".to_vec())), b"vw")
+        );
+        assert_ne!(kv.digest(), empty_digest, "store a still exists");
+        let Changes::Keys(changed) = kv.take_changed() else {
+            panic!("a few keys changed")
+        };
+        assert_eq!(changed.len(), 4, "{changed:?}");
+        assert_eq!(kv.take_changed(), Changes::Keys(Default::default()));
+    }
+
+    #[test]
+    fn a_guest_touching_ever_new_keys_gets_a_whole_checkpoint_not_an_unbounded_list() {
+        let mut kv = Kv::default();
+        let key = vec![7u8; 1 << 20];
+        for i in 0..(MAX_KV_BYTES >> 20) + 1 {
+            let mut k = key.clone();
+            k[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            kv.put_state("s", &k, b"").unwrap();
+            kv.delete_state("s", &k);
+        }
+        assert_eq!(kv.take_changed(), Changes::All);
+        assert!(kv.changed.is_empty());
     }
 
     #[test]
@@ -353,27 +514,21 @@ mod tests {
         assert!(kv.scan("s", &scope("other")).is_empty());
         let before = kv.bytes();
         kv.delete_state("s", b"a");
-        assert_eq!(kv.bytes(), before - 2);
+        // kind, store name "s", key "a", value "v": each length-prefixed.
+        assert_eq!(kv.bytes(), before - (1 + 2 + 2 + 2));
     }
 
     #[test]
     fn a_write_past_the_budget_is_refused_and_changes_nothing() {
         let mut kv = Kv::default();
-        kv.put_state("s", b"k", &vec![0; MAX_KV_BYTES - 10])
+        kv.put_state("s", b"k", &vec![0; MAX_KV_BYTES - 100])
             .unwrap();
-        let err = kv.put_state("s", b"k2", &[0; 64]).unwrap_err();
+        let err = kv.put_state("s", b"k2", &[0; 200]).unwrap_err();
         assert!(err.to_string().contains("limit of 64 MiB"), "{err}");
         assert_eq!(kv.get_state("s", b"k2"), None);
         // Replacing a value with a smaller one is always allowed.
         kv.put_state("s", b"k", b"small").unwrap();
-        assert_eq!(kv.bytes(), 6);
-    }
-
-    #[test]
-    fn a_corrupt_count_is_refused_before_allocating() {
-        let mut bytes = Vec::new();
-        bytes.put_varint(u64::MAX);
-        let err = Kv::decode(&mut Reader::new(&bytes, "kv")).unwrap_err();
-        assert!(format!("{err:#}").contains("count"), "{err:#}");
+        // The store's entry (kind, name) and the key's (kind, name, key, value).
+        assert_eq!(kv.bytes(), (1 + 2) + (1 + 2 + 2 + 6));
     }
 }

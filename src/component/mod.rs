@@ -22,6 +22,7 @@ pub mod host;
 pub mod instance;
 pub mod instrument;
 pub mod kv;
+pub mod kv_runs;
 pub mod memories;
 pub mod plain;
 pub mod stdio;

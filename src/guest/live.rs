@@ -6,6 +6,7 @@ use anyhow::{Result, bail};
 
 use super::instance::{CoreInstance, ProgramOutcome};
 use crate::component::ComponentInstance;
+use crate::component::kv_runs::KvUpdate;
 use crate::state::GlobalValue;
 
 pub enum GuestInstance {
@@ -137,23 +138,24 @@ impl GuestInstance {
         either!(self, i => i.random_position())
     }
 
-    /// What the host keeps for the guest beyond memories and globals (a component's kv
-    /// state, handle table and watermarks); empty for a core module.
-    pub fn host_state(&mut self) -> Result<Vec<u8>> {
+    /// What the host keeps for the guest beyond memories and globals (a summary of a
+    /// component's kv state, its handle table and watermarks; empty for a core module),
+    /// and the kv runs this checkpoint writes (`None`: no kv change).
+    pub fn host_state(&mut self) -> Result<(Vec<u8>, Option<KvUpdate>)> {
         match self {
-            GuestInstance::Core(_) => Ok(Vec::new()),
+            GuestInstance::Core(_) => Ok((Vec::new(), None)),
             GuestInstance::Component(i) => i.host_state(),
         }
     }
 
-    /// Put a checkpoint's host state back (after memories and globals).
-    pub fn restore_host_state(&mut self, bytes: &[u8]) -> Result<()> {
+    /// Put a checkpoint's host state and kv chain back (after memories and globals).
+    pub fn restore_host_state(&mut self, bytes: &[u8], kv_runs: &[Vec<u8>]) -> Result<()> {
         match self {
-            GuestInstance::Core(_) if bytes.is_empty() => Ok(()),
+            GuestInstance::Core(_) if bytes.is_empty() && kv_runs.is_empty() => Ok(()),
             GuestInstance::Core(_) => Err(crate::error::corrupt!(
                 "the checkpoint holds a component's host state but the guest is a core module"
             )),
-            GuestInstance::Component(i) => i.restore_host_state(bytes),
+            GuestInstance::Component(i) => i.restore_host_state(bytes, kv_runs),
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct Capture {
     pub globals: Vec<GlobalValue>,
     /// What the host keeps for a component (empty for a core module): whole, not a delta.
     pub host_state: Vec<u8>,
+    /// A component's kv runs to write (`None`: its kv state did not change).
+    pub kv: Option<crate::component::kv_runs::KvUpdate>,
     pub memories: Vec<CapturedMemory>,
     pub dirty: Vec<CapturedPage>,
     /// Pages that changed to all-zero: recorded as zero, nothing written.
@@ -66,7 +68,7 @@ pub fn capture(
     buffers: &PageBuffers,
 ) -> Result<Capture> {
     let globals = instance.globals()?;
-    let host_state = instance.host_state()?;
+    let (host_state, kv) = instance.host_state()?;
     let mut memories = Vec::with_capacity(instance.memory_count());
     let mut dirty = Vec::new();
     let mut zeroed = Vec::new();
@@ -114,6 +116,7 @@ pub fn capture(
     Ok(Capture {
         globals,
         host_state,
+        kv,
         memories,
         dirty,
         zeroed,
@@ -254,6 +257,7 @@ mod tests {
         let capture = Capture {
             globals: Vec::new(),
             host_state: Vec::new(),
+            kv: None,
             memories: vec![CapturedMemory {
                 byte_len: memory.len() as u64,
                 digest: pages::memory_digest(&hashes),

@@ -22,9 +22,10 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use super::capture::{Capture, CapturedPage};
+use super::kv::EncodedKv;
 use super::pages::page_count;
 use super::rebase::{self, ChainPacks};
-use super::table::{FrameLoc, PageTable};
+use super::table::{FrameLoc, KvRunLoc, PageTable};
 use crate::delta::{Coder, Encoding};
 use crate::store::manifest::PackRef;
 use crate::store::pack::{self, PackBuilder};
@@ -149,6 +150,8 @@ pub struct PackContents {
     pub compacted_bytes: usize,
     /// Bytes of the encoded dirty pages (frames included, compaction not).
     pub encoded_bytes: usize,
+    /// Bytes of a component's kv runs (frames included), after the pages.
+    pub kv_bytes: usize,
 }
 
 /// The pack a checkpoint writes (if any frame) and the table once it is committed.
@@ -180,14 +183,18 @@ enum Source {
 /// A restore reads every pack the table names, so their number is bounded too: past
 /// `MANY_PACKS`, the packs with the fewest live bytes (the cheapest to copy) are merged
 /// until `MANY_PACKS / 2` remain, which buys as many checkpoints before the next merge.
+///
+/// Packs a kv run still lies in are never candidates: the run keeps them whole, so
+/// copying their pages out would only store those pages twice.
 fn sparse_packs(table: &PageTable, generation: u64, fresh_bytes: u64) -> HashSet<PackRef> {
+    let pinned = table.kv_packs();
     let mut live_bytes = fresh_bytes;
     let mut dead_bytes = 0;
     // (live bytes, pack): sparse by both measures, and the others.
     let (mut sparse, mut others) = (Vec::new(), Vec::new());
     for (pack, (frames, bytes)) in table.live_frames() {
-        if pack.generation >= generation {
-            continue; // this checkpoint's own pack, still being built
+        if pack.generation >= generation || pinned.contains(&pack) {
+            continue; // this checkpoint's own pack, still being built, or pinned
         }
         let bytes = bytes.min(pack.bytes);
         live_bytes += bytes;
@@ -212,17 +219,36 @@ fn sparse_packs(table: &PageTable, generation: u64, fresh_bytes: u64) -> HashSet
     candidates
 }
 
-/// Build the pack for `generation` from the encoded pages, compacting sparse packs
-/// (read with `fetch`), and the table that results.
+/// Build the pack for `generation` from the encoded pages and kv runs, compacting sparse
+/// packs (read with `fetch`), and the table that results.
 pub fn assemble(
     generation: u64,
     writer_id: &[u8; 16],
     table: &PageTable,
     capture: &Capture,
     encoded: Vec<EncodedPage>,
+    kv: Option<EncodedKv>,
     fetch: &mut dyn FnMut(&PackRef) -> Result<Arc<LoadedPack>>,
 ) -> Result<Assembled> {
     let mut next = table.clone();
+    let kv_runs = match kv {
+        Some(kv) if kv.keep > next.kv_runs.len() => anyhow::bail!(
+            "a kv update keeps {} runs of a chain of {}",
+            kv.keep,
+            next.kv_runs.len()
+        ),
+        Some(kv) => {
+            next.kv_runs.truncate(kv.keep);
+            kv.runs
+        }
+        None => Vec::new(),
+    };
+    let kv_frames: usize = kv_runs.iter().map(|run| run.chunks.len()).sum();
+    let kv_bytes: usize = kv_runs
+        .iter()
+        .flat_map(|run| &run.chunks)
+        .map(|chunk| chunk.len() + pack::FRAME_HEADER_LEN)
+        .sum();
     for (memory, captured) in next.memories.iter_mut().zip(&capture.memories) {
         memory.byte_len = captured.byte_len;
         memory
@@ -307,7 +333,7 @@ pub fn assemble(
             }
         }
     }
-    if frames.is_empty() {
+    if frames.is_empty() && kv_runs.is_empty() {
         return Ok(Assembled {
             pack: None,
             table: next,
@@ -316,11 +342,12 @@ pub fn assemble(
     }
 
     frames.sort_by_key(|(memory, layer, page, _)| (*memory, *layer, *page));
-    let capacity = contents.encoded_bytes + contents.compacted_bytes;
+    contents.kv_bytes = kv_bytes;
+    let capacity = contents.encoded_bytes + contents.compacted_bytes + kv_bytes;
     let new_pack = Arc::new(PackRef {
         generation,
         writer_id: *writer_id,
-        frames: u32::try_from(frames.len())?,
+        frames: u32::try_from(frames.len() + kv_frames)?,
         bytes: (pack::PACK_HEADER_LEN + capacity) as u64,
     });
     let mut builder = PackBuilder::new(generation, writer_id, capacity);
@@ -343,6 +370,20 @@ pub fn assemble(
             frame,
             len: u32::try_from(len)?,
         };
+    }
+    // The kv runs after the pages, each run's frames consecutive.
+    for run in kv_runs {
+        let mut first_frame = None;
+        for chunk in &run.chunks {
+            let frame = builder.push_payload(Encoding::KvChunk, chunk)?;
+            first_frame.get_or_insert(frame);
+        }
+        next.kv_runs.push(KvRunLoc {
+            pack: new_pack.clone(),
+            first_frame: first_frame.unwrap_or(0),
+            frames: u32::try_from(run.chunks.len())?,
+            bytes: run.bytes,
+        });
     }
     let bytes = builder.finish();
     debug_assert_eq!(bytes.len() as u64, new_pack.bytes);
@@ -387,6 +428,7 @@ mod tests {
                 byte_len: 0,
                 chains,
             }],
+            kv_runs: Vec::new(),
         }
     }
 

@@ -8,7 +8,9 @@
 //! - `capture`: on the guest's thread, the only pause: hash, copy dirty pages out;
 //! - `encode`: off the guest's thread: deltas or whole pages, compaction, the pack;
 //! - `rebase`: where a full chain's next delta stands;
-//! - `table`: every page's chain of frames (whole page, then deltas);
+//! - `table`: every page's chain of frames (whole page, then deltas), and a component's
+//!   kv runs;
+//! - `kv`: a component's kv runs as frames of the checkpoint's pack;
 //! - `restore`: rebuild memories and globals from a manifest and its packs.
 
 pub mod buffers;
@@ -16,6 +18,7 @@ pub mod cache;
 pub mod capture;
 pub mod dirty;
 pub mod encode;
+pub mod kv;
 pub mod pages;
 mod parallel;
 pub mod rebase;

@@ -19,11 +19,12 @@ use crate::store::pack;
 use crate::store::recent::LoadedPack;
 use crate::store::{CheckpointStore, Manifest};
 
-/// A restored checkpoint: the table for the next checkpoint and the page hashes of the
-/// restored memories.
+/// A restored checkpoint: the table for the next checkpoint, the page hashes of the
+/// restored memories, and a component's kv runs (for its host state, restored after).
 pub struct Restored {
     pub table: PageTable,
     pub hashes: Vec<Vec<u64>>,
+    pub kv_runs: Vec<Vec<u8>>,
 }
 
 /// Restore `manifest` into `instance` (fresh, not yet initialised) from `store`.
@@ -98,7 +99,16 @@ pub fn restore(
     }
     crate::crash::point("restore-pages-written");
     instance.set_globals(&manifest.globals)?;
-    Ok(Restored { table, hashes })
+    let kv_runs = table
+        .kv_runs
+        .iter()
+        .map(|run| super::kv::read_run(run, &packs))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Restored {
+        table,
+        hashes,
+        kv_runs,
+    })
 }
 
 /// Read and check every pack the manifest refers to: each must be the pack the manifest

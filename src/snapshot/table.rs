@@ -1,11 +1,12 @@
 //! The page table: for every page of every memory, the chain of frames that rebuilds its
 //! newest captured version: a whole page first, then a bounded number of deltas. An
-//! empty chain is an all-zero page, which is never stored.
+//! empty chain is an all-zero page, which is never stored. Beside the pages, a
+//! component's kv runs (`snapshot::kv`): the other thing a checkpoint keeps in packs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::store::manifest::{MemoryManifest, PackRef, Run};
+use crate::store::manifest::{KvRun, MemoryManifest, PackRef, Run};
 
 /// By default, at most this many deltas on top of a whole page: a restore applies at most
 /// 8 frames after the first for any page.
@@ -30,6 +31,13 @@ impl PartialEq for FrameLoc {
     }
 }
 
+/// What a manifest says of a [`PageTable`].
+pub struct ManifestParts {
+    pub packs: Vec<PackRef>,
+    pub memories: Vec<MemoryManifest>,
+    pub kv_runs: Vec<KvRun>,
+}
+
 /// A page's frames, whole page first; empty for a zero page.
 pub type Chain = Vec<FrameLoc>;
 
@@ -39,9 +47,21 @@ pub struct MemoryTable {
     pub chains: Vec<Chain>,
 }
 
+/// One kv run of a component: `frames` consecutive frames of one pack, which
+/// decompressed and concatenated are the run's `bytes` bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvRunLoc {
+    pub pack: Arc<PackRef>,
+    pub first_frame: u32,
+    pub frames: u32,
+    pub bytes: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PageTable {
     pub memories: Vec<MemoryTable>,
+    /// A component's kv chain, oldest run first (empty for a core module).
+    pub kv_runs: Vec<KvRunLoc>,
 }
 
 impl PageTable {
@@ -49,6 +69,7 @@ impl PageTable {
     pub fn empty(memory_count: usize) -> Self {
         Self {
             memories: vec![MemoryTable::default(); memory_count],
+            kv_runs: Vec::new(),
         }
     }
 
@@ -77,12 +98,23 @@ impl PageTable {
                 }
             })
             .collect();
-        Self { memories }
+        let kv_runs = manifest
+            .kv_runs
+            .iter()
+            .map(|run| KvRunLoc {
+                pack: packs[run.pack as usize].clone(),
+                first_frame: run.first_frame,
+                frames: run.frames,
+                bytes: run.bytes,
+            })
+            .collect();
+        Self { memories, kv_runs }
     }
 
-    /// The pack list and per-memory layers of a manifest for this table; `digests` are the
-    /// memories' digests. Runs join consecutive pages stored as consecutive frames.
-    pub fn to_manifest_parts(&self, digests: &[u64]) -> (Vec<PackRef>, Vec<MemoryManifest>) {
+    /// The pack list, per-memory layers and kv runs of a manifest for this table;
+    /// `digests` are the memories' digests. Runs join consecutive pages stored as
+    /// consecutive frames.
+    pub fn to_manifest_parts(&self, digests: &[u64]) -> ManifestParts {
         let mut packs: Vec<PackRef> = Vec::new();
         let mut pack_index: HashMap<PackRef, u32> = HashMap::new();
         let memories = self
@@ -130,7 +162,29 @@ impl PageTable {
                 }
             })
             .collect();
-        (packs, memories)
+        let kv_runs = self
+            .kv_runs
+            .iter()
+            .map(|run| KvRun {
+                pack: *pack_index.entry((*run.pack).clone()).or_insert_with(|| {
+                    packs.push((*run.pack).clone());
+                    packs.len() as u32 - 1
+                }),
+                first_frame: run.first_frame,
+                frames: run.frames,
+                bytes: run.bytes,
+            })
+            .collect();
+        ManifestParts {
+            packs,
+            memories,
+            kv_runs,
+        }
+    }
+
+    /// The packs the kv runs are in: kept whole while the chain names them.
+    pub fn kv_packs(&self) -> std::collections::HashSet<PackRef> {
+        self.kv_runs.iter().map(|r| (*r.pack).clone()).collect()
     }
 
     /// How many frames of each pack the table refers to, and their bytes.
@@ -190,9 +244,24 @@ mod tests {
                     vec![],
                 ],
             }],
+            kv_runs: vec![KvRunLoc {
+                pack: pack(3, 2),
+                first_frame: 0,
+                frames: 2,
+                bytes: 70_000,
+            }],
         };
-        let (packs, memories) = table.to_manifest_parts(&[7]);
-        assert_eq!(packs.len(), 2);
+        let ManifestParts {
+            packs,
+            memories,
+            kv_runs,
+        } = table.to_manifest_parts(&[7]);
+        assert_eq!(kv_runs.len(), 1);
+        assert_eq!(
+            kv_runs[0].pack, 2,
+            "the kv run's pack is listed after the pages'"
+        );
+        assert_eq!(packs.len(), 3);
         let layers = &memories[0].layers;
         assert_eq!(layers.len(), 3);
         assert_eq!(layers[0].len(), 2, "pages 0-2 are one run, page 4 another");
@@ -215,6 +284,7 @@ mod tests {
             globals: vec![],
             memories,
             host_state: vec![],
+            kv_runs,
         };
         let decoded = Manifest::decode(&manifest.encode().unwrap(), "m").unwrap();
         assert_eq!(PageTable::from_manifest(&decoded), table);

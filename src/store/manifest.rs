@@ -24,6 +24,8 @@ const FLAG_BODY_ZSTD: u16 = 1;
 const MAX_BODY_LEN: usize = 1 << 30;
 /// More layers than this (a whole page and its deltas) is refused as corrupt.
 pub const MAX_LAYERS: usize = 64;
+/// The largest kv run a manifest may name (see `component::kv_runs::MAX_RUN_BYTES`).
+const MAX_KV_RUN_BYTES: u64 = crate::component::kv_runs::MAX_RUN_BYTES;
 /// The largest memory a manifest may describe: what a 64-bit memory can address in
 /// wasmtime, less a page, so that every page number and run end fits in 32 bits.
 pub const MAX_MEMORY_BYTES: u64 = (1 << 48) - (1 << 16);
@@ -67,6 +69,16 @@ pub struct MemoryManifest {
     pub layers: Vec<Vec<Run>>,
 }
 
+/// One run of a component's kv chain (docs/FORMAT.md, "Kv runs"): `frames` consecutive
+/// frames of `packs[pack]` from `first_frame`, `bytes` bytes once decompressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvRun {
+    pub pack: u32,
+    pub first_frame: u32,
+    pub frames: u32,
+    pub bytes: u64,
+}
+
 /// Where the guest was when the checkpoint was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunState {
@@ -104,14 +116,16 @@ pub struct Manifest {
     pub packs: Vec<PackRef>,
     pub globals: Vec<GlobalValue>,
     pub memories: Vec<MemoryManifest>,
-    /// What the host keeps for a component (kv state, handle table, watermarks; see
-    /// `component::instance`); empty for a core module.
+    /// What the host keeps for a component (a summary of its kv state, the handle table,
+    /// watermarks; see `component::instance`); empty for a core module.
     pub host_state: Vec<u8>,
+    /// A component's kv chain, oldest run first; empty for a core module.
+    pub kv_runs: Vec<KvRun>,
 }
 
 impl Manifest {
     pub fn encode(&self) -> Result<Vec<u8>> {
-        if self.host_state.is_empty() {
+        if self.host_state.is_empty() && self.kv_runs.is_empty() {
             self.encode_as(MANIFEST_VERSION)
         } else {
             self.encode_as(MANIFEST_VERSION_4)
@@ -217,6 +231,13 @@ impl Manifest {
         if version >= MANIFEST_VERSION_4 {
             body.put_varint(self.host_state.len() as u64);
             body.extend_from_slice(&self.host_state);
+            body.put_varint(self.kv_runs.len() as u64);
+            for run in &self.kv_runs {
+                body.put_varint(run.pack.into());
+                body.put_varint(run.first_frame.into());
+                body.put_varint(run.frames.into());
+                body.put_varint(run.bytes);
+            }
         }
 
         if body.len() > MAX_BODY_LEN {
@@ -409,21 +430,46 @@ impl Manifest {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let host_state = if version >= MANIFEST_VERSION_4 {
+        let (host_state, kv_runs) = if version >= MANIFEST_VERSION_4 {
             let n = r.varint_count(1)?;
-            r.bytes(n)?.to_vec()
+            let host_state = r.bytes(n)?.to_vec();
+            let runs = (0..r.varint_count(4)?)
+                .map(|index| {
+                    let (pack, first_frame, frames, bytes) =
+                        (r.varint()?, r.varint()?, r.varint()?, r.varint()?);
+                    let fits_pack = packs.get(pack as usize).is_some_and(|p| {
+                        first_frame.saturating_add(frames) <= u64::from(p.frames)
+                    });
+                    let chunks = bytes.div_ceil(crate::snapshot::kv::KV_CHUNK_BYTES as u64);
+                    if !fits_pack || bytes == 0 || bytes > MAX_KV_RUN_BYTES || frames != chunks {
+                        return Err(corrupt!(
+                            "{what} is corrupt: kv run {index} of {bytes} bytes is misplaced ({frames} frames from frame {first_frame} of pack #{pack})"
+                        ));
+                    }
+                    Ok(KvRun {
+                        pack: pack as u32,
+                        first_frame: first_frame as u32,
+                        frames: frames as u32,
+                        bytes,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (host_state, runs)
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         r.finish()?;
-        // Every pack listed is one a page uses: a restore reads them all.
+        // Every pack listed is one a page or a kv run uses: a restore reads them all.
         let mut used = vec![false; packs.len()];
         for run in memories.iter().flat_map(|m| m.layers.iter().flatten()) {
             used[run.pack as usize] = true;
         }
+        for run in &kv_runs {
+            used[run.pack as usize] = true;
+        }
         if let Some(unused) = used.iter().position(|u| !u) {
             return Err(corrupt!(
-                "{what} is corrupt: it lists pack #{unused}, which no page uses"
+                "{what} is corrupt: it lists pack #{unused}, which no page or kv run uses"
             ));
         }
         if generation > super::MAX_GENERATION {
@@ -447,6 +493,7 @@ impl Manifest {
             globals,
             memories,
             host_state,
+            kv_runs,
         })
     }
 
@@ -467,11 +514,14 @@ impl Manifest {
             .sum()
     }
 
-    /// Frames the page table refers to in each of [`Self::packs`].
+    /// Frames the page table and the kv runs refer to in each of [`Self::packs`].
     pub fn live_frames(&self) -> Vec<u64> {
         let mut live = vec![0u64; self.packs.len()];
         for run in self.memories.iter().flat_map(|m| m.layers.iter().flatten()) {
             live[run.pack as usize] += u64::from(run.pages);
+        }
+        for run in &self.kv_runs {
+            live[run.pack as usize] += u64::from(run.frames);
         }
         live
     }
@@ -573,6 +623,7 @@ pub(crate) mod tests {
                 },
             ],
             host_state: vec![],
+            kv_runs: vec![],
         }
     }
 
@@ -588,9 +639,41 @@ pub(crate) mod tests {
         let v3 = m.encode().unwrap();
         assert_eq!(u16::from_le_bytes([v3[8], v3[9]]), MANIFEST_VERSION);
         m.host_state = b"\x01kv and handles".to_vec();
+        m.kv_runs = vec![KvRun {
+            pack: 1,
+            first_frame: 1,
+            frames: 2,
+            bytes: 70_000,
+        }];
         let v4 = m.encode().unwrap();
         assert_eq!(u16::from_le_bytes([v4[8], v4[9]]), MANIFEST_VERSION_4);
         assert_eq!(Manifest::decode(&v4, "m").unwrap(), m);
+
+        // A run that does not fit its pack, or whose frames do not match its size.
+        for run in [
+            KvRun {
+                first_frame: 2,
+                ..m.kv_runs[0]
+            },
+            KvRun {
+                frames: 1,
+                ..m.kv_runs[0]
+            },
+            KvRun {
+                bytes: 0,
+                frames: 0,
+                ..m.kv_runs[0]
+            },
+            KvRun {
+                pack: 9,
+                ..m.kv_runs[0]
+            },
+        ] {
+            let mut bad = m.clone();
+            bad.kv_runs = vec![run];
+            let err = Manifest::decode(&bad.encode().unwrap(), "m").unwrap_err();
+            assert!(format!("{err:#}").contains("kv run 0"), "{err:#}");
+        }
     }
 
     #[test]

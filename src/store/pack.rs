@@ -154,7 +154,7 @@ fn frame_crc(encoding: u8, payload: &[u8]) -> u32 {
 }
 
 /// The encoding and payload of a whole frame, after checking its length and CRC.
-fn frame_payload<'a>(frame: &'a [u8], what: &str) -> Result<(Encoding, &'a [u8])> {
+pub fn frame_payload<'a>(frame: &'a [u8], what: &str) -> Result<(Encoding, &'a [u8])> {
     let Some((header, payload)) = frame.split_at_checked(FRAME_HEADER_LEN) else {
         return Err(corrupt!("{what} is corrupt: a frame is truncated"));
     };
@@ -183,7 +183,7 @@ pub fn layer_payload<'a>(
     what: &str,
 ) -> Result<(Encoding, &'a [u8])> {
     let (encoding, payload) = frame_payload(frame, what)?;
-    if encoding.is_delta() != (layer > 0) {
+    if encoding == Encoding::KvChunk || encoding.is_delta() != (layer > 0) {
         return Err(corrupt!(
             "{what} is corrupt: a {encoding:?} frame on layer {layer}"
         ));

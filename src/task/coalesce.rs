@@ -101,6 +101,10 @@ impl Job {
         self.capture.zeroed = zeroed;
         self.capture.globals = capture.globals;
         self.capture.host_state = capture.host_state;
+        self.capture.kv = match (self.capture.kv.take(), capture.kv) {
+            (Some(earlier), Some(later)) => Some(earlier.then(later)),
+            (earlier, later) => later.or(earlier),
+        };
         self.capture.memories = capture.memories;
         self.capture.hashed_pages += capture.hashed_pages;
         self.capture.kernel_tracked_memories = capture.kernel_tracked_memories;
@@ -183,6 +187,7 @@ mod tests {
             capture: Capture {
                 globals: vec![GlobalValue::I32(generation as i32)],
                 host_state: Vec::new(),
+                kv: None,
                 memories: vec![CapturedMemory {
                     byte_len: generation << 16,
                     digest: generation,

@@ -351,6 +351,12 @@ impl CommitContext {
             .context("cannot update the page cache")?;
         let packs = self.chain_packs(job);
         let encoded = encode_pages(&job.capture.dirty, &self.table, self.max_deltas, &packs)?;
+        let kv = job
+            .capture
+            .kv
+            .take()
+            .map(|update| crate::snapshot::kv::encode_runs(&update))
+            .transpose()?;
         let (store, recent) = (&self.store, &mut self.recent);
         assemble(
             job.generation,
@@ -358,6 +364,7 @@ impl CommitContext {
             &self.table,
             &job.capture,
             encoded,
+            kv,
             &mut |pack| recent.get(store, pack),
         )
     }
@@ -415,7 +422,11 @@ impl CommitContext {
     /// and output marker.
     fn manifest(&self, job: &mut Job, table: &PageTable) -> Manifest {
         let digests: Vec<u64> = job.capture.memories.iter().map(|m| m.digest).collect();
-        let (packs, memories) = table.to_manifest_parts(&digests);
+        let crate::snapshot::table::ManifestParts {
+            packs,
+            memories,
+            kv_runs,
+        } = table.to_manifest_parts(&digests);
         Manifest {
             generation: job.generation,
             writer_id: self.writer_id,
@@ -434,6 +445,7 @@ impl CommitContext {
             globals: std::mem::take(&mut job.capture.globals),
             memories,
             host_state: std::mem::take(&mut job.capture.host_state),
+            kv_runs,
         }
     }
 

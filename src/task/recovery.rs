@@ -135,7 +135,7 @@ fn restore(
         .with_context(|| format!("cannot restore checkpoint {generation}"))?;
     // A component's handles go back after its memories: the replay touches neither.
     instance
-        .restore_host_state(&manifest.host_state)
+        .restore_host_state(&manifest.host_state, &restored.kv_runs)
         .with_context(|| format!("cannot restore checkpoint {generation}"))?;
     instance.rewind_host_state(manifest.random_position);
     Ok((manifest, instance, restored))
