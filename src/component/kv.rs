@@ -53,8 +53,11 @@ pub enum EntryKey {
 }
 
 /// Every store, by name, and the bytes they take.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Kv {
+    /// The most bytes a write may leave: `MAX_KV_BYTES`, but while a restore applies a
+    /// run (in key order, not the order the guest wrote) up to that run's size more.
+    budget: usize,
     stores: BTreeMap<String, Store>,
     /// Bytes of every entry's encoding (`encode_entry`): the size of a whole run.
     bytes: usize,
@@ -75,6 +78,20 @@ pub enum Changes {
     Keys(BTreeSet<KeyRef>),
     /// Too many keys to list: write the state whole.
     All,
+}
+
+impl Default for Kv {
+    fn default() -> Self {
+        Kv {
+            budget: MAX_KV_BYTES,
+            stores: BTreeMap::new(),
+            bytes: 0,
+            changed: BTreeSet::new(),
+            changed_bytes: 0,
+            changed_all: false,
+            digest: 0,
+        }
+    }
 }
 
 /// Two states are equal when they hold the same data, whatever changed lately.
@@ -179,11 +196,21 @@ impl Kv {
     }
 
     /// Make sure a store of this name exists.
-    pub fn open(&mut self, name: &str) {
+    pub fn open(&mut self, name: &str) -> Result<(), OverBudget> {
         if !self.stores.contains_key(name) {
-            self.stores.insert(name.to_string(), Store::default());
-            self.record(name, EntryKey::Opened, None, Some(&[]));
+            let opened = KeyRef {
+                store: name.to_string(),
+                key: EntryKey::Opened,
+            };
+            self.admit(entry_len(&opened, &[]), 0)?;
+            self.store_admitted(name);
         }
+        Ok(())
+    }
+
+    /// Let a restore apply a run of `run_bytes` (see `budget`); `None`: back to normal.
+    pub(crate) fn allow_run(&mut self, run_bytes: Option<usize>) {
+        self.budget = MAX_KV_BYTES.saturating_add(run_bytes.unwrap_or(0));
     }
 
     /// Note a change of `key` from `old` to `new` (`None`: absent) in the digest and
@@ -210,12 +237,13 @@ impl Kv {
         if self.changed_all {
             return;
         }
-        self.changed_bytes += entry_len(&entry, &[]);
+        let len = entry_len(&entry, &[]);
+        if self.changed.insert(entry) {
+            self.changed_bytes += len;
+        }
         if self.changed_bytes > MAX_KV_BYTES {
             self.changed.clear();
             self.changed_all = true;
-        } else {
-            self.changed.insert(entry);
         }
     }
 
@@ -244,15 +272,22 @@ impl Kv {
                 &[],
             );
         }
-        let would_hold = (self.bytes - old).saturating_add(grow);
-        if would_hold > MAX_KV_BYTES && grow > old {
+        self.admit(grow, old)
+    }
+
+    fn admit(&self, grow: usize, shrink: usize) -> Result<(), OverBudget> {
+        let would_hold = (self.bytes - shrink).saturating_add(grow);
+        if would_hold > self.budget && grow > shrink {
             return Err(OverBudget { would_hold });
         }
         Ok(())
     }
 
-    fn store_mut(&mut self, name: &str) -> &mut Store {
-        self.open(name);
+    /// The store `name`, created if new: only once its bytes were admitted.
+    fn store_admitted(&mut self, name: &str) -> &mut Store {
+        if !self.stores.contains_key(name) {
+            self.record(name, EntryKey::Opened, None, Some(&[]));
+        }
         self.stores.entry(name.to_string()).or_default()
     }
 
@@ -270,7 +305,7 @@ impl Kv {
             .map_or(0, |v| entry_len(&entry, v));
         self.admit_entry(&entry, value, old)?;
         let previous = self
-            .store_mut(name)
+            .store_admitted(name)
             .simple
             .insert(key.to_vec(), value.to_vec());
         self.record(
@@ -283,7 +318,11 @@ impl Kv {
     }
 
     pub fn delete_state(&mut self, name: &str, key: &[u8]) {
-        if let Some(old) = self.store_mut(name).simple.remove(key) {
+        let removed = self
+            .stores
+            .get_mut(name)
+            .and_then(|store| store.simple.remove(key));
+        if let Some(old) = removed {
             self.record(name, EntryKey::Simple(key.to_vec()), Some(&old), None);
         }
     }
@@ -324,7 +363,7 @@ impl Kv {
         };
         let old = existing_value.as_ref().map_or(0, |v| entry_len(&entry, v));
         self.admit_entry(&entry, &value, old)?;
-        self.store_mut(name)
+        self.store_admitted(name)
             .complex
             .entry(scope)
             .or_default()
@@ -347,7 +386,9 @@ impl Kv {
     }
 
     pub fn delete(&mut self, name: &str, scope: &Scope, user_key: &[u8]) {
-        let store = self.store_mut(name);
+        let Some(store) = self.stores.get_mut(name) else {
+            return;
+        };
         let Some(entries) = store.complex.get_mut(scope) else {
             return;
         };
@@ -429,7 +470,7 @@ mod tests {
     #[test]
     fn bytes_and_digest_follow_every_write_and_come_back_when_it_is_undone() {
         let mut kv = Kv::default();
-        kv.open("empty");
+        kv.open("empty").unwrap();
         let (empty_bytes, empty_digest) = (kv.bytes(), kv.digest());
         assert_eq!(empty_bytes, 1 + 1 + 5, "an opened store's entry");
         kv.put_state("a", b"x", b"1").unwrap();

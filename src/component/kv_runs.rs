@@ -40,9 +40,10 @@ const WHOLE_LEVEL: u8 = u8::MAX;
 const SLACK_BYTES: u64 = 64 << 10;
 /// At most this many runs in a chain (with the binary counter, about 2^MAX_RUNS deltas).
 pub const MAX_RUNS: usize = 24;
-/// The largest run a manifest may name: a whole state of `MAX_KV_BYTES` plus the framing
-/// of every entry (each at least a few bytes of lengths and kinds).
-pub const MAX_RUN_BYTES: u64 = 4 * MAX_KV_BYTES as u64;
+/// The most bytes a chain's runs take together: a writer rewrites a chain whole before it
+/// passes twice the state (at most `MAX_KV_BYTES`) plus `SLACK_BYTES`. What a manifest
+/// may name, so what a restore may have to read and hold.
+pub const MAX_CHAIN_BYTES: u64 = 2 * MAX_KV_BYTES as u64 + SLACK_BYTES;
 
 /// What one capture changes in the chain: keep its first `keep` runs, then append `runs`
 /// (encoded, oldest first).
@@ -150,7 +151,32 @@ impl KvLog {
         let mut kv = Kv::default();
         let mut log = KvLog::default();
         for (index, run) in runs.into_iter().enumerate() {
+            if index >= MAX_RUNS {
+                return Err(corrupt!(
+                    "the checkpoint's kv chain has more than {MAX_RUNS} runs"
+                ));
+            }
+            // A run lists keys in order, not in the order the guest wrote them: within
+            // one, the state may pass the budget for a while. After it, it may not.
+            kv.allow_run(Some(run.len()));
             let (level, keys) = apply_run(&mut kv, run, index)?;
+            kv.allow_run(None);
+            if kv.bytes() > MAX_KV_BYTES {
+                return Err(corrupt!(
+                    "kv run {index} of the checkpoint is corrupt: it leaves {} bytes, more than the limit of {} MiB",
+                    kv.bytes(),
+                    MAX_KV_BYTES >> 20
+                ));
+            }
+            // Deltas come in strictly falling levels (the binary counter's digits).
+            if let Some(previous) = log.runs.last()
+                && level >= previous.level
+            {
+                return Err(corrupt!(
+                    "kv run {index} of the checkpoint is corrupt: level {level} after level {}",
+                    previous.level
+                ));
+            }
             log.runs.push(RunInfo {
                 level,
                 bytes: run.len() as u64,
@@ -216,6 +242,9 @@ fn apply_run(kv: &mut Kv, run: &[u8], index: usize) -> Result<(u8, BTreeSet<KeyR
         ));
     }
     let level = r.u8()?;
+    if level != WHOLE_LEVEL && usize::from(level) >= MAX_RUNS {
+        return Err(corrupt!("{what} is corrupt: level {level}"));
+    }
     if (level == WHOLE_LEVEL) != (index == 0) {
         return Err(corrupt!(
             "{what} is corrupt: a chain starts with a whole run, and has only one"
@@ -230,7 +259,7 @@ fn apply_run(kv: &mut Kv, run: &[u8], index: usize) -> Result<(u8, BTreeSet<KeyR
         let over = |e: super::kv::OverBudget| corrupt!("{what} is corrupt: {e}");
         let key = match kind {
             KIND_OPENED => {
-                kv.open(&store);
+                kv.open(&store).map_err(over)?;
                 EntryKey::Opened
             }
             KIND_SIMPLE_PUT | KIND_SIMPLE_DELETE => {
@@ -265,7 +294,6 @@ fn apply_run(kv: &mut Kv, run: &[u8], index: usize) -> Result<(u8, BTreeSet<KeyR
         }
     }
     r.finish()?;
-    debug_assert!(kv.bytes() <= MAX_KV_BYTES);
     Ok((level, keys))
 }
 
@@ -325,7 +353,7 @@ mod tests {
                     Op::Delete(s, k) => kv.delete_state(&format!("s{s}"), &[k]),
                     Op::Complex(s, k, v) => kv.merge(&format!("s{s}"), scope(), &[k], &[v]).unwrap(),
                     Op::DeletePrefix(s) => kv.delete_prefix(&format!("s{s}"), &scope(), &[]),
-                    Op::Open(s) => kv.open(&format!("s{s}")),
+                    Op::Open(s) => kv.open(&format!("s{s}")).unwrap(),
                     Op::Checkpoint | Op::Coalesce => {
                         checkpoints += 1;
                         let update = log.capture(&mut kv);
@@ -402,6 +430,60 @@ mod tests {
         assert_eq!(update.keep, 0, "rewritten whole");
         fold(&mut chain, update);
         assert_eq!(chain.len(), 1);
+    }
+
+    /// A run lists keys in order, not in the order the guest wrote them: a state the
+    /// guest kept within budget must restore even if the run passes it halfway.
+    #[test]
+    fn a_state_within_budget_restores_whatever_order_its_run_lists_keys_in() {
+        let mut kv = Kv::default();
+        let mut log = KvLog::default();
+        let mut chain = Vec::new();
+        let big = vec![1u8; 40 << 20];
+        kv.put_state("s", b"b", &big).unwrap();
+        fold(&mut chain, log.capture(&mut kv).unwrap());
+        kv.delete_state("s", b"b");
+        kv.put_state("s", b"a", &big).unwrap();
+        fold(&mut chain, log.capture(&mut kv).unwrap());
+        assert_eq!(chain.len(), 2, "a delta that puts a before it deletes b");
+        let (back, _) = KvLog::restore(chain.iter().map(Vec::as_slice)).unwrap();
+        assert_eq!(back, kv);
+    }
+
+    #[test]
+    fn opening_stores_counts_against_the_budget() {
+        let mut kv = Kv::default();
+        let name = "n".repeat(1 << 20);
+        let mut opened = 0;
+        let err = loop {
+            match kv.open(&format!("{opened}{name}")) {
+                Ok(()) => opened += 1,
+                Err(err) => break err,
+            }
+        };
+        // Each store takes its name and a little framing: one fewer than 64 MiB of names.
+        assert_eq!(opened, (MAX_KV_BYTES >> 20) - 1);
+        assert!(err.to_string().contains("limit of 64 MiB"), "{err}");
+    }
+
+    #[test]
+    fn a_chain_whose_levels_do_not_fall_is_refused() {
+        let mut kv = Kv::default();
+        kv.put_state("s", b"k", b"v").unwrap();
+        let whole = encode_whole(&kv);
+        let keys: BTreeSet<KeyRef> = [KeyRef {
+            store: "s".into(),
+            key: EntryKey::Simple(b"k".to_vec()),
+        }]
+        .into();
+        let (one, zero) = (encode_keys(&kv, 1, &keys), encode_keys(&kv, 0, &keys));
+        KvLog::restore([&whole[..], &one, &zero]).unwrap();
+        for chain in [[&whole[..], &zero, &zero], [&whole[..], &zero, &one]] {
+            let err = KvLog::restore(chain).unwrap_err();
+            assert!(format!("{err:#}").contains("after level"), "{err:#}");
+        }
+        let deep = encode_keys(&kv, MAX_RUNS as u8, &keys);
+        assert!(KvLog::restore([&whole[..], &deep]).is_err());
     }
 
     #[test]

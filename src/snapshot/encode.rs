@@ -184,17 +184,15 @@ enum Source {
 /// `MANY_PACKS`, the packs with the fewest live bytes (the cheapest to copy) are merged
 /// until `MANY_PACKS / 2` remain, which buys as many checkpoints before the next merge.
 ///
-/// Packs a kv run still lies in are never candidates: the run keeps them whole, so
-/// copying their pages out would only store those pages twice.
+/// A component's kv runs count as live frames of their packs, and move with them.
 fn sparse_packs(table: &PageTable, generation: u64, fresh_bytes: u64) -> HashSet<PackRef> {
-    let pinned = table.kv_packs();
     let mut live_bytes = fresh_bytes;
     let mut dead_bytes = 0;
     // (live bytes, pack): sparse by both measures, and the others.
     let (mut sparse, mut others) = (Vec::new(), Vec::new());
     for (pack, (frames, bytes)) in table.live_frames() {
-        if pack.generation >= generation || pinned.contains(&pack) {
-            continue; // this checkpoint's own pack, still being built, or pinned
+        if pack.generation >= generation {
+            continue; // this checkpoint's own pack, still being built
         }
         let bytes = bytes.min(pack.bytes);
         live_bytes += bytes;
@@ -296,10 +294,10 @@ pub fn assemble(
     // Compaction: copy the live frames of sparse packs.
     let sparse = sparse_packs(&next, generation, contents.encoded_bytes as u64);
     let mut fetched: Vec<Arc<LoadedPack>> = Vec::new();
+    let mut index_of = HashMap::new();
     if !sparse.is_empty() {
         let mut sparse: Vec<PackRef> = sparse.into_iter().collect();
         sparse.sort_by_key(|p| p.generation);
-        let mut index_of = HashMap::new();
         for pack_ref in &sparse {
             index_of.insert(pack_ref.clone(), fetched.len());
             fetched.push(fetch(pack_ref)?);
@@ -333,7 +331,35 @@ pub fn assemble(
             }
         }
     }
-    if frames.is_empty() && kv_runs.is_empty() {
+    // Kv runs kept from sparse packs move too, frame for frame: (run, pack, frames).
+    let mut kv_moves: Vec<(usize, usize, Vec<Range<usize>>)> = Vec::new();
+    let mut kv_frames = kv_frames;
+    for (index, run) in next.kv_runs.iter().enumerate() {
+        let Some(&pack) = index_of.get(&*run.pack) else {
+            continue;
+        };
+        let ranges = (run.first_frame..run.first_frame.saturating_add(run.frames))
+            .map(|frame| {
+                fetched[pack]
+                    .index
+                    .frames
+                    .get(frame as usize)
+                    .cloned()
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "pack {} is corrupt: it has no frame {frame}",
+                            run.pack.name()
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let moved: usize = ranges.iter().map(Range::len).sum();
+        contents.compacted_frames += ranges.len();
+        contents.compacted_bytes += moved;
+        kv_frames += ranges.len();
+        kv_moves.push((index, pack, ranges));
+    }
+    if frames.is_empty() && kv_runs.is_empty() && kv_moves.is_empty() {
         return Ok(Assembled {
             pack: None,
             table: next,
@@ -371,7 +397,20 @@ pub fn assemble(
             len: u32::try_from(len)?,
         };
     }
-    // The kv runs after the pages, each run's frames consecutive.
+    // The kv runs after the pages, each run's frames consecutive: those moved, then new.
+    for (index, pack, ranges) in kv_moves {
+        let moved: usize = ranges.iter().map(Range::len).sum();
+        let mut first_frame = None;
+        for range in ranges {
+            let frame =
+                builder.push_frame(&fetched[pack].bytes[range], "a kv frame being compacted")?;
+            first_frame.get_or_insert(frame);
+        }
+        let run = &mut next.kv_runs[index];
+        run.pack = new_pack.clone();
+        run.first_frame = first_frame.unwrap_or(0);
+        run.stored = moved as u64;
+    }
     for run in kv_runs {
         let mut first_frame = None;
         for chunk in &run.chunks {
@@ -383,6 +422,11 @@ pub fn assemble(
             first_frame: first_frame.unwrap_or(0),
             frames: u32::try_from(run.chunks.len())?,
             bytes: run.bytes,
+            stored: run
+                .chunks
+                .iter()
+                .map(|chunk| (chunk.len() + pack::FRAME_HEADER_LEN) as u64)
+                .sum(),
         });
     }
     let bytes = builder.finish();

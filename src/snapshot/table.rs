@@ -55,6 +55,9 @@ pub struct KvRunLoc {
     pub first_frame: u32,
     pub frames: u32,
     pub bytes: u64,
+    /// Its frames' bytes in the pack, headers included (what compaction would copy); not
+    /// in manifests, so 0 until a restore has read the pack.
+    pub stored: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -106,6 +109,7 @@ impl PageTable {
                 first_frame: run.first_frame,
                 frames: run.frames,
                 bytes: run.bytes,
+                stored: 0,
             })
             .collect();
         Self { memories, kv_runs }
@@ -182,18 +186,19 @@ impl PageTable {
         }
     }
 
-    /// The packs the kv runs are in: kept whole while the chain names them.
-    pub fn kv_packs(&self) -> std::collections::HashSet<PackRef> {
-        self.kv_runs.iter().map(|r| (*r.pack).clone()).collect()
-    }
-
-    /// How many frames of each pack the table refers to, and their bytes.
+    /// How many frames of each pack the table refers to (pages' and kv runs'), and their
+    /// bytes.
     pub fn live_frames(&self) -> HashMap<PackRef, (u32, u64)> {
         let mut live = HashMap::new();
         for loc in self.memories.iter().flat_map(|m| m.chains.iter().flatten()) {
             let (frames, bytes) = live.entry((*loc.pack).clone()).or_insert((0, 0));
             *frames += 1;
             *bytes += u64::from(loc.len);
+        }
+        for run in &self.kv_runs {
+            let (frames, bytes) = live.entry((*run.pack).clone()).or_insert((0, 0));
+            *frames += run.frames;
+            *bytes += run.stored;
         }
         live
     }
@@ -206,6 +211,11 @@ impl PageTable {
             .flat_map(|m| m.chains.iter_mut().flatten())
         {
             loc.len = len_of(&loc.pack, loc.frame).unwrap_or(0);
+        }
+        for run in &mut self.kv_runs {
+            run.stored = (run.first_frame..run.first_frame.saturating_add(run.frames))
+                .map(|frame| u64::from(len_of(&run.pack, frame).unwrap_or(0)))
+                .sum();
         }
     }
 }
@@ -249,6 +259,7 @@ mod tests {
                 first_frame: 0,
                 frames: 2,
                 bytes: 70_000,
+                stored: 0,
             }],
         };
         let ManifestParts {

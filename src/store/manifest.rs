@@ -24,8 +24,9 @@ const FLAG_BODY_ZSTD: u16 = 1;
 const MAX_BODY_LEN: usize = 1 << 30;
 /// More layers than this (a whole page and its deltas) is refused as corrupt.
 pub const MAX_LAYERS: usize = 64;
-/// The largest kv run a manifest may name (see `component::kv_runs::MAX_RUN_BYTES`).
-const MAX_KV_RUN_BYTES: u64 = crate::component::kv_runs::MAX_RUN_BYTES;
+/// The most bytes and runs a manifest's kv chain may have (see `component::kv_runs`).
+const MAX_KV_CHAIN_BYTES: u64 = crate::component::kv_runs::MAX_CHAIN_BYTES;
+const MAX_KV_RUNS: usize = crate::component::kv_runs::MAX_RUNS;
 /// The largest memory a manifest may describe: what a 64-bit memory can address in
 /// wasmtime, less a page, so that every page number and run end fits in 32 bits.
 pub const MAX_MEMORY_BYTES: u64 = (1 << 48) - (1 << 16);
@@ -433,7 +434,12 @@ impl Manifest {
         let (host_state, kv_runs) = if version >= MANIFEST_VERSION_4 {
             let n = r.varint_count(1)?;
             let host_state = r.bytes(n)?.to_vec();
-            let runs = (0..r.varint_count(4)?)
+            let count = r.varint_count(4)?;
+            if count > MAX_KV_RUNS {
+                return Err(corrupt!("{what} is corrupt: a kv chain of {count} runs"));
+            }
+            let mut chain_bytes = 0u64;
+            let runs = (0..count)
                 .map(|index| {
                     let (pack, first_frame, frames, bytes) =
                         (r.varint()?, r.varint()?, r.varint()?, r.varint()?);
@@ -441,7 +447,8 @@ impl Manifest {
                         first_frame.saturating_add(frames) <= u64::from(p.frames)
                     });
                     let chunks = bytes.div_ceil(crate::snapshot::kv::KV_CHUNK_BYTES as u64);
-                    if !fits_pack || bytes == 0 || bytes > MAX_KV_RUN_BYTES || frames != chunks {
+                    chain_bytes = chain_bytes.saturating_add(bytes);
+                    if !fits_pack || bytes == 0 || chain_bytes > MAX_KV_CHAIN_BYTES || frames != chunks {
                         return Err(corrupt!(
                             "{what} is corrupt: kv run {index} of {bytes} bytes is misplaced ({frames} frames from frame {first_frame} of pack #{pack})"
                         ));
@@ -648,6 +655,30 @@ pub(crate) mod tests {
         let v4 = m.encode().unwrap();
         assert_eq!(u16::from_le_bytes([v4[8], v4[9]]), MANIFEST_VERSION_4);
         assert_eq!(Manifest::decode(&v4, "m").unwrap(), m);
+
+        // Too many runs, or too many bytes in all.
+        let run = m.kv_runs[0];
+        for runs in [
+            vec![run; MAX_KV_RUNS + 1],
+            vec![
+                KvRun {
+                    bytes: MAX_KV_CHAIN_BYTES,
+                    frames: u32::try_from(MAX_KV_CHAIN_BYTES.div_ceil(65536)).unwrap(),
+                    first_frame: 0,
+                    pack: 0,
+                };
+                1
+            ],
+        ] {
+            let mut bad = m.clone();
+            bad.packs[0].frames = u32::MAX;
+            bad.packs[0].bytes = 1;
+            bad.kv_runs = runs.clone();
+            let mut bigger = bad.clone();
+            bigger.kv_runs.push(run);
+            let err = Manifest::decode(&bigger.encode().unwrap(), "m").unwrap_err();
+            assert!(format!("{err:#}").contains("kv"), "{err:#}");
+        }
 
         // A run that does not fit its pack, or whose frames do not match its size.
         for run in [

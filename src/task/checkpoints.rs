@@ -57,6 +57,10 @@ pub(super) struct Checkpoints {
     pub failure: Option<Error>,
     /// A checkpoint failed: whether its manifest landed is unknown.
     pub committer_failed: bool,
+    /// A capture failed (or was never handed over) after it had moved the page hashes,
+    /// the dirty tracker and a component's kv log on: later captures would describe
+    /// changes against a state no checkpoint recorded, so there are none.
+    pub capture_failed: bool,
     /// Set from outside to end the run at the next record, with a last checkpoint.
     pub stop: StopHandle,
 }
@@ -69,10 +73,16 @@ impl Checkpoints {
         self.settle(observer, false);
         self.take_failure()?;
         let generation = self.captured_generation + 1;
+        if self.capture_failed {
+            anyhow::bail!(
+                "checkpoint {generation} cannot be taken: an earlier capture failed; run the task again to resume from its newest checkpoint"
+            );
+        }
         observer.started(generation);
         let job = match self.capture(generation, input) {
             Ok(job) => job,
             Err(err) => {
+                self.capture_failed = true;
                 let err = Error::from(err);
                 observer.finished(generation, Err(&err));
                 return Err(err.into_anyhow());
@@ -84,6 +94,7 @@ impl Checkpoints {
         observer.captured(generation, &memories);
         self.captured_generation = generation;
         if let Err(err) = self.committer.submit(job) {
+            self.capture_failed = true;
             let err = Error::from(err);
             observer.finished(generation, Err(&err));
             return Err(err.into_anyhow());

@@ -44,12 +44,14 @@ pub struct Job {
 }
 
 impl Job {
-    /// Bytes of guest memory this job holds copies of.
+    /// Bytes of guest state this job holds copies of: pages, and a component's kv runs.
     pub fn page_bytes(&self) -> u64 {
+        let kv_runs = self.capture.kv.iter().flat_map(|kv| &kv.runs);
         self.capture
             .dirty
             .iter()
             .map(|p| p.bytes.len() as u64)
+            .chain(kv_runs.map(|run| run.len() as u64))
             .sum()
     }
 }
