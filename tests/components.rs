@@ -346,3 +346,93 @@ fn a_run_whose_stderr_is_unwritable_finishes_the_same() {
         "stderr on /dev/full",
     );
 }
+
+/// A processor that emits to targets 0, 1 and 2 gets one output per target (`--output`
+/// repeated, in order), each exactly once through kill -9: one checkpoint commits all
+/// three. The same task with another number of outputs, or an emit to a target the run
+/// does not have, stops with a line that names the cause; `cat --target` reads any one.
+#[test]
+fn each_emit_target_has_its_own_output_and_all_of_them_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    let mut text = String::new();
+    for i in 0..40_000 {
+        match i % 7 {
+            3 => text.push_str(&format!("#to 1 one-{i}\n")),
+            5 if i % 2 == 1 => text.push_str(&format!("#to 2 two-{i}\n")),
+            _ => text.push_str(&format!("w{} w{}\n", i % 13, i % 5)),
+        }
+    }
+    std::fs::write(&input, &text).unwrap();
+    let outputs: Vec<_> = (0..3).map(|i| dir.path().join(format!("out{i}"))).collect();
+    let args = |outputs: &[std::path::PathBuf], store: &str| {
+        let mut args = run_args(&guest("component-rust"), &input, &outputs[0], store, 500);
+        for output in &outputs[1..] {
+            args.extend(["--output".into(), output.display().to_string()]);
+        }
+        args
+    };
+
+    // Uninterrupted: what each output holds.
+    let reference: Vec<_> = (0..3).map(|i| dir.path().join(format!("ref{i}"))).collect();
+    let reference_store = dir.path().join("ref-store").display().to_string();
+    run_ok(&args(&reference, &reference_store));
+    let expected: Vec<Vec<u8>> = reference
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let ones: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("#to 1 "))
+        .map(|t| format!("{t}\n"))
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&expected[1]), ones);
+    assert!(
+        expected[2].starts_with(b"two-5\n"),
+        "{:?}",
+        &expected[2][..20]
+    );
+    assert!(
+        String::from_utf8_lossy(&expected[0]).contains("4: to 1\n"),
+        "target 0 says where the others went"
+    );
+
+    let store = dir.path().join("store").display().to_string();
+    let mut rng = Rng::from_env_or_clock("several outputs");
+    run_with_kills(&args(&outputs, &store), 3, &mut rng, || {});
+    for (i, output) in outputs.iter().enumerate() {
+        assert_same_output(
+            &std::fs::read(output).unwrap(),
+            &expected[i],
+            &format!("output {i}"),
+        );
+        let cat = run_ok(&[
+            "cat".into(),
+            "--output".into(),
+            output.display().to_string(),
+            "--store".into(),
+            store.clone(),
+            "--target".into(),
+            i.to_string(),
+        ]);
+        assert_eq!(cat.stdout, expected[i], "cat --target {i}");
+    }
+
+    // The same task with two outputs: refused, naming the cause.
+    let refused = run(&args(&outputs[..2], &store));
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("the checkpoint wrote 3 outputs and this run gives 2"),
+        "{}",
+        stderr(&refused)
+    );
+    // An emit to a target the run has no output for.
+    let fresh = dir.path().join("fresh-store").display().to_string();
+    let one_output = run(&args(&outputs[..1], &fresh));
+    assert!(!one_output.status.success());
+    assert!(
+        stderr(&one_output).contains("emitted a record to target 1; this run gives it 1 output(s)"),
+        "{}",
+        stderr(&one_output)
+    );
+}

@@ -23,7 +23,6 @@ pub fn memories_at(
     instance.start_fresh()?;
     let mut next = 0;
     let mut record = Vec::new();
-    let mut emitted = Vec::new();
     let mut hand_over = |next: &mut usize, offset: u64, instance: &crate::guest::GuestInstance| {
         while offsets.get(*next).is_some_and(|o| *o <= offset) {
             let mut memories = Vec::new();
@@ -37,8 +36,7 @@ pub fn memories_at(
     hand_over(&mut next, source.offset(), &instance);
     while next < offsets.len() && source.next_record(&mut record)? {
         instance.process(&record)?;
-        instance.take_emitted(&mut emitted);
-        emitted.clear();
+        instance.discard_emitted();
         hand_over(&mut next, source.offset(), &instance);
     }
     if next < offsets.len() {

@@ -60,9 +60,10 @@ enum Command {
         input: PathBuf,
         /// Where emitted records go, one line each: a file, or a directory, file:///DIR or
         /// s3://BUCKET/PREFIX of output parts, or one Kafka record each to
-        /// kafka://HOST:PORT/TOPIC[/PARTITION] (read them with `wasnap cat`).
-        #[arg(long)]
-        output: PathBuf,
+        /// kafka://HOST:PORT/TOPIC[/PARTITION] (read them with `wasnap cat`). A component
+        /// may have several: the Nth --output takes emit target N-1.
+        #[arg(long, required = true)]
+        output: Vec<PathBuf>,
         /// Checkpoint store: a directory, file:///DIR, s3://BUCKET/PREFIX or memory://.
         #[arg(long)]
         store: String,
@@ -222,6 +223,10 @@ enum Command {
         /// The task's store: limits the output to what its newest checkpoint committed.
         #[arg(long)]
         store: Option<String>,
+        /// With --store, of a task with several outputs: which one this is (the Nth
+        /// --output of the run is target N-1).
+        #[arg(long, default_value_t = 0)]
+        target: usize,
     },
     /// List the checkpoints in a store.
     Inspect {
@@ -346,10 +351,13 @@ pub fn main() -> ExitCode {
             quiet,
         } => {
             let (checkpoint_every, checkpoint_interval) = policy.policy();
+            // clap requires one --output at least.
+            let mut outputs = output.into_iter();
             let config = RunConfig {
                 guest,
                 input,
-                output,
+                output: outputs.next().unwrap_or_default(),
+                further_outputs: outputs.collect(),
                 component_config,
                 limits: limits.limits(),
                 task: TaskConfig {
@@ -504,7 +512,11 @@ pub fn main() -> ExitCode {
             crate::fleet::run_worker(&config, signals::stop_requested())
         }
         Command::Inspect { store } => inspect::inspect(&store).map_err(Into::into),
-        Command::Cat { output, store } => cat(&output, store.as_deref()).map_err(Into::into),
+        Command::Cat {
+            output,
+            store,
+            target,
+        } => cat(&output, store.as_deref(), target).map_err(Into::into),
         Command::Gc { store, retain } => {
             gc(&store, usize::try_from(retain).unwrap_or(usize::MAX)).map_err(Into::into)
         }
@@ -522,7 +534,29 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn cat(output: &str, store: Option<&str>) -> anyhow::Result<()> {
+/// The task id and marker of output `target` in a checkpoint's output marker (one output,
+/// or several: `stream::multi`).
+fn output_of_target(
+    task: [u8; 16],
+    marker: Vec<u8>,
+    target: usize,
+) -> anyhow::Result<([u8; 16], Vec<u8>)> {
+    match crate::stream::multi::decode_markers(&marker)? {
+        None if target == 0 => Ok((task, marker)),
+        None => anyhow::bail!("the task has one output: --target {target} names none"),
+        Some(mut markers) if target < markers.len() => Ok((
+            crate::stream::multi::output_task_id(&task, target),
+            markers.swap_remove(target),
+        )),
+        Some(markers) => anyhow::bail!(
+            "the task has {} outputs (targets 0..={}): --target {target} names none",
+            markers.len(),
+            markers.len() - 1
+        ),
+    }
+}
+
+fn cat(output: &str, store: Option<&str>, target: usize) -> anyhow::Result<()> {
     // A local output that is not there is a mistyped name, not an empty output.
     let local = output.strip_prefix("file://").unwrap_or(output);
     if !output.contains("://") || output.starts_with("file://") {
@@ -537,10 +571,11 @@ fn cat(output: &str, store: Option<&str>) -> anyhow::Result<()> {
         Some(url) => {
             let store = crate::store::CheckpointStore::open_existing(url)?;
             match store.generations()?.last() {
-                Some(&newest) => Some((
-                    store.task_id()?,
-                    store.read_manifest(newest)?.output_position,
-                )),
+                Some(&newest) => {
+                    let marker = store.read_manifest(newest)?.output_position;
+                    let task = store.task_id()?;
+                    Some(output_of_target(task, marker, target)?)
+                }
                 None => anyhow::bail!("store {url} holds no checkpoint"),
             }
         }

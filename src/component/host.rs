@@ -82,8 +82,9 @@ pub struct ComponentHost {
     pub handles: HandleTable,
     /// The newest watermark emitted per target.
     pub watermarks: BTreeMap<u32, u64>,
-    /// Output records since the run loop last drained them, each followed by `\n`.
-    pub emitted: Vec<u8>,
+    /// Output records since the run loop last drained them, each followed by `\n`, per
+    /// target: one per output the run has (`--output` repeated), target 0 first.
+    pub emitted: Vec<Vec<u8>>,
     /// While a restore rebuilds the handle table: handles come and go without being
     /// mirrored (the restore builds the mirror itself).
     pub replaying: bool,
@@ -107,14 +108,15 @@ fn trap(message: impl Into<String>) -> wasmtime::Error {
 }
 
 impl ComponentHost {
-    pub fn new(wasi: WasiCtx, limits: StoreLimits) -> Self {
+    /// A host for a run with `outputs` outputs (at least one).
+    pub fn new(wasi: WasiCtx, limits: StoreLimits, outputs: usize) -> Self {
         Self {
             wasi,
             table: ResourceTable::new(),
             kv: Kv::default(),
             handles: HandleTable::default(),
             watermarks: BTreeMap::new(),
-            emitted: Vec::new(),
+            emitted: vec![Vec::new(); outputs.max(1)],
             replaying: false,
             iterator_bytes: 0,
             limits,
@@ -173,7 +175,7 @@ impl ComponentHost {
     pub fn make(&mut self, recipe: &Recipe) -> Result<(u8, u32)> {
         Ok(match recipe {
             Recipe::KvStore { name } => {
-                self.kv.open(name);
+                self.kv.open(name)?;
                 let r = self.table.push(KvStoreHandle { name: name.clone() })?;
                 (type_id::KV_STORE, r.rep())
             }
@@ -228,15 +230,32 @@ impl ComponentHost {
         Ok(self.table.get(store)?.name.clone())
     }
 
-    fn push_output(&mut self, data: &[u8]) -> wasmtime::Result<()> {
-        if self.emitted.len().saturating_add(data.len() + 1) > MAX_OUTPUT_PER_CALL {
+    /// Output records emitted and not yet drained, all targets.
+    pub fn emitted_len(&self) -> usize {
+        self.emitted.iter().map(Vec::len).sum()
+    }
+
+    /// Target `target_id`'s output, or a trap naming it if the run has no such output.
+    fn target(&mut self, target_id: u32, what: &str) -> wasmtime::Result<&mut Vec<u8>> {
+        let outputs = self.emitted.len();
+        self.emitted.get_mut(target_id as usize).ok_or_else(|| {
+            trap(format!(
+                "the processor emitted {what} to target {target_id}; this run gives it {outputs} output(s), targets 0..={} (each further --output adds one)",
+                outputs - 1
+            ))
+        })
+    }
+
+    fn push_output(&mut self, target_id: u32, data: &[u8]) -> wasmtime::Result<()> {
+        if self.emitted_len().saturating_add(data.len() + 1) > MAX_OUTPUT_PER_CALL {
             return Err(trap(format!(
                 "the processor's output passed {} MiB within one call (the most wasnap holds before the call returns)",
                 MAX_OUTPUT_PER_CALL >> 20
             )));
         }
-        self.emitted.extend_from_slice(data);
-        self.emitted.push(b'\n');
+        let output = self.target(target_id, "a record")?;
+        output.extend_from_slice(data);
+        output.push(b'\n');
         Ok(())
     }
 }
@@ -255,20 +274,11 @@ fn over_budget(err: super::kv::OverBudget) -> wasmtime::Error {
 
 impl functionstream::core::collector::Host for ComponentHost {
     fn emit(&mut self, target_id: u32, data: Vec<u8>) -> wasmtime::Result<()> {
-        if target_id != 0 {
-            return Err(trap(format!(
-                "the processor emitted to target {target_id}; wasnap gives it one output, target 0"
-            )));
-        }
-        self.push_output(&data)
+        self.push_output(target_id, &data)
     }
 
     fn emit_watermark(&mut self, target_id: u32, watermark: u64) -> wasmtime::Result<()> {
-        if target_id != 0 {
-            return Err(trap(format!(
-                "the processor emitted a watermark to target {target_id}; wasnap gives it one output, target 0"
-            )));
-        }
+        self.target(target_id, "a watermark")?;
         self.watermarks.insert(target_id, watermark);
         Ok(())
     }
@@ -278,7 +288,7 @@ impl kv::Host for ComponentHost {}
 
 impl kv::HostStore for ComponentHost {
     fn new(&mut self, name: String) -> wasmtime::Result<Resource<KvStoreHandle>> {
-        self.kv.open(&name);
+        self.kv.open(&name).map_err(over_budget)?;
         let handle = self.table.push(KvStoreHandle { name: name.clone() })?;
         self.mirror_insert(type_id::KV_STORE, handle.rep(), Recipe::KvStore { name })?;
         Ok(handle)

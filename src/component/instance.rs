@@ -99,7 +99,8 @@ impl ComponentInstance {
                 .build(),
             None => StoreLimits::default(),
         };
-        let mut store = Store::new(&compiled.engine, ComponentHost::new(wasi, store_limits));
+        let host = ComponentHost::new(wasi, store_limits, compiled.outputs);
+        let mut store = Store::new(&compiled.engine, host);
         store.limiter(ComponentHost::limits);
         if let Some(ticks) = limits.deadline_ticks() {
             store.set_epoch_deadline(ticks);
@@ -220,12 +221,22 @@ impl ComponentInstance {
             .map_err(|e| describe(e, "fs-process", &self.limits))
     }
 
-    pub fn take_emitted(&mut self, into: &mut Vec<u8>) {
-        into.append(&mut self.store.data_mut().emitted);
+    /// Hand each target's records to its output of `sink`.
+    pub fn take_emitted(&mut self, sink: &mut dyn crate::stream::Sink) -> Result<()> {
+        for (target, records) in self.store.data_mut().emitted.iter_mut().enumerate() {
+            if records.is_empty() {
+                continue;
+            }
+            let Some(output) = sink.target_buffer(target) else {
+                bail!("the processor emitted to target {target}, and the run has no such output");
+            };
+            output.append(records);
+        }
+        Ok(())
     }
 
     pub fn emitted_len(&self) -> usize {
-        self.store.data().emitted.len()
+        self.store.data().emitted_len()
     }
 
     pub fn memory_count(&self) -> usize {
@@ -337,7 +348,11 @@ impl ComponentInstance {
 
     pub fn rewind_host_state(&mut self, random_position: u64) {
         self.random.set_position(random_position);
-        self.store.data_mut().emitted.clear();
+        self.store
+            .data_mut()
+            .emitted
+            .iter_mut()
+            .for_each(Vec::clear);
     }
 
     /// What the host holds for the guest, for a checkpoint: a summary of the kv state,

@@ -49,6 +49,8 @@ pub struct CompiledComponent {
     pub state: InstrumentedComponent,
     /// The `--config` pairs `fs-init` gets on a fresh start.
     pub config: Vec<(String, String)>,
+    /// How many outputs the run has: the targets `emit` may name.
+    pub outputs: usize,
 }
 
 impl CompiledComponent {
@@ -91,6 +93,7 @@ impl CompiledComponent {
             pre,
             state,
             config: Vec::new(),
+            outputs: 1,
         })
     }
 }

@@ -24,7 +24,8 @@ pub fn records_per_second(guest: &Path, input: &Path, config: &[(String, String)
         .stdout(super::stdio::Diagnostics)
         .stderr(super::stdio::Diagnostics)
         .build();
-    let mut store = Store::new(&engine, ComponentHost::new(wasi, StoreLimits::default()));
+    let host = ComponentHost::new(wasi, StoreLimits::default(), 1);
+    let mut store = Store::new(&engine, host);
     let processor = Processor::instantiate(&mut store, &component, &linker)?;
     processor.call_fs_init(&mut store, config)?;
     let text = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
@@ -35,7 +36,7 @@ pub fn records_per_second(guest: &Path, input: &Path, config: &[(String, String)
     let started = Instant::now();
     for record in &records {
         processor.call_fs_process(&mut store, 0, record)?;
-        store.data_mut().emitted.clear();
+        store.data_mut().emitted[0].clear();
     }
     Ok(records.len() as f64 / started.elapsed().as_secs_f64().max(1e-9))
 }

@@ -419,8 +419,9 @@ impl CoreInstance {
     }
 
     /// Output records emitted since the last call, each followed by `\n`; the buffer is left empty.
-    pub fn take_emitted(&mut self, into: &mut Vec<u8>) {
-        into.append(&mut self.store.data_mut().emitted);
+    pub fn take_emitted(&mut self, sink: &mut dyn crate::stream::Sink) -> Result<()> {
+        sink.buffer().append(&mut self.store.data_mut().emitted);
+        Ok(())
     }
 
     /// Bytes emitted and not yet taken.

@@ -93,9 +93,18 @@ impl GuestInstance {
         self.core_mut()?.run_program(rewind)
     }
 
-    /// Output records emitted since the last call; the buffer is left empty.
-    pub fn take_emitted(&mut self, into: &mut Vec<u8>) {
-        either!(self, i => i.take_emitted(into))
+    /// Drop the output records emitted since the last call (a bench's replay).
+    pub fn discard_emitted(&mut self) {
+        match self {
+            GuestInstance::Core(i) => i.rewind_host_state(i.random_position()),
+            GuestInstance::Component(i) => i.rewind_host_state(i.random_position()),
+        }
+    }
+
+    /// Hand the output records emitted since the last call to `sink` (a component's
+    /// records of target K to its output K).
+    pub fn take_emitted(&mut self, sink: &mut dyn crate::stream::Sink) -> Result<()> {
+        either!(self, i => i.take_emitted(sink))
     }
 
     pub fn emitted_len(&self) -> usize {

@@ -200,6 +200,23 @@ impl Guest {
         }
     }
 
+    /// How many outputs the run gives the guest: a component's `emit` targets. Only a
+    /// component has more than one.
+    pub fn set_outputs(&mut self, outputs: usize) -> Result<(), Error> {
+        match &mut self.body {
+            Body::Component(compiled) => {
+                compiled.outputs = outputs.max(1);
+                Ok(())
+            }
+            Body::Core(_) if outputs <= 1 => Ok(()),
+            Body::Core(_) => Err(crate::error::error(
+                ErrorKind::Other,
+                "--output more than once is for components (each further output is an emit target); this guest is a core module",
+            )
+            .into()),
+        }
+    }
+
     fn finish(
         engine: Engine,
         body: Body,

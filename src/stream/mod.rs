@@ -3,6 +3,7 @@
 //! pick one by the `--input` and `--output` argument.
 
 pub mod kafka;
+pub mod multi;
 pub mod object_input;
 pub mod object_output;
 pub mod sink;
@@ -10,6 +11,7 @@ pub mod source;
 
 use std::path::Path;
 
+pub use multi::MultiSink;
 pub use object_input::ObjectSource;
 pub use object_output::ObjectSink;
 pub use sink::{FileSink, OutputCommit, OutputFlush, Sink};

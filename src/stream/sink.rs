@@ -31,6 +31,15 @@ pub trait Sink: Send {
     fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> Result<()>;
     /// Where emitted bytes go (whole records with their newlines).
     fn buffer(&mut self) -> &mut Vec<u8>;
+    /// Where a component's records of emit target `target` go: the buffer for target 0,
+    /// and nothing else unless the sink has several outputs (`MultiSink`).
+    fn target_buffer(&mut self, target: usize) -> Option<&mut Vec<u8>> {
+        (target == 0).then(|| self.buffer())
+    }
+    /// Bytes emitted and not yet handed on, every output together.
+    fn buffered_len(&mut self) -> usize {
+        self.buffer().len()
+    }
     /// Hand on the buffer if it has grown large.
     fn maybe_write(&mut self) -> Result<()>;
     /// At a checkpoint's pause: everything emitted so far belongs to this checkpoint.

@@ -152,6 +152,9 @@ pub struct RunConfig {
     pub input: PathBuf,
     /// A file, or a directory, `file:///DIR` or `s3://BUCKET/PREFIX` (`stream::open_sink`).
     pub output: PathBuf,
+    /// A component's outputs for emit targets 1, 2, … (`--output` repeated); empty for
+    /// one output.
+    pub further_outputs: Vec<PathBuf>,
     /// Memory cap and per-call time limit for the guest.
     pub limits: Limits,
     /// A component's `--config` pairs, given to `fs-init` on a fresh start.
@@ -172,6 +175,7 @@ impl RunConfig {
             guest: guest.into(),
             input: input.into(),
             output: output.into(),
+            further_outputs: Vec::new(),
             component_config: Vec::new(),
             limits: Limits::default(),
             task: TaskConfig::default(),
@@ -208,6 +212,7 @@ impl RunConfig {
             Guest::load_with_limits(&self.guest, self.limits)?
         };
         guest.set_component_config(self.component_config.clone())?;
+        guest.set_outputs(1 + self.further_outputs.len())?;
         Ok(guest)
     }
 
@@ -235,7 +240,7 @@ impl RunConfig {
         self.check_paths_apart(store.label())?;
         // The sink first: a file output's lock must stop a second writer before anything
         // else is read or touched.
-        let sink = stream::open_sink(&self.output)?;
+        let sink = self.open_outputs()?;
         let source = stream::open_source(&self.input)?;
         let task = TaskConfig {
             cache_dir: Some(self.cache_dir()),
@@ -246,10 +251,58 @@ impl RunConfig {
 }
 
 impl RunConfig {
-    /// Refuse an output that would overwrite the task's own input, guest or store: the
-    /// output is truncated on a fresh start and cut back on every resume.
+    /// Every output, target 0 first.
+    fn outputs(&self) -> impl Iterator<Item = &PathBuf> {
+        std::iter::once(&self.output).chain(&self.further_outputs)
+    }
+
+    /// The output, or for several (a component's emit targets) one sink over them all.
+    fn open_outputs(&self) -> Result<Box<dyn stream::Sink>, crate::Error> {
+        if self.further_outputs.is_empty() {
+            return stream::open_sink(&self.output);
+        }
+        if self.further_outputs.len() >= stream::multi::MAX_OUTPUTS {
+            return Err(crate::error::error(
+                crate::ErrorKind::Other,
+                format!(
+                    "a task may have at most {} outputs",
+                    stream::multi::MAX_OUTPUTS
+                ),
+            )
+            .into());
+        }
+        let outputs = self
+            .outputs()
+            .map(|output| stream::open_sink(output))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Box::new(stream::MultiSink::new(outputs)))
+    }
+
+    /// Refuse an output that would overwrite the task's own input, guest, store or
+    /// another output: an output is truncated on a fresh start and cut back on every
+    /// resume.
     fn check_paths_apart(&self, store_url: &str) -> Result<(), crate::Error> {
-        let Some(output) = local_path(&self.output) else {
+        let outputs: Vec<&PathBuf> = self.outputs().collect();
+        for (index, output) in outputs.iter().enumerate() {
+            if outputs[..index].contains(output) {
+                return Err(crate::error::error(
+                    crate::ErrorKind::Other,
+                    format!("--output {} is given twice", output.display()),
+                )
+                .into());
+            }
+            self.check_output_apart(output, store_url)?;
+        }
+        Ok(())
+    }
+
+    fn check_output_apart(
+        &self,
+        output: &std::path::Path,
+        store_url: &str,
+    ) -> Result<(), crate::Error> {
+        let output_arg = output;
+        let Some(output) = local_path(output_arg) else {
             return Ok(());
         };
         let output = resolve(&output);
@@ -258,7 +311,7 @@ impl RunConfig {
                 crate::ErrorKind::Other,
                 format!(
                     "--output {} is {what} {}: the output is truncated and rewritten by every run",
-                    self.output.display(),
+                    output_arg.display(),
                     other.display()
                 ),
             )

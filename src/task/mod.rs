@@ -209,7 +209,7 @@ impl Task {
             return Err(err);
         }
         // What `_initialize` and `init` emitted on a fresh start.
-        start.instance.take_emitted(sink.buffer());
+        start.instance.take_emitted(&mut *sink)?;
 
         // The cache must hold exactly the restored pages; whatever differs is rewritten.
         let mut cache =
@@ -281,6 +281,7 @@ impl Task {
                 max_uncommitted_bytes: config.max_uncommitted_bytes,
                 failure: None,
                 committer_failed: false,
+                capture_failed: false,
                 stop: StopHandle::new(),
             },
             driver,

@@ -61,7 +61,7 @@ impl Driver for Program {
             let outcome = checkpoints.instance.run_program(rewind);
             // What the program wrote is output whatever happened next; it is committed
             // only by a checkpoint.
-            checkpoints.instance.take_emitted(checkpoints.sink.buffer());
+            checkpoints.instance.take_emitted(&mut *checkpoints.sink)?;
             checkpoints.sink.maybe_write()?;
             *self = match outcome? {
                 ProgramOutcome::Unwound => Program::Suspended,

@@ -123,13 +123,13 @@ impl Driver for Records {
             instance.process(&record).map_err(|err| {
                 err.context(format!("record at input byte offset {offset_before}"))
             })?;
-            instance.take_emitted(checkpoints.sink.buffer());
+            instance.take_emitted(&mut *checkpoints.sink)?;
             checkpoints.sink.maybe_write()?;
             worked.records += 1;
             self.since_checkpoint += 1;
             // A sink that holds output until a checkpoint (object storage, Kafka) is
             // checkpointed early rather than let it grow without bound.
-            let output_waiting = checkpoints.sink.buffer().len() >= MAX_BUFFERED_OUTPUT;
+            let output_waiting = checkpoints.sink.buffered_len() >= MAX_BUFFERED_OUTPUT;
             if self.since_checkpoint >= self.checkpoint_every
                 || self.interval.due_after_record()
                 || output_waiting

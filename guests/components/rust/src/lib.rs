@@ -88,9 +88,20 @@ impl Guest for Component {
         STATE.with_borrow_mut(|s| {
             s.records += 1;
             let text = String::from_utf8_lossy(&data);
-            // Two records of this guest only (not in the other languages), for wasnap's
+            // Records of this guest only (not in the other languages), for wasnap's
             // tests: `#reopen` opens its store again and then drops the old handle (so
-            // the handle table gets a free slot), `#trap` traps.
+            // the handle table gets a free slot), `#trap` traps, `#to N TEXT` emits TEXT
+            // to target N.
+            if let Some((target, rest)) = text
+                .strip_prefix("#to ")
+                .and_then(|t| t.split_once(' '))
+                .and_then(|(n, rest)| Some((n.parse::<u32>().ok()?, rest)))
+            {
+                collector::emit(target, rest.trim_end_matches(is_ws).as_bytes());
+                collector::emit(0, format!("{}: to {target}", s.records).as_bytes());
+                progress(s.records);
+                return;
+            }
             match text.trim_matches(is_ws) {
                 "#reopen" => {
                     let again = Store::new(&s.name);

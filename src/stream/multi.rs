@@ -1,0 +1,182 @@
+//! Several outputs as one sink: a component's emit targets 0, 1, … each with its own
+//! output (`--output` repeated, in order). One checkpoint commits all of them: every
+//! output is made durable before the manifest, published after it, and the manifest's
+//! marker holds each output's own marker, so a restore cuts every output back to the same
+//! checkpoint (docs/FORMAT.md, "Several outputs").
+
+use anyhow::Result;
+
+use super::sink::{OutputCommit, OutputFlush, Sink};
+use crate::codec::{Put, Reader};
+use crate::error::changed;
+
+/// The first bytes of a marker of several outputs.
+const MULTI_MARKER_MAGIC: &[u8; 8] = b"WASNAPMO";
+
+/// The most outputs one task may have.
+pub const MAX_OUTPUTS: usize = 64;
+
+pub struct MultiSink {
+    outputs: Vec<Box<dyn Sink>>,
+}
+
+impl MultiSink {
+    /// The outputs of targets 0, 1, …, in order (at least two).
+    pub fn new(outputs: Vec<Box<dyn Sink>>) -> Self {
+        debug_assert!(outputs.len() >= 2 && outputs.len() <= MAX_OUTPUTS);
+        MultiSink { outputs }
+    }
+}
+
+/// The id output `index` of task `task` goes by: the task's own for output 0 (so its
+/// first output is the one a single-output run of the task would write), a derived one
+/// for the others (a Kafka output's transactions are named by it, and two outputs must
+/// not fence each other).
+pub fn output_task_id(task: &[u8; 16], index: usize) -> [u8; 16] {
+    let mut id = *task;
+    if index > 0 {
+        let mut seed = task.to_vec();
+        seed.put_varint(index as u64);
+        let mix = twox_hash::XxHash3_64::oneshot(&seed).to_le_bytes();
+        id[..8].iter_mut().zip(mix).for_each(|(b, m)| *b ^= m);
+    }
+    id
+}
+
+/// A marker holding one marker per output.
+pub fn encode_markers(markers: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = MULTI_MARKER_MAGIC.to_vec();
+    out.put_varint(markers.len() as u64);
+    for marker in markers {
+        out.put_varint(marker.len() as u64);
+        out.extend_from_slice(marker);
+    }
+    out
+}
+
+/// The markers of each output in `marker`, or `None` if it is a single output's.
+pub fn decode_markers(marker: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+    let Some(body) = marker.strip_prefix(MULTI_MARKER_MAGIC) else {
+        return Ok(None);
+    };
+    let mut r = Reader::new(body, "the checkpoint's output markers");
+    let count = r.varint_count(1)?;
+    if count > MAX_OUTPUTS {
+        return Err(crate::error::corrupt!(
+            "the checkpoint's output markers name {count} outputs, more than {MAX_OUTPUTS}"
+        ));
+    }
+    let markers = (0..count)
+        .map(|_| {
+            let n = r.varint_count(1)?;
+            Ok(r.bytes(n)?.to_vec())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    r.finish()?;
+    Ok(Some(markers))
+}
+
+impl Sink for MultiSink {
+    fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> Result<()> {
+        let markers: Vec<Option<Vec<u8>>> = match marker {
+            None => vec![None; self.outputs.len()],
+            Some(marker) => match decode_markers(marker)? {
+                Some(markers) if markers.len() == self.outputs.len() => {
+                    markers.into_iter().map(Some).collect()
+                }
+                Some(markers) => {
+                    return Err(changed!(
+                        "the checkpoint wrote {} outputs and this run gives {}: run the task with the same --output list",
+                        markers.len(),
+                        self.outputs.len()
+                    ));
+                }
+                None => {
+                    return Err(changed!(
+                        "the checkpoint wrote one output and this run gives {}: run the task with the same --output list",
+                        self.outputs.len()
+                    ));
+                }
+            },
+        };
+        for (index, (output, marker)) in self.outputs.iter_mut().zip(markers).enumerate() {
+            output.resume_at(&output_task_id(task, index), marker.as_deref())?;
+        }
+        Ok(())
+    }
+
+    fn buffer(&mut self) -> &mut Vec<u8> {
+        self.outputs[0].buffer()
+    }
+
+    fn target_buffer(&mut self, target: usize) -> Option<&mut Vec<u8>> {
+        self.outputs.get_mut(target).map(|output| output.buffer())
+    }
+
+    fn buffered_len(&mut self) -> usize {
+        self.outputs.iter_mut().map(|o| o.buffered_len()).sum()
+    }
+
+    fn maybe_write(&mut self) -> Result<()> {
+        self.outputs.iter_mut().try_for_each(|o| o.maybe_write())
+    }
+
+    fn checkpoint(&mut self, generation: u64, writer_id: &[u8; 16]) -> Result<OutputFlush> {
+        let flushes = self
+            .outputs
+            .iter_mut()
+            .map(|o| o.checkpoint(generation, writer_id))
+            .collect::<Result<Vec<_>>>()?;
+        let markers: Vec<Vec<u8>> = flushes.iter().map(|f| f.marker.clone()).collect();
+        Ok(OutputFlush {
+            marker: encode_markers(&markers),
+            bytes: flushes.iter().map(|f| f.bytes).sum(),
+            commit: Box::new(AllOutputs(flushes.into_iter().map(|f| f.commit).collect())),
+        })
+    }
+
+    fn len(&self) -> u64 {
+        self.outputs.iter().map(|o| o.len()).sum()
+    }
+
+    fn needs_commit(&self) -> bool {
+        self.outputs.iter().any(|o| o.needs_commit())
+    }
+}
+
+/// Every output's commit, in output order.
+struct AllOutputs(Vec<Box<dyn OutputCommit>>);
+
+impl OutputCommit for AllOutputs {
+    fn make_durable(&mut self) -> Result<()> {
+        self.0.iter_mut().try_for_each(|c| c.make_durable())
+    }
+
+    fn publish(&mut self) -> Result<()> {
+        self.0.iter_mut().try_for_each(|c| c.publish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip_and_a_single_marker_is_told_apart() {
+        let markers = vec![vec![1, 2], vec![], vec![0xff; 300]];
+        let encoded = encode_markers(&markers);
+        assert_eq!(decode_markers(&encoded).unwrap(), Some(markers));
+        assert_eq!(decode_markers(&[0x80, 0x01]).unwrap(), None);
+        let mut bad = encode_markers(&[vec![1]]);
+        bad.pop();
+        assert!(decode_markers(&bad).is_err());
+    }
+
+    #[test]
+    fn each_output_has_its_own_task_id_and_the_first_keeps_the_tasks() {
+        let task = [7; 16];
+        assert_eq!(output_task_id(&task, 0), task);
+        assert_ne!(output_task_id(&task, 1), task);
+        assert_ne!(output_task_id(&task, 1), output_task_id(&task, 2));
+    }
+}
