@@ -518,4 +518,105 @@ mod tests {
         let live = table(&live[..MANY_PACKS]);
         assert!(sparse_packs(&live, 1_000, 0).is_empty());
     }
+
+    /// A sparse pack that also holds a kv run: compaction copies the live page and the
+    /// run into the new pack, and the run still reads back from there.
+    #[test]
+    fn compaction_moves_a_kv_run_with_the_live_pages() {
+        use crate::snapshot::capture::{Capture, CapturedMemory};
+        use crate::snapshot::table::KvRunLoc;
+        let writer = [1; 16];
+        let mut coder = crate::delta::Coder::new().unwrap();
+        let mut builder = PackBuilder::new(1, &writer, 0);
+        // Frame 0: a live page that compresses well; frames 1-15: dead noisy pages.
+        let mut noise = 0x9E37_79B9_7F4A_7C15u64;
+        for frame in 0..16 {
+            let page: Vec<u8> = (0..crate::state::PAGE_SIZE)
+                .map(|i| {
+                    if frame == 0 {
+                        (i % 7) as u8
+                    } else {
+                        noise ^= noise << 13;
+                        noise ^= noise >> 7;
+                        noise ^= noise << 17;
+                        noise as u8
+                    }
+                })
+                .collect();
+            let (encoding, payload) = coder.whole(&page).unwrap();
+            builder.push_payload(encoding, &payload).unwrap();
+        }
+        let run = b"\x01\xff\x00".repeat(30_000);
+        let update = crate::component::kv_runs::KvUpdate {
+            keep: 0,
+            runs: vec![run.clone()],
+        };
+        let chunks = super::super::kv::encode_runs(&update)
+            .unwrap()
+            .runs
+            .remove(0);
+        for chunk in &chunks.chunks {
+            builder.push_payload(Encoding::KvChunk, chunk).unwrap();
+        }
+        let old_bytes = bytes::Bytes::from(builder.finish());
+        let old = Arc::new(PackRef {
+            generation: 1,
+            writer_id: writer,
+            frames: 16 + chunks.chunks.len() as u32,
+            bytes: old_bytes.len() as u64,
+        });
+        let loaded = Arc::new(LoadedPack::parse(&old, old_bytes).unwrap());
+        let frame_len = |f: u32| loaded.frame(f).unwrap().len() as u32;
+        let table = PageTable {
+            memories: vec![MemoryTable {
+                byte_len: crate::state::PAGE_SIZE as u64,
+                chains: vec![vec![FrameLoc {
+                    pack: old.clone(),
+                    frame: 0,
+                    len: frame_len(0),
+                }]],
+            }],
+            kv_runs: vec![KvRunLoc {
+                pack: old.clone(),
+                first_frame: 16,
+                frames: chunks.chunks.len() as u32,
+                bytes: run.len() as u64,
+                stored: (16..old.frames).map(|f| u64::from(frame_len(f))).sum(),
+            }],
+        };
+        let capture = Capture {
+            globals: vec![],
+            host_state: vec![],
+            kv: None,
+            memories: vec![CapturedMemory {
+                byte_len: crate::state::PAGE_SIZE as u64,
+                digest: 0,
+            }],
+            dirty: vec![],
+            zeroed: vec![],
+            hashed_pages: 0,
+            kernel_tracked_memories: 0,
+        };
+        let assembled = assemble(5, &writer, &table, &capture, vec![], None, &mut |_| {
+            Ok(loaded.clone())
+        })
+        .unwrap();
+        let (new_pack, bytes) = assembled.pack.expect("the sparse pack was compacted");
+        assert_eq!(assembled.contents.compacted_frames, 1 + chunks.chunks.len());
+        let next = assembled.table;
+        assert_eq!(next.memories[0].chains[0][0].pack, new_pack);
+        assert_eq!(next.kv_runs[0].pack, new_pack);
+        assert!(
+            !next.live_frames().contains_key(&*old),
+            "nothing holds the old pack"
+        );
+        let packs = std::collections::HashMap::from([(
+            (*new_pack).clone(),
+            LoadedPack::parse(&new_pack, bytes.into()).unwrap(),
+        )]);
+        assert_eq!(
+            super::super::kv::read_run(&next.kv_runs[0], &packs).unwrap(),
+            run
+        );
+    }
 }
