@@ -7,9 +7,11 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+echo "demo: setting up and building wasnap and its guests; a first build on a fresh machine"
+echo "demo: takes minutes (15-20 on two cores), later ones seconds. Cargo shows its progress."
 scripts/setup.sh
 scripts/build-guests.sh
-cargo build --quiet --locked
+cargo build --locked
 wasnap="$root/target/debug/wasnap"
 demo="$root/target/demo"
 rm -rf "$demo" && mkdir -p "$demo"

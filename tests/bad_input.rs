@@ -85,7 +85,7 @@ fn guests_that_break_the_abi_are_named_and_refused() {
     let cases = [
         (
             r#"(module (memory (export "memory") 1) (func (export "alloc") (param i32) (result i32) i32.const 0))"#,
-            "does not export `process`",
+            "does not export `process`, which the wasnap record ABI requires (alloc(len: i32) -> i32, process(ptr: i32, len: i32), memory); it exports `memory`, `alloc`",
         ),
         (
             r#"(module (memory (export "memory") 1) (func (export "alloc") (param i32) (result i32) i32.const 0)
@@ -95,6 +95,10 @@ fn guests_that_break_the_abi_are_named_and_refused() {
         (
             r#"(module (func (export "alloc") (param i32) (result i32) i32.const 0) (func (export "process") (param i32 i32)))"#,
             "does not export `memory`",
+        ),
+        (
+            r#"(module (func (export "run")))"#,
+            "does not export `alloc`, `process`, `memory`, which the wasnap record ABI requires (alloc(len: i32) -> i32, process(ptr: i32, len: i32), memory); it exports `run`",
         ),
         (
             r#"(module (import "env" "now" (func)) (memory (export "memory") 1))"#,

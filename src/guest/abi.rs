@@ -47,6 +47,27 @@ pub fn check(module: &Module) -> Result<Abi> {
 
     let export = |name: &str| module.get_export(name);
     let is_command = export("_start").is_some();
+    // Every required export missing, named at once with what the module does export.
+    let missing: Vec<String> = ["alloc", "process", "memory"]
+        .into_iter()
+        .filter(|name| export(name).is_none())
+        .map(|name| format!("`{name}`"))
+        .collect();
+    if !missing.is_empty() && !is_command {
+        let exports: Vec<String> = module
+            .exports()
+            .map(|e| format!("`{}`", e.name()))
+            .collect();
+        bail!(
+            "the guest does not export {}, which the wasnap record ABI requires (alloc(len: i32) -> i32, process(ptr: i32, len: i32), memory); it exports {}",
+            missing.join(", "),
+            if exports.is_empty() {
+                "nothing".to_string()
+            } else {
+                exports.join(", ")
+            }
+        );
+    }
     let required_func = |name: &str, params: &[ValType], results: &[ValType]| -> Result<()> {
         match export(name) {
             Some(ExternType::Func(ty)) => {
