@@ -230,6 +230,20 @@ pub struct Fenced {
     pub generation: u64,
 }
 
+/// A record the guest failed on (a trap, a time or memory limit), under `--on-trap
+/// skip`: the run goes back to its newest checkpoint and passes the record by.
+#[derive(Debug, thiserror::Error)]
+#[error("record at input offset {offset} failed and is to be skipped: {message}")]
+pub struct PoisonRecord {
+    /// `Source::offset` before the record: what names it in the input.
+    pub offset: u64,
+    /// The guest's error, one line.
+    pub message: String,
+    /// Records processed and checkpoints taken before it, since the task opened.
+    pub records: u64,
+    pub checkpoints: u64,
+}
+
 /// The guest is not the module the store's checkpoints were taken of.
 #[derive(Debug, thiserror::Error)]
 #[error(

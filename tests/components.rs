@@ -436,3 +436,104 @@ fn each_emit_target_has_its_own_output_and_all_of_them_survive_kill_9() {
         stderr(&one_output)
     );
 }
+
+/// `--on-trap skip`: a record the guest traps on goes, with the trap's message, to the
+/// dead letters, and the run goes on from its newest checkpoint. Through kill -9 at
+/// random moments after commits (a rerun meets each failure again and skips it again) the
+/// output and the dead letters are each byte-identical to an uninterrupted run's. Either
+/// flag without the other is refused.
+#[test]
+fn records_the_guest_traps_on_are_skipped_to_the_dead_letters_exactly_once_through_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    let poison = [777, 9_000, 9_001, 23_456, 39_999];
+    let mut text = String::new();
+    for i in 0..40_000 {
+        if poison.contains(&i) {
+            text.push_str("#trap\n");
+        } else {
+            text.push_str(&format!("w{} w{}\n", i % 17, i % 5));
+        }
+    }
+    std::fs::write(&input, &text).unwrap();
+    let args = |name: &str| {
+        let mut args = run_args(
+            &guest("component-rust"),
+            &input,
+            &dir.path().join(format!("{name}.out")),
+            &dir.path()
+                .join(format!("{name}.store"))
+                .display()
+                .to_string(),
+            500,
+        );
+        let dead = dir
+            .path()
+            .join(format!("{name}.dead"))
+            .display()
+            .to_string();
+        args.extend([
+            "--on-trap".into(),
+            "skip".into(),
+            "--dead-letter".into(),
+            dead,
+        ]);
+        args
+    };
+    let read =
+        |name: &str, ext: &str| std::fs::read(dir.path().join(format!("{name}.{ext}"))).unwrap();
+
+    run_ok(&args("reference"));
+    let (output, dead) = (read("reference", "out"), read("reference", "dead"));
+    let letters: Vec<serde_json::Value> = String::from_utf8(dead.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), poison.len(), "{letters:?}");
+    for (letter, line) in letters.iter().zip(poison) {
+        let offset = text.lines().take(line).map(|l| l.len() + 1).sum::<usize>();
+        assert_eq!(letter["offset"], offset, "{letter}");
+        assert_eq!(letter["record"], "#trap");
+        assert!(
+            letter["error"]
+                .as_str()
+                .unwrap()
+                .contains("failed in `fs-process`"),
+            "{letter}"
+        );
+    }
+    let lines = output
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count();
+    assert_eq!(
+        lines,
+        40_000 - poison.len(),
+        "every other record has its output line"
+    );
+
+    let mut rng = Rng::from_env_or_clock("poison records");
+    run_with_kills(&args("killed"), 4, &mut rng, || {});
+    assert_same_output(&read("killed", "out"), &output, "output");
+    assert_same_output(&read("killed", "dead"), &dead, "dead letters");
+
+    let mut without_dead_letters = args("refused");
+    without_dead_letters.truncate(without_dead_letters.len() - 2);
+    let refused = run(&without_dead_letters);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("--on-trap skip needs --dead-letter"),
+        "{}",
+        stderr(&refused)
+    );
+    let mut without_skip = args("refused");
+    without_skip.retain(|a| a != "--on-trap" && a != "skip");
+    let refused = run(&without_skip);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("--dead-letter is for --on-trap skip"),
+        "{}",
+        stderr(&refused)
+    );
+}

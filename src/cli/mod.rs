@@ -64,6 +64,16 @@ enum Command {
         /// may have several: the Nth --output takes emit target N-1.
         #[arg(long, required = true)]
         output: Vec<PathBuf>,
+        /// What a record the guest fails on (a trap, a time or memory limit) does: stop the
+        /// run, or skip it (needs --dead-letter): go back to the newest checkpoint, replay
+        /// up to the record, write it with its error to the dead letters, and go on.
+        #[arg(long, default_value = "stop", value_parser = ["stop", "skip"])]
+        on_trap: String,
+        /// With --on-trap skip: where skipped records go, one JSON line each ({"offset",
+        /// "error", "record"}), committed with each checkpoint like the output (any kind of
+        /// output, as --output).
+        #[arg(long)]
+        dead_letter: Option<PathBuf>,
         /// Checkpoint store: a directory, file:///DIR, s3://BUCKET/PREFIX or memory://.
         #[arg(long)]
         store: String,
@@ -339,6 +349,8 @@ pub fn main() -> ExitCode {
             checkpoint_every_bytes,
             input,
             output,
+            on_trap,
+            dead_letter,
             store,
             policy,
             seed,
@@ -351,6 +363,22 @@ pub fn main() -> ExitCode {
             quiet,
         } => {
             let (checkpoint_every, checkpoint_interval) = policy.policy();
+            // A flag the chosen mode would ignore is refused, not ignored.
+            match (on_trap.as_str(), &dead_letter) {
+                ("skip", None) => {
+                    say!(
+                        "wasnap: --on-trap skip needs --dead-letter OUT: where the skipped records go"
+                    );
+                    return ExitCode::from(2);
+                }
+                ("stop", Some(_)) => {
+                    say!(
+                        "wasnap: --dead-letter is for --on-trap skip; a failing record stops the run by default"
+                    );
+                    return ExitCode::from(2);
+                }
+                _ => {}
+            }
             // clap requires one --output at least.
             let mut outputs = output.into_iter();
             let config = RunConfig {
@@ -358,6 +386,7 @@ pub fn main() -> ExitCode {
                 input,
                 output: outputs.next().unwrap_or_default(),
                 further_outputs: outputs.collect(),
+                dead_letter,
                 component_config,
                 limits: limits.limits(),
                 task: TaskConfig {
@@ -401,8 +430,12 @@ pub fn main() -> ExitCode {
                             summary.records as f64 / secs
                         )
                     };
+                    let skipped = match summary.skipped {
+                        0 => String::new(),
+                        n => format!("; {n} record(s) the guest failed on skipped to --dead-letter"),
+                    };
                     say!(
-                        "wasnap: done: {work}, {} checkpoints, newest generation {} ({resumed})",
+                        "wasnap: done: {work}, {} checkpoints, newest generation {} ({resumed}){skipped}",
                         summary.checkpoints,
                         summary.generation,
                     );

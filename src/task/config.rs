@@ -155,6 +155,10 @@ pub struct RunConfig {
     /// A component's outputs for emit targets 1, 2, … (`--output` repeated); empty for
     /// one output.
     pub further_outputs: Vec<PathBuf>,
+    /// `--on-trap skip`: where records the guest fails on go, each with its error (a
+    /// JSON line), committed with the checkpoint like any output. `None`: a failing
+    /// record stops the run.
+    pub dead_letter: Option<PathBuf>,
     /// Memory cap and per-call time limit for the guest.
     pub limits: Limits,
     /// A component's `--config` pairs, given to `fs-init` on a fresh start.
@@ -176,6 +180,7 @@ impl RunConfig {
             input: input.into(),
             output: output.into(),
             further_outputs: Vec::new(),
+            dead_letter: None,
             component_config: Vec::new(),
             limits: Limits::default(),
             task: TaskConfig::default(),
@@ -251,17 +256,20 @@ impl RunConfig {
 }
 
 impl RunConfig {
-    /// Every output, target 0 first.
+    /// Every output, target 0 first, then the dead letters'.
     fn outputs(&self) -> impl Iterator<Item = &PathBuf> {
-        std::iter::once(&self.output).chain(&self.further_outputs)
+        std::iter::once(&self.output)
+            .chain(&self.further_outputs)
+            .chain(&self.dead_letter)
     }
 
-    /// The output, or for several (a component's emit targets) one sink over them all.
+    /// The output, or for several (a component's emit targets, dead letters) one sink
+    /// over them all.
     fn open_outputs(&self) -> Result<Box<dyn stream::Sink>, crate::Error> {
-        if self.further_outputs.is_empty() {
+        if self.further_outputs.is_empty() && self.dead_letter.is_none() {
             return stream::open_sink(&self.output);
         }
-        if self.further_outputs.len() >= stream::multi::MAX_OUTPUTS {
+        if self.outputs().count() > stream::multi::MAX_OUTPUTS {
             return Err(crate::error::error(
                 crate::ErrorKind::Other,
                 format!(
@@ -370,13 +378,63 @@ fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
 }
 
 /// Open the store at `store_url`, open the task and run it to the end of its input.
+///
+/// With a dead-letter output (`--on-trap skip`), a record the guest fails on does not stop
+/// the run: the task goes back to its newest checkpoint (as a restart would, its
+/// uncommitted output cut), replays up to that record, writes it with its error to the
+/// dead letters instead of processing it, and goes on. The skip is part of the next
+/// checkpoint like any record; a crash before it repeats the failure and the skip, so
+/// both outputs stay exactly-once.
 pub fn run(
     config: &RunConfig,
     store_url: &str,
     observer: &mut dyn super::CheckpointObserver,
 ) -> Result<super::RunSummary, crate::Error> {
-    let store = CheckpointStore::open(store_url)?;
-    config.open(store)?.run(observer)
+    let guest = config.load_guest()?;
+    let started = std::time::Instant::now();
+    let mut skip = std::collections::BTreeMap::new();
+    // The segments before each skip: (resumed from, records, input bytes, checkpoints).
+    let mut before: Option<(Option<u64>, u64, u64, u64)> = None;
+    loop {
+        let store = CheckpointStore::open(store_url)?;
+        let mut task = config.open_with_guest(&guest, store)?;
+        if config.dead_letter.is_some() {
+            task.skip_poison(super::records::Poison {
+                skip: skip.clone(),
+                dead_letters: 1 + config.further_outputs.len(),
+            })?;
+        }
+        let (resumed_from, opened_at) = (task.resumed_from(), task.input_offset());
+        let outcome = task.run(observer);
+        drop(task);
+        let mut summary = match outcome {
+            Err(err) => match err.downcast_ref::<crate::error::PoisonRecord>() {
+                Some(poison) if !skip.contains_key(&poison.offset) => {
+                    let (first, records, bytes, checkpoints) =
+                        before.unwrap_or((resumed_from, 0, 0, 0));
+                    before = Some((
+                        first,
+                        records + poison.records,
+                        bytes + poison.offset.saturating_sub(opened_at),
+                        checkpoints + poison.checkpoints,
+                    ));
+                    skip.insert(poison.offset, poison.message.clone());
+                    continue;
+                }
+                _ => return Err(err),
+            },
+            Ok(summary) => summary,
+        };
+        if let Some((first, records, bytes, checkpoints)) = before {
+            summary.resumed_from = first;
+            summary.records += records;
+            summary.input_bytes += bytes;
+            summary.checkpoints += checkpoints;
+            summary.elapsed = started.elapsed();
+        }
+        summary.skipped = skip.len() as u64;
+        return Ok(summary);
+    }
 }
 
 /// `$XDG_CACHE_HOME/wasnap/<hash of key>` (or under `~/.cache`, or the temporary

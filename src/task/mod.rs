@@ -74,6 +74,9 @@ pub struct RunSummary {
     /// Newest committed generation at the end.
     pub generation: u64,
     pub elapsed: Duration,
+    /// Records passed by to the dead letters (`--on-trap skip`); records, input bytes and
+    /// checkpoints then count the replays up to each.
+    pub skipped: u64,
 }
 
 /// What a driver got through in one run.
@@ -85,6 +88,12 @@ struct Worked {
 
 /// Feeds the guest its input, in one [`Mode`], taking checkpoints as they fall due.
 trait Driver: Send {
+    /// Pass by the records at these input offsets, writing each with its error to sink
+    /// target `dead_letters` (`--on-trap skip`); a guest error on any other record then
+    /// ends the run with a `PoisonRecord`. Only record mode skips.
+    fn skip_poison(&mut self, _poison: records::Poison) -> Result<()> {
+        anyhow::bail!("--on-trap skip is for record guests, not stdio programs")
+    }
     /// Run to the end of the input (or the program's exit).
     fn run(
         &mut self,
@@ -246,6 +255,7 @@ impl Task {
         let driver: Box<dyn Driver> = match config.mode {
             Mode::Records { checkpoint_every } => Box::new(records::Records {
                 source,
+                poison: None,
                 checkpoint_every: checkpoint_every.max(1),
                 interval: records::IntervalClock::new(config.checkpoint_interval),
                 since_checkpoint: 0,
@@ -328,7 +338,13 @@ impl Task {
             checkpoints: worked.checkpoints,
             generation: self.checkpoints.committed_generation,
             elapsed: started.elapsed(),
+            skipped: 0,
         })
+    }
+
+    /// Pass by the records at these input offsets (`--on-trap skip`, see `RunConfig::run`).
+    pub(crate) fn skip_poison(&mut self, poison: records::Poison) -> Result<(), Error> {
+        Ok(self.driver.skip_poison(poison)?)
     }
 
     /// Take one checkpoint now and wait until it (and every one before it) is committed.
@@ -370,6 +386,11 @@ impl Task {
     /// The newest committed generation (0 before the first checkpoint).
     pub fn generation(&self) -> u64 {
         self.checkpoints.committed_generation
+    }
+
+    /// The checkpoint the task resumed from, if it did.
+    pub fn resumed_from(&self) -> Option<u64> {
+        self.resumed_from
     }
 
     /// Where the input stands: bytes of a byte input, the next offset of a Kafka partition.

@@ -22,6 +22,9 @@ pub(crate) const MAX_BUFFERED_OUTPUT: usize = 64 << 20;
 
 pub(super) struct Records {
     pub source: Box<dyn Source>,
+    /// `--on-trap skip`: records the guest failed on, by input offset, with the error,
+    /// and the output (a target of the sink) their dead letters go to.
+    pub poison: Option<Poison>,
     pub checkpoint_every: u64,
     /// Also checkpoint once the interval has passed since the last checkpoint, if records
     /// came.
@@ -96,6 +99,29 @@ impl IntervalClock {
     }
 }
 
+/// Records to pass by rather than process (`--on-trap skip`).
+pub struct Poison {
+    /// Input offset of each record the guest failed on, and its error.
+    pub skip: std::collections::BTreeMap<u64, String>,
+    /// The sink target the dead letters go to.
+    pub dead_letters: usize,
+}
+
+impl Poison {
+    /// One dead letter: a JSON line with the record's input offset, the guest's error and
+    /// the record (as text if it is UTF-8, else as hex).
+    fn letter(offset: u64, error: &str, record: &[u8]) -> Vec<u8> {
+        let mut letter = serde_json::json!({ "offset": offset, "error": error });
+        match std::str::from_utf8(record) {
+            Ok(text) => letter["record"] = text.into(),
+            Err(_) => letter["record_hex"] = crate::hex::encode(record).into(),
+        }
+        let mut line = letter.to_string().into_bytes();
+        line.push(b'\n');
+        line
+    }
+}
+
 impl Driver for Records {
     fn run(
         &mut self,
@@ -119,10 +145,35 @@ impl Driver for Records {
                     continue;
                 }
             }
+            if let Some(poison) = &self.poison
+                && let Some(error) = poison.skip.get(&offset_before)
+            {
+                let letter = Poison::letter(offset_before, error, &record);
+                let Some(dead_letters) = checkpoints.sink.target_buffer(poison.dead_letters) else {
+                    anyhow::bail!("the run has no dead-letter output");
+                };
+                dead_letters.extend_from_slice(&letter);
+                tracing::warn!(
+                    offset = offset_before,
+                    "skipped a record the guest fails on: {error}"
+                );
+            } else {
+                let instance = &mut checkpoints.instance;
+                if let Err(err) = instance.process(&record) {
+                    let failed_in_guest = crate::error::kind_of(&err) == crate::ErrorKind::Guest;
+                    if self.poison.is_some() && failed_in_guest {
+                        return Err(crate::error::PoisonRecord {
+                            offset: offset_before,
+                            message: format!("{err:#}"),
+                            records: worked.records,
+                            checkpoints: worked.checkpoints,
+                        }
+                        .into());
+                    }
+                    return Err(err.context(format!("record at input byte offset {offset_before}")));
+                }
+            }
             let instance = &mut checkpoints.instance;
-            instance.process(&record).map_err(|err| {
-                err.context(format!("record at input byte offset {offset_before}"))
-            })?;
             instance.take_emitted(&mut *checkpoints.sink)?;
             checkpoints.sink.maybe_write()?;
             worked.records += 1;
@@ -147,6 +198,11 @@ impl Driver for Records {
             self.checkpoint(checkpoints, observer)?;
             worked.checkpoints += 1;
         }
+        Ok(())
+    }
+
+    fn skip_poison(&mut self, poison: Poison) -> Result<()> {
+        self.poison = Some(poison);
         Ok(())
     }
 
