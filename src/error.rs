@@ -115,6 +115,8 @@ impl std::error::Error for Error {}
 pub(crate) fn kind_of(err: &anyhow::Error) -> ErrorKind {
     if err.is::<Fenced>() || err.is::<OutputLocked>() {
         ErrorKind::Fenced
+    } else if err.is::<GuestTimedOut>() {
+        ErrorKind::Guest
     } else if err.is::<ModuleChanged>() {
         ErrorKind::ModuleChanged
     } else if err.is::<StoreUnavailable>() {
@@ -230,7 +232,13 @@ pub struct Fenced {
     pub generation: u64,
 }
 
-/// A record the guest failed on (a trap, a time or memory limit), under `--on-trap
+/// A guest call ran past `--call-timeout-ms` (of kind `Guest`). Unlike a trap it need not
+/// happen again on the same state and record, so it is never a poison record.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GuestTimedOut(pub String);
+
+/// A record the guest failed on (a trap, or its memory limit), under `--on-trap
 /// skip`: the run goes back to its newest checkpoint and passes the record by.
 #[derive(Debug, thiserror::Error)]
 #[error("record at input offset {offset} failed and is to be skipped: {message}")]

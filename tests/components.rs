@@ -518,6 +518,36 @@ fn records_the_guest_traps_on_are_skipped_to_the_dead_letters_exactly_once_throu
     assert_same_output(&read("killed", "out"), &output, "output");
     assert_same_output(&read("killed", "dead"), &dead, "dead letters");
 
+    // A task that stopped on the first of them takes --on-trap skip from its checkpoint
+    // (its dead letters start then), and a memory:// store works too (one store across
+    // the reopens a skip makes).
+    let mut stopping = args("stopped");
+    stopping.truncate(stopping.len() - 4);
+    let stopped = run(&stopping);
+    assert!(!stopped.status.success());
+    assert!(
+        stderr(&stopped).contains("failed in `fs-process`"),
+        "{}",
+        stderr(&stopped)
+    );
+    run_ok(&args("stopped"));
+    assert_same_output(&read("stopped", "out"), &output, "output after stopping");
+    assert_same_output(
+        &read("stopped", "dead"),
+        &dead,
+        "dead letters after stopping",
+    );
+    let mut in_memory = args("memory");
+    let store = in_memory.iter().position(|a| a == "--store").unwrap() + 1;
+    in_memory[store] = "memory://".into();
+    run_ok(&in_memory);
+    assert_same_output(&read("memory", "out"), &output, "output, memory:// store");
+    assert_same_output(
+        &read("memory", "dead"),
+        &dead,
+        "dead letters, memory:// store",
+    );
+
     let mut without_dead_letters = args("refused");
     without_dead_letters.truncate(without_dead_letters.len() - 2);
     let refused = run(&without_dead_letters);

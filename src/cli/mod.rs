@@ -234,7 +234,7 @@ enum Command {
         #[arg(long)]
         store: Option<String>,
         /// With --store, of a task with several outputs: which one this is (the Nth
-        /// --output of the run is target N-1).
+        /// --output of the run is target N-1; its --dead-letter comes after them).
         #[arg(long, default_value_t = 0)]
         target: usize,
     },
@@ -374,6 +374,12 @@ pub fn main() -> ExitCode {
                 ("stop", Some(_)) => {
                     say!(
                         "wasnap: --dead-letter is for --on-trap skip; a failing record stops the run by default"
+                    );
+                    return ExitCode::from(2);
+                }
+                ("skip", Some(_)) if stdio => {
+                    say!(
+                        "wasnap: --on-trap skip is for record guests: a stdio program's input has no records to skip"
                     );
                     return ExitCode::from(2);
                 }
@@ -567,29 +573,31 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The task id and marker of output `target` in a checkpoint's output marker (one output,
-/// or several: `stream::multi`).
+/// The task id and marker of output `index` in a checkpoint's output marker: the run's
+/// outputs in order, its dead letters last (`stream::multi`).
 fn output_of_target(
     task: [u8; 16],
     marker: Vec<u8>,
-    target: usize,
+    index: usize,
 ) -> anyhow::Result<([u8; 16], Vec<u8>)> {
-    match crate::stream::multi::decode_markers(&marker)? {
-        None if target == 0 => Ok((task, marker)),
-        None => anyhow::bail!("the task has one output: --target {target} names none"),
-        Some(mut markers) if target < markers.len() => Ok((
-            crate::stream::multi::output_task_id(&task, target),
-            markers.swap_remove(target),
-        )),
-        Some(markers) => anyhow::bail!(
-            "the task has {} outputs (targets 0..={}): --target {target} names none",
+    let mut markers = crate::stream::multi::Markers::read(&marker)?.markers;
+    if index >= markers.len() {
+        anyhow::bail!(
+            "the task has {} output(s), --target 0 to {}: --target {index} names none",
             markers.len(),
-            markers.len() - 1
-        ),
+            markers.len().saturating_sub(1)
+        );
     }
+    Ok((
+        crate::stream::multi::output_task_id(&task, index),
+        markers.swap_remove(index),
+    ))
 }
 
 fn cat(output: &str, store: Option<&str>, target: usize) -> anyhow::Result<()> {
+    if target > 0 && store.is_none() {
+        anyhow::bail!("--target picks one of a task's outputs by its checkpoint: it needs --store");
+    }
     // A local output that is not there is a mistyped name, not an empty output.
     let local = output.strip_prefix("file://").unwrap_or(output);
     if !output.contains("://") || output.starts_with("file://") {

@@ -49,10 +49,10 @@ pub struct ComponentInstance {
 fn describe(err: wasmtime::Error, function: &str, limits: &Limits) -> anyhow::Error {
     if let Some(wasmtime::Trap::Interrupt) = err.downcast_ref::<wasmtime::Trap>() {
         let ms = limits.call_timeout.map_or(0, |t| t.as_millis());
-        return error(
-            ErrorKind::Guest,
-            format!("the processor ran past its time limit of {ms} ms in `{function}`"),
-        );
+        return crate::error::GuestTimedOut(format!(
+            "the processor ran past its time limit of {ms} ms in `{function}`"
+        ))
+        .into();
     }
     if let Some(backtrace) = err.downcast_ref::<wasmtime::WasmBacktrace>() {
         tracing::debug!("the processor failed in `{function}`: {backtrace}");

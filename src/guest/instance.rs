@@ -75,7 +75,10 @@ fn describe(limits: &Limits, err: wasmtime::Error, function: &str) -> anyhow::Er
     }
     if let Some(wasmtime::Trap::Interrupt) = err.downcast_ref::<wasmtime::Trap>() {
         let ms = limits.call_timeout.map_or(0, |t| t.as_millis());
-        return guest(format!("the guest ran past its time limit of {ms} ms {at}"));
+        return crate::error::GuestTimedOut(format!(
+            "the guest ran past its time limit of {ms} ms {at}"
+        ))
+        .into();
     }
     if let Some(backtrace) = err.downcast_ref::<wasmtime::WasmBacktrace>() {
         tracing::debug!("the guest failed {at}: {backtrace}");

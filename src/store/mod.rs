@@ -84,6 +84,8 @@ pub struct Committed {
 }
 
 /// A task's checkpoint store: synchronous calls over an `ObjectStore`, for the run loop.
+/// Clones share the objects (a `memory://` store included).
+#[derive(Clone)]
 pub struct CheckpointStore {
     objects: Arc<dyn ObjectStore>,
     /// Shared by the stores of one worker's tasks (`CheckpointStore::within`).

@@ -1,8 +1,11 @@
 //! Several outputs as one sink: a component's emit targets 0, 1, … each with its own
-//! output (`--output` repeated, in order). One checkpoint commits all of them: every
-//! output is made durable before the manifest, published after it, and the manifest's
-//! marker holds each output's own marker, so a restore cuts every output back to the same
-//! checkpoint (docs/FORMAT.md, "Several outputs").
+//! output (`--output` repeated, in order), and the dead letters last (`--on-trap skip`).
+//! One checkpoint commits all of them: every output is made durable before the manifest,
+//! published after it, and the manifest's marker holds each output's own marker, so a
+//! restore cuts every output back to the same checkpoint (docs/FORMAT.md, "Version 3").
+//!
+//! A task may gain or drop its dead letters between runs (they start empty, or are no
+//! longer written); its emit targets must stay the same.
 
 use anyhow::Result;
 
@@ -18,13 +21,56 @@ pub const MAX_OUTPUTS: usize = 64;
 
 pub struct MultiSink {
     outputs: Vec<Box<dyn Sink>>,
+    /// Whether the last output holds the dead letters rather than an emit target.
+    dead_letters: bool,
 }
 
 impl MultiSink {
-    /// The outputs of targets 0, 1, …, in order (at least two).
-    pub fn new(outputs: Vec<Box<dyn Sink>>) -> Self {
+    /// The outputs of targets 0, 1, …, in order, then the dead letters' if
+    /// `dead_letters` (at least two outputs in all).
+    pub fn new(outputs: Vec<Box<dyn Sink>>, dead_letters: bool) -> Self {
         debug_assert!(outputs.len() >= 2 && outputs.len() <= MAX_OUTPUTS);
-        MultiSink { outputs }
+        MultiSink {
+            outputs,
+            dead_letters,
+        }
+    }
+
+    fn targets(&self) -> usize {
+        self.outputs.len() - usize::from(self.dead_letters)
+    }
+}
+
+/// A checkpoint's output marker, read: one marker per output, and whether the last is
+/// the dead letters'. A single output's marker is one target's.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Markers {
+    pub markers: Vec<Vec<u8>>,
+    pub dead_letters: bool,
+}
+
+impl Markers {
+    pub fn read(marker: &[u8]) -> Result<Self> {
+        Ok(decode_markers(marker)?.unwrap_or_else(|| Markers {
+            markers: vec![marker.to_vec()],
+            dead_letters: false,
+        }))
+    }
+
+    /// How many emit targets wrote outputs.
+    pub fn targets(&self) -> usize {
+        self.markers.len() - usize::from(self.dead_letters)
+    }
+
+    /// The marker for a run with one output and no dead letters.
+    pub fn single(mut self) -> Result<Vec<u8>> {
+        if self.targets() != 1 {
+            return Err(changed!(
+                "the checkpoint wrote {} outputs and this run gives 1: run the task with the same --output list",
+                self.targets()
+            ));
+        }
+        Ok(self.markers.swap_remove(0))
     }
 }
 
@@ -43,10 +89,11 @@ pub fn output_task_id(task: &[u8; 16], index: usize) -> [u8; 16] {
     id
 }
 
-/// A marker holding one marker per output.
-pub fn encode_markers(markers: &[Vec<u8>]) -> Vec<u8> {
+/// A marker holding one marker per output; `dead_letters`: the last is the dead letters'.
+pub fn encode_markers(markers: &[Vec<u8>], dead_letters: bool) -> Vec<u8> {
     let mut out = MULTI_MARKER_MAGIC.to_vec();
     out.put_varint(markers.len() as u64);
+    out.put_u8(u8::from(dead_letters));
     for marker in markers {
         out.put_varint(marker.len() as u64);
         out.extend_from_slice(marker);
@@ -55,15 +102,16 @@ pub fn encode_markers(markers: &[Vec<u8>]) -> Vec<u8> {
 }
 
 /// The markers of each output in `marker`, or `None` if it is a single output's.
-pub fn decode_markers(marker: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+pub fn decode_markers(marker: &[u8]) -> Result<Option<Markers>> {
     let Some(body) = marker.strip_prefix(MULTI_MARKER_MAGIC) else {
         return Ok(None);
     };
     let mut r = Reader::new(body, "the checkpoint's output markers");
     let count = r.varint_count(1)?;
-    if count > MAX_OUTPUTS {
+    let flags = r.u8()?;
+    if !(2..=MAX_OUTPUTS).contains(&count) || flags > 1 {
         return Err(crate::error::corrupt!(
-            "the checkpoint's output markers name {count} outputs, more than {MAX_OUTPUTS}"
+            "the checkpoint's output markers are corrupt: {count} outputs, flags {flags}"
         ));
     }
     let markers = (0..count)
@@ -73,31 +121,40 @@ pub fn decode_markers(marker: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
         })
         .collect::<Result<Vec<_>>>()?;
     r.finish()?;
-    Ok(Some(markers))
+    Ok(Some(Markers {
+        markers,
+        dead_letters: flags == 1,
+    }))
 }
 
 impl Sink for MultiSink {
     fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> Result<()> {
         let markers: Vec<Option<Vec<u8>>> = match marker {
             None => vec![None; self.outputs.len()],
-            Some(marker) => match decode_markers(marker)? {
-                Some(markers) if markers.len() == self.outputs.len() => {
-                    markers.into_iter().map(Some).collect()
-                }
-                Some(markers) => {
+            Some(marker) => {
+                let theirs = Markers::read(marker)?;
+                if theirs.targets() != self.targets() {
                     return Err(changed!(
                         "the checkpoint wrote {} outputs and this run gives {}: run the task with the same --output list",
-                        markers.len(),
-                        self.outputs.len()
+                        theirs.targets(),
+                        self.targets()
                     ));
                 }
-                None => {
-                    return Err(changed!(
-                        "the checkpoint wrote one output and this run gives {}: run the task with the same --output list",
-                        self.outputs.len()
-                    ));
+                let dead_letters = match theirs.dead_letters {
+                    true => theirs.markers.last().cloned(),
+                    false => None, // dead letters new to this run start empty
+                };
+                let mut markers: Vec<Option<Vec<u8>>> = theirs
+                    .markers
+                    .into_iter()
+                    .take(self.targets())
+                    .map(Some)
+                    .collect();
+                if self.dead_letters {
+                    markers.push(dead_letters);
                 }
-            },
+                markers
+            }
         };
         for (index, (output, marker)) in self.outputs.iter_mut().zip(markers).enumerate() {
             output.resume_at(&output_task_id(task, index), marker.as_deref())?;
@@ -111,6 +168,10 @@ impl Sink for MultiSink {
 
     fn target_buffer(&mut self, target: usize) -> Option<&mut Vec<u8>> {
         self.outputs.get_mut(target).map(|output| output.buffer())
+    }
+
+    fn output_count(&self) -> usize {
+        self.outputs.len()
     }
 
     fn buffered_len(&mut self) -> usize {
@@ -129,7 +190,7 @@ impl Sink for MultiSink {
             .collect::<Result<Vec<_>>>()?;
         let markers: Vec<Vec<u8>> = flushes.iter().map(|f| f.marker.clone()).collect();
         Ok(OutputFlush {
-            marker: encode_markers(&markers),
+            marker: encode_markers(&markers, self.dead_letters),
             bytes: flushes.iter().map(|f| f.bytes).sum(),
             commit: Box::new(AllOutputs(flushes.into_iter().map(|f| f.commit).collect())),
         })
@@ -164,12 +225,31 @@ mod tests {
     #[test]
     fn markers_round_trip_and_a_single_marker_is_told_apart() {
         let markers = vec![vec![1, 2], vec![], vec![0xff; 300]];
-        let encoded = encode_markers(&markers);
-        assert_eq!(decode_markers(&encoded).unwrap(), Some(markers));
+        let encoded = encode_markers(&markers, true);
+        let read = Markers::read(&encoded).unwrap();
+        assert_eq!((read.targets(), read.dead_letters), (2, true));
+        assert_eq!(read.markers, markers);
         assert_eq!(decode_markers(&[0x80, 0x01]).unwrap(), None);
-        let mut bad = encode_markers(&[vec![1]]);
-        bad.pop();
-        assert!(decode_markers(&bad).is_err());
+        assert_eq!(
+            Markers::read(&[0x80, 0x01]).unwrap().single().unwrap(),
+            [0x80, 0x01]
+        );
+        // One target and its dead letters: a run without dead letters takes the target's.
+        let with_dead = encode_markers(&[vec![7], vec![8]], true);
+        assert_eq!(Markers::read(&with_dead).unwrap().single().unwrap(), [7]);
+        assert!(
+            Markers::read(&encode_markers(&[vec![7], vec![8]], false))
+                .unwrap()
+                .single()
+                .is_err()
+        );
+        for bad in [
+            encode_markers(&[vec![1], vec![2]], false)[..12].to_vec(),
+            encode_markers(&[vec![1]], false),
+            encode_markers(&[], false),
+        ] {
+            assert!(decode_markers(&bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

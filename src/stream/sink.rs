@@ -36,6 +36,10 @@ pub trait Sink: Send {
     fn target_buffer(&mut self, target: usize) -> Option<&mut Vec<u8>> {
         (target == 0).then(|| self.buffer())
     }
+    /// How many outputs the sink writes (a `MultiSink`'s, or 1).
+    fn output_count(&self) -> usize {
+        1
+    }
     /// Bytes emitted and not yet handed on, every output together.
     fn buffered_len(&mut self) -> usize {
         self.buffer().len()

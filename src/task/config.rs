@@ -283,7 +283,10 @@ impl RunConfig {
             .outputs()
             .map(|output| stream::open_sink(output))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Box::new(stream::MultiSink::new(outputs)))
+        Ok(Box::new(stream::MultiSink::new(
+            outputs,
+            self.dead_letter.is_some(),
+        )))
     }
 
     /// Refuse an output that would overwrite the task's own input, guest, store or
@@ -291,8 +294,16 @@ impl RunConfig {
     /// resume.
     fn check_paths_apart(&self, store_url: &str) -> Result<(), crate::Error> {
         let outputs: Vec<&PathBuf> = self.outputs().collect();
+        // Local outputs compared as the files they name (`out` and `./out` are one).
+        let named: Vec<String> = outputs
+            .iter()
+            .map(|o| match local_path(o) {
+                Some(path) => resolve(&path).display().to_string(),
+                None => o.display().to_string(),
+            })
+            .collect();
         for (index, output) in outputs.iter().enumerate() {
-            if outputs[..index].contains(output) {
+            if named[..index].contains(&named[index]) {
                 return Err(crate::error::error(
                     crate::ErrorKind::Other,
                     format!("--output {} is given twice", output.display()),
@@ -391,13 +402,14 @@ pub fn run(
     observer: &mut dyn super::CheckpointObserver,
 ) -> Result<super::RunSummary, crate::Error> {
     let guest = config.load_guest()?;
+    // Opened once: every reopen after a skip must see the same store (`memory://` too).
+    let store = CheckpointStore::open(store_url)?;
     let started = std::time::Instant::now();
     let mut skip = std::collections::BTreeMap::new();
     // The segments before each skip: (resumed from, records, input bytes, checkpoints).
     let mut before: Option<(Option<u64>, u64, u64, u64)> = None;
     loop {
-        let store = CheckpointStore::open(store_url)?;
-        let mut task = config.open_with_guest(&guest, store)?;
+        let mut task = config.open_with_guest(&guest, store.clone())?;
         if config.dead_letter.is_some() {
             task.skip_poison(super::records::Poison {
                 skip: skip.clone(),
@@ -409,6 +421,18 @@ pub fn run(
         drop(task);
         let mut summary = match outcome {
             Err(err) => match err.downcast_ref::<crate::error::PoisonRecord>() {
+                Some(poison) if skip.len() >= MAX_SKIPPED_RECORDS => {
+                    return Err(crate::error::error(
+                        crate::ErrorKind::Guest,
+                        format!(
+                            "{} records failed in this run, the last at input offset {}: the failures are likely not about the records ({})",
+                            skip.len() + 1,
+                            poison.offset,
+                            poison.message
+                        ),
+                    )
+                    .into());
+                }
                 Some(poison) if !skip.contains_key(&poison.offset) => {
                     let (first, records, bytes, checkpoints) =
                         before.unwrap_or((resumed_from, 0, 0, 0));
@@ -436,6 +460,11 @@ pub fn run(
         return Ok(summary);
     }
 }
+
+/// At most this many records are skipped in one run: past it the guest's failures are
+/// likely not about the records (a state that no longer fits its memory limit), and each
+/// skip costs a restore and a replay.
+const MAX_SKIPPED_RECORDS: usize = 1000;
 
 /// `$XDG_CACHE_HOME/wasnap/<hash of key>` (or under `~/.cache`, or the temporary
 /// directory): a page cache for a task that has no local file of its own to sit beside.

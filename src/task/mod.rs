@@ -204,6 +204,13 @@ impl Task {
                 ),
             ));
         }
+        // A checkpoint of several outputs (or of one and its dead letters) resumed with one
+        // output: that output's own marker, for the output's cut now and any later one.
+        if sink.output_count() == 1
+            && let Some(marker) = start.output_marker.take()
+        {
+            start.output_marker = Some(crate::stream::multi::Markers::read(&marker)?.single()?);
+        }
         // The input first: a replaced input stops the task before its output is cut back.
         let positioned = source
             .resume_at(start.input_position.as_deref())
@@ -315,6 +322,14 @@ impl Task {
         let checkpoint_failed = failure.is_some() || checkpoints.committer_failed;
         let outcome = match (outcome, failure) {
             (Ok(()), Some(failure)) => Err(failure.into_anyhow()),
+            // A failed commit (a fenced writer, say) must not be hidden behind a record
+            // to skip: the caller would reopen the task instead of stopping.
+            (Err(err), Some(failure)) if err.is::<crate::error::PoisonRecord>() => {
+                Err(failure.into_anyhow())
+            }
+            (Err(err), None) if checkpoint_failed && err.is::<crate::error::PoisonRecord>() => Err(
+                anyhow::anyhow!("{err:#} (not skipped: a checkpoint had failed before it)"),
+            ),
             (outcome, _) => outcome,
         };
         if let Err(err) = outcome {

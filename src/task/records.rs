@@ -160,8 +160,11 @@ impl Driver for Records {
             } else {
                 let instance = &mut checkpoints.instance;
                 if let Err(err) = instance.process(&record) {
-                    let failed_in_guest = crate::error::kind_of(&err) == crate::ErrorKind::Guest;
-                    if self.poison.is_some() && failed_in_guest {
+                    // A trap or the memory limit happens again on the same state and record;
+                    // a timeout need not, so skipping on one could not be repeated.
+                    let repeatable = crate::error::kind_of(&err) == crate::ErrorKind::Guest
+                        && !err.is::<crate::error::GuestTimedOut>();
+                    if self.poison.is_some() && repeatable {
                         return Err(crate::error::PoisonRecord {
                             offset: offset_before,
                             message: format!("{err:#}"),
