@@ -149,6 +149,19 @@ fn a_resumed_component_uses_the_kv_store_and_stderr_it_opened_before_the_checkpo
             chains.iter().any(|c| c.contains(", delta ")),
             "{name}: {chains:?}"
         );
+
+        // `gc` down to the newest checkpoint keeps every pack its kv chain lies in: the
+        // task still restores (and, finished, has nothing left to do).
+        run_ok(&[
+            "gc".into(),
+            "--store".into(),
+            store.clone(),
+            "--retain".into(),
+            "1".into(),
+        ]);
+        let after_gc = LoggedRun::spawn(&args).finish();
+        assert!(after_gc.resumed_from.is_some(), "{}", after_gc.text);
+        assert_same_output(&std::fs::read(&output).unwrap(), &expected, name);
     }
 }
 
