@@ -37,7 +37,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a guest over an input file; rerunning the same command resumes from the newest checkpoint.
+    /// Run a guest over an input (a file, an S3 object or a Kafka partition); rerunning the
+    /// same command resumes from the newest checkpoint.
+    #[command(
+        after_help = "Example:\n  wasnap run target/guests/wordcount.wasm --input input.txt --output output.txt --store store/\n  (kill it at any moment; the same command resumes exactly once)"
+    )]
     Run {
         /// The guest: a core module (.wasm, or .wat text) of the record ABI, a
         /// `functionstream:core/processor` component, or with --stdio a WASI command.
@@ -115,6 +119,9 @@ enum Command {
     },
     /// Join a fleet: run one task per partition of the input topic that the consumer group
     /// assigns this worker, until SIGTERM or SIGINT (last checkpoints, then leave).
+    #[command(
+        after_help = "Example:\n  wasnap worker target/guests/wordcount.wasm --input kafka://127.0.0.1:9092/in --output kafka://127.0.0.1:9092/out --group counts --store s3://bucket/fleet"
+    )]
     Worker {
         /// The guest: a record-ABI core module (.wasm, or .wat text) or a
         /// `functionstream:core/processor` component.
@@ -166,7 +173,9 @@ enum Command {
         dirty_tracking: DirtyTracking,
     },
     /// Delete old checkpoints and unreferenced packs offline, and report what was freed.
+    #[command(after_help = "Example:\n  wasnap gc --store store/ --retain 1")]
     Gc {
+        /// The task's checkpoint store: a directory, file:///DIR or s3://BUCKET/PREFIX.
         #[arg(long)]
         store: String,
         /// Keep the newest K checkpoints.
@@ -175,6 +184,9 @@ enum Command {
     },
     /// Measure a guest: per commit, bytes written, stall and costs, beside the Wasman-style
     /// baseline; and the durability tax (records/s with checkpoints ÷ with them off).
+    #[command(
+        after_help = "Example:\n  wasnap bench target/guests/wordcount.wasm --input input.txt --checkpoint-every 1000"
+    )]
     Bench {
         /// The guest module (.wasm, or .wat text); with --stdio, a WASI command.
         guest: PathBuf,
@@ -225,6 +237,9 @@ enum Command {
     /// (`s3://…`, `file:///DIR`, a directory: the published parts), a Kafka partition (its
     /// committed records, one line each) or a file. With `--store`, exactly what the
     /// store's newest checkpoint committed.
+    #[command(
+        after_help = "Example:\n  wasnap cat --output s3://bucket/out --store s3://bucket/store"
+    )]
     Cat {
         /// The output of a run: a file, a directory, s3://BUCKET/PREFIX or
         /// kafka://HOST:PORT/TOPIC[/PARTITION].
@@ -239,7 +254,10 @@ enum Command {
         target: usize,
     },
     /// List the checkpoints in a store.
+    #[command(after_help = "Example:\n  wasnap inspect --store store/")]
     Inspect {
+        /// The checkpoint store: a directory, file:///DIR or s3://BUCKET/PREFIX (a worker's
+        /// store lists its tasks).
         #[arg(long)]
         store: String,
     },
