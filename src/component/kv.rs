@@ -213,27 +213,33 @@ impl Kv {
         self.budget = MAX_KV_BYTES.saturating_add(run_bytes.unwrap_or(0));
     }
 
-    /// Note a change of `key` from `old` to `new` (`None`: absent) in the digest and
+    /// Note a change of `entry` from `old` to `new` (`None`: absent) in the digest and
     /// the changed keys.
-    fn record(&mut self, store: &str, key: EntryKey, old: Option<&[u8]>, new: Option<&[u8]>) {
-        let entry = KeyRef {
-            store: store.to_string(),
-            key,
-        };
-        let mut encoded = Vec::new();
-        for (value, add) in [(old, false), (new, true)] {
-            let Some(value) = value else { continue };
-            encoded.clear();
-            encode_entry(&mut encoded, &entry, Some(value));
-            let hash = twox_hash::XxHash3_64::oneshot(&encoded);
-            if add {
-                self.digest = self.digest.wrapping_add(hash);
-                self.bytes += encoded.len();
-            } else {
-                self.digest = self.digest.wrapping_sub(hash);
-                self.bytes -= encoded.len();
-            }
+    fn record(&mut self, entry: KeyRef, old: Option<&[u8]>, new: Option<&[u8]>) {
+        if let Some(old) = old {
+            self.weigh(&entry, old, false);
         }
+        if let Some(new) = new {
+            self.weigh(&entry, new, true);
+        }
+        self.mark_changed(entry);
+    }
+
+    /// Count `entry` holding `value` into (`add`) or out of the digest and the bytes.
+    fn weigh(&mut self, entry: &KeyRef, value: &[u8], add: bool) {
+        let mut encoded = Vec::with_capacity(entry_len(entry, value));
+        encode_entry(&mut encoded, entry, Some(value));
+        let hash = twox_hash::XxHash3_64::oneshot(&encoded);
+        if add {
+            self.digest = self.digest.wrapping_add(hash);
+            self.bytes += encoded.len();
+        } else {
+            self.digest = self.digest.wrapping_sub(hash);
+            self.bytes -= encoded.len();
+        }
+    }
+
+    fn mark_changed(&mut self, entry: KeyRef) {
         if self.changed_all {
             return;
         }
@@ -286,7 +292,11 @@ impl Kv {
     /// The store `name`, created if new: only once its bytes were admitted.
     fn store_admitted(&mut self, name: &str) -> &mut Store {
         if !self.stores.contains_key(name) {
-            self.record(name, EntryKey::Opened, None, Some(&[]));
+            let opened = KeyRef {
+                store: name.to_string(),
+                key: EntryKey::Opened,
+            };
+            self.record(opened, None, Some(&[]));
         }
         self.stores.entry(name.to_string()).or_default()
     }
@@ -308,12 +318,7 @@ impl Kv {
             .store_admitted(name)
             .simple
             .insert(key.to_vec(), value.to_vec());
-        self.record(
-            name,
-            EntryKey::Simple(key.to_vec()),
-            previous.as_deref(),
-            Some(value),
-        );
+        self.record(entry, previous.as_deref(), Some(value));
         Ok(())
     }
 
@@ -323,7 +328,11 @@ impl Kv {
             .get_mut(name)
             .and_then(|store| store.simple.remove(key));
         if let Some(old) = removed {
-            self.record(name, EntryKey::Simple(key.to_vec()), Some(&old), None);
+            let entry = KeyRef {
+                store: name.to_string(),
+                key: EntryKey::Simple(key.to_vec()),
+            };
+            self.record(entry, Some(&old), None);
         }
     }
 
@@ -356,19 +365,27 @@ impl Kv {
         user_key: &[u8],
         value: Vec<u8>,
     ) -> Result<(), OverBudget> {
-        let existing_value = self.get(name, &scope, user_key).map(<[u8]>::to_vec);
         let entry = KeyRef {
             store: name.to_string(),
             key: EntryKey::Complex(scope.clone(), user_key.to_vec()),
         };
-        let old = existing_value.as_ref().map_or(0, |v| entry_len(&entry, v));
+        let old = self
+            .get(name, &scope, user_key)
+            .map_or(0, |v| entry_len(&entry, v));
         self.admit_entry(&entry, &value, old)?;
-        self.store_admitted(name)
+        // Weighed before the value moves into the map, the old one as it comes out: no
+        // copy of either.
+        self.weigh(&entry, &value, true);
+        let previous = self
+            .store_admitted(name)
             .complex
             .entry(scope)
             .or_default()
-            .insert(user_key.to_vec(), value.clone());
-        self.record(name, entry.key, existing_value.as_deref(), Some(&value));
+            .insert(user_key.to_vec(), value);
+        if let Some(previous) = previous {
+            self.weigh(&entry, &previous, false);
+        }
+        self.mark_changed(entry);
         Ok(())
     }
 
@@ -396,8 +413,11 @@ impl Kv {
             if entries.is_empty() {
                 store.complex.remove(scope);
             }
-            let entry = EntryKey::Complex(scope.clone(), user_key.to_vec());
-            self.record(name, entry, Some(&old), None);
+            let entry = KeyRef {
+                store: name.to_string(),
+                key: EntryKey::Complex(scope.clone(), user_key.to_vec()),
+            };
+            self.record(entry, Some(&old), None);
         }
     }
 

@@ -45,7 +45,7 @@ pub struct Job {
 
 impl Job {
     /// Bytes of guest state this job holds copies of: pages, and a component's kv runs.
-    pub fn page_bytes(&self) -> u64 {
+    pub fn held_bytes(&self) -> u64 {
         let kv_runs = self.capture.kv.iter().flat_map(|kv| &kv.runs);
         self.capture
             .dirty
@@ -184,7 +184,7 @@ impl Committer {
     }
 
     pub fn submit(&mut self, job: Job) -> Result<()> {
-        let handed = (job.generation, job.output.marker.clone(), job.page_bytes());
+        let handed = (job.generation, job.output.marker.clone(), job.held_bytes());
         self.jobs
             .as_ref()
             .and_then(|jobs| jobs.send(job).ok())
