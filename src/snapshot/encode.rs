@@ -331,8 +331,8 @@ pub fn assemble(
             }
         }
     }
-    // Kv runs kept from sparse packs move too, frame for frame: (run, pack, frames).
-    let mut kv_moves: Vec<(usize, usize, Vec<Range<usize>>)> = Vec::new();
+    // Kv runs kept from sparse packs move too, frame for frame: (run, pack, frames, bytes).
+    let mut kv_moves: Vec<(usize, usize, Vec<Range<usize>>, usize)> = Vec::new();
     let mut kv_frames = kv_frames;
     for (index, run) in next.kv_runs.iter().enumerate() {
         let Some(&pack) = index_of.get(&*run.pack) else {
@@ -357,7 +357,7 @@ pub fn assemble(
         contents.compacted_frames += ranges.len();
         contents.compacted_bytes += moved;
         kv_frames += ranges.len();
-        kv_moves.push((index, pack, ranges));
+        kv_moves.push((index, pack, ranges, moved));
     }
     if frames.is_empty() && kv_runs.is_empty() && kv_moves.is_empty() {
         return Ok(Assembled {
@@ -398,8 +398,7 @@ pub fn assemble(
         };
     }
     // The kv runs after the pages, each run's frames consecutive: those moved, then new.
-    for (index, pack, ranges) in kv_moves {
-        let moved: usize = ranges.iter().map(Range::len).sum();
+    for (index, pack, ranges, moved) in kv_moves {
         let mut first_frame = None;
         for range in ranges {
             let frame =
