@@ -465,7 +465,12 @@ fn workers_killed_and_replaced(guest_name: &str, partitions: i32, kill_count: us
     fleet.assert_exact_output(Duration::from_secs(10));
     if fleet.is_component() {
         let task_store = format!("{}/{}/0", fleet.store, fleet.input_topic);
-        let inspect = run_ok(&["inspect".into(), "--store".into(), task_store]);
+        let inspect = run_ok(&[
+            "inspect".into(),
+            "--store".into(),
+            task_store,
+            "--details".into(),
+        ]);
         let text = String::from_utf8_lossy(&inspect.stdout);
         assert!(text.contains("store(s) [fleet-counts]"), "{text}");
     }

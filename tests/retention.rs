@@ -152,7 +152,7 @@ fn inspect_shows_each_checkpoints_packs_and_what_is_live() {
     std::fs::write(store.join("packs").join(&stray), b"lost race").unwrap();
 
     let out = wasnap()
-        .args(["inspect", "--store", store_url])
+        .args(["inspect", "--store", store_url, "--details"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
@@ -178,7 +178,7 @@ fn inspect_shows_each_checkpoints_packs_and_what_is_live() {
         !text.contains(&stray),
         "the stray pack is no checkpoint's: {text}"
     );
-    let summary = text.lines().last().unwrap();
+    let summary = text.lines().find(|l| l.starts_with("store: ")).unwrap();
     assert!(
         summary.starts_with("store: 8 manifests") && summary.ends_with("garbage: 9 B"),
         "{summary}"

@@ -1,5 +1,5 @@
-//! `wasnap inspect`: what checkpoints a store holds, which packs each needs, and how much
-//! of the store is live.
+//! `wasnap inspect`: what checkpoints a store holds, newest first, after a summary of the
+//! newest and of how much of the store is live; on request, which packs each needs.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -9,16 +9,11 @@ use anyhow::Result;
 use crate::bench::human_bytes;
 use crate::store::{CheckpointStore, MANIFESTS, PACKS};
 
-pub fn inspect(url: &str) -> Result<()> {
+/// What `inspect` prints: a summary first, then one line per checkpoint, newest first;
+/// `details` adds each checkpoint's packs and component state under its line.
+pub fn inspect(url: &str, details: bool) -> Result<()> {
     let store = CheckpointStore::open_existing(url)?;
     let mut out = String::new();
-    // Not a property of the store but what a run here would do, first: the store's
-    // summary stays the last line.
-    writeln!(
-        out,
-        "dirty tracking on this machine: {}",
-        crate::snapshot::DirtyTracking::Auto.describe()
-    )?;
     let manifest_sizes: BTreeMap<String, u64> = store.list(MANIFESTS)?.into_iter().collect();
     let pack_sizes: BTreeMap<String, u64> = store.list(PACKS)?.into_iter().collect();
     let generations = store.generations()?;
@@ -29,87 +24,53 @@ pub fn inspect(url: &str) -> Result<()> {
             write_fleet(&mut out, url, &tasks)?;
             return super::print_out(&out);
         }
-        writeln!(out, "no checkpoints in {url}")?;
-    } else {
-        writeln!(
-            out,
-            "{:>10} {:>14} {:>14} {:>14} {:>7} {:>6} {:>5} {:>9} {:>11}",
-            "generation",
-            "input_offset",
-            "flush_marker",
-            "memory_bytes",
-            "pages",
-            "layers",
-            "packs",
-            "manifest",
-            "restore_from"
-        )?;
     }
-    // Objects some readable checkpoint needs; the rest is garbage a prune will take.
+    let now_ms = unix_ms_now();
+    // Objects some readable checkpoint needs; the rest is garbage a gc will take.
     let mut live: HashSet<String> = HashSet::new();
-    for generation in generations {
+    let mut rows = String::new();
+    let mut newest: Option<String> = None;
+    for &generation in generations.iter().rev() {
         let manifest_name = format!("{generation:020}");
-        let manifest_bytes = manifest_sizes.get(&manifest_name).copied().unwrap_or(0);
         let m = match store.read_manifest(generation) {
             Ok(m) => m,
             Err(err) => {
-                writeln!(out, "{generation:>10} unreadable: {err:#}")?;
+                writeln!(rows, "{generation:>10} unreadable: {err:#}")?;
                 continue;
             }
         };
         live.insert(format!("{MANIFESTS}/{manifest_name}"));
-        let live_frames = m.live_frames();
         let names: Vec<String> = m.packs.iter().map(|p| p.name()).collect();
+        live.extend(names.iter().map(|n| format!("{PACKS}/{n}")));
         let restore_bytes: u64 = names.iter().filter_map(|n| pack_sizes.get(n)).sum();
-        let layers = m.memories.iter().map(|m| m.layers.len()).max().unwrap_or(0);
+        let age = ago(now_ms, m.created_unix_ms);
+        newest.get_or_insert_with(|| {
+            format!(
+                "newest: generation {generation}, input offset {}, committed {age}; a restore \
+                 reads {} packs ({}) into {} of memory",
+                m.input_offset,
+                m.packs.len(),
+                human_bytes(restore_bytes as f64),
+                human_bytes(m.memory_bytes() as f64),
+            )
+        });
         writeln!(
-            out,
-            "{:>10} {:>14} {:>14} {:>14} {:>7} {:>6} {:>5} {:>9} {:>11}",
+            rows,
+            "{:>10} {:>10} {:>14} {:>14} {:>10} {:>7} {:>5} {:>10}",
             generation,
+            age,
             m.input_offset,
             m.output_marker,
-            m.memory_bytes(),
+            human_bytes(m.memory_bytes() as f64),
             m.stored_pages(),
-            layers,
             m.packs.len(),
-            manifest_bytes,
             human_bytes(restore_bytes as f64),
         )?;
-        for ((pack, name), live_frames) in m.packs.iter().zip(&names).zip(live_frames) {
-            let size = pack_sizes
-                .get(name)
-                .map_or("MISSING".to_string(), |s| human_bytes(*s as f64));
-            writeln!(
-                out,
-                "{:>12}{name}  {live_frames}/{} frames used, {size}",
-                "", pack.frames
-            )?;
-            live.insert(format!("{PACKS}/{name}"));
-        }
-        if !m.host_state.is_empty() {
-            let state = crate::component::describe_host_state(&m.host_state)
-                .unwrap_or_else(|err| format!("unreadable: {err:#}"));
-            writeln!(out, "{:>12}component: {state}", "")?;
-        }
-        if !m.kv_runs.is_empty() {
-            // The chain a restore applies: the whole run, then the deltas.
-            let runs: Vec<String> = m
-                .kv_runs
-                .iter()
-                .enumerate()
-                .map(|(i, run)| {
-                    let kind = if i == 0 { "whole" } else { "delta" };
-                    format!(
-                        "{kind} {} in {}",
-                        human_bytes(run.bytes as f64),
-                        names[run.pack as usize]
-                    )
-                })
-                .collect();
-            writeln!(out, "{:>12}kv runs: {}", "", runs.join(", "))?;
+        if details {
+            write_details(&mut rows, &m, &names, &pack_sizes)?;
         }
     }
-    // Left by interrupted writes (local stores): garbage, removed by a prune once old.
+    // Left by interrupted writes (local stores): garbage, removed by a gc once old.
     let staging = store.staging_files()?;
     let staging_bytes: u64 = staging.iter().map(|s| s.bytes).sum();
     let total: u64 = manifest_sizes
@@ -124,25 +85,129 @@ pub fn inspect(url: &str) -> Result<()> {
         .filter(|(path, _)| live.contains(path))
         .map(|(_, s)| s)
         .sum();
-    if !staging.is_empty() {
-        writeln!(
+
+    // The summary.
+    match (generations.first(), generations.last()) {
+        (Some(oldest), Some(newest_generation)) => writeln!(
             out,
-            "staging files of interrupted writes: {} ({}); a prune deletes those older than {} s",
-            staging.len(),
-            human_bytes(staging_bytes as f64),
-            crate::store::prune::STAGING_AGE.as_secs()
-        )?;
+            "{url}: {} checkpoints, generations {oldest} to {newest_generation}",
+            generations.len()
+        )?,
+        _ => writeln!(out, "no checkpoints in {url}")?,
+    }
+    if let Some(newest) = newest {
+        writeln!(out, "{newest}")?;
     }
     writeln!(
         out,
-        "store: {} manifests, {} packs, {} in all; live (needed by a checkpoint): {}; garbage: {}",
+        "store: {} manifests, {} packs, {} in all; live (needed by a checkpoint): {}; \
+         garbage: {}",
         manifest_sizes.len(),
         pack_sizes.len(),
         human_bytes(total as f64),
         human_bytes(live_bytes as f64),
         human_bytes(total.saturating_sub(live_bytes) as f64),
     )?;
+    if !staging.is_empty() {
+        writeln!(
+            out,
+            "staging files of interrupted writes: {} ({}); a gc deletes those older than {} s",
+            staging.len(),
+            human_bytes(staging_bytes as f64),
+            crate::store::prune::STAGING_AGE.as_secs()
+        )?;
+    }
+    // Not a property of the store but what a run here would do.
+    writeln!(
+        out,
+        "dirty tracking on this machine: {}",
+        crate::snapshot::DirtyTracking::Auto.describe()
+    )?;
+    if !generations.is_empty() {
+        writeln!(
+            out,
+            "\n{:>10} {:>10} {:>14} {:>14} {:>10} {:>7} {:>5} {:>10}",
+            "generation",
+            "committed",
+            "input_offset",
+            "output_marker",
+            "memory",
+            "pages",
+            "packs",
+            "restore"
+        )?;
+        out.push_str(&rows);
+        out.push_str(COLUMNS);
+        if !details {
+            out.push_str("each checkpoint's packs and component state: inspect --details\n");
+        }
+    }
     super::print_out(&out)
+}
+
+/// What the columns of the checkpoint table mean.
+const COLUMNS: &str = "
+columns: generation = the checkpoint's number (a resume starts from the newest readable one);
+  committed = how long ago; input_offset = input bytes consumed (Kafka: the next offset);
+  output_marker = the output's committed bytes (or part); memory = the guest's memory;
+  pages = 64 KiB pages stored in its packs; packs, restore = the packs a restore reads
+";
+
+/// Under a checkpoint's line: each pack it needs and how much of it is used, its component
+/// state and its kv runs.
+fn write_details(
+    out: &mut String,
+    m: &crate::store::Manifest,
+    names: &[String],
+    pack_sizes: &BTreeMap<String, u64>,
+) -> Result<()> {
+    for ((pack, name), live_frames) in m.packs.iter().zip(names).zip(m.live_frames()) {
+        let size = pack_sizes
+            .get(name)
+            .map_or("MISSING".to_string(), |s| human_bytes(*s as f64));
+        writeln!(
+            out,
+            "{:>12}{name}  {live_frames}/{} frames used, {size}",
+            "", pack.frames
+        )?;
+    }
+    if !m.host_state.is_empty() {
+        let state = crate::component::describe_host_state(&m.host_state)
+            .unwrap_or_else(|err| format!("unreadable: {err:#}"));
+        writeln!(out, "{:>12}component: {state}", "")?;
+    }
+    if !m.kv_runs.is_empty() {
+        // The chain a restore applies: the whole run, then the deltas.
+        let runs: Vec<String> = m
+            .kv_runs
+            .iter()
+            .enumerate()
+            .map(|(i, run)| {
+                let kind = if i == 0 { "whole" } else { "delta" };
+                let pack = names.get(run.pack as usize).map_or("?", String::as_str);
+                format!("{kind} {} in {pack}", human_bytes(run.bytes as f64))
+            })
+            .collect();
+        writeln!(out, "{:>12}kv runs: {}", "", runs.join(", "))?;
+    }
+    Ok(())
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `created_unix_ms` as an age: "12 s ago", "5 min ago", "3 h ago", "2 d ago".
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    let s = now_ms.saturating_sub(then_ms) / 1000;
+    match s {
+        0..120 => format!("{s} s ago"),
+        120..7200 => format!("{} min ago", s / 60),
+        7200..172_800 => format!("{} h ago", s / 3600),
+        _ => format!("{} d ago", s / 86_400),
+    }
 }
 
 /// The task stores of a worker's store: `TOPIC/PARTITION/` holding manifests.
@@ -181,9 +246,7 @@ fn write_fleet(out: &mut String, url: &str, tasks: &[(String, CheckpointStore)])
         "{:<24} {:>10} {:>5} {:>13} {:>12} {:>12} {:>12} {:>14}",
         "task", "generation", "kept", "input_offset", "memory", "newest_pack", "store", "committed"
     )?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = unix_ms_now();
     let mut total = 0;
     for (name, task) in tasks {
         let generations = task.generations()?;
@@ -197,7 +260,6 @@ fn write_fleet(out: &mut String, url: &str, tasks: &[(String, CheckpointStore)])
                     .iter()
                     .find(|p| p.generation == newest)
                     .map_or(0, |p| p.bytes);
-                let age = now_ms.saturating_sub(m.created_unix_ms) as f64 / 1000.0;
                 format!(
                     "{:>10} {:>5} {:>13} {:>12} {:>12} {:>12} {:>14}",
                     newest,
@@ -206,7 +268,7 @@ fn write_fleet(out: &mut String, url: &str, tasks: &[(String, CheckpointStore)])
                     human_bytes(m.memory_bytes() as f64),
                     human_bytes(newest_pack as f64),
                     human_bytes(bytes as f64),
-                    format!("{age:.0} s ago"),
+                    ago(now_ms, m.created_unix_ms),
                 )
             }
             Err(err) => format!("{newest:>10} unreadable: {err:#}"),
