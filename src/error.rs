@@ -64,11 +64,74 @@ impl From<anyhow::Error> for Error {
     }
 }
 
-/// One line, outermost context first: what the command line prints. Credentials in a
-/// URL (`http://KEY:SECRET@host`, as an `AWS_ENDPOINT` may hold) are blanked.
+/// One line, outermost context first: what the command line prints (see [`one_line`]).
+/// Credentials in a URL (`http://KEY:SECRET@host`, as an `AWS_ENDPOINT` may hold) are
+/// blanked.
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_credentials(&format!("{:#}", self.inner)))
+        f.write_str(&redact_credentials(&one_line(&self.inner)))
+    }
+}
+
+/// The longest text one link of a chain contributes (an S3 error carries the server's
+/// whole XML body).
+const MAX_LINK_CHARS: usize = 400;
+
+/// `err`'s chain as one line, links joined by ": ". A link whose text the link before it
+/// already holds is left out: object_store's and reqwest's errors print their sources
+/// inside their own text, so `{:#}` would repeat one cause four times. Line breaks are
+/// folded, a long link is cut, and a cause whose fix is a setting gets a hint.
+pub(crate) fn one_line(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for link in err.chain() {
+        let text = link.to_string();
+        if !previous.is_empty() && previous.contains(text.trim()) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        let folded: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        match folded.char_indices().nth(MAX_LINK_CHARS) {
+            Some((cut, _)) => {
+                out.push_str(&folded[..cut]);
+                out.push('…');
+            }
+            None => out.push_str(&folded),
+        }
+        previous = text;
+    }
+    if let Some(hint) = hint_for(&out) {
+        out.push_str(" (");
+        out.push_str(hint);
+        out.push(')');
+    }
+    out
+}
+
+/// What to set when `text` shows a cause whose fix is a setting (S3's, mostly).
+fn hint_for(text: &str) -> Option<&'static str> {
+    if text.contains("URL scheme is not allowed") {
+        Some("the S3 endpoint is http://: set AWS_ALLOW_HTTP=true to allow it")
+    } else if text.contains("169.254.169.254") {
+        Some(
+            "no S3 credentials were found, so the instance metadata service was asked: set \
+             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        )
+    } else if text.contains("NoSuchBucket") {
+        Some("the bucket does not exist: create it, or name another in the URL")
+    } else if text.contains("amazonaws.com") && !crate::store::url::s3_endpoint_configured() {
+        Some(
+            "AWS_ENDPOINT is not set, so requests went to AWS itself: set it to use another S3 \
+             server, e.g. AWS_ENDPOINT=http://127.0.0.1:9000",
+        )
+    } else if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") {
+        Some(
+            "the S3 server refused the credentials: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        )
+    } else {
+        None
     }
 }
 
@@ -247,7 +310,8 @@ pub struct PoisonRecord {
     pub offset: u64,
     /// The guest's error, one line.
     pub message: String,
-    /// Records processed and checkpoints taken before it, since the task opened.
+    /// Records processed up to the last checkpoint before it (those after it are replayed
+    /// once the record is skipped), and checkpoints taken, since the task opened.
     pub records: u64,
     pub checkpoints: u64,
 }
@@ -278,8 +342,12 @@ pub struct OutputLocked {
 /// The store could not be reached, or failed a request: retrying later may work. Never a
 /// reason to fall back to an older checkpoint (unlike a corrupt or missing object).
 #[derive(Debug, thiserror::Error)]
-#[error("store {store} is unavailable")]
+#[error("{what} {store} is unavailable")]
 pub struct StoreUnavailable {
+    /// What the unreachable thing is to the run: "store", "input", "output" or "the Kafka
+    /// cluster".
+    pub what: &'static str,
+    /// Its URL.
     pub store: String,
 }
 
@@ -287,6 +355,45 @@ pub struct StoreUnavailable {
 mod tests {
     use super::*;
     use anyhow::Context as _;
+
+    /// An error whose text holds its source's, as object_store's and reqwest's do.
+    #[derive(Debug)]
+    struct Nested(&'static str, Option<Box<Nested>>);
+    impl fmt::Display for Nested {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match &self.1 {
+                Some(source) => write!(f, "{}: {source}", self.0),
+                None => f.write_str(self.0),
+            }
+        }
+    }
+    impl std::error::Error for Nested {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|s| s as _)
+        }
+    }
+
+    #[test]
+    fn one_line_says_each_cause_once_folds_lines_and_hints() {
+        let inner = Nested(
+            "builder error",
+            Some(Box::new(Nested("URL scheme is not allowed", None))),
+        );
+        let outer = Nested("Generic S3 error", Some(Box::new(inner)));
+        let err = anyhow::Error::new(outer).context("cannot read\nmanifest 4");
+        assert_eq!(
+            one_line(&err),
+            "cannot read manifest 4: Generic S3 error: builder error: URL scheme is not allowed \
+             (the S3 endpoint is http://: set AWS_ALLOW_HTTP=true to allow it)"
+        );
+        let long = anyhow::anyhow!("x".repeat(1000)).context("outer");
+        let line = one_line(&long);
+        assert!(line.ends_with('…') && line.chars().count() == "outer: ".len() + 400 + 1);
+        assert_eq!(
+            one_line(&anyhow::anyhow!("disk full").context("a: b")),
+            "a: b: disk full"
+        );
+    }
 
     #[test]
     fn the_outermost_kind_wins_and_the_message_keeps_every_link() {
@@ -303,6 +410,7 @@ mod tests {
 
         let unavailable = anyhow::anyhow!("connection refused")
             .context(StoreUnavailable {
+                what: "store",
                 store: "s3://b".into(),
             })
             .context("cannot read manifest 4");
@@ -311,7 +419,7 @@ mod tests {
         let guest: anyhow::Result<()> = Err(anyhow::anyhow!("unreachable executed"));
         let err = guest
             .kind_context(ErrorKind::Guest, "the guest trapped in `process`")
-            .context("record at input byte offset 7")
+            .context("the record at line 2 (byte offset 7)")
             .unwrap_err();
         assert_eq!(kind_of(&err), ErrorKind::Guest);
         assert_eq!(kind_of(&anyhow::anyhow!("disk full")), ErrorKind::Other);

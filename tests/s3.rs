@@ -310,6 +310,111 @@ fn credentials_never_appear_in_errors_or_logs() {
     assert!(stderr(&out).contains("no bucket"), "{}", stderr(&out));
 }
 
+/// A misconfigured S3 setup gets one line that says which of the run's URLs failed (the
+/// input, the output or the store), names the cause once, and says what to set.
+#[test]
+fn s3_errors_name_what_failed_and_the_setting_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 100, 50, false);
+    let url = s3().fresh_url("hints");
+    let wordcount = guest("wordcount");
+    let local_out = dir.path().join("out");
+    let expect = |out: &std::process::Output, starts: &str, hint: &str| {
+        let err = stderr(out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("wasnap: error: "))
+            .unwrap_or_else(|| panic!("no error line: {err}"));
+        assert!(line.starts_with(starts), "{line}");
+        assert!(line.ends_with(hint), "{line}");
+        // object_store's errors hold their sources' text: each is said once.
+        for cause in ["URL scheme is not allowed", "builder error", "NoSuchBucket"] {
+            assert!(line.matches(cause).count() <= 1, "{line}");
+        }
+    };
+    let no_http = "(the S3 endpoint is http://: set AWS_ALLOW_HTTP=true to allow it)";
+    // The store, the input and the output over http:// without AWS_ALLOW_HTTP.
+    let store_args = run_args(&wordcount, &input, &local_out, &url, 10);
+    let out = wasnap()
+        .args(&store_args)
+        .env_remove("AWS_ALLOW_HTTP")
+        .output()
+        .unwrap();
+    expect(
+        &out,
+        &format!("wasnap: error: store {url} is unavailable"),
+        no_http,
+    );
+    let object = format!("{url}/input.txt");
+    let local_store = dir.path().join("store");
+    let mut input_args = run_args(
+        &wordcount,
+        &input,
+        &local_out,
+        local_store.to_str().unwrap(),
+        10,
+    );
+    input_args[3] = object.clone();
+    let out = wasnap()
+        .args(&input_args)
+        .env_remove("AWS_ALLOW_HTTP")
+        .output()
+        .unwrap();
+    expect(
+        &out,
+        &format!("wasnap: error: input {object} is unavailable"),
+        no_http,
+    );
+    let mut output_args = run_args(
+        &wordcount,
+        &input,
+        &local_out,
+        local_store.to_str().unwrap(),
+        10,
+    );
+    output_args[5] = format!("{url}/output/");
+    let out = wasnap()
+        .args(&output_args)
+        .env_remove("AWS_ALLOW_HTTP")
+        .output()
+        .unwrap();
+    expect(
+        &out,
+        &format!("wasnap: error: output {url}/output/ is unavailable"),
+        no_http,
+    );
+    // A bucket that does not exist.
+    let out = run(&run_args(
+        &wordcount,
+        &input,
+        &local_out,
+        "s3://no-such-bucket-here/x",
+        10,
+    ));
+    expect(
+        &out,
+        "wasnap: error: store s3://no-such-bucket-here/x is unavailable",
+        "(the bucket does not exist: create it, or name another in the URL)",
+    );
+    // No endpoint at all: a warning first, whatever the request then meets.
+    let out = wasnap()
+        .args(["inspect", "--store", "s3://wasnap/x"])
+        .env_remove("AWS_ENDPOINT")
+        .env("WASNAP_S3_RETRY_SECS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).starts_with(
+            "wasnap: warning: s3://wasnap/x: AWS_ENDPOINT is not set, so S3 requests go to AWS \
+             itself"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn inspect_reads_an_s3_store_pruned_to_the_kept_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
@@ -329,14 +434,16 @@ fn inspect_reads_an_s3_store_pruned_to_the_kept_checkpoints() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", stderr(&out));
-    // 1000 records, a checkpoint every 250: generations 1..=4, of which the newest 3 are kept.
+    // 1000 records, a checkpoint every 250: generations 1..=4, of which the newest 3 are
+    // kept, listed newest first.
     let generations: Vec<&str> = text
         .lines()
         .skip(1)
         .filter_map(|l| l.split_whitespace().next())
         .filter(|first| first.parse::<u64>().is_ok())
         .collect();
-    assert_eq!(generations, ["2", "3", "4"], "{text}");
+    assert_eq!(generations, ["4", "3", "2"], "{text}");
+    assert!(text.contains("3 checkpoints, generations 2 to 4"), "{text}");
     // Pruning on S3: checkpoint 1's manifest is gone, and its pack exists exactly when a
     // kept checkpoint still needs one of its pages.
     let store = open_store(&url);

@@ -167,6 +167,7 @@ fn unavailable(url: &KafkaUrl, err: KafkaError, doing: &str) -> anyhow::Error {
     anyhow!(err)
         .context(format!("{doing} (kafka://{}/{})", url.brokers, url.topic))
         .context(StoreUnavailable {
+            what: "the Kafka cluster",
             store: format!("kafka://{}", url.brokers),
         })
 }

@@ -16,7 +16,7 @@ pub mod manifest;
 pub mod pack;
 pub mod prune;
 pub mod recent;
-mod url;
+pub(crate) mod url;
 
 use std::sync::Arc;
 
@@ -180,6 +180,7 @@ impl CheckpointStore {
             .block_on(self.objects.list_with_delimiter(prefix.as_ref()))
             .with_context(|| format!("cannot list {}", self.label))
             .context(crate::error::StoreUnavailable {
+                what: "store",
                 store: self.label.clone(),
             })?;
         Ok(listed
@@ -196,6 +197,7 @@ impl CheckpointStore {
             .block_on(self.objects.list(Some(&Path::from(prefix))).try_collect())
             .with_context(|| format!("cannot list {prefix}"))
             .context(crate::error::StoreUnavailable {
+                what: "store",
                 store: self.label.clone(),
             })?;
         Ok(listed
@@ -308,6 +310,7 @@ impl CheckpointStore {
                 Err(anyhow!(e)
                     .context(format!("cannot read {path}"))
                     .context(StoreUnavailable {
+                        what: "store",
                         store: self.label.clone(),
                     }))
             }
@@ -383,6 +386,7 @@ impl CheckpointStore {
         let err = anyhow!(err).context(format!("{doing} to store {}", self.label));
         if self.label.starts_with("s3://") {
             err.context(StoreUnavailable {
+                what: "store",
                 store: self.label.clone(),
             })
         } else {

@@ -87,11 +87,33 @@ fn s3_retry() -> RetryConfig {
     }
 }
 
+/// Whether the environment names an S3 endpoint (object_store reads any of these).
+pub(crate) fn s3_endpoint_configured() -> bool {
+    ["AWS_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"]
+        .iter()
+        .any(|var| std::env::var_os(var).is_some())
+}
+
+/// With no endpoint configured, object_store talks to AWS itself: right in production,
+/// a surprise for someone who meant a local S3 server. Said once per process.
+fn warn_if_no_endpoint(url: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if !s3_endpoint_configured() {
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "{url}: AWS_ENDPOINT is not set, so S3 requests go to AWS itself (set it for \
+                 another S3 server, e.g. AWS_ENDPOINT=http://127.0.0.1:9000)"
+            );
+        });
+    }
+}
+
 fn open_s3(url: &str, rest: &str) -> Result<Arc<dyn ObjectStore>> {
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         bail!("store URL {url:?}: no bucket (expected s3://BUCKET/PREFIX)");
     }
+    warn_if_no_endpoint(url);
     // Errors from the builder name the setting, never its value: no credential leaks.
     let s3 = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)

@@ -109,8 +109,9 @@ impl ObjectSource {
             }
             Err(e) => {
                 return Err(anyhow!(e)
-                    .context(format!("cannot read input {url}"))
+                    .context("cannot look up its size and version")
                     .context(StoreUnavailable {
+                        what: "input",
                         store: url.to_string(),
                     }));
             }

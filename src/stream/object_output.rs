@@ -189,6 +189,7 @@ impl Objects {
         let err = anyhow!(err).context(doing);
         if self.url.starts_with("s3://") {
             err.context(StoreUnavailable {
+                what: "output",
                 store: self.url.clone(),
             })
         } else {

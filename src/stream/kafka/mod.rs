@@ -197,6 +197,7 @@ impl KafkaUrl {
                     STABLE_TIMEOUT.as_secs()
                 )
                 .context(StoreUnavailable {
+                    what: "the Kafka cluster",
                     store: format!("kafka://{}", self.brokers),
                 }));
             }
@@ -219,6 +220,7 @@ impl KafkaUrl {
         anyhow!(err)
             .context(format!("{doing} ({})", self.label()))
             .context(StoreUnavailable {
+                what: "the Kafka cluster",
                 store: format!("kafka://{}", self.brokers),
             })
     }
