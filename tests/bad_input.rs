@@ -142,7 +142,7 @@ fn a_trap_mid_stream_stops_cleanly_and_the_store_stays_restorable() {
     let out = run(&args);
     assert_clean_failure(&out, "the guest trapped in `process`");
     assert!(
-        stderr(&out).contains(&format!("input byte offset {}", 650 * 5)),
+        stderr(&out).contains(&format!("the record at line 651 (byte offset {})", 650 * 5)),
         "{}",
         stderr(&out)
     );
@@ -344,4 +344,104 @@ fn bad_arguments_get_clear_errors() {
         0,
     ));
     assert!(!out.status.success() && stderr(&out).contains("--checkpoint-every"));
+}
+
+/// A flag the chosen mode would not use is refused (exit 2, naming the flags), never
+/// silently ignored; the same flags in the mode that uses them run.
+#[test]
+fn flags_a_mode_would_ignore_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::write(&input, "a b\nb\n").unwrap();
+    let out = dir.path().join("out").display().to_string();
+    let (records, stdio) = (
+        guest("wordcount").display().to_string(),
+        guest("stdio-wordfreq").display().to_string(),
+    );
+    let input = input.display().to_string();
+    let refused = |args: &[&str], says: &str| {
+        let result = wasnap().args(args).output().unwrap();
+        assert_eq!(
+            result.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&result)
+        );
+        assert!(
+            stderr(&result).contains(says),
+            "{args:?}: {}",
+            stderr(&result)
+        );
+    };
+    let common = ["--input", &input, "--output", &out, "--store", "memory://"];
+    let with = |head: &[&str], tail: &[&str]| -> Vec<String> {
+        head.iter()
+            .chain(&common)
+            .chain(tail)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let args = with(&["run", &records], &["--checkpoint-every-bytes", "10"]);
+    refused(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "--checkpoint-every-bytes is for --stdio",
+    );
+    let args = with(
+        &["run", &stdio, "--stdio"],
+        &["--checkpoint-every", "10", "--checkpoint-interval", "1s"],
+    );
+    refused(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "--checkpoint-every, --checkpoint-interval are not for --stdio",
+    );
+    let args = with(
+        &["run", &stdio, "--stdio"],
+        &["--output", &format!("{out}2")],
+    );
+    refused(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "a stdio program has one output",
+    );
+    refused(
+        &[
+            "bench",
+            &stdio,
+            "--stdio",
+            "--input",
+            &input,
+            "--json",
+            "--max-deltas",
+            "2",
+        ],
+        "--json, --max-deltas are not for bench --stdio",
+    );
+    // Where they are used, the same flags run.
+    let args = with(
+        &["run", &stdio, "--stdio"],
+        &["--checkpoint-every-bytes", "2"],
+    );
+    assert!(wasnap().args(&args).output().unwrap().status.success());
+    let args = with(
+        &["run", &records],
+        &["--checkpoint-every", "1", "--max-deltas", "2"],
+    );
+    assert!(wasnap().args(&args).output().unwrap().status.success());
+}
+
+/// `cat` reads an output by the rule `run` wrote it by; a FIFO where the output should be
+/// is refused at once rather than waited on.
+#[test]
+fn cat_refuses_an_output_that_is_not_a_file_a_directory_or_a_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let out = wasnap()
+        .args(["cat", "--output", fifo.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "is not a regular file, a directory or an output URL");
 }

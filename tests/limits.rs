@@ -53,7 +53,11 @@ fn a_call_past_its_time_limit_stops_with_a_clear_error() {
         err.contains("ran past its time limit of 200 ms in `process`"),
         "{err}"
     );
-    assert!(err.contains("input byte offset 60"), "{err}");
+    // The 31st line, named by its line as well as its offset.
+    assert!(
+        err.contains("the record at line 31 (byte offset 60)"),
+        "{err}"
+    );
     // Records 0..30 were committed at 10, 20, 30; the output holds exactly those.
     assert_eq!(std::fs::read(&output).unwrap(), b"ok\n".repeat(30));
 }
@@ -75,7 +79,7 @@ fn growing_past_the_memory_cap_stops_with_a_clear_error() {
         "{err}"
     );
     assert!(
-        err.contains(&format!("input byte offset {}", 5 * 2 + 3 * 5)),
+        err.contains(&format!("at line 9 (byte offset {})", 5 * 2 + 3 * 5)),
         "{err}"
     );
 

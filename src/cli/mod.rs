@@ -46,18 +46,10 @@ enum Command {
         /// The guest: a core module (.wasm, or .wat text) of the record ABI, a
         /// `functionstream:core/processor` component, or with --stdio a WASI command.
         guest: PathBuf,
-        /// A component's configuration: KEY=VALUE, repeated; `fs-init` gets the pairs in
-        /// order on a fresh start (never after a restore).
-        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_pair)]
-        config: Vec<(String, String)>,
-        /// Stdio mode: GUEST is an unmodified WASI command (a `main`); the input is its
-        /// stdin, the output its stdout. Needs binaryen's wasm-opt (asyncify).
-        #[arg(long)]
-        stdio: bool,
-        /// Stdio mode: checkpoint at the first stdin read after this many input bytes.
-        #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY_BYTES,
-              value_parser = clap::value_parser!(u64).range(1..))]
-        checkpoint_every_bytes: u64,
+        #[command(flatten)]
+        component: ComponentArgs,
+        #[command(flatten)]
+        stdio: StdioArgs,
         /// Input records: lines of a file, file:///PATH or s3://BUCKET/KEY, or the records of
         /// kafka://HOST:PORT/TOPIC/PARTITION.
         #[arg(long)]
@@ -88,31 +80,16 @@ enum Command {
         seed: u64,
         #[command(flatten)]
         limits: LimitArgs,
-        /// Keep the newest K checkpoints; delete older ones and packs none of them needs.
-        #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
-        retain: u64,
+        #[command(flatten)]
+        retain: RetainArgs,
         /// Checkpoints captured but not yet committed before the guest waits, when they do
         /// not merge (by count alone); with an interval they merge while they wait, and the
         /// guest waits only once they hold 256 MiB of page copies. 0: each checkpoint is
         /// committed before the guest goes on.
         #[arg(long, default_value_t = task::DEFAULT_MAX_IN_FLIGHT as u64)]
         max_in_flight: u64,
-        /// Deltas a page may have on top of its last whole version before the next is
-        /// written whole: what a restore applies at most per page (0: no deltas).
-        #[arg(long, default_value_t = crate::snapshot::table::DEFAULT_MAX_DELTAS as u64,
-              value_parser = clap::value_parser!(u64).range(0..=crate::snapshot::table::MAX_DELTAS_LIMIT as u64))]
-        max_deltas: u64,
-        /// Page cache directory (the last captured version of every page, the base of
-        /// deltas) [default: OUTPUT.wasnap-cache beside the output].
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
-        /// How a checkpoint finds the changed pages: the kernel's record of written pages
-        /// (Linux 6.7+), hashing every page, auto (kernel for large memories where the
-        /// kernel offers it), or verify (kernel, checked by hashing everything).
-        #[arg(long, default_value_t = DirtyTracking::Auto,
-              value_parser = clap::builder::PossibleValuesParser::new(DirtyTracking::NAMES)
-                  .map(|s| s.parse::<DirtyTracking>().expect("a listed name")))]
-        dirty_tracking: DirtyTracking,
+        #[command(flatten)]
+        state: StateArgs,
         /// No progress lines on stderr.
         #[arg(long, short)]
         quiet: bool,
@@ -126,10 +103,8 @@ enum Command {
         /// The guest: a record-ABI core module (.wasm, or .wat text) or a
         /// `functionstream:core/processor` component.
         guest: PathBuf,
-        /// A component's configuration: KEY=VALUE, repeated; each task's `fs-init` gets
-        /// the pairs on a fresh start.
-        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_pair)]
-        config: Vec<(String, String)>,
+        #[command(flatten)]
+        component: ComponentArgs,
         /// kafka://HOST:PORT/TOPIC: each partition is one task.
         #[arg(long)]
         input: String,
@@ -151,10 +126,6 @@ enum Command {
         /// session.timeout.ms), in milliseconds.
         #[arg(long, default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1000..))]
         session_timeout_ms: u64,
-        /// Where this worker's page caches go (removed when it stops) [default: the
-        /// temporary directory].
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
         /// How the group divides partitions: range (eager: every rebalance stops and
         /// restarts every task) or cooperative-sticky (only the tasks that move stop).
         #[arg(long, default_value = "range",
@@ -163,14 +134,10 @@ enum Command {
         assignment: crate::fleet::Assignment,
         #[command(flatten)]
         limits: LimitArgs,
-        /// Keep the newest K checkpoints of each task.
-        #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
-        retain: u64,
-        /// How a checkpoint finds the changed pages (see `run`).
-        #[arg(long, default_value_t = DirtyTracking::Auto,
-              value_parser = clap::builder::PossibleValuesParser::new(DirtyTracking::NAMES)
-                  .map(|s| s.parse::<DirtyTracking>().expect("a listed name")))]
-        dirty_tracking: DirtyTracking,
+        #[command(flatten)]
+        retain: RetainArgs,
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// Delete old checkpoints and unreferenced packs offline, and report what was freed.
     #[command(after_help = "Example:\n  wasnap gc --store store/ --retain 1")]
@@ -178,9 +145,8 @@ enum Command {
         /// The task's checkpoint store: a directory, file:///DIR or s3://BUCKET/PREFIX.
         #[arg(long)]
         store: String,
-        /// Keep the newest K checkpoints.
-        #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
-        retain: u64,
+        #[command(flatten)]
+        retain: RetainArgs,
     },
     /// Measure a guest: per commit, bytes written, stall and costs, beside the Wasman-style
     /// baseline; and the durability tax (records/s with checkpoints ÷ with them off).
@@ -188,16 +154,13 @@ enum Command {
         after_help = "Example:\n  wasnap bench target/guests/wordcount.wasm --input input.txt --checkpoint-every 1000"
     )]
     Bench {
-        /// The guest module (.wasm, or .wat text); with --stdio, a WASI command.
+        /// The guest: a core module (.wasm, or .wat text) of the record ABI, a
+        /// `functionstream:core/processor` component, or with --stdio a WASI command (then
+        /// the bench reports what asyncify and checkpoints cost: module size, lines/s plain,
+        /// asyncified and with checkpoints).
         guest: PathBuf,
-        /// Stdio mode: what the asyncify transform and checkpoints cost (module size,
-        /// lines/s: plain WASI, asyncified, with checkpoints).
-        #[arg(long)]
-        stdio: bool,
-        /// Stdio mode: checkpoint at the first stdin read after this many input bytes.
-        #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY_BYTES,
-              value_parser = clap::value_parser!(u64).range(1..))]
-        checkpoint_every_bytes: u64,
+        #[command(flatten)]
+        stdio: StdioArgs,
         /// Input records: a file, s3://BUCKET/KEY or kafka://HOST:PORT/TOPIC/PARTITION.
         #[arg(long)]
         input: PathBuf,
@@ -215,18 +178,8 @@ enum Command {
         /// Skip the Wasman-style baseline (full gzip every 5th, FNV-64a 4 KiB deltas).
         #[arg(long)]
         no_baseline: bool,
-        /// Deltas a page may have before its next version is written whole (see `run`).
-        #[arg(long, default_value_t = crate::snapshot::table::DEFAULT_MAX_DELTAS as u64,
-              value_parser = clap::value_parser!(u64).range(0..=crate::snapshot::table::MAX_DELTAS_LIMIT as u64))]
-        max_deltas: u64,
-        /// How a checkpoint finds the changed pages (see `run`).
-        #[arg(long, default_value_t = DirtyTracking::Auto,
-              value_parser = clap::builder::PossibleValuesParser::new(DirtyTracking::NAMES)
-                  .map(|s| s.parse::<DirtyTracking>().expect("a listed name")))]
-        dirty_tracking: DirtyTracking,
-        /// Page cache directory (see `run`) [default: in the bench's scratch directory].
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
+        #[command(flatten)]
+        state: StateArgs,
         /// Merge captures the store cannot keep up with, as `run` does with an interval
         /// (the default then). By count alone, each checkpoint is committed on its own,
         /// so that its bytes compare with the baseline's at the same moments.
@@ -253,13 +206,19 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         target: usize,
     },
-    /// List the checkpoints in a store.
-    #[command(after_help = "Example:\n  wasnap inspect --store store/")]
+    /// Summarise a store and list its checkpoints, newest first.
+    #[command(
+        after_help = "Examples:\n  wasnap inspect --store store/\n  wasnap inspect --store s3://wasnap/job --details"
+    )]
     Inspect {
         /// The checkpoint store: a directory, file:///DIR or s3://BUCKET/PREFIX (a worker's
         /// store lists its tasks).
         #[arg(long)]
         store: String,
+        /// Also list, under each checkpoint, the packs it needs (with the frames it uses of
+        /// each), its component state and its kv runs.
+        #[arg(long)]
+        details: bool,
     },
 }
 
@@ -267,8 +226,9 @@ enum Command {
 /// count, or both (whichever comes first). Neither given: every second.
 #[derive(clap::Args)]
 struct PolicyArgs {
-    /// Take a checkpoint every N records (and always at the end of the input). Given alone,
-    /// checkpoints are by count only, and each is committed on its own.
+    /// Take a checkpoint every N records (and always at the end of the input). Given alone
+    /// to `run` or `bench`, checkpoints are by count only, and each is committed on its
+    /// own; a worker checkpoints by time as well.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     checkpoint_every: Option<u64>,
     /// Take a checkpoint once this long has passed since the last one and records came
@@ -287,6 +247,67 @@ impl PolicyArgs {
             (every, interval) => (every.unwrap_or(task::NEVER), interval),
         }
     }
+}
+
+/// A component's configuration, as `run` and `worker` take it.
+#[derive(clap::Args)]
+struct ComponentArgs {
+    /// A component's configuration: KEY=VALUE, repeated; `fs-init` gets the pairs in
+    /// order on a fresh start (never after a restore).
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_pair)]
+    config: Vec<(String, String)>,
+}
+
+/// Stdio mode, as `run` and `bench` take it.
+#[derive(clap::Args)]
+struct StdioArgs {
+    /// Stdio mode: GUEST is an unmodified WASI command (a `main`); the input is its
+    /// stdin, the output its stdout. Needs binaryen's wasm-opt (asyncify).
+    #[arg(long)]
+    stdio: bool,
+    /// Stdio mode: checkpoint at the first stdin read after this many input bytes.
+    #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    checkpoint_every_bytes: u64,
+}
+
+/// How many checkpoints a store keeps, as `run`, `worker` and `gc` take it.
+#[derive(clap::Args)]
+struct RetainArgs {
+    /// Keep the newest K checkpoints (of each task, for a worker); older ones, and packs
+    /// none of the kept ones needs, are deleted.
+    #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    retain: u64,
+}
+
+impl RetainArgs {
+    fn retain(&self) -> usize {
+        usize::try_from(self.retain).unwrap_or(usize::MAX)
+    }
+}
+
+/// How a checkpoint finds and writes the guest's state, as `run`, `worker` and `bench`
+/// take it.
+#[derive(clap::Args)]
+struct StateArgs {
+    /// How a checkpoint finds the changed pages: the kernel's record of written pages
+    /// (Linux 6.7+), hashing every page, auto (kernel for large memories where the
+    /// kernel offers it), or verify (kernel, checked by hashing everything).
+    #[arg(long, default_value_t = DirtyTracking::Auto,
+          value_parser = clap::builder::PossibleValuesParser::new(DirtyTracking::NAMES)
+              .map(|s| s.parse::<DirtyTracking>().expect("a listed name")))]
+    dirty_tracking: DirtyTracking,
+    /// Deltas a page may have on top of its last whole version before the next is
+    /// written whole: what a restore applies at most per page (0: no deltas).
+    #[arg(long, default_value_t = crate::snapshot::table::DEFAULT_MAX_DELTAS as u64,
+          value_parser = clap::value_parser!(u64).range(0..=crate::snapshot::table::MAX_DELTAS_LIMIT as u64))]
+    max_deltas: u64,
+    /// Page cache directory: the last captured version of every page, the base of
+    /// deltas [default: run: OUTPUT.wasnap-cache beside a file output, else in the user's
+    /// cache directory; worker: the temporary directory, removed when it stops; bench: its
+    /// scratch directory].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
 }
 
 /// A duration with its unit: `250ms`, `1s`, `1.5s`, `2m`, `1h`.
@@ -339,11 +360,90 @@ fn parse_config_pair(pair: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The flags given on the command line that the chosen mode of subcommand `name` would
+/// ignore, as a refusal; `None` when every flag given is used.
+fn unused_flags(name: &str, sub: &clap::ArgMatches) -> Option<String> {
+    let given = |id: &str| {
+        sub.try_contains_id(id).unwrap_or(false)
+            && sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    };
+    let stdio = sub.try_get_one::<bool>("stdio").ok().flatten() == Some(&true);
+    let (unused, why): (&[&str], &str) = match (name, stdio) {
+        ("run", false) | ("bench", false) => (
+            &["checkpoint_every_bytes"],
+            "is for --stdio (a record guest checkpoints by --checkpoint-every and \
+             --checkpoint-interval)",
+        ),
+        ("run", true) => (
+            &["checkpoint_every", "checkpoint_interval", "config"],
+            "is not for --stdio: a stdio program checkpoints by --checkpoint-every-bytes, and \
+             --config is for components",
+        ),
+        ("bench", true) => (
+            &[
+                "output",
+                "store",
+                "json",
+                "no_baseline",
+                "checkpoint_every",
+                "checkpoint_interval",
+                "coalesce",
+                "dirty_tracking",
+                "max_deltas",
+                "cache_dir",
+            ],
+            "is not for bench --stdio, which measures asyncify and checkpoints by \
+             --checkpoint-every-bytes in a scratch store of its own",
+        ),
+        _ => (&[], ""),
+    };
+    let mut flags: Vec<String> = unused
+        .iter()
+        .filter(|id| given(id))
+        .map(|id| format!("--{}", id.replace('_', "-")))
+        .collect();
+    if name == "run"
+        && stdio
+        && sub
+            .try_get_many::<PathBuf>("output")
+            .ok()
+            .flatten()
+            .is_some_and(|o| o.len() > 1)
+    {
+        return Some(
+            "--output more than once is for components (each is an emit target); a stdio \
+             program has one output, its stdout"
+                .into(),
+        );
+    }
+    match flags.len() {
+        0 => None,
+        1 => Some(format!("{} {why}", flags.remove(0))),
+        _ => Some(format!(
+            "{} {}",
+            flags.join(", "),
+            why.replacen("is ", "are ", 1)
+        )),
+    }
+}
+
 /// Exit code when another writer owns the task.
 pub const EXIT_FENCED: u8 = 3;
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    // A flag the chosen mode would ignore is refused, not ignored.
+    if let Some((name, sub)) = matches.subcommand()
+        && let Some(refusal) = unused_flags(name, sub)
+    {
+        say!("wasnap: {refusal}");
+        return ExitCode::from(2);
+    }
     // Warnings (a tracker that fell back to hashing, a checkpoint that is unusable) show
     // without WASNAP_LOG; a worker, a service, also says which partitions come and go.
     let default_filter = match cli.command {
@@ -362,9 +462,14 @@ pub fn main() -> ExitCode {
     let result: Result<(), crate::Error> = match cli.command {
         Command::Run {
             guest,
-            config: component_config,
-            stdio,
-            checkpoint_every_bytes,
+            component: ComponentArgs {
+                config: component_config,
+            },
+            stdio:
+                StdioArgs {
+                    stdio,
+                    checkpoint_every_bytes,
+                },
             input,
             output,
             on_trap,
@@ -375,13 +480,10 @@ pub fn main() -> ExitCode {
             limits,
             retain,
             max_in_flight,
-            max_deltas,
-            cache_dir,
-            dirty_tracking,
+            state,
             quiet,
         } => {
             let (checkpoint_every, checkpoint_interval) = policy.policy();
-            // A flag the chosen mode would ignore is refused, not ignored.
             match (on_trap.as_str(), &dead_letter) {
                 ("skip", None) => {
                     say!(
@@ -420,11 +522,11 @@ pub fn main() -> ExitCode {
                         Mode::records(checkpoint_every)
                     },
                     random_seed: seed,
-                    retain: usize::try_from(retain).unwrap_or(usize::MAX),
+                    retain: retain.retain(),
                     max_in_flight: usize::try_from(max_in_flight).unwrap_or(usize::MAX),
-                    cache_dir,
-                    max_deltas: max_deltas as usize,
-                    dirty_tracking,
+                    cache_dir: state.cache_dir,
+                    max_deltas: state.max_deltas as usize,
+                    dirty_tracking: state.dirty_tracking,
                     checkpoint_interval,
                     // With an interval, captures the store cannot keep up with merge; by
                     // count alone, every N records is its own commit.
@@ -468,8 +570,11 @@ pub fn main() -> ExitCode {
         }
         Command::Bench {
             guest,
-            stdio: true,
-            checkpoint_every_bytes,
+            stdio:
+                StdioArgs {
+                    stdio: true,
+                    checkpoint_every_bytes,
+                },
             input,
             ..
         } => bench::stdio::bench_stdio(&guest, &input, checkpoint_every_bytes)
@@ -483,9 +588,7 @@ pub fn main() -> ExitCode {
             store,
             json,
             no_baseline,
-            max_deltas,
-            dirty_tracking,
-            cache_dir,
+            state,
             coalesce,
             ..
         } => {
@@ -500,9 +603,9 @@ pub fn main() -> ExitCode {
                 store,
                 baseline: !no_baseline,
                 compare_off: true,
-                max_deltas: max_deltas as usize,
-                dirty_tracking,
-                cache_dir,
+                max_deltas: state.max_deltas as usize,
+                dirty_tracking: state.dirty_tracking,
+                cache_dir: state.cache_dir,
             };
             // The first failure to print is reported once the run is over.
             let mut printed = Ok(());
@@ -526,7 +629,9 @@ pub fn main() -> ExitCode {
         }
         Command::Worker {
             guest,
-            config: component_config,
+            component: ComponentArgs {
+                config: component_config,
+            },
             input,
             output,
             store,
@@ -534,11 +639,10 @@ pub fn main() -> ExitCode {
             policy,
             metrics,
             session_timeout_ms,
-            cache_dir,
             assignment,
             limits,
             retain,
-            dirty_tracking,
+            state,
         } => {
             let config = crate::fleet::WorkerConfig {
                 guest,
@@ -550,8 +654,9 @@ pub fn main() -> ExitCode {
                 group,
                 task: TaskConfig {
                     mode: Mode::records(policy.policy().0),
-                    retain: usize::try_from(retain).unwrap_or(usize::MAX),
-                    dirty_tracking,
+                    retain: retain.retain(),
+                    dirty_tracking: state.dirty_tracking,
+                    max_deltas: state.max_deltas as usize,
                     // An idle partition must still commit what it has: a worker always
                     // checkpoints by time too.
                     checkpoint_interval: Some(
@@ -562,21 +667,21 @@ pub fn main() -> ExitCode {
                     ..TaskConfig::default()
                 },
                 metrics,
-                cache_dir,
+                cache_dir: state.cache_dir,
                 session_timeout: std::time::Duration::from_millis(session_timeout_ms),
                 assignment,
             };
             crate::fleet::run_worker(&config, signals::stop_requested())
         }
-        Command::Inspect { store } => inspect::inspect(&store).map_err(Into::into),
+        Command::Inspect { store, details } => {
+            inspect::inspect(&store, details).map_err(Into::into)
+        }
         Command::Cat {
             output,
             store,
             target,
         } => cat(&output, store.as_deref(), target).map_err(Into::into),
-        Command::Gc { store, retain } => {
-            gc(&store, usize::try_from(retain).unwrap_or(usize::MAX)).map_err(Into::into)
-        }
+        Command::Gc { store, retain } => gc(&store, retain.retain()).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -641,15 +746,20 @@ fn cat(output: &str, store: Option<&str>, target: usize) -> anyhow::Result<()> {
     };
     let marker = newest.as_ref().map(|(_, marker)| marker.as_slice());
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    if output.starts_with("kafka://") {
-        let task = newest
-            .as_ref()
-            .map(|(task, marker)| (*task, marker.as_slice()));
-        crate::stream::kafka::output::cat(output, task, &mut out)?;
-    } else if std::path::Path::new(output).is_file() {
-        crate::stream::sink::cat_file(std::path::Path::new(output), marker, &mut out)?;
-    } else {
-        crate::stream::object_output::cat(output, marker, &mut out)?;
+    // The same rule as `run`'s, so `cat` reads what `run` wrote.
+    match crate::stream::OutputKind::of(std::path::Path::new(output)) {
+        crate::stream::OutputKind::Kafka => {
+            let task = newest
+                .as_ref()
+                .map(|(task, marker)| (*task, marker.as_slice()));
+            crate::stream::kafka::output::cat(output, task, &mut out)?;
+        }
+        crate::stream::OutputKind::File => {
+            crate::stream::sink::cat_file(std::path::Path::new(output), marker, &mut out)?;
+        }
+        crate::stream::OutputKind::Parts => {
+            crate::stream::object_output::cat(output, marker, &mut out)?;
+        }
     }
     use std::io::Write;
     out.flush().or_else(|e| {

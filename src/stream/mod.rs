@@ -50,11 +50,33 @@ pub fn open_source(input: &Path) -> Result<Box<dyn Source>, crate::Error> {
 /// directory hold parts (`object_output`); `kafka://HOST:PORT/TOPIC[/PARTITION]` is a
 /// partition (`kafka`); any other path is a file, locked against a second writer.
 pub fn open_sink(output: &Path) -> Result<Box<dyn Sink>, crate::Error> {
-    if is_kafka_url(output) {
-        return Ok(Box::new(kafka::KafkaSink::open(&output.to_string_lossy())?));
+    Ok(match OutputKind::of(output) {
+        OutputKind::Kafka => Box::new(kafka::KafkaSink::open(&output.to_string_lossy())?),
+        OutputKind::Parts => Box::new(ObjectSink::open(&output.to_string_lossy())?),
+        OutputKind::File => Box::new(FileSink::open(output)?),
+    })
+}
+
+/// What kind of output an `--output` names: one rule for `run`, which writes it, and
+/// `cat`, which reads it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OutputKind {
+    /// `kafka://HOST:PORT/TOPIC[/PARTITION]`.
+    Kafka,
+    /// `s3://BUCKET/PREFIX`, `file:///DIR` or an existing directory: output parts.
+    Parts,
+    /// Any other path: one file.
+    File,
+}
+
+impl OutputKind {
+    pub(crate) fn of(output: &Path) -> Self {
+        if is_kafka_url(output) {
+            OutputKind::Kafka
+        } else if is_object_url(output) || output.is_dir() {
+            OutputKind::Parts
+        } else {
+            OutputKind::File
+        }
     }
-    if is_object_url(output) || output.is_dir() {
-        return Ok(Box::new(ObjectSink::open(&output.to_string_lossy())?));
-    }
-    Ok(Box::new(FileSink::open(output)?))
 }

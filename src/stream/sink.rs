@@ -14,7 +14,7 @@
 //! cut on the next restore.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -304,12 +304,22 @@ impl Sink for FileSink {
 /// Write a file output to `out`: all of it, or with the marker of the store's newest
 /// checkpoint, exactly what that checkpoint committed (a live run may have written more).
 pub fn cat_file(path: &Path, marker: Option<&[u8]>, out: &mut dyn std::io::Write) -> Result<u64> {
-    let file =
-        File::open(path).with_context(|| format!("cannot read output {}", path.display()))?;
-    let actual = file
+    // Non-blocking, so a FIFO cannot hang the open; then only a regular file is read.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("cannot read output {}", path.display()))?;
+    let metadata = file
         .metadata()
-        .with_context(|| format!("cannot stat output {}", path.display()))?
-        .len();
+        .with_context(|| format!("cannot stat output {}", path.display()))?;
+    if !metadata.is_file() {
+        anyhow::bail!(
+            "output {} is not a regular file, a directory or an output URL",
+            path.display()
+        );
+    }
+    let actual = metadata.len();
     let len = match marker {
         None => actual,
         Some(marker) => parse_file_marker(marker, path)?,

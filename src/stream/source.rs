@@ -50,6 +50,12 @@ pub trait Source: Send {
     fn position(&self) -> Vec<u8>;
     /// Input bytes consumed so far (progress and statistics; not used to resume).
     fn offset(&self) -> u64;
+    /// Where the record that starts at `offset` (a value of [`Source::offset`]) is, in
+    /// the terms a user finds it by: "line 7 (byte offset 120)" in a file. Called only
+    /// when something went wrong with that record, so it may read the input again.
+    fn locate(&mut self, offset: u64) -> String {
+        format!("input offset {offset}")
+    }
 }
 
 /// What [`Source::poll_record`] found.
@@ -73,6 +79,11 @@ pub trait ByteInput: Send {
     fn identity(&self) -> Vec<u8>;
     /// The input's name in messages.
     fn label(&self) -> String;
+    /// How many newlines the input holds before byte `offset`, when that is cheap to
+    /// learn (a local file); `None` otherwise.
+    fn newlines_before(&mut self, _offset: u64) -> Option<u64> {
+        None
+    }
 }
 
 /// Newline-delimited records over a [`ByteInput`].
@@ -174,6 +185,13 @@ impl<I: ByteInput> Source for ByteLines<I> {
     fn offset(&self) -> u64 {
         self.offset
     }
+
+    fn locate(&mut self, offset: u64) -> String {
+        match self.input.newlines_before(offset) {
+            Some(lines) => format!("line {} (byte offset {offset})", lines + 1),
+            None => format!("input byte offset {offset}"),
+        }
+    }
 }
 
 /// Split a byte source's position into its offset and the identity bytes after it.
@@ -257,6 +275,22 @@ impl ByteInput for FileInput {
 
     fn label(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn newlines_before(&mut self, offset: u64) -> Option<u64> {
+        // Opened as a resume would (a regular file only), then read once up to `offset`.
+        let file = self.start(0, None).ok()?;
+        let mut reader = BufReader::with_capacity(1 << 20, file.take(offset));
+        let mut newlines = 0u64;
+        loop {
+            let buf = reader.fill_buf().ok()?;
+            if buf.is_empty() {
+                return Some(newlines);
+            }
+            newlines += buf.iter().filter(|&&b| b == b'\n').count() as u64;
+            let n = buf.len();
+            reader.consume(n);
+        }
     }
 }
 

@@ -408,6 +408,7 @@ pub fn run(
     let mut skip = std::collections::BTreeMap::new();
     // The segments before each skip: (resumed from, records, input bytes, checkpoints).
     let mut before: Option<(Option<u64>, u64, u64, u64)> = None;
+    let mut segment_from: Option<u64> = None;
     loop {
         let mut task = config.open_with_guest(&guest, store.clone())?;
         if config.dead_letter.is_some() {
@@ -417,6 +418,10 @@ pub fn run(
             })?;
         }
         let (resumed_from, opened_at) = (task.resumed_from(), task.input_offset());
+        // The input the segment before a skip got through: up to where this one resumed.
+        if let (Some(from), Some((_, _, bytes, _))) = (segment_from.take(), before.as_mut()) {
+            *bytes += opened_at.saturating_sub(from);
+        }
         let outcome = task.run(observer);
         drop(task);
         let mut summary = match outcome {
@@ -439,9 +444,10 @@ pub fn run(
                     before = Some((
                         first,
                         records + poison.records,
-                        bytes + poison.offset.saturating_sub(opened_at),
+                        bytes,
                         checkpoints + poison.checkpoints,
                     ));
+                    segment_from = Some(opened_at);
                     skip.insert(poison.offset, poison.message.clone());
                     continue;
                 }

@@ -168,12 +168,14 @@ impl Driver for Records {
                         return Err(crate::error::PoisonRecord {
                             offset: offset_before,
                             message: format!("{err:#}"),
-                            records: worked.records,
+                            // Those after the last checkpoint are replayed after the skip.
+                            records: worked.records - self.since_checkpoint,
                             checkpoints: worked.checkpoints,
                         }
                         .into());
                     }
-                    return Err(err.context(format!("record at input byte offset {offset_before}")));
+                    let at = self.source.locate(offset_before);
+                    return Err(err.context(format!("the record at {at}")));
                 }
             }
             let instance = &mut checkpoints.instance;
