@@ -11,11 +11,14 @@
 #
 # With --parent-pid the broker is stopped when that process is gone, so a test run that
 # dies cannot leave one behind. --port and --data-dir start it again where it was (a
-# broker restart). The Python environment is made in .venv-kafka on first use.
+# broker restart). The Python environment (made on first use), the data directories and
+# the logs live outside the repository, under $WASNAP_STATE_DIR (default:
+# ${XDG_CACHE_HOME:-~/.cache}/wasnap).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-state="$root/target/kafka-server"
-venv="$root/.venv-kafka"
+base="${WASNAP_STATE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/wasnap}"
+state="$base/kafka-server"
+venv="$base/kafka-venv"
 
 ensure_venv() {
   local stamp="$venv/.requirements"

@@ -2,13 +2,17 @@
 # Start or stop the test S3 server (moto, see s3_server.py) on 127.0.0.1 and a free port.
 #
 #   scripts/s3-server.sh start [--parent-pid PID]   prints `export …` lines for the S3 settings
-#   scripts/s3-server.sh stop                       stops the server started last, by its PID
+#   scripts/s3-server.sh stop [PID]                 stops that server, or the one started last
 #
-# The Python environment is created in .venv on first use from s3-requirements.txt.
+# The server has one bucket, `wasnap`, made at start (s3://wasnap/PREFIX); it keeps its
+# objects in memory, so a stop forgets them. Its Python environment (made on first use
+# from s3-requirements.txt), its logs and its PID live outside the repository, under
+# $WASNAP_STATE_DIR (default: ${XDG_CACHE_HOME:-~/.cache}/wasnap).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-state="$root/target/s3-server"
-venv="$root/.venv"
+base="${WASNAP_STATE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/wasnap}"
+state="$base/s3-server"
+venv="$base/s3-venv"
 
 ensure_venv() {
   local stamp="$venv/.requirements"
@@ -40,6 +44,7 @@ case "${1:-}" in
     done
     [ -f "$run_dir/port" ] || { echo "s3-server: no port after 30 s" >&2; kill "$pid"; exit 1; }
     echo "$pid" >"$state/pid"
+    echo "s3-server: moto on port $(cat "$run_dir/port") (pid $pid, log $run_dir/log); stop it with: $0 stop $pid" >&2
     cat <<EXPORTS
 export AWS_ENDPOINT=http://127.0.0.1:$(cat "$run_dir/port")
 export AWS_ALLOW_HTTP=true
@@ -51,13 +56,15 @@ export WASNAP_TEST_S3_PID=$pid
 EXPORTS
     ;;
   stop)
-    if [ -f "$state/pid" ]; then
+    if [ -n "${2:-}" ]; then
+      kill "$2" 2>/dev/null || true
+    elif [ -f "$state/pid" ]; then
       kill "$(cat "$state/pid")" 2>/dev/null || true
       rm -f "$state/pid"
     fi
     ;;
   *)
-    echo "usage: $0 start [--parent-pid PID] | stop" >&2
+    echo "usage: $0 start [--parent-pid PID] | stop [PID]" >&2
     exit 2
     ;;
 esac
