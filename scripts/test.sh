@@ -12,6 +12,7 @@ scripts/build-guests.sh
 # Lints with warnings as errors, and the shipped binary as users build it (without the
 # `internals` feature the tests turn on).
 cargo clippy --locked --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps
 cargo build --locked --bin wasnap
 # The criterion benchmarks, each once in test mode on the small size, so they keep
 # compiling and running.

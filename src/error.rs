@@ -40,6 +40,7 @@ pub struct Error {
 }
 
 impl Error {
+    /// What kind of failure this is: what a caller may do about it.
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
@@ -64,9 +65,10 @@ impl From<anyhow::Error> for Error {
     }
 }
 
-/// One line, outermost context first: what the command line prints (see [`one_line`]).
-/// Credentials in a URL (`http://KEY:SECRET@host`, as an `AWS_ENDPOINT` may hold) are
-/// blanked.
+/// One line, outermost context first: what the command line prints. A cause that a link
+/// already holds is not repeated, line breaks are folded, a long link is cut, and a cause
+/// whose fix is a setting (S3's, mostly) gets a hint. Credentials in a URL
+/// (`http://KEY:SECRET@host`, as an `AWS_ENDPOINT` may hold) are blanked.
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&redact_credentials(&one_line(&self.inner)))
@@ -292,6 +294,7 @@ pub(crate) use changed;
      by a different process; this writer is fenced and stops without committing"
 )]
 pub struct Fenced {
+    /// The generation another writer committed first (or past which it committed).
     pub generation: u64,
 }
 
@@ -313,6 +316,7 @@ pub struct PoisonRecord {
     /// Records processed up to the last checkpoint before it (those after it are replayed
     /// once the record is skipped), and checkpoints taken, since the task opened.
     pub records: u64,
+    /// Checkpoints taken since the task opened, before the record.
     pub checkpoints: u64,
 }
 
@@ -324,8 +328,11 @@ pub struct PoisonRecord {
      different module (use a new store to start over)"
 )]
 pub struct ModuleChanged {
+    /// The checkpoint that was about to be restored.
     pub generation: u64,
+    /// The sha256 (hex) of the module the store's checkpoints were taken of.
     pub expected: String,
+    /// The sha256 (hex) of the module given now.
     pub actual: String,
 }
 
@@ -336,6 +343,7 @@ pub struct ModuleChanged {
     path.display()
 )]
 pub struct OutputLocked {
+    /// The output file.
     pub path: std::path::PathBuf,
 }
 

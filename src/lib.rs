@@ -96,6 +96,8 @@
 //! The stages are private. The `internals` feature makes them public for wasnap's own
 //! tests and benchmarks; they are not a stable API.
 
+#![warn(missing_docs)]
+
 // The stages: public with the `internals` feature (wasnap's own tests and benchmarks),
 // crate-private otherwise. Written out (not by a macro) so rustfmt and readers see them.
 #[cfg(feature = "internals")]

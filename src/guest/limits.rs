@@ -13,6 +13,8 @@ use wasmtime::Engine;
 /// Granularity of the time limit.
 pub const TICK: Duration = Duration::from_millis(10);
 
+/// What a guest may use: its memory and the time of one call. `None`: no limit beyond
+/// the module's own (and the engine's 4 GiB per 32-bit memory).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
     /// The most bytes all of the guest's memories together may hold.

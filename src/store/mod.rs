@@ -152,10 +152,12 @@ impl CheckpointStore {
         })
     }
 
+    /// The store's URL as it was opened (for messages).
     pub fn label(&self) -> &str {
         &self.label
     }
 
+    /// The object store underneath (with its prefix applied).
     pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
         &self.objects
     }
@@ -206,6 +208,7 @@ impl CheckpointStore {
             .collect())
     }
 
+    /// Read and check the manifest of checkpoint `generation` (size-capped, checksummed).
     pub fn read_manifest(&self, generation: u64) -> Result<Manifest> {
         let path = manifest_path(generation);
         let bytes = self.get(&path, MAX_MANIFEST_BYTES)?;

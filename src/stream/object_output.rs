@@ -397,6 +397,8 @@ enum Repair {
 const GARBAGE_AGE_SECS: i64 = 600;
 
 impl ObjectSink {
+    /// An output of parts under `url` (`s3://BUCKET/PREFIX`, `file:///DIR` or a
+    /// directory), positioned by [`Sink::resume_at`](crate::Sink::resume_at).
     pub fn open(url: &str) -> Result<Self> {
         Ok(Self {
             objects: Objects::open(url)?,

@@ -56,6 +56,7 @@ pub trait Sink: Send {
     fn needs_commit(&self) -> bool {
         false
     }
+    /// Whether the output holds nothing, buffered or written.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -67,6 +68,7 @@ pub struct OutputFlush {
     pub marker: Vec<u8>,
     /// Output bytes this checkpoint commits in all (what `inspect` and stats show).
     pub bytes: u64,
+    /// What makes the flushed output durable and visible once the manifest committed.
     pub commit: Box<dyn OutputCommit>,
 }
 
@@ -128,6 +130,8 @@ impl Durability {
     }
 }
 
+/// A local file of output lines: written as the guest emits, fsynced at each checkpoint,
+/// cut back to the checkpoint's length on restore, locked against a second writer.
 pub struct FileSink {
     file: File,
     path: PathBuf,
@@ -238,7 +242,7 @@ impl FileSink {
     }
 
     /// Write everything emitted so far, without fsync: returns the length that a later
-    /// [`Durability::sync`] makes durable, the flush marker of a checkpoint in flight.
+    /// `Durability::sync` makes durable, the flush marker of a checkpoint in flight.
     pub fn flush(&mut self) -> Result<u64> {
         self.write_buffer()?;
         self.check_untouched()?;

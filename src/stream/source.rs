@@ -71,6 +71,7 @@ pub enum Polled {
 
 /// A byte stream that [`ByteLines`] cuts into records: positioned once, then read on.
 pub trait ByteInput: Send {
+    /// The bytes from where [`ByteInput::start`] positioned it.
     type Reader: Read + Send;
     /// Start reading at `offset`. `identity` is what a checkpoint recorded of the input
     /// (after the offset in its position), `None` on a fresh start: refuse another input.
@@ -96,6 +97,7 @@ pub struct ByteLines<I: ByteInput> {
 }
 
 impl<I: ByteInput> ByteLines<I> {
+    /// The records of `input` (positioned when the task calls `resume_at`).
     pub fn new(input: I) -> Self {
         let identity = input.identity();
         Self {

@@ -38,33 +38,42 @@ pub const DEFAULT_CHECKPOINT_EVERY_BYTES: u64 = 1 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// A record guest (the wasnap ABI): one `process` call per input record; a checkpoint
-    /// after every `checkpoint_every` records ([`NEVER`]: not by count; see also
+    /// after every `checkpoint_every` records (`u64::MAX`: not by count; see also
     /// [`TaskConfig::checkpoint_interval`]) and at the end of the input.
-    Records { checkpoint_every: u64 },
+    Records {
+        /// Records between two checkpoints (`u64::MAX`: by time only).
+        checkpoint_every: u64,
+    },
     /// An unmodified WASI command: the input is its stdin and the output its stdout; a
     /// checkpoint at its first stdin read after every `checkpoint_every_bytes` bytes, and
     /// once it exits.
-    Stdio { checkpoint_every_bytes: u64 },
+    Stdio {
+        /// Input bytes between two checkpoints (taken at the next stdin read).
+        checkpoint_every_bytes: u64,
+    },
 }
 
 impl Mode {
+    /// A record guest, checkpointed every `checkpoint_every` records.
     pub fn records(checkpoint_every: u64) -> Self {
         Mode::Records { checkpoint_every }
     }
 
+    /// A WASI command, checkpointed every `checkpoint_every_bytes` input bytes.
     pub fn stdio(checkpoint_every_bytes: u64) -> Self {
         Mode::Stdio {
             checkpoint_every_bytes,
         }
     }
 
+    /// Whether this is stdio mode.
     pub fn is_stdio(&self) -> bool {
         matches!(self, Mode::Stdio { .. })
     }
 }
 
 impl Default for Mode {
-    /// Records, checkpointed by time only ([`DEFAULT_CHECKPOINT_INTERVAL`]).
+    /// Records, checkpointed by time only (every second by default).
     fn default() -> Self {
         Mode::records(NEVER)
     }
@@ -73,6 +82,7 @@ impl Default for Mode {
 /// A task's mode and knobs.
 #[derive(Clone, Debug)]
 pub struct TaskConfig {
+    /// A record guest or a stdio program, and when it checkpoints by count.
     pub mode: Mode,
     /// Seed of the guest's WASI random stream on a fresh start (a restore uses the checkpoint's).
     pub random_seed: u64,
@@ -396,6 +406,37 @@ fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
 /// dead letters instead of processing it, and goes on. The skip is part of the next
 /// checkpoint like any record; a crash before it repeats the failure and the skip, so
 /// both outputs stay exactly-once.
+///
+/// ```
+/// use wasnap::{ErrorKind, NoObserver, RunConfig};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let (guest, input) = (dir.path().join("echo.wat"), dir.path().join("in.txt"));
+/// // A guest that emits every record back, and traps on the empty one.
+/// std::fs::write(&guest, r#"(module
+///     (import "wasnap" "emit" (func $emit (param i32 i32)))
+///     (memory (export "memory") 1)
+///     (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+///     (func (export "process") (param $ptr i32) (param $len i32)
+///         (if (i32.eqz (local.get $len)) (then unreachable))
+///         (call $emit (local.get $ptr) (local.get $len))))"#)?;
+/// std::fs::write(&input, "a\nb\n")?;
+/// let store = dir.path().join("store").display().to_string();
+/// let config = RunConfig::new(&guest, &input, dir.path().join("out.txt"));
+/// let summary = wasnap::run(&config, &store, &mut NoObserver)?;
+/// assert_eq!((summary.records, summary.resumed_from), (2, None));
+/// assert_eq!(std::fs::read(dir.path().join("out.txt"))?, b"a\nb\n");
+///
+/// // More input, and the same call resumes from the newest checkpoint; the empty
+/// // record traps, a failure of the guest's.
+/// std::fs::write(&input, "a\nb\nc\n\n")?;
+/// let err = wasnap::run(&config, &store, &mut NoObserver).unwrap_err();
+/// assert_eq!(err.kind(), ErrorKind::Guest);
+/// assert!(err.to_string().contains("the record at line 4"), "{err}");
+/// assert_eq!(std::fs::read(dir.path().join("out.txt"))?, b"a\nb\n");
+/// # Ok(())
+/// # }
+/// ```
 pub fn run(
     config: &RunConfig,
     store_url: &str,

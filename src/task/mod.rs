@@ -70,12 +70,14 @@ pub struct RunSummary {
     pub records: u64,
     /// Input bytes consumed by this run.
     pub input_bytes: u64,
+    /// Checkpoints this run took (committed, possibly merged into fewer commits).
     pub checkpoints: u64,
     /// Newest committed generation at the end.
     pub generation: u64,
+    /// Wall time of the run, from opening the task.
     pub elapsed: Duration,
-    /// Records passed by to the dead letters (`--on-trap skip`); records, input bytes and
-    /// checkpoints then count the replays up to each.
+    /// Records passed by to the dead letters (`--on-trap skip`), counted in `records`
+    /// too; records and input bytes count the records a skip replays once.
     pub skipped: u64,
 }
 
@@ -111,14 +113,17 @@ trait Driver: Send {
 pub struct StopHandle(Arc<AtomicBool>);
 
 impl StopHandle {
+    /// A handle not yet stopped.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Ask the task to stop at its next record boundary (after a last checkpoint).
     pub fn stop(&self) {
         self.0.store(true, Ordering::Relaxed);
     }
 
+    /// Whether a stop was asked for.
     pub fn is_stopped(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }

@@ -7,13 +7,18 @@ use crate::Error;
 
 /// What one checkpoint did and cost.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct CheckpointStats {
+    /// The checkpoint's generation (a merged commit's: its newest capture's).
     pub generation: u64,
     /// Captures this commit covered: 1, or more where captures that waited for the
     /// committer merged (their generations are told the same stats).
     pub captures: usize,
+    /// Input bytes (or a Kafka offset) consumed before the checkpoint.
     pub input_offset: u64,
+    /// Output bytes the checkpoint commits in all.
     pub output_marker: u64,
+    /// Bytes of the guest's memories at the checkpoint.
     pub memory_bytes: u64,
     /// Pages that changed and were written (as deltas or whole).
     pub dirty_pages: usize,
@@ -34,10 +39,13 @@ pub struct CheckpointStats {
     pub whole_pages: usize,
     /// Frames copied from sparse older packs (compaction), and their bytes.
     pub compacted_frames: usize,
+    /// Bytes of the compacted frames.
     pub compacted_bytes: usize,
     /// Bytes of the dirty pages' frames in the pack (the pack less header and compaction).
     pub encoded_bytes: usize,
+    /// Bytes of the pack written (0 when nothing changed and no pack was needed).
     pub pack_bytes: usize,
+    /// Bytes of the manifest committed.
     pub manifest_bytes: usize,
     /// Time the guest was paused: output hand-over, hashing, copying dirty pages.
     pub stall: Duration,
@@ -59,6 +67,7 @@ pub struct CheckpointStats {
 /// Told about every checkpoint: when it starts, and how it ended, on every path (a run
 /// settles every checkpoint it started before it returns, with success or an error).
 pub trait CheckpointObserver {
+    /// Checkpoint `generation` is about to be captured (the guest is paused next).
     fn started(&mut self, _generation: u64) {}
     /// Right after the capture, with the guest still paused exactly as captured: the bytes
     /// of each of its memories. Not counted in the stall (the benchmark computes its

@@ -80,7 +80,7 @@ pub trait DirtyTracker: Send {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DirtyTracking {
     /// Kernel tracking where it works here and pays: memories of at least
-    /// [`AUTO_KERNEL_MIN_BYTES`], except while the guest rewrites so much of one between
+    /// 32 MiB (`AUTO_KERNEL_MIN_BYTES`), except while the guest rewrites so much of one between
     /// checkpoints that the first-write faults cost more than hashing (it is then hashed
     /// for a while, and tried again). Hashing otherwise.
     #[default]
@@ -100,6 +100,7 @@ pub enum DirtyTracking {
 pub const AUTO_KERNEL_MIN_BYTES: usize = 32 << 20;
 
 impl DirtyTracking {
+    /// The names `FromStr` and `Display` use, as `--dirty-tracking` takes them.
     pub const NAMES: [&str; 4] = ["auto", "kernel", "hash", "verify"];
 
     /// The tracker this mode gives on this machine, or why it cannot be had.
