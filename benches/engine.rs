@@ -93,7 +93,7 @@ impl SizedTask {
         let config = RunConfig {
             task: TaskConfig {
                 dirty_tracking,
-                // The page cache's file system matters: see `cache_dir` in the README.
+                // The page cache's file system matters: see "The page cache" in docs/DESIGN.md.
                 cache_dir: std::env::var_os("WASNAP_BENCH_CACHE_DIR").map(|d| {
                     std::path::Path::new(&d).join(format!("cache-{}-{mib}", std::process::id()))
                 }),

@@ -74,7 +74,7 @@ pub struct KernelTracker {
 const SCAN_REGIONS: usize = 512;
 
 /// Bytes hashing gets through in the time one first-write fault takes: about 2 µs
-/// against 34 ms per GiB, measured here (README, "Dirty tracking").
+/// against 34 ms per GiB, measured here (docs/BENCHMARKS.md, "Dirty tracking").
 const FAULT_COST_IN_HASHED_BYTES: usize = 64 << 10;
 /// A memory rests after this many heavy scans in a row...
 const HEAVY_SCANS_TO_REST: u32 = 3;
