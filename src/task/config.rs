@@ -332,7 +332,7 @@ impl RunConfig {
     ) -> Result<(), crate::Error> {
         let output_arg = output;
         let Some(output) = local_path(output_arg) else {
-            return Ok(());
+            return s3_output_apart(output_arg, store_url);
         };
         let output = resolve(&output);
         let clash = |what: &str, other: &std::path::Path| -> Result<(), crate::Error> {
@@ -362,6 +362,31 @@ impl RunConfig {
         }
         Ok(())
     }
+}
+
+/// An S3 output inside an S3 store's prefix, or holding it, would mix its parts with the
+/// store's objects: refused, as a local output inside a local store is.
+fn s3_output_apart(output: &std::path::Path, store_url: &str) -> Result<(), crate::Error> {
+    let output_text = output.to_string_lossy();
+    let (Some(out), Some(store)) = (
+        output_text.strip_prefix("s3://"),
+        store_url.strip_prefix("s3://"),
+    ) else {
+        return Ok(());
+    };
+    let (out, store) = (out.trim_end_matches('/'), store.trim_end_matches('/'));
+    let within = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+    if within(out, store) || within(store, out) {
+        return Err(crate::error::error(
+            crate::ErrorKind::Other,
+            format!(
+                "--output {output_text} is inside, or holds, the store {store_url}: give the \
+                 output and the store prefixes of their own"
+            ),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The local path an `--input`/`--output` argument names, or `None` for S3 and Kafka.
@@ -522,4 +547,24 @@ fn user_cache_dir(key: &str) -> PathBuf {
         .unwrap_or_else(std::env::temp_dir);
     let key = twox_hash::XxHash3_64::oneshot(key.as_bytes());
     base.join("wasnap").join(format!("{key:016x}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_s3_output_and_store_share_no_prefix() {
+        let refused = |output: &str, store: &str| {
+            s3_output_apart(std::path::Path::new(output), store).is_err()
+        };
+        assert!(refused("s3://b/x/store/out", "s3://b/x/store"));
+        assert!(refused("s3://b/x/", "s3://b/x"));
+        assert!(refused("s3://b/x", "s3://b/x/store"));
+        assert!(refused("s3://b", "s3://b/store"));
+        assert!(!refused("s3://b/x/out", "s3://b/x/store"));
+        assert!(!refused("s3://b/x/storeroom", "s3://b/x/store"));
+        assert!(!refused("s3://c/x", "s3://b/x"));
+        assert!(!refused("s3://b/x", "store/"));
+    }
 }
