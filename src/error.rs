@@ -33,6 +33,11 @@ pub enum ErrorKind {
     Other,
 }
 
+/// A result whose error is wasnap's [`Error`]: what the library's functions and the
+/// [`Source`](crate::Source), [`Sink`](crate::Sink) and
+/// [`OutputCommit`](crate::OutputCommit) traits return.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 /// An error from the engine: a kind and a message naming the cause.
 pub struct Error {
     kind: ErrorKind,
@@ -62,6 +67,15 @@ impl From<anyhow::Error> for Error {
             kind: kind_of(&inner),
             inner,
         }
+    }
+}
+
+/// An I/O error from a [`Source`](crate::Source) or [`Sink`](crate::Sink) of the
+/// embedder's: of kind [`ErrorKind::Other`], so `?` works on `std::io` results in their
+/// methods (add context with `anyhow::Context` first to say what failed).
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        from_io(e).into()
     }
 }
 

@@ -6,9 +6,8 @@
 //! output's marker. Open the same task again after a crash and it resumes exactly once.
 //!
 //! ```
-//! use wasnap::{CheckpointStore, Guest, NoObserver, Sink, Source, Task, TaskConfig};
+//! use wasnap::{CheckpointStore, Guest, NoObserver, Result, Sink, Source, Task, TaskConfig};
 //! # use wasnap::{OutputCommit, OutputFlush};
-//! # use anyhow::Result;
 //! # use std::sync::{Arc, Mutex};
 //!
 //! /// Records from memory; the position is the index of the next one.
@@ -80,6 +79,12 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Every fallible call returns [`Result`], whose [`Error`] has an [`ErrorKind`] (what a
+//! caller may do about it) and prints as one line naming the cause. A `Source` or `Sink`
+//! of your own returns the same type: `?` converts `anyhow` and `std::io` errors, and an
+//! error your source or sink returns keeps its kind and message on its way out of the
+//! task.
 //!
 //! The pipeline, one stage per module:
 //!
@@ -169,7 +174,7 @@ mod task;
 mod crash;
 pub mod error;
 
-pub use error::{Error, ErrorKind};
+pub use error::{Error, ErrorKind, Result};
 pub use guest::{Guest, Limits};
 pub use snapshot::DirtyTracking;
 pub use store::CheckpointStore;

@@ -215,8 +215,12 @@ pub fn bench(
         Some(url) => url.clone(),
         None => scratch.path().join("store").display().to_string(),
     };
-    let store = CheckpointStore::open(&store_url)?;
-    if !store.generations()?.is_empty() {
+    let store = CheckpointStore::open(&store_url).map_err(crate::Error::into_anyhow)?;
+    if !store
+        .generations()
+        .map_err(crate::Error::into_anyhow)?
+        .is_empty()
+    {
         anyhow::bail!("bench needs an empty store, and {store_url} holds checkpoints");
     }
     let task = |mode: Mode, interval, coalesce, cache: &str| TaskConfig {
@@ -230,7 +234,9 @@ pub fn bench(
         cache_dir: Some((config.cache_dir.clone()).unwrap_or_else(|| scratch.path().join(cache))),
         ..TaskConfig::default()
     };
-    let guest = RunConfig::new(&config.guest, &config.input, scratch.path()).load_guest()?;
+    let guest = RunConfig::new(&config.guest, &config.input, scratch.path())
+        .load_guest()
+        .map_err(crate::Error::into_anyhow)?;
 
     // Checkpoints off: one at the end, in memory; the output to a scratch file. Run
     // before and after the measured pass, the faster kept: a single pass swung the tax by
@@ -245,10 +251,11 @@ pub fn bench(
             ),
             ..RunConfig::new(&config.guest, &config.input, scratch.path().join(pass))
         };
-        let store = CheckpointStore::open("memory://")?;
-        Ok(off
-            .open_with_guest(&guest, store)?
-            .run(&mut crate::task::NoObserver)?)
+        let store = CheckpointStore::open("memory://").map_err(crate::Error::into_anyhow)?;
+        off.open_with_guest(&guest, store)
+            .map_err(crate::Error::into_anyhow)?
+            .run(&mut crate::task::NoObserver)
+            .map_err(crate::Error::into_anyhow)
     };
     let off_before = config
         .compare_off
@@ -276,8 +283,10 @@ pub fn bench(
         deferred: config.baseline,
     };
     let run = run_config
-        .open_with_guest(&guest, store)?
-        .run(&mut recorder)?;
+        .open_with_guest(&guest, store)
+        .map_err(crate::Error::into_anyhow)?
+        .run(&mut recorder)
+        .map_err(crate::Error::into_anyhow)?;
     let mut records = recorder.records;
     let off = match off_before {
         Some(before) => {

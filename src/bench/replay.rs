@@ -17,8 +17,8 @@ pub fn memories_at(
     offsets: &[u64],
     at_offset: &mut dyn FnMut(usize, &[u8]),
 ) -> Result<()> {
-    let mut source = open_source(input)?;
-    source.resume_at(None)?;
+    let mut source = open_source(input).map_err(crate::Error::into_anyhow)?;
+    source.resume_at(None).map_err(crate::Error::into_anyhow)?;
     let mut instance = guest.instantiate(random::DEFAULT_SEED, 0)?;
     instance.start_fresh()?;
     let mut next = 0;
@@ -34,7 +34,11 @@ pub fn memories_at(
         }
     };
     hand_over(&mut next, source.offset(), &instance);
-    while next < offsets.len() && source.next_record(&mut record)? {
+    while next < offsets.len()
+        && source
+            .next_record(&mut record)
+            .map_err(crate::Error::into_anyhow)?
+    {
         instance.process(&record)?;
         instance.discard_emitted();
         hand_over(&mut next, source.offset(), &instance);

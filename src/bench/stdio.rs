@@ -66,9 +66,12 @@ fn run_wasnap(program: &Path, input: &Path, every_bytes: u64) -> Result<(Vec<u8>
     let output = scratch.path().join("output");
     let mut config = RunConfig::new(program, input, &output).with_mode(Mode::stdio(every_bytes));
     config.task.retain = usize::MAX;
-    let store = CheckpointStore::open(&scratch.path().join("store").display().to_string())?;
-    let mut task = config.open(store)?;
-    let summary = task.run(&mut NoObserver)?;
+    let store = CheckpointStore::open(&scratch.path().join("store").display().to_string())
+        .map_err(crate::Error::into_anyhow)?;
+    let mut task = config.open(store).map_err(crate::Error::into_anyhow)?;
+    let summary = task
+        .run(&mut NoObserver)
+        .map_err(crate::Error::into_anyhow)?;
     drop(task);
     Ok((
         std::fs::read(&output)?,

@@ -12,11 +12,11 @@ use crate::store::{CheckpointStore, MANIFESTS, PACKS};
 /// What `inspect` prints: a summary first, then one line per checkpoint, newest first;
 /// `details` adds each checkpoint's packs and component state under its line.
 pub fn inspect(url: &str, details: bool) -> Result<()> {
-    let store = CheckpointStore::open_existing(url)?;
+    let store = CheckpointStore::open_existing(url).map_err(crate::Error::into_anyhow)?;
     let mut out = String::new();
     let manifest_sizes: BTreeMap<String, u64> = store.list(MANIFESTS)?.into_iter().collect();
     let pack_sizes: BTreeMap<String, u64> = store.list(PACKS)?.into_iter().collect();
-    let generations = store.generations()?;
+    let generations = store.generations().map_err(crate::Error::into_anyhow)?;
     if generations.is_empty() {
         // A worker's store holds its tasks' stores, one per partition.
         let tasks = fleet_tasks(&store)?;
@@ -226,7 +226,11 @@ fn fleet_tasks(store: &CheckpointStore) -> Result<Vec<(String, CheckpointStore)>
         for (_, partition) in partitions {
             let name = format!("{topic}/{partition}");
             let task = store.within(&name);
-            if !task.generations()?.is_empty() {
+            if !task
+                .generations()
+                .map_err(crate::Error::into_anyhow)?
+                .is_empty()
+            {
                 tasks.push((name, task));
             }
         }
@@ -249,9 +253,9 @@ fn write_fleet(out: &mut String, url: &str, tasks: &[(String, CheckpointStore)])
     let now_ms = unix_ms_now();
     let mut total = 0;
     for (name, task) in tasks {
-        let generations = task.generations()?;
+        let generations = task.generations().map_err(crate::Error::into_anyhow)?;
         let newest = *generations.last().expect("tasks with a checkpoint only");
-        let bytes = task.total_bytes()?;
+        let bytes = task.total_bytes().map_err(crate::Error::into_anyhow)?;
         total += bytes;
         let line = match task.read_manifest(newest) {
             Ok(m) => {

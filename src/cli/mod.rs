@@ -733,8 +733,13 @@ fn cat(output: &str, store: Option<&str>, target: usize) -> anyhow::Result<()> {
     let newest = match store {
         None => None,
         Some(url) => {
-            let store = crate::store::CheckpointStore::open_existing(url)?;
-            match store.generations()?.last() {
+            let store = crate::store::CheckpointStore::open_existing(url)
+                .map_err(crate::Error::into_anyhow)?;
+            match store
+                .generations()
+                .map_err(crate::Error::into_anyhow)?
+                .last()
+            {
                 Some(&newest) => {
                     let marker = store.read_manifest(newest)?.output_position;
                     let task = store.task_id()?;
@@ -772,11 +777,16 @@ fn cat(output: &str, store: Option<&str>, target: usize) -> anyhow::Result<()> {
 }
 
 fn gc(url: &str, retain: usize) -> anyhow::Result<()> {
-    let store = crate::store::CheckpointStore::open_existing(url)?;
-    let Some(&newest) = store.generations()?.last() else {
+    let store =
+        crate::store::CheckpointStore::open_existing(url).map_err(crate::Error::into_anyhow)?;
+    let Some(&newest) = store
+        .generations()
+        .map_err(crate::Error::into_anyhow)?
+        .last()
+    else {
         return print_out(&format!("no checkpoints in {url}\n"));
     };
-    let before = store.total_bytes()?;
+    let before = store.total_bytes().map_err(crate::Error::into_anyhow)?;
     let report = store.prune(newest, retain)?;
     print_out(&format!(
         "kept checkpoints {:?}; deleted {} manifests, {} packs and {} staging files, freed {} bytes ({} -> {} bytes)\n",
@@ -786,7 +796,7 @@ fn gc(url: &str, retain: usize) -> anyhow::Result<()> {
         report.staging_deleted,
         report.bytes_freed,
         before,
-        store.total_bytes()?
+        store.total_bytes().map_err(crate::Error::into_anyhow)?
     ))
 }
 

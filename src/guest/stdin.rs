@@ -73,7 +73,7 @@ impl StdinState {
     /// Read from the input at its position (not counted in `offset` until the caller
     /// has handed the bytes over).
     pub fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
-        self.source.read(buf)
+        self.source.read(buf).map_err(crate::Error::into_anyhow)
     }
 
     pub fn new(source: Box<dyn Source>, checkpoint_every: u64, data: Option<u32>) -> Self {

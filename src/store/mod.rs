@@ -123,6 +123,7 @@ impl CheckpointStore {
         })
     }
 
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// The store under `prefix` in this one (a worker's task: `PREFIX/<topic>/<partition>`),
     /// sharing its client (connections, credentials) and I/O runtime: many tasks in one
     /// process do not each start their own.
@@ -143,7 +144,7 @@ impl CheckpointStore {
     pub fn from_object_store(
         objects: Arc<dyn ObjectStore>,
         label: impl Into<String>,
-    ) -> Result<Self> {
+    ) -> crate::Result<Self> {
         Ok(Self {
             objects,
             runtime: Arc::new(new_runtime()?),
@@ -164,7 +165,7 @@ impl CheckpointStore {
 
     /// Committed generations, ascending. Objects under `manifests/` whose name is not a
     /// generation number are ignored.
-    pub fn generations(&self) -> Result<Vec<u64>> {
+    pub fn generations(&self) -> crate::Result<Vec<u64>> {
         let mut generations: Vec<u64> = self
             .list(MANIFESTS)?
             .iter()
@@ -208,6 +209,7 @@ impl CheckpointStore {
             .collect())
     }
 
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// Read and check the manifest of checkpoint `generation` (size-capped, checksummed).
     pub fn read_manifest(&self, generation: u64) -> Result<Manifest> {
         let path = manifest_path(generation);
@@ -222,6 +224,7 @@ impl CheckpointStore {
         Ok(manifest)
     }
 
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// Read several packs, a few at a time; one result per pack, in order. Each must be
     /// exactly the size its manifest gives, which is checked before it is read.
     pub fn read_packs(&self, packs: &[&manifest::PackRef]) -> Vec<Result<Bytes>> {
@@ -234,6 +237,7 @@ impl CheckpointStore {
         )
     }
 
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// [`Self::read_packs`], stopping at the first pack that cannot be read.
     pub fn read_all_packs(&self, packs: &[&manifest::PackRef]) -> Result<Vec<Bytes>> {
         use futures::StreamExt;
@@ -258,6 +262,7 @@ impl CheckpointStore {
         Ok(bytes)
     }
 
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// Size of an object, or `None` if it does not exist.
     pub fn object_size(&self, path: &Path) -> Result<Option<u64>> {
         match self.runtime.block_on(self.objects.head(path)) {
@@ -320,6 +325,7 @@ impl CheckpointStore {
         }
     }
 
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// The task's id, the same for every writer on every machine: read from the store, or
     /// drawn and created there (create-if-absent) by the first writer. The streams name
     /// the task by it (a Kafka output's transactional id, an object output's owner).
@@ -374,6 +380,7 @@ impl CheckpointStore {
         anyhow::bail!("{path} in store {} cannot be read or created", self.label)
     }
 
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// Write a pack. Its name is unique to this writer and generation, so a plain put is safe.
     pub fn put_pack(&self, name: &str, bytes: Bytes) -> Result<()> {
         let path = pack_path(name);
@@ -397,6 +404,7 @@ impl CheckpointStore {
         }
     }
 
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// The commit point: create `manifests/<generation>`, failing if it exists, then make
     /// sure no rival went past it.
     pub fn commit_manifest(&self, manifest: &Manifest, after: u64) -> Result<Committed> {
@@ -422,6 +430,7 @@ impl CheckpointStore {
         Ok(Committed { bytes, manifests })
     }
 
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// Committed generations with their manifests' sizes, ascending.
     pub fn manifests(&self) -> Result<Vec<(u64, u64)>> {
         let mut manifests: Vec<(u64, u64)> = self

@@ -65,6 +65,7 @@ pub fn pack_generation(name: &str) -> Option<u64> {
 }
 
 impl CheckpointStore {
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// Keep the newest `retain` (at least 1) checkpoints up to `newest`; delete older
     /// manifests, every pack no kept manifest names, and old staging files (`gc`).
     pub fn prune(&self, newest: u64, retain: usize) -> Result<PruneReport> {
@@ -72,6 +73,7 @@ impl CheckpointStore {
         self.prune_full(newest, retain, &manifests, &KnownPacks::new())
     }
 
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// Retention right after this writer committed `newest`: `listed` is the store's
     /// manifests as the commit's fencing check listed them, and `known` the packs of the
     /// manifests this writer committed. When every manifest to delete or keep is one of
@@ -138,7 +140,7 @@ impl CheckpointStore {
             }
             match self.read_manifest(*generation) {
                 Ok(manifest) => live.extend(manifest.packs.iter().map(|p| p.name())),
-                Err(err) if err.is::<crate::error::StoreUnavailable>() => {
+                Err(err) if crate::error::kind_of(&err) == crate::ErrorKind::StoreUnavailable => {
                     return Err(err.context("prune: nothing deleted"));
                 }
                 Err(err) => {
@@ -221,6 +223,7 @@ impl CheckpointStore {
         Ok(())
     }
 
+    #[doc(hidden)] // the engine's, public for the `internals` feature
     /// The staging files in a local store's `manifests/` and `packs/` (none for S3,
     /// whose puts are atomic, or memory). Links and directories are not staging files.
     pub fn staging_files(&self) -> Result<Vec<StagingFile>> {
@@ -272,7 +275,7 @@ impl CheckpointStore {
     }
 
     /// Total size of everything under `manifests/` and `packs/`, staging files included.
-    pub fn total_bytes(&self) -> Result<u64> {
+    pub fn total_bytes(&self) -> crate::Result<u64> {
         let staging: u64 = self.staging_files()?.iter().map(|s| s.bytes).sum();
         Ok(self
             .list(MANIFESTS)?

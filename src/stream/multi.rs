@@ -128,7 +128,7 @@ pub fn decode_markers(marker: &[u8]) -> Result<Option<Markers>> {
 }
 
 impl Sink for MultiSink {
-    fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> Result<()> {
+    fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> crate::Result<()> {
         let markers: Vec<Option<Vec<u8>>> = match marker {
             None => vec![None; self.outputs.len()],
             Some(marker) => {
@@ -138,7 +138,7 @@ impl Sink for MultiSink {
                         "the checkpoint wrote {} outputs and this run gives {}: run the task with the same --output list",
                         theirs.targets(),
                         self.targets()
-                    ));
+                    ).into());
                 }
                 let dead_letters = match theirs.dead_letters {
                     true => theirs.markers.last().cloned(),
@@ -178,16 +178,16 @@ impl Sink for MultiSink {
         self.outputs.iter_mut().map(|o| o.buffered_len()).sum()
     }
 
-    fn maybe_write(&mut self) -> Result<()> {
+    fn maybe_write(&mut self) -> crate::Result<()> {
         self.outputs.iter_mut().try_for_each(|o| o.maybe_write())
     }
 
-    fn checkpoint(&mut self, generation: u64, writer_id: &[u8; 16]) -> Result<OutputFlush> {
+    fn checkpoint(&mut self, generation: u64, writer_id: &[u8; 16]) -> crate::Result<OutputFlush> {
         let flushes = self
             .outputs
             .iter_mut()
             .map(|o| o.checkpoint(generation, writer_id))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<crate::Result<Vec<_>>>()?;
         let markers: Vec<Vec<u8>> = flushes.iter().map(|f| f.marker.clone()).collect();
         Ok(OutputFlush {
             marker: encode_markers(&markers, self.dead_letters),
@@ -209,11 +209,11 @@ impl Sink for MultiSink {
 struct AllOutputs(Vec<Box<dyn OutputCommit>>);
 
 impl OutputCommit for AllOutputs {
-    fn make_durable(&mut self) -> Result<()> {
+    fn make_durable(&mut self) -> crate::Result<()> {
         self.0.iter_mut().try_for_each(|c| c.make_durable())
     }
 
-    fn publish(&mut self) -> Result<()> {
+    fn publish(&mut self) -> crate::Result<()> {
         self.0.iter_mut().try_for_each(|c| c.publish())
     }
 }

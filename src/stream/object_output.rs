@@ -512,7 +512,7 @@ impl ObjectSink {
 }
 
 impl Sink for ObjectSink {
-    fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> Result<()> {
+    fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> crate::Result<()> {
         self.buffer.clear();
         let shared = match marker {
             None => self.start_fresh(task)?,
@@ -530,11 +530,11 @@ impl Sink for ObjectSink {
         &mut self.buffer
     }
 
-    fn maybe_write(&mut self) -> Result<()> {
+    fn maybe_write(&mut self) -> crate::Result<()> {
         Ok(()) // the output of one checkpoint is one part
     }
 
-    fn checkpoint(&mut self, generation: u64, writer_id: &[u8; 16]) -> Result<OutputFlush> {
+    fn checkpoint(&mut self, generation: u64, writer_id: &[u8; 16]) -> crate::Result<OutputFlush> {
         let mut shared = self.shared.lock().expect("output lock");
         let part = if self.buffer.is_empty() {
             None
@@ -660,7 +660,7 @@ fn collect_garbage(objects: &Objects, committed: u64, min_age_secs: i64) -> Resu
 }
 
 impl OutputCommit for PartCommit {
-    fn make_durable(&mut self) -> Result<()> {
+    fn make_durable(&mut self) -> crate::Result<()> {
         match &self.part {
             Some((name, bytes)) => {
                 self.objects.put(&name.part_path(), bytes.clone())?;
@@ -672,7 +672,7 @@ impl OutputCommit for PartCommit {
     }
 
     /// Commits publish one at a time, in order: the first after a start does its repairs.
-    fn publish(&mut self) -> Result<()> {
+    fn publish(&mut self) -> crate::Result<()> {
         // The lock only to read and update the lists: no I/O under it.
         let (repairs, to_publish) = {
             let mut shared = self.shared.lock().expect("output lock");

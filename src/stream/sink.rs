@@ -28,7 +28,7 @@ pub trait Sink: Send {
     /// start) of the task `task` (the store's id for it, the same on every machine): drop
     /// whatever no checkpoint committed, check the output is still the one the checkpoint
     /// wrote, and see to it that what it committed becomes visible.
-    fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> Result<()>;
+    fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> crate::Result<()>;
     /// Where emitted bytes go (whole records with their newlines).
     fn buffer(&mut self) -> &mut Vec<u8>;
     /// Where a component's records of emit target `target` go: the buffer for target 0,
@@ -45,9 +45,9 @@ pub trait Sink: Send {
         self.buffer().len()
     }
     /// Hand on the buffer if it has grown large.
-    fn maybe_write(&mut self) -> Result<()>;
+    fn maybe_write(&mut self) -> crate::Result<()>;
     /// At a checkpoint's pause: everything emitted so far belongs to this checkpoint.
-    fn checkpoint(&mut self, generation: u64, writer_id: &[u8; 16]) -> Result<OutputFlush>;
+    fn checkpoint(&mut self, generation: u64, writer_id: &[u8; 16]) -> crate::Result<OutputFlush>;
     /// Output bytes emitted so far, buffered included.
     fn len(&self) -> u64;
     /// Whether the restored checkpoint's output is not all visible to readers yet (its
@@ -75,9 +75,9 @@ pub struct OutputFlush {
 /// Run by the committer, off the guest's thread, in generation order.
 pub trait OutputCommit: Send {
     /// Before the manifest is put: the output the marker names must survive a crash.
-    fn make_durable(&mut self) -> Result<()>;
+    fn make_durable(&mut self) -> crate::Result<()>;
     /// After the manifest committed: make the output visible to readers.
-    fn publish(&mut self) -> Result<()> {
+    fn publish(&mut self) -> crate::Result<()> {
         Ok(())
     }
 }
@@ -113,8 +113,8 @@ pub struct Durability {
 }
 
 impl OutputCommit for Durability {
-    fn make_durable(&mut self) -> Result<()> {
-        self.sync()
+    fn make_durable(&mut self) -> crate::Result<()> {
+        Ok(self.sync()?)
     }
 }
 
@@ -271,27 +271,31 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn resume_at(&mut self, _task: &[u8; 16], marker: Option<&[u8]>) -> Result<()> {
+    fn resume_at(&mut self, _task: &[u8; 16], marker: Option<&[u8]>) -> crate::Result<()> {
         let len = match marker {
             None => 0,
             Some(marker) => parse_file_marker(marker, &self.path)?,
         };
-        FileSink::resume_at(self, len)
+        Ok(FileSink::resume_at(self, len)?)
     }
 
     fn buffer(&mut self) -> &mut Vec<u8> {
         &mut self.buffer
     }
 
-    fn maybe_write(&mut self) -> Result<()> {
+    fn maybe_write(&mut self) -> crate::Result<()> {
         if self.buffer.len() >= WRITE_THRESHOLD {
-            self.write_buffer()
+            Ok(self.write_buffer()?)
         } else {
             Ok(())
         }
     }
 
-    fn checkpoint(&mut self, _generation: u64, _writer_id: &[u8; 16]) -> Result<OutputFlush> {
+    fn checkpoint(
+        &mut self,
+        _generation: u64,
+        _writer_id: &[u8; 16],
+    ) -> crate::Result<OutputFlush> {
         let len = self.flush()?;
         Ok(OutputFlush {
             marker: file_marker(len),

@@ -30,13 +30,13 @@ pub trait Source: Send {
     /// (`None`, a fresh task) or at a checkpoint's position. A source that is not the input
     /// the position was taken of (replaced, truncated, another kind) refuses with a
     /// `StreamChanged` error.
-    fn resume_at(&mut self, position: Option<&[u8]>) -> Result<()>;
+    fn resume_at(&mut self, position: Option<&[u8]>) -> crate::Result<()>;
     /// Read the next record into `record` (cleared first). `false` at the end of input.
-    fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool>;
+    fn next_record(&mut self, record: &mut Vec<u8>) -> crate::Result<bool>;
     /// Like `next_record`, but an input that has no end (a Kafka partition followed by a
     /// worker) answers [`Polled::Idle`] when no record came within `wait`, so the task can
     /// checkpoint and hear a stop while it waits. A source with an end never idles.
-    fn poll_record(&mut self, record: &mut Vec<u8>, _wait: Duration) -> Result<Polled> {
+    fn poll_record(&mut self, record: &mut Vec<u8>, _wait: Duration) -> crate::Result<Polled> {
         Ok(if self.next_record(record)? {
             Polled::Record
         } else {
@@ -45,7 +45,7 @@ pub trait Source: Send {
     }
     /// The input as one byte stream (stdio mode's stdin): fill `buf` from the current
     /// position, returning how many bytes were read; 0 at the end of input.
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize>;
+    fn read(&mut self, buf: &mut [u8]) -> crate::Result<usize>;
     /// Opaque bytes that name the position after everything returned so far.
     fn position(&self) -> Vec<u8>;
     /// Input bytes consumed so far (progress and statistics; not used to resume).
@@ -122,7 +122,7 @@ impl<I: ByteInput> ByteLines<I> {
 }
 
 impl<I: ByteInput> Source for ByteLines<I> {
-    fn resume_at(&mut self, position: Option<&[u8]>) -> Result<()> {
+    fn resume_at(&mut self, position: Option<&[u8]>) -> crate::Result<()> {
         let (offset, identity) = match position {
             None => (0, None),
             Some(position) => {
@@ -136,7 +136,7 @@ impl<I: ByteInput> Source for ByteLines<I> {
         Ok(())
     }
 
-    fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool> {
+    fn next_record(&mut self, record: &mut Vec<u8>) -> crate::Result<bool> {
         record.clear();
         let offset = self.offset;
         let (reader, input) = self.reader()?;
@@ -158,7 +158,8 @@ impl<I: ByteInput> Source for ByteLines<I> {
                     input.label(),
                     MAX_RECORD_BYTES >> 20
                 ),
-            ));
+            )
+            .into());
         }
         self.offset += n as u64;
         if record.last() == Some(&b'\n') {
@@ -167,7 +168,7 @@ impl<I: ByteInput> Source for ByteLines<I> {
         Ok(true)
     }
 
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+    fn read(&mut self, buf: &mut [u8]) -> crate::Result<usize> {
         let (reader, input) = self.reader()?;
         let n = reader
             .read(buf)
@@ -226,7 +227,9 @@ impl LineSource {
         let mut position = Vec::new();
         position.put_varint(offset);
         let mut source = Self::open_file(path);
-        source.resume_at(Some(&position))?;
+        source
+            .resume_at(Some(&position))
+            .map_err(crate::Error::into_anyhow)?;
         Ok(source)
     }
 }
@@ -373,10 +376,7 @@ mod tests {
         let err = LineSource::open_file(&path)
             .resume_at(Some(&position))
             .unwrap_err();
-        assert!(format!("{err:#}").contains("reading an object"), "{err:#}");
-        assert_eq!(
-            crate::error::kind_of(&err),
-            crate::error::ErrorKind::StreamChanged
-        );
+        assert!(err.to_string().contains("reading an object"), "{err}");
+        assert_eq!(err.kind(), crate::error::ErrorKind::StreamChanged);
     }
 }

@@ -135,7 +135,10 @@ impl Checkpoints {
     /// The pause: everything the committer needs, copied out of the guest.
     fn capture(&mut self, generation: u64, input: InputAt) -> Result<Job> {
         let paused_at = Instant::now();
-        let output = self.sink.checkpoint(generation, &self.writer_id)?;
+        let output = self
+            .sink
+            .checkpoint(generation, &self.writer_id)
+            .map_err(crate::Error::into_anyhow)?;
         let capturing = Instant::now();
         let capture = snapshot::capture(
             &mut self.instance,

@@ -132,11 +132,11 @@ impl Job {
 struct InOrder(Vec<Box<dyn OutputCommit>>);
 
 impl OutputCommit for InOrder {
-    fn make_durable(&mut self) -> anyhow::Result<()> {
+    fn make_durable(&mut self) -> crate::Result<()> {
         self.0.iter_mut().try_for_each(|c| c.make_durable())
     }
 
-    fn publish(&mut self) -> anyhow::Result<()> {
+    fn publish(&mut self) -> crate::Result<()> {
         self.0.iter_mut().try_for_each(|c| c.publish())
     }
 }
@@ -154,11 +154,11 @@ mod tests {
     struct Noted(&'static str, Arc<Mutex<Vec<String>>>);
 
     impl OutputCommit for Noted {
-        fn make_durable(&mut self) -> anyhow::Result<()> {
+        fn make_durable(&mut self) -> crate::Result<()> {
             self.1.lock().unwrap().push(format!("durable {}", self.0));
             Ok(())
         }
-        fn publish(&mut self) -> anyhow::Result<()> {
+        fn publish(&mut self) -> crate::Result<()> {
             self.1.lock().unwrap().push(format!("publish {}", self.0));
             Ok(())
         }

@@ -309,6 +309,7 @@ impl CommitContext {
         job.output
             .commit
             .publish()
+            .map_err(crate::Error::into_anyhow)
             .with_context(|| format!("checkpoint {generation} committed, but its output could not be published; the next run publishes it"))?;
         crate::crash::point("commit-published");
         let publish = publishing.elapsed();
@@ -391,7 +392,8 @@ impl CommitContext {
             });
             let durable = output
                 .join()
-                .unwrap_or_else(|_| Err(anyhow!("making the output durable panicked")));
+                .unwrap_or_else(|_| Err(anyhow!("making the output durable panicked").into()))
+                .map_err(crate::Error::into_anyhow);
             (pack, durable)
         });
         let mut pack_bytes = 0;

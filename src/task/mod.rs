@@ -219,7 +219,8 @@ impl Task {
         // The input first: a replaced input stops the task before its output is cut back.
         let positioned = source
             .resume_at(start.input_position.as_deref())
-            .and_then(|()| sink.resume_at(&task_id, start.output_marker.as_deref()));
+            .and_then(|()| sink.resume_at(&task_id, start.output_marker.as_deref()))
+            .map_err(crate::Error::into_anyhow);
         if let Err(err) = positioned {
             // Streams that moved on under this restore mean another writer is live.
             if newest(&store) > Some(start.generation) {

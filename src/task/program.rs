@@ -62,7 +62,10 @@ impl Driver for Program {
             // What the program wrote is output whatever happened next; it is committed
             // only by a checkpoint.
             checkpoints.instance.take_emitted(&mut *checkpoints.sink)?;
-            checkpoints.sink.maybe_write()?;
+            checkpoints
+                .sink
+                .maybe_write()
+                .map_err(crate::Error::into_anyhow)?;
             *self = match outcome? {
                 ProgramOutcome::Unwound => Program::Suspended,
                 ProgramOutcome::Exited(status) => Program::Exited(status),

@@ -132,7 +132,11 @@ impl Driver for Records {
         let mut record = Vec::new();
         while !checkpoints.stop.is_stopped() {
             let offset_before = self.source.offset();
-            match self.source.poll_record(&mut record, IDLE_WAIT)? {
+            match self
+                .source
+                .poll_record(&mut record, IDLE_WAIT)
+                .map_err(crate::Error::into_anyhow)?
+            {
                 Polled::Record => {}
                 Polled::End => break,
                 Polled::Idle => {
@@ -180,7 +184,10 @@ impl Driver for Records {
             }
             let instance = &mut checkpoints.instance;
             instance.take_emitted(&mut *checkpoints.sink)?;
-            checkpoints.sink.maybe_write()?;
+            checkpoints
+                .sink
+                .maybe_write()
+                .map_err(crate::Error::into_anyhow)?;
             worked.records += 1;
             self.since_checkpoint += 1;
             // A sink that holds output until a checkpoint (object storage, Kafka) is

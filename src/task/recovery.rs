@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 
-use crate::error::{ModuleChanged, StoreUnavailable};
+use crate::error::ModuleChanged;
 use crate::guest::{Guest, GuestInstance};
 use crate::snapshot::{self, PageTable};
 use crate::store::manifest::RunState;
@@ -32,7 +32,7 @@ pub(super) struct Start {
 /// Restore the newest usable checkpoint of `store`, or start `guest` fresh with
 /// `random_seed` if the store has none.
 pub(super) fn start(guest: &Guest, store: &CheckpointStore, random_seed: u64) -> Result<Start> {
-    let generations = store.generations()?;
+    let generations = store.generations().map_err(crate::Error::into_anyhow)?;
     let Some(&newest) = generations.last() else {
         let mut instance = guest.instantiate(random_seed, 0)?;
         instance.start_fresh()?;
@@ -93,11 +93,17 @@ fn restore_newest_usable(
                 return Ok((manifest, instance, restored));
             }
             // An older checkpoint cannot help when the store is out of reach, the module is
-            // another, or the guest itself fails (its start function, its memory limit).
+            // another, the guest itself fails (its start function, its memory limit), or
+            // another writer owns the task.
+            // By kind, which holds however the error was wrapped on its way.
             Err(err)
-                if err.is::<StoreUnavailable>()
-                    || err.is::<ModuleChanged>()
-                    || crate::error::kind_of(&err) == crate::ErrorKind::Guest =>
+                if matches!(
+                    crate::error::kind_of(&err),
+                    crate::ErrorKind::StoreUnavailable
+                        | crate::ErrorKind::ModuleChanged
+                        | crate::ErrorKind::Guest
+                        | crate::ErrorKind::Fenced
+                ) =>
             {
                 return Err(err);
             }

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -77,7 +77,7 @@ impl KafkaSource {
 }
 
 impl Source for KafkaSource {
-    fn resume_at(&mut self, position: Option<&[u8]>) -> Result<()> {
+    fn resume_at(&mut self, position: Option<&[u8]>) -> crate::Result<()> {
         let (low, high) = self.url.watermarks(&self.consumer)?;
         let next = match position {
             None => low,
@@ -91,16 +91,16 @@ impl Source for KafkaSource {
                         "input {} is not the input the checkpoint read ({}); run the task with the same --input",
                         self.url.label(),
                         String::from_utf8_lossy(identity)
-                    ));
+                    ).into());
                 }
                 if offset < low {
-                    return Err(self.out_of_range(offset, low));
+                    return Err(self.out_of_range(offset, low).into());
                 }
                 if offset > high {
                     return Err(changed!(
                         "input {} ends at offset {high}, but the checkpoint has consumed up to {offset}: the broker lost records it had acknowledged (restarted without them on disk?), or the topic was deleted and made again",
                         self.url.label()
-                    ));
+                    ).into());
                 }
                 offset
             }
@@ -118,7 +118,7 @@ impl Source for KafkaSource {
         Ok(())
     }
 
-    fn next_record(&mut self, record: &mut Vec<u8>) -> Result<bool> {
+    fn next_record(&mut self, record: &mut Vec<u8>) -> crate::Result<bool> {
         loop {
             match self.poll_record(record, REQUEST_TIMEOUT)? {
                 Polled::Record => return Ok(true),
@@ -128,7 +128,7 @@ impl Source for KafkaSource {
         }
     }
 
-    fn poll_record(&mut self, record: &mut Vec<u8>, wait: Duration) -> Result<Polled> {
+    fn poll_record(&mut self, record: &mut Vec<u8>, wait: Duration) -> crate::Result<Polled> {
         // A partition read to its end has records up to there: one that sends none for as
         // long as a request may take is unavailable. Only a followed partition idles.
         let wait = if self.follow { wait } else { REQUEST_TIMEOUT };
@@ -159,31 +159,40 @@ impl Source for KafkaSource {
                     RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
                 ))) => {
                     let (low, _) = self.url.watermarks(&self.consumer)?;
-                    return Err(self.out_of_range(self.next, low));
+                    return Err(self.out_of_range(self.next, low).into());
                 }
                 // Transient (a broker restarting): librdkafka reconnects on its own, for
                 // as long as one request may take.
                 Some(Err(err)) => {
                     let since = *self.trouble_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= REQUEST_TIMEOUT {
-                        return Err(self.url.unavailable(err, "cannot read the partition"));
+                        return Err(self
+                            .url
+                            .unavailable(err, "cannot read the partition")
+                            .into());
                     }
                     tracing::debug!("input {}: {err}", self.url.label());
                 }
                 None if self.follow => return Ok(Polled::Idle),
                 None => {
-                    return Err(self.url.unavailable(
-                        KafkaError::MessageConsumption(RDKafkaErrorCode::RequestTimedOut),
-                        "no record arrived from the partition",
-                    ));
+                    return Err(self
+                        .url
+                        .unavailable(
+                            KafkaError::MessageConsumption(RDKafkaErrorCode::RequestTimedOut),
+                            "no record arrived from the partition",
+                        )
+                        .into());
                 }
             }
         }
         Ok(Polled::End)
     }
 
-    fn read(&mut self, _buf: &mut [u8]) -> Result<usize> {
-        bail!("stdio mode reads its stdin from a file or an S3 object, not from Kafka")
+    fn read(&mut self, _buf: &mut [u8]) -> crate::Result<usize> {
+        Err(
+            anyhow!("stdio mode reads its stdin from a file or an S3 object, not from Kafka")
+                .into(),
+        )
     }
 
     fn position(&self) -> Vec<u8> {

@@ -248,7 +248,7 @@ fn read_partition(
 }
 
 impl Sink for KafkaSink {
-    fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> Result<()> {
+    fn resume_at(&mut self, task: &[u8; 16], marker: Option<&[u8]>) -> crate::Result<()> {
         self.task = *task;
         let marker = match marker {
             Some(marker) => Marker::decode(marker, &self.url.label())?,
@@ -288,11 +288,15 @@ impl Sink for KafkaSink {
         &mut self.buffer
     }
 
-    fn maybe_write(&mut self) -> Result<()> {
+    fn maybe_write(&mut self) -> crate::Result<()> {
         Ok(()) // one transaction per checkpoint, put by the committer
     }
 
-    fn checkpoint(&mut self, _generation: u64, _writer_id: &[u8; 16]) -> Result<OutputFlush> {
+    fn checkpoint(
+        &mut self,
+        _generation: u64,
+        _writer_id: &[u8; 16],
+    ) -> crate::Result<OutputFlush> {
         // Whole lines only: a stdio program's last line so far may be unfinished, and
         // stays for the next checkpoint (a record is a whole line).
         let whole = self
@@ -426,7 +430,7 @@ impl Transaction {
 }
 
 impl OutputCommit for Transaction {
-    fn make_durable(&mut self) -> Result<()> {
+    fn make_durable(&mut self) -> crate::Result<()> {
         let skip_through = self.shared.lock().expect("output lock").skip_through;
         let context = self.producer.context();
         let (troubles, delivered) = (context.troubles(), context.delivered_end());
@@ -446,16 +450,18 @@ impl OutputCommit for Transaction {
                 Ok(())
             }
             Ok(None) => Ok(()),
-            Err(err) if is_fenced(&err) => Err(anyhow!(err).context(Kinded::new(
-                ErrorKind::Fenced,
-                format!(
-                    "another writer owns this task: it took over the transactions of output {}; this writer is fenced and stops without committing",
-                    self.url.label()
-                ),
-            ))),
+            Err(err) if is_fenced(&err) => Err(anyhow!(err)
+                .context(Kinded::new(
+                    ErrorKind::Fenced,
+                    format!(
+                        "another writer owns this task: it took over the transactions of output {}; this writer is fenced and stops without committing",
+                        self.url.label()
+                    ),
+                ))
+                .into()),
             Err(err) => {
                 let _ = self.producer.abort_transaction(REQUEST_TIMEOUT);
-                Err(self.url.unavailable(err, "cannot commit a transaction"))
+                Err(self.url.unavailable(err, "cannot commit a transaction").into())
             }
         }
     }
