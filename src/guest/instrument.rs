@@ -112,6 +112,7 @@ fn instrument_with(wasm: &[u8], imports: Imports) -> Result<Instrumented> {
     let mut export_section: Option<std::ops::Range<usize>> = None;
     // (section id, byte range of its contents) in module order.
     let mut sections: Vec<(u8, std::ops::Range<usize>)> = Vec::new();
+    let mut segments = SegmentUse::default();
 
     for payload in Parser::new(0).parse_all(wasm) {
         let payload = payload.context("the guest is not a valid WebAssembly module")?;
@@ -208,7 +209,7 @@ fn instrument_with(wasm: &[u8], imports: Imports) -> Result<Instrumented> {
                     }
                 }
             }
-            Payload::CodeSectionEntry(body) => check_no_table_mutation(body)?,
+            Payload::CodeSectionEntry(body) => check_body(body, &mut segments)?,
             _ => {}
         }
         if let Some((id, range)) = payload.as_section() {
@@ -219,6 +220,7 @@ fn instrument_with(wasm: &[u8], imports: Imports) -> Result<Instrumented> {
         }
     }
 
+    segments.check()?;
     let added: Vec<(String, ExternalKind, u32)> = memories
         .iter()
         .map(|m| (m.export_name.clone(), ExternalKind::Memory, m.index))
@@ -318,14 +320,47 @@ fn extend_export_section(
     Ok(out)
 }
 
-/// Refuse code that mutates a table: a funcref written at run time cannot be written down.
-fn check_no_table_mutation(body: &wasmparser::FunctionBody<'_>) -> Result<()> {
+/// Where the code drops a passive data segment and where it copies one into memory.
+/// Which segments were dropped is engine state a checkpoint cannot capture: a restored
+/// guest would find a dropped segment live again. Only the two together make that
+/// visible (a `memory.init` of a dropped segment traps), so only the two are refused.
+#[derive(Default)]
+struct SegmentUse {
+    data_drop: Option<usize>,
+    memory_init: Option<usize>,
+}
+
+impl SegmentUse {
+    fn check(&self) -> Result<()> {
+        if let (Some(drop), Some(init)) = (self.data_drop, self.memory_init) {
+            bail!(
+                "the guest drops passive data segments (data.drop at byte offset {drop:#x}) and \
+                 copies them into memory (memory.init at {init:#x}); wasnap cannot snapshot \
+                 which segments were dropped"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Refuse code that mutates a table (a funcref written at run time cannot be written
+/// down), and note its use of passive data segments.
+fn check_body(body: &wasmparser::FunctionBody<'_>, segments: &mut SegmentUse) -> Result<()> {
     let mut ops = body
         .get_operators_reader()
         .context("malformed function body")?;
     while !ops.eof() {
+        let at = ops.original_position();
         let op = ops.read().context("malformed function body")?;
         let name = match op {
+            Operator::DataDrop { .. } => {
+                segments.data_drop.get_or_insert(at);
+                continue;
+            }
+            Operator::MemoryInit { .. } => {
+                segments.memory_init.get_or_insert(at);
+                continue;
+            }
             Operator::TableSet { .. } => "table.set",
             Operator::TableGrow { .. } => "table.grow",
             Operator::TableFill { .. } => "table.fill",
@@ -440,6 +475,14 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_snapshot() {
+        assert!(
+            refusal(
+                r#"(module (memory 1) (data $d "ab")
+                    (func (memory.init $d (i32.const 0) (i32.const 0) (i32.const 2)))
+                    (func (data.drop $d)))"#
+            )
+            .contains("data.drop at byte offset")
+        );
         assert!(refusal(r#"(module (import "env" "m" (memory 1)))"#).contains("imports a memory"));
         assert!(
             refusal(r#"(module (import "env" "g" (global (mut i32))))"#)
