@@ -216,6 +216,10 @@ impl OutputCommit for AllOutputs {
     fn publish(&mut self) -> crate::Result<()> {
         self.0.iter_mut().try_for_each(|c| c.publish())
     }
+
+    fn held_bytes(&self) -> u64 {
+        self.0.iter().map(|c| c.held_bytes()).sum()
+    }
 }
 
 #[cfg(test)]

@@ -660,6 +660,12 @@ fn collect_garbage(objects: &Objects, committed: u64, min_age_secs: i64) -> Resu
 }
 
 impl OutputCommit for PartCommit {
+    fn held_bytes(&self) -> u64 {
+        self.part
+            .as_ref()
+            .map_or(0, |(_, bytes)| bytes.len() as u64)
+    }
+
     fn make_durable(&mut self) -> crate::Result<()> {
         match &self.part {
             Some((name, bytes)) => {

@@ -80,6 +80,12 @@ pub trait OutputCommit: Send {
     fn publish(&mut self) -> crate::Result<()> {
         Ok(())
     }
+    /// Bytes of output this commit holds in memory until it runs (an object output's
+    /// part): counted with the page copies of checkpoints waiting for the store, against
+    /// the memory they may hold before the guest waits.
+    fn held_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// The marker of a file output: its length, as a varint.

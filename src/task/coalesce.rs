@@ -139,6 +139,10 @@ impl OutputCommit for InOrder {
     fn publish(&mut self) -> crate::Result<()> {
         self.0.iter_mut().try_for_each(|c| c.publish())
     }
+
+    fn held_bytes(&self) -> u64 {
+        self.0.iter().map(|c| c.held_bytes()).sum()
+    }
 }
 
 #[cfg(test)]
@@ -150,10 +154,13 @@ mod tests {
     use crate::store::manifest::RunState;
     use std::sync::{Arc, Mutex};
 
-    /// An output commit that records its calls.
+    /// An output commit that records its calls, and holds 100 bytes of output until then.
     struct Noted(&'static str, Arc<Mutex<Vec<String>>>);
 
     impl OutputCommit for Noted {
+        fn held_bytes(&self) -> u64 {
+            100
+        }
         fn make_durable(&mut self) -> crate::Result<()> {
             self.1.lock().unwrap().push(format!("durable {}", self.0));
             Ok(())
@@ -235,7 +242,14 @@ mod tests {
             &log,
             "b",
         );
+        // Page copies (16 bytes each) and output not yet written count against the
+        // memory budget of waiting captures, before and after a merge.
+        assert_eq!(
+            (a.held_bytes(), b.held_bytes()),
+            (2 * 16 + 100, 3 * 16 + 100)
+        );
         a.absorb(b, &buffers);
+        assert_eq!(a.held_bytes(), 3 * 16 + 2 * 100);
         let pages: Vec<_> = a
             .capture
             .dirty

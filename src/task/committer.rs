@@ -44,7 +44,8 @@ pub struct Job {
 }
 
 impl Job {
-    /// Bytes of guest state this job holds copies of: pages, and a component's kv runs.
+    /// Bytes this job holds in memory until it is committed: copies of guest state
+    /// (pages, a component's kv runs) and output not yet written (an object output's part).
     pub fn held_bytes(&self) -> u64 {
         let kv_runs = self.capture.kv.iter().flat_map(|kv| &kv.runs);
         self.capture
@@ -52,7 +53,8 @@ impl Job {
             .iter()
             .map(|p| p.bytes.len() as u64)
             .chain(kv_runs.map(|run| run.len() as u64))
-            .sum()
+            .sum::<u64>()
+            + self.output.commit.held_bytes()
     }
 }
 
@@ -178,7 +180,7 @@ impl Committer {
         self.in_flight.len()
     }
 
-    /// Bytes of page copies held by checkpoints captured and not yet answered.
+    /// Bytes held by checkpoints captured and not yet answered (`Job::held_bytes`).
     pub fn in_flight_bytes(&self) -> u64 {
         self.in_flight_bytes
     }
