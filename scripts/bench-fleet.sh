@@ -25,7 +25,7 @@ rm -rf "$out"
 mkdir -p "$out"
 eval "$(scripts/kafka-server.sh start --parent-pid $$)"
 trap 'scripts/kafka-server.sh stop >/dev/null 2>&1 || true' EXIT
-tool() { "$root/.venv-kafka/bin/python" scripts/kafka_tool.py "$WASNAP_TEST_KAFKA" "$@"; }
+tool() { "$root/scripts/kafka-server.sh" python scripts/kafka_tool.py "$WASNAP_TEST_KAFKA" "$@"; }
 port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 page() { python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())' "http://$1/metrics" 2>/dev/null || true; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }

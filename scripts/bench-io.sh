@@ -77,7 +77,7 @@ echo
 echo "== S3 input, output and store (moto on 127.0.0.1, one request at a time)"
 eval "$(scripts/s3-server.sh start)"
 trap 'kill "$WASNAP_TEST_S3_PID" 2>/dev/null || true' EXIT
-"$root/.venv/bin/python" - "$out/words.txt" "$out/numbers.txt" <<'PY'
+"$root/scripts/s3-server.sh" python - "$out/words.txt" "$out/numbers.txt" <<'PY'
 import os, sys, boto3
 s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT"], region_name=os.environ["AWS_REGION"])
 for path in sys.argv[1:]:
@@ -97,7 +97,7 @@ echo
 echo "== Kafka input and output (noida-db on 127.0.0.1), against file input and output: best of $runs records/s"
 eval "$(scripts/kafka-server.sh start)"
 trap 'kill "$WASNAP_TEST_S3_PID" 2>/dev/null; kill "$WASNAP_TEST_KAFKA_PID" 2>/dev/null || true' EXIT
-tool() { "$root/.venv-kafka/bin/python" "$root/scripts/kafka_tool.py" "$WASNAP_TEST_KAFKA" "$@"; }
+tool() { "$root/scripts/kafka-server.sh" python "$root/scripts/kafka_tool.py" "$WASNAP_TEST_KAFKA" "$@"; }
 printf '%-14s %12s %12s %12s %8s\n' workload file "kafka in" "kafka in+out" "in+out/file"
 for spec in "counter counter.txt 1000" "wordcount words.txt 1000" "c-wordcount words.txt 1000"; do
   set -- $spec

@@ -12,23 +12,13 @@
 # With --parent-pid the broker is stopped when that process is gone, so a test run that
 # dies cannot leave one behind. --port and --data-dir start it again where it was (a
 # broker restart). The Python environment (made on first use), the data directories and
-# the logs live outside the repository, under $WASNAP_STATE_DIR (default:
-# ${XDG_CACHE_HOME:-~/.cache}/wasnap).
+# the logs live outside the repository (see server-state.sh: ~/.cache/wasnap by default).
+#
+#   scripts/kafka-server.sh python ARGS…   runs the brokers' Python (kafka_tool.py's)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-base="${WASNAP_STATE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/wasnap}"
-state="$base/kafka-server"
-venv="$base/kafka-venv"
-
-ensure_venv() {
-  local stamp="$venv/.requirements"
-  if ! cmp -s "$root/scripts/kafka-requirements.txt" "$stamp" 2>/dev/null; then
-    echo "kafka-server: installing noida-db into $venv" >&2
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/scripts/kafka-requirements.txt" >&2
-    cp "$root/scripts/kafka-requirements.txt" "$stamp"
-  fi
-}
+. "$root/scripts/server-state.sh"
+state="$(state_base)/kafka-server"
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -54,7 +44,8 @@ case "${1:-}" in
     mkdir -p "$state"
     exec 9>"$state/.lock"
     flock 9
-    ensure_venv
+    venv="$(venv_for kafka-server "$root/scripts/kafka-requirements.txt")"
+    forget_old_runs "$state"
     [ -n "$port" ] || port="$(free_port)"
     [ -n "$data" ] || data="$(mktemp -d "$state/run.XXXXXX")"
     if [ "$kind" = tansu ]; then
@@ -103,13 +94,17 @@ EXPORTS
   stop)
     for file in "$state/pid" "$state/tansu.pid"; do
       if [ -f "$file" ]; then
-        kill "$(cat "$file")" 2>/dev/null || true
+        stop_pid "$(cat "$file")" "noida-db\|tansu"
         rm -f "$file"
       fi
     done
     ;;
+  python)
+    shift
+    exec "$(venv_for kafka-server "$root/scripts/kafka-requirements.txt")/bin/python" "$@"
+    ;;
   *)
-    echo "usage: $0 start [--tansu] [--parent-pid PID] [--port N --data-dir DIR] | stop" >&2
+    echo "usage: $0 start [--tansu] [--parent-pid PID] [--port N --data-dir DIR] | stop | python ARGS…" >&2
     exit 2
     ;;
 esac

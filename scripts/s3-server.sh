@@ -3,26 +3,16 @@
 #
 #   scripts/s3-server.sh start [--parent-pid PID]   prints `export …` lines for the S3 settings
 #   scripts/s3-server.sh stop [PID]                 stops that server, or the one started last
+#   scripts/s3-server.sh python ARGS…               runs the server's Python (with boto3)
 #
 # The server has one bucket, `wasnap`, made at start (s3://wasnap/PREFIX); it keeps its
 # objects in memory, so a stop forgets them. Its Python environment (made on first use
-# from s3-requirements.txt), its logs and its PID live outside the repository, under
-# $WASNAP_STATE_DIR (default: ${XDG_CACHE_HOME:-~/.cache}/wasnap).
+# from s3-requirements.txt), its logs and its PID live outside the repository (see
+# server-state.sh: ~/.cache/wasnap by default).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-base="${WASNAP_STATE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/wasnap}"
-state="$base/s3-server"
-venv="$base/s3-venv"
-
-ensure_venv() {
-  local stamp="$venv/.requirements"
-  if ! cmp -s "$root/scripts/s3-requirements.txt" "$stamp" 2>/dev/null; then
-    echo "s3-server: installing moto into $venv" >&2
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/scripts/s3-requirements.txt" >&2
-    cp "$root/scripts/s3-requirements.txt" "$stamp"
-  fi
-}
+. "$root/scripts/server-state.sh"
+state="$(state_base)/s3-server"
 
 case "${1:-}" in
   start)
@@ -30,7 +20,8 @@ case "${1:-}" in
     mkdir -p "$state"
     exec 9>"$state/.lock"
     flock 9
-    ensure_venv
+    venv="$(venv_for s3-server "$root/scripts/s3-requirements.txt")"
+    forget_old_runs "$state"
     run_dir="$(mktemp -d "$state/run.XXXXXX")"
     # The lock serialises set-up only: the server must not inherit it (9>&-), or a second
     # start would wait for as long as the first server lives.
@@ -57,14 +48,18 @@ EXPORTS
     ;;
   stop)
     if [ -n "${2:-}" ]; then
-      kill "$2" 2>/dev/null || true
+      stop_pid "$2" s3_server.py
     elif [ -f "$state/pid" ]; then
-      kill "$(cat "$state/pid")" 2>/dev/null || true
+      stop_pid "$(cat "$state/pid")" s3_server.py
       rm -f "$state/pid"
     fi
     ;;
+  python)
+    shift
+    exec "$(venv_for s3-server "$root/scripts/s3-requirements.txt")/bin/python" "$@"
+    ;;
   *)
-    echo "usage: $0 start [--parent-pid PID] | stop [PID]" >&2
+    echo "usage: $0 start [--parent-pid PID] | stop [PID] | python ARGS…" >&2
     exit 2
     ;;
 esac

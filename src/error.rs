@@ -93,32 +93,51 @@ impl fmt::Display for Error {
 /// whole XML body).
 const MAX_LINK_CHARS: usize = 400;
 
-/// `err`'s chain as one line, links joined by ": ". A link whose text the link before it
+/// `err`'s chain as one line, links joined by ": ". A link that the link printed before it
 /// already holds is left out: object_store's and reqwest's errors print their sources
 /// inside their own text, so `{:#}` would repeat one cause four times. Line breaks are
-/// folded, a long link is cut, and a cause whose fix is a setting gets a hint.
+/// folded, credentials in URLs blanked, and a long link cut; the root cause is said even
+/// when it was left out as part of a link that got cut. A cause whose fix is a setting
+/// gets a hint.
 pub(crate) fn one_line(err: &anyhow::Error) -> String {
+    let links: Vec<String> = err
+        .chain()
+        .map(|link| {
+            let folded = link
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            redact_credentials(&folded).into_owned()
+        })
+        .collect();
+    let cut = |text: &str| match text.char_indices().nth(MAX_LINK_CHARS) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    };
     let mut out = String::new();
-    let mut previous = String::new();
-    for link in err.chain() {
-        let text = link.to_string();
-        if !previous.is_empty() && previous.contains(text.trim()) {
+    let mut printed: Option<&str> = None;
+    for link in &links {
+        if printed.is_some_and(|p| p.contains(link.as_str())) {
             continue;
         }
-        if !out.is_empty() {
+        if printed.is_some() {
             out.push_str(": ");
         }
-        let folded: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        match folded.char_indices().nth(MAX_LINK_CHARS) {
-            Some((cut, _)) => {
-                out.push_str(&folded[..cut]);
-                out.push('…');
-            }
-            None => out.push_str(&folded),
-        }
-        previous = text;
+        out.push_str(&cut(link));
+        printed = Some(link);
     }
-    if let Some(hint) = hint_for(&out) {
+    // The root cause, if it was inside a link that got cut (its start is how it shows).
+    if let Some(root) = links.last()
+        && printed != Some(root.as_str())
+    {
+        let start: String = root.chars().take(80).collect();
+        if !out.contains(&start) {
+            out.push_str(": ");
+            out.push_str(&cut(root));
+        }
+    }
+    if let Some(hint) = hint_for(&links.join("\n")) {
         out.push_str(" (");
         out.push_str(hint);
         out.push(')');
@@ -137,7 +156,10 @@ fn hint_for(text: &str) -> Option<&'static str> {
         )
     } else if text.contains("NoSuchBucket") {
         Some("the bucket does not exist: create it, or name another in the URL")
-    } else if text.contains("amazonaws.com") && !crate::store::url::s3_endpoint_configured() {
+    } else if text.contains("amazonaws.com")
+        && (text.contains("error sending request") || text.contains("dns error"))
+        && !crate::store::url::s3_endpoint_configured()
+    {
         Some(
             "AWS_ENDPOINT is not set, so requests went to AWS itself: set it to use another S3 \
              server, e.g. AWS_ENDPOINT=http://127.0.0.1:9000",
@@ -411,6 +433,23 @@ mod tests {
         let long = anyhow::anyhow!("x".repeat(1000)).context("outer");
         let line = one_line(&long);
         assert!(line.ends_with('…') && line.chars().count() == "outer: ".len() + 400 + 1);
+        // A cause past the cut of a link that holds it is still said, with its hint.
+        let request: &'static str = format!("GET http://host/bucket/{}", "p".repeat(400)).leak();
+        let deep = Nested(request, Some(Box::new(Nested("NoSuchBucket", None))));
+        let line = one_line(&anyhow::Error::new(deep).context("outer"));
+        assert!(
+            line.ends_with(
+                "ppp…: NoSuchBucket (the bucket does not exist: create it, or name another in \
+                 the URL)"
+            ),
+            "{line}"
+        );
+        // A cut never leaves part of a credential: links are blanked before they are cut.
+        let secret = anyhow::anyhow!(
+            "{} http://AKIAKEY:SUPERSECRET@minio:9000/b",
+            "z".repeat(380)
+        );
+        assert!(!one_line(&secret).contains("AKIA"), "{}", one_line(&secret));
         assert_eq!(
             one_line(&anyhow::anyhow!("disk full").context("a: b")),
             "a: b: disk full"

@@ -234,6 +234,8 @@ fn the_first_guest_quick_start_works_as_written() {
         "kill.sh: the resumed run does not match the reference\n--- stdout\n{stdout}--- stderr\n{stderr}"
     );
     let big = std::fs::read(rust.join("big.txt")).unwrap();
+    // Not vacuous: the page's input has its 500 000 lines.
+    assert_eq!(big.iter().filter(|&&b| b == b'\n').count(), 500_000);
     assert_eq!(
         std::fs::read(rust.join("big.out")).unwrap(),
         word_counts(&big)

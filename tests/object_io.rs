@@ -122,13 +122,22 @@ impl S3Task {
             "--quiet".into(),
         ];
         if stdio {
-            args.extend(["--stdio".into(), "--checkpoint-every-bytes".into()]);
+            // Stdio mode checkpoints by input bytes, and always coalesces.
+            args.extend([
+                "--stdio".into(),
+                "--checkpoint-every-bytes".into(),
+                every.to_string(),
+            ]);
         } else {
-            args.push("--checkpoint-every".into());
+            // With an interval, captures coalesce while they wait for S3 (the default's
+            // way).
+            args.extend([
+                "--checkpoint-every".into(),
+                every.to_string(),
+                "--checkpoint-interval".into(),
+                "50ms".into(),
+            ]);
         }
-        args.push(every.to_string());
-        // With an interval, captures coalesce while they wait for S3 (the default's way).
-        args.extend(["--checkpoint-interval".into(), "50ms".into()]);
         args
     }
 }

@@ -21,6 +21,14 @@ pub fn inspect(url: &str, details: bool) -> Result<()> {
         // A worker's store holds its tasks' stores, one per partition.
         let tasks = fleet_tasks(&store)?;
         if !tasks.is_empty() {
+            if details {
+                anyhow::bail!(
+                    "{url} is a worker's store: --details is for one task's, \
+                     e.g. inspect --store {}/{} --details",
+                    url.trim_end_matches('/'),
+                    tasks[0].0
+                );
+            }
             write_fleet(&mut out, url, &tasks)?;
             return super::print_out(&out);
         }
@@ -30,12 +38,14 @@ pub fn inspect(url: &str, details: bool) -> Result<()> {
     let mut live: HashSet<String> = HashSet::new();
     let mut rows = String::new();
     let mut newest: Option<String> = None;
+    let mut unreadable = 0;
     for &generation in generations.iter().rev() {
         let manifest_name = format!("{generation:020}");
         let m = match store.read_manifest(generation) {
             Ok(m) => m,
             Err(err) => {
                 writeln!(rows, "{generation:>10} unreadable: {err:#}")?;
+                unreadable += 1;
                 continue;
             }
         };
@@ -94,6 +104,13 @@ pub fn inspect(url: &str, details: bool) -> Result<()> {
             generations.len()
         )?,
         _ => writeln!(out, "no checkpoints in {url}")?,
+    }
+    if unreadable > 0 {
+        writeln!(
+            out,
+            "unreadable: {unreadable} checkpoint(s), listed below; a resume starts from the \
+             newest readable one, and the packs only they need count as garbage here"
+        )?;
     }
     if let Some(newest) = newest {
         writeln!(out, "{newest}")?;

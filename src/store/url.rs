@@ -102,18 +102,19 @@ fn warn_if_no_endpoint(url: &str) {
         WARNED.call_once(|| {
             tracing::warn!(
                 "{url}: AWS_ENDPOINT is not set, so S3 requests go to AWS itself (set it for \
-                 another S3 server, e.g. AWS_ENDPOINT=http://127.0.0.1:9000)"
+                 another S3 server, e.g. AWS_ENDPOINT=http://127.0.0.1:9000; for AWS, \
+                 https://s3.REGION.amazonaws.com says so and silences this)"
             );
         });
     }
 }
 
 fn open_s3(url: &str, rest: &str) -> Result<Arc<dyn ObjectStore>> {
+    warn_if_no_endpoint(url);
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         bail!("store URL {url:?}: no bucket (expected s3://BUCKET/PREFIX)");
     }
-    warn_if_no_endpoint(url);
     // Errors from the builder name the setting, never its value: no credential leaks.
     let s3 = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)

@@ -206,6 +206,9 @@ pub fn parse_byte_position<'a>(position: &'a [u8], input: &str) -> Result<(u64, 
     Ok((offset, &position[position.len() - rest..]))
 }
 
+/// The most input bytes read again to give a failing record's line number.
+const MAX_COUNTED_BYTES: u64 = 1 << 30;
+
 /// A local file of newline-delimited records.
 pub type LineSource = ByteLines<FileInput>;
 
@@ -283,17 +286,25 @@ impl ByteInput for FileInput {
     }
 
     fn newlines_before(&mut self, offset: u64) -> Option<u64> {
-        // Opened as a resume would (a regular file only), then read once up to `offset`.
-        let file = self.start(0, None).ok()?;
+        // On an error path: a line number is not worth reading gigabytes for.
+        if offset > MAX_COUNTED_BYTES {
+            return None;
+        }
+        // Opened as a resume would (a regular file only, at least `offset` long), then read
+        // once up to `offset`.
+        let mut file = self.start(offset, None).ok()?;
+        file.seek(SeekFrom::Start(0)).ok()?;
         let mut reader = BufReader::with_capacity(1 << 20, file.take(offset));
-        let mut newlines = 0u64;
+        let (mut newlines, mut read) = (0u64, 0u64);
         loop {
             let buf = reader.fill_buf().ok()?;
             if buf.is_empty() {
-                return Some(newlines);
+                // Cut short while it was read: no line number rather than a wrong one.
+                return (read == offset).then_some(newlines);
             }
             newlines += buf.iter().filter(|&&b| b == b'\n').count() as u64;
             let n = buf.len();
+            read += n as u64;
             reader.consume(n);
         }
     }

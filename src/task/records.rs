@@ -173,7 +173,7 @@ impl Driver for Records {
                             offset: offset_before,
                             message: format!("{err:#}"),
                             // Those after the last checkpoint are replayed after the skip.
-                            records: worked.records - self.since_checkpoint,
+                            records: worked.records.saturating_sub(self.since_checkpoint),
                             checkpoints: worked.checkpoints,
                         }
                         .into());
