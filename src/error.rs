@@ -164,6 +164,9 @@ fn hint_for(text: &str) -> Option<&'static str> {
             "AWS_ENDPOINT is not set, so requests went to AWS itself: set it to use another S3 \
              server, e.g. AWS_ENDPOINT=http://127.0.0.1:9000",
         )
+    } else if text.contains("the record at ") && !text.contains("time limit") {
+        // A record the guest fails on (a time limit is not repeatable, so never skipped).
+        Some("to go on past this record: --on-trap skip --dead-letter FILE")
     } else if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") {
         Some(
             "the S3 server refused the credentials: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",

@@ -170,17 +170,23 @@ fn inspect_shows_each_checkpoints_packs_and_what_is_live() {
     let pack_lines: Vec<&str> = text.lines().filter(|l| l.contains(".pack")).collect();
     assert!(pack_lines.len() >= rows.len(), "{text}");
     for line in &pack_lines {
-        let name = line.split_whitespace().next().unwrap();
+        let name = line
+            .trim()
+            .strip_prefix("pack ")
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap();
         assert!(store.join("packs").join(name).exists(), "{line}");
-        assert!(line.contains("frames used"), "{line}");
+        assert!(line.contains("frames (encoded pages) used"), "{line}");
     }
     assert!(
         !text.contains(&stray),
         "the stray pack is no checkpoint's: {text}"
     );
-    let summary = text.lines().find(|l| l.starts_with("store: ")).unwrap();
+    let summary = text.lines().find(|l| l.starts_with("objects: ")).unwrap();
     assert!(
-        summary.starts_with("store: 8 manifests") && summary.ends_with("garbage: 9 B"),
+        summary.starts_with("objects: 8 manifests") && summary.ends_with("garbage: 9 B"),
         "{summary}"
     );
 }

@@ -117,7 +117,7 @@ pub fn inspect(url: &str, details: bool) -> Result<()> {
     }
     writeln!(
         out,
-        "store: {} manifests, {} packs, {} in all; live (needed by a checkpoint): {}; \
+        "objects: {} manifests, {} packs, {} in all; live (needed by a checkpoint): {}; \
          garbage: {}",
         manifest_sizes.len(),
         pack_sizes.len(),
@@ -167,7 +167,8 @@ const COLUMNS: &str = "
 columns: generation = the checkpoint's number (a resume starts from the newest readable one);
   committed = how long ago; input_offset = input bytes consumed (Kafka: the next offset);
   output_marker = the output's committed bytes (or part); memory = the guest's memory;
-  pages = 64 KiB pages stored in its packs; packs, restore = the packs a restore reads
+  pages = its 64 KiB pages that are stored (all-zero pages are not); packs = how many packs
+  a restore reads; restore = their bytes
 ";
 
 /// Under a checkpoint's line: each pack it needs and how much of it is used, its component
@@ -178,13 +179,15 @@ fn write_details(
     names: &[String],
     pack_sizes: &BTreeMap<String, u64>,
 ) -> Result<()> {
+    // A pack is GENERATION-WRITER.pack (the writer's id in hex); a frame is one page's
+    // encoding (or a run's chunk) in it: a pack whose frames no kept checkpoint uses goes.
     for ((pack, name), live_frames) in m.packs.iter().zip(names).zip(m.live_frames()) {
         let size = pack_sizes
             .get(name)
             .map_or("MISSING".to_string(), |s| human_bytes(*s as f64));
         writeln!(
             out,
-            "{:>12}{name}  {live_frames}/{} frames used, {size}",
+            "{:>12}pack {name}: {live_frames} of its {} frames (encoded pages) used, {size}",
             "", pack.frames
         )?;
     }

@@ -66,8 +66,8 @@ enum Command {
         #[arg(long, default_value = "stop", value_parser = ["stop", "skip"])]
         on_trap: String,
         /// With --on-trap skip: where skipped records go, one JSON line each ({"offset",
-        /// "error", "record"}), committed with each checkpoint like the output (any kind of
-        /// output, as --output).
+        /// "error", and "record", or "record_hex" when it is not UTF-8), committed with each
+        /// checkpoint like the output (any kind of output, as --output).
         #[arg(long)]
         dead_letter: Option<PathBuf>,
         /// Checkpoint store: a directory, file:///DIR, s3://BUCKET/PREFIX or memory://.
@@ -90,7 +90,7 @@ enum Command {
         max_in_flight: u64,
         #[command(flatten)]
         state: StateArgs,
-        /// No progress lines on stderr.
+        /// No progress lines and no summary line on stderr (errors and warnings still).
         #[arg(long, short)]
         quiet: bool,
     },
@@ -298,7 +298,7 @@ struct StateArgs {
               .map(|s| s.parse::<DirtyTracking>().expect("a listed name")))]
     dirty_tracking: DirtyTracking,
     /// Deltas a page may have on top of its last whole version before the next is
-    /// written whole: what a restore applies at most per page (0: no deltas).
+    /// written whole: what a restore applies at most per page (0: no deltas; at most 63).
     #[arg(long, default_value_t = crate::snapshot::table::DEFAULT_MAX_DELTAS as u64,
           value_parser = clap::value_parser!(u64).range(0..=crate::snapshot::table::MAX_DELTAS_LIMIT as u64))]
     max_deltas: u64,
@@ -338,7 +338,8 @@ struct LimitArgs {
     /// Cap on the guest's memory, in MiB (all memories together).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_memory_mib: Option<u64>,
-    /// Time limit for one guest call (`process`, `alloc`, `init`), in milliseconds.
+    /// Time limit for one guest call (`process`, `alloc`, `init`, `_initialize`, the start
+    /// function; a component's calls), in milliseconds; the guest's sleeps count.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     call_timeout_ms: Option<u64>,
 }
@@ -374,10 +375,10 @@ fn unused_flags(name: &str, sub: &clap::ArgMatches) -> Option<String> {
             "is for --stdio (a record guest checkpoints by --checkpoint-every and \
              --checkpoint-interval)",
         ),
+        ("run", true) if given("config") => (&["config"], "is for components, not for --stdio"),
         ("run", true) => (
-            &["checkpoint_every", "checkpoint_interval", "config"],
-            "is not for --stdio: a stdio program checkpoints by --checkpoint-every-bytes, and \
-             --config is for components",
+            &["checkpoint_every", "checkpoint_interval"],
+            "is not for --stdio: a stdio program checkpoints by --checkpoint-every-bytes",
         ),
         ("bench", true) => (
             &[
@@ -441,7 +442,7 @@ pub fn main() -> ExitCode {
     if let Some((name, sub)) = matches.subcommand()
         && let Some(refusal) = unused_flags(name, sub)
     {
-        say!("wasnap: {refusal}");
+        say!("wasnap: error: {refusal}");
         return ExitCode::from(2);
     }
     // Warnings (a tracker that fell back to hashing, a checkpoint that is unusable) show
@@ -487,19 +488,19 @@ pub fn main() -> ExitCode {
             match (on_trap.as_str(), &dead_letter) {
                 ("skip", None) => {
                     say!(
-                        "wasnap: --on-trap skip needs --dead-letter OUT: where the skipped records go"
+                        "wasnap: error: --on-trap skip needs --dead-letter OUT: where the skipped records go"
                     );
                     return ExitCode::from(2);
                 }
                 ("stop", Some(_)) => {
                     say!(
-                        "wasnap: --dead-letter is for --on-trap skip; a failing record stops the run by default"
+                        "wasnap: error: --dead-letter is for --on-trap skip; a failing record stops the run by default"
                     );
                     return ExitCode::from(2);
                 }
                 ("skip", Some(_)) if stdio => {
                     say!(
-                        "wasnap: --on-trap skip is for record guests: a stdio program's input has no records to skip"
+                        "wasnap: error: --on-trap skip is for record guests: a stdio program's input has no records to skip"
                     );
                     return ExitCode::from(2);
                 }
@@ -536,7 +537,16 @@ pub fn main() -> ExitCode {
             };
             let mut progress = log::Progress::new(!quiet);
             task::run(&config, &store, &mut progress).map(|summary| {
-                if !quiet {
+                let finished_before = summary.resumed_from.is_some()
+                    && summary.records == 0
+                    && summary.input_bytes == 0;
+                if !quiet && finished_before {
+                    say!(
+                        "wasnap: done: the task had already finished (newest checkpoint {}): \
+                         nothing to do",
+                        summary.generation
+                    );
+                } else if !quiet {
                     let resumed = summary
                         .resumed_from
                         .map_or(String::from("fresh start"), |g| {

@@ -54,8 +54,10 @@ pub fn check(module: &Module) -> Result<Abi> {
         .map(|name| format!("`{name}`"))
         .collect();
     if !missing.is_empty() && !is_command {
+        // The guest's own exports, not those instrumentation added.
         let exports: Vec<String> = module
             .exports()
+            .filter(|e| !e.name().starts_with(super::instrument::RESERVED_PREFIX))
             .map(|e| format!("`{}`", e.name()))
             .collect();
         bail!(

@@ -90,7 +90,7 @@ fn describe(limits: &Limits, err: wasmtime::Error, function: &str) -> anyhow::Er
         && format!("{err:#}").contains("forcing trap when growing memory")
     {
         return guest(format!(
-            "the guest tried to grow its memory past its limit of {max} bytes {at}"
+            "the guest tried to grow its memory past its limit of {max} bytes (--max-memory-mib) {at}"
         ));
     }
     let err = anyhow::Error::from(err);
@@ -180,7 +180,7 @@ impl CoreInstance {
             describe(
                 &guest.limits,
                 err,
-                "while it was instantiated (in its start function?)",
+                "while it was instantiated (its initial memory, or its start function)",
             )
         })?;
 

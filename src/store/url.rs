@@ -27,6 +27,12 @@ pub fn open_object_store_with(url: &str, create: bool) -> Result<Arc<dyn ObjectS
     if url == "memory://" || url == "memory:///" {
         return Ok(Arc::new(InMemory::new()));
     }
+    // `s3:/bucket` is a typo, not a local directory named `s3:`.
+    for scheme in ["s3:", "file:", "memory:"] {
+        if url.starts_with(scheme) && !url.starts_with(&format!("{scheme}//")) {
+            bail!("store URL {url:?}: {scheme} needs two slashes ({scheme}//…)");
+        }
+    }
     if let Some(rest) = url.strip_prefix("s3://") {
         return open_s3(url, rest);
     }

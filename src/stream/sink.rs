@@ -192,7 +192,7 @@ impl FileSink {
             .len();
         if len < marker {
             return Err(changed!(
-                "output {path} is {len} bytes but the checkpoint made {marker} bytes durable: the output was truncated or replaced"
+                "output {path} is {len} bytes but the checkpoint made {marker} bytes durable: the output was truncated or replaced, or is not the one this store's task writes (run it with the same --output)"
             ));
         }
         if len > marker {

@@ -315,9 +315,14 @@ impl RunConfig {
             .collect();
         for (index, output) in outputs.iter().enumerate() {
             if named[..index].contains(&named[index]) {
+                let flags = if index > self.further_outputs.len() {
+                    "--dead-letter names an --output"
+                } else {
+                    "--output is given twice"
+                };
                 return Err(crate::error::error(
                     crate::ErrorKind::Other,
-                    format!("--output {} is given twice", output.display()),
+                    format!("{flags}: {}", output.display()),
                 )
                 .into());
             }
@@ -469,6 +474,8 @@ pub fn run(
     observer: &mut dyn super::CheckpointObserver,
 ) -> Result<super::RunSummary, crate::Error> {
     let guest = config.load_guest()?;
+    // Before the store is opened (and a local one made): a refused output leaves nothing.
+    config.check_paths_apart(store_url)?;
     // Opened once: every reopen after a skip must see the same store (`memory://` too).
     let store = CheckpointStore::open(store_url)?;
     let started = std::time::Instant::now();

@@ -158,8 +158,7 @@ impl Driver for Records {
                 };
                 dead_letters.extend_from_slice(&letter);
                 tracing::warn!(
-                    offset = offset_before,
-                    "skipped a record the guest fails on: {error}"
+                    "skipped the record at input offset {offset_before} to the dead letters: {error}"
                 );
             } else {
                 let instance = &mut checkpoints.instance;
