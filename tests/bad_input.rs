@@ -328,14 +328,17 @@ fn bad_arguments_get_clear_errors() {
         10,
     ));
     assert_clean_failure(&out, "unknown scheme `ftp`");
+    let store = dir.path().join("store");
     let out = run(&run_args(
         &guest("wordcount"),
         &dir.path().join("nope"),
         &dir.path().join("out"),
-        "memory://",
+        store.to_str().unwrap(),
         10,
     ));
     assert_clean_failure(&out, "cannot open input");
+    // A mistyped input leaves no output file and no store behind.
+    assert!(!dir.path().join("out").exists() && !store.exists());
     let out = run(&run_args(
         &guest("wordcount"),
         &input,

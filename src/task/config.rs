@@ -474,8 +474,18 @@ pub fn run(
     observer: &mut dyn super::CheckpointObserver,
 ) -> Result<super::RunSummary, crate::Error> {
     let guest = config.load_guest()?;
-    // Before the store is opened (and a local one made): a refused output leaves nothing.
+    // Before the store is opened (and a local one made): a refused output, or an input
+    // file that is not there, leaves nothing behind.
     config.check_paths_apart(store_url)?;
+    if let Some(input) = local_path(&config.input)
+        && let Err(err) = std::fs::metadata(&input)
+    {
+        return Err(crate::error::error(
+            crate::ErrorKind::Other,
+            format!("cannot open input {}: {err}", input.display()),
+        )
+        .into());
+    }
     // Opened once: every reopen after a skip must see the same store (`memory://` too).
     let store = CheckpointStore::open(store_url)?;
     let started = std::time::Instant::now();
