@@ -288,7 +288,7 @@ pub fn stderr(out: &Output) -> String {
 /// What one run said on stderr about its checkpoints (with [`CHECKPOINT_LOG`]).
 #[derive(Debug, Default)]
 pub struct RunLog {
-    /// The generation it restored (`None`: a fresh start).
+    /// The generation it first restored, at its start (`None`: a fresh start).
     pub resumed_from: Option<u64>,
     /// The newest generation it reported committed (0: none), and how many commits.
     pub committed: u64,
@@ -310,7 +310,9 @@ impl RunLog {
             self.committed = self.committed.max(generation().unwrap_or(0));
             self.commits += 1;
         } else if line.contains(" restored ") || line.contains(": restored") {
-            self.resumed_from = generation().or(self.resumed_from);
+            // The process's resume is its first restore: a run that skips a poison record
+            // restores again, from a checkpoint it committed itself.
+            self.resumed_from = self.resumed_from.or_else(generation);
         }
         self.text.push_str(line);
         self.text.push('\n');
