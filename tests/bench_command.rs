@@ -61,6 +61,11 @@ fn json_lines_account_for_every_byte_put_to_the_store() {
         "{summary}"
     );
     assert!(summary["commit_lag_p50_us"].as_u64() <= summary["commit_lag_max_us"].as_u64());
+    // Three passes under the policy by default, each into its own store; the figures are
+    // the fastest one's.
+    assert_eq!(summary["passes"].as_u64(), Some(3), "{summary}");
+    let fastest = summary["fastest_pass"].as_u64().unwrap();
+    assert!((1..=3).contains(&fastest), "{summary}");
     let field = |r: &serde_json::Value, k: &str| {
         r[k].as_u64()
             .unwrap_or_else(|| panic!("{k} missing in {r}"))
@@ -82,14 +87,75 @@ fn json_lines_account_for_every_byte_put_to_the_store() {
         );
         total += field(r, "delta_bytes");
     }
-    // Every byte in the store was reported, and nothing else was written but the task's
-    // id, once, when the task was opened.
-    let task = std::fs::read_to_string(store.join("task")).unwrap();
+    // Every byte in the fastest pass's store was reported, and nothing else was written
+    // but the task's id, once, when the task was opened. The other passes wrote their
+    // own stores, beside it.
+    let pass = store.join(format!("pass-{fastest}"));
+    let task = std::fs::read_to_string(pass.join("task")).unwrap();
     assert!(
         task.starts_with("wasnap task 1\n") && task.len() == 47,
         "{task:?}"
     );
-    assert_eq!(total + task.len() as u64, dir_bytes(&store));
+    assert_eq!(total + task.len() as u64, dir_bytes(&pass));
+    let mut stores: Vec<String> = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    stores.sort();
+    assert_eq!(stores, ["pass-1", "pass-2", "pass-3"]);
+    for name in &stores {
+        let other = store.join(name).join("manifests");
+        assert_eq!(std::fs::read_dir(&other).unwrap().count(), 10, "{name}");
+    }
+}
+
+#[test]
+fn several_passes_need_the_scratch_output_and_an_empty_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 500, 300, false);
+    let bench = |extra: &[&str]| {
+        wasnap()
+            .args([
+                "bench",
+                guest("wordcount").to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--no-baseline",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = dir.path().join("out.jsonl");
+    let out = bench(&["--output", output.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--passes 3 with --output"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!output.exists());
+    // With one pass, the output is the run's.
+    let out = bench(&["--output", output.to_str().unwrap(), "--passes", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        reference_output(&guest("wordcount"), &input)
+    );
+    // A store whose second pass already holds checkpoints is refused before any runs.
+    let store = dir.path().join("store");
+    let out = bench(&["--store", store.to_str().unwrap(), "--passes", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_dir_all(store.join("pass-1")).unwrap();
+    let out = bench(&["--store", store.to_str().unwrap(), "--passes", "2"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("pass-2 holds checkpoints"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!store.join("pass-1").join("manifests").exists());
 }
 
 #[test]

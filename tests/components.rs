@@ -296,7 +296,7 @@ fn a_guest_that_reopens_its_store_mid_stream_survives_kills() {
     assert!(String::from_utf8_lossy(&expected).contains("501: reopened"));
     let output = dir.path().join("output");
     let store = dir.path().join("store").display().to_string();
-    let mut args = run_args(&guest, &input, &output, &store, 300);
+    let mut args = coalescing_run_args(&guest, &input, &output, &store, 300);
     args.extend(["--checkpoint-interval".into(), "20ms".into()]);
     let mut rng = Rng::from_env_or_clock("reopen");
     run_with_kills(&args, 6, &mut rng, || {

@@ -49,7 +49,7 @@ impl Case {
     /// committer, else each is committed before the guest goes on (the steps then come in
     /// a fixed order, and each crash point's `N`th occurrence is one the run reaches).
     fn args(&self, output: &str, store: &Path, coalesce: bool) -> Vec<String> {
-        let mut args = run_args(
+        let mut args = coalescing_run_args(
             &self.guest,
             &self.input,
             Path::new(output),

@@ -155,7 +155,7 @@ fn survives_kill_9(guest: &Path, input: &Path, expected: &[u8], what: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (output, store) = (dir.path().join("output"), dir.path().join("store"));
     let store = store.to_str().unwrap();
-    let mut args = run_args(guest, input, &output, store, 200);
+    let mut args = coalescing_run_args(guest, input, &output, store, 200);
     args.extend(["--checkpoint-interval".into(), "20ms".into()]);
     let mut rng = Rng::from_env_or_clock(what);
     run_with_kills(&args, 3, &mut rng, || {

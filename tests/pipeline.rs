@@ -294,6 +294,54 @@ fn a_slow_store_is_overlapped_up_to_the_bound_and_then_holds_the_guest_back() {
     }
 }
 
+/// `wasnap run --checkpoint-every N` alone: captures the store cannot keep up with merge
+/// into one commit (fewer manifests than generations, the output exact), unless
+/// `--no-coalesce`, which commits every one of them. A checkpoint after every record is
+/// far faster to capture than to commit with fsync, so the committer always falls behind.
+#[test]
+fn by_count_alone_the_run_coalesces_unless_told_not_to() {
+    let guest = guest("wordcount");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 1500, 500, false);
+    let reference = reference_output(&guest, &input);
+    for coalesce in [true, false] {
+        let case = dir.path().join(format!("coalesce-{coalesce}"));
+        let (output, store) = (case.join("out"), case.join("store"));
+        let store_url = store.display().to_string();
+        let mut args = match coalesce {
+            true => coalescing_run_args(&guest, &input, &output, &store_url, 1),
+            false => run_args(&guest, &input, &output, &store_url, 1),
+        };
+        args.extend(["--retain".into(), "1000000".into()]);
+        run_ok(&args);
+        let commits = std::fs::read_dir(store.join("manifests")).unwrap().count() as u64;
+        let newest = *open_store(&store_url)
+            .generations()
+            .unwrap()
+            .last()
+            .unwrap();
+        // One capture per record, and the one at the end of the input is the last record's.
+        assert_eq!(
+            newest, 1500,
+            "coalesce {coalesce}: a generation per capture"
+        );
+        if coalesce {
+            assert!(
+                commits * 2 < newest,
+                "captures merged: {commits} commits of {newest} captures"
+            );
+        } else {
+            assert_eq!(commits, newest, "each capture its own commit");
+        }
+        assert_same_output(
+            &std::fs::read(&output).unwrap(),
+            &reference,
+            &format!("coalesce {coalesce}"),
+        );
+    }
+}
+
 #[test]
 fn a_real_histogram_goes_as_sparse_deltas_and_restores_exactly() {
     // The window guest bumps one of 65 536 histogram buckets (four pages) per record:

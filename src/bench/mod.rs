@@ -5,9 +5,11 @@
 //!
 //! Passes over the same input, so that nothing measured runs on the measured guest's path
 //! but wasnap: the guest with checkpoints off (one at the end, in memory, its output to a
-//! scratch file), before and after the measured pass, the faster kept; the guest under the
-//! policy, into the store; and, for the baseline, the guest run plainly once more, its
-//! memory handed to the baseline at the input offsets of the measured pass's commits.
+//! scratch file) and the guest under the policy, into the store, interleaved `passes` times
+//! (off, on, off, …, on, off) with the fastest of each kind kept, so that both figures of
+//! the tax are a best-of-N taken over the same minutes; and, for the baseline, the guest run
+//! plainly once more, its memory handed to the baseline at the input offsets of the kept
+//! pass's commits.
 
 pub mod baseline;
 mod replay;
@@ -42,8 +44,12 @@ pub struct BenchConfig {
     pub store: Option<String>,
     /// Also compute the Wasman-style baseline (a third pass).
     pub baseline: bool,
-    /// Also run the guest with checkpoints off, for the durability tax (a first pass).
+    /// Also run the guest with checkpoints off, for the durability tax.
     pub compare_off: bool,
+    /// How many times to run the guest under the policy (and with checkpoints off, once
+    /// more), interleaved; the fastest of each is kept. Above 1, pass K has its own store,
+    /// `STORE/pass-K`, and the output must be the scratch file.
+    pub passes: usize,
     /// See [`TaskConfig::max_deltas`].
     pub max_deltas: usize,
     /// See [`TaskConfig::dirty_tracking`].
@@ -105,6 +111,9 @@ pub struct CheckpointRecord {
 
 pub struct BenchReport {
     pub run: RunSummary,
+    /// Passes under the policy, and which (from 1) `run` and `checkpoints` come from.
+    pub passes: usize,
+    pub fastest_pass: usize,
     /// The same guest with checkpoints off (`compare_off`).
     pub off: Option<RunSummary>,
     /// A component's records/s under stock wasmtime, uninstrumented, with no
@@ -132,6 +141,9 @@ pub struct SummaryRecord {
     pub plain_wasmtime_records_per_sec: Option<f64>,
     pub captures: u64,
     pub commits: u64,
+    /// Passes run under the policy, and which (from 1) was the fastest: the one reported.
+    pub passes: usize,
+    pub fastest_pass: usize,
     /// From a pause to the commit that covers it, over the commits.
     pub commit_lag_p50_us: u64,
     pub commit_lag_p99_us: u64,
@@ -145,8 +157,6 @@ struct Recorder<'a> {
     pending: std::collections::BTreeMap<u64, usize>,
     records: Vec<CheckpointRecord>,
     on_record: &'a mut dyn FnMut(&CheckpointRecord),
-    /// `on_record` only once the baseline is known (it comes from a later pass).
-    deferred: bool,
 }
 
 impl CheckpointObserver for Recorder<'_> {
@@ -197,9 +207,7 @@ impl CheckpointObserver for Recorder<'_> {
             baseline_hash_us: None,
             baseline_encode_us: None,
         };
-        if !self.deferred {
-            (self.on_record)(&record);
-        }
+        (self.on_record)(&record);
         self.records.push(record);
     }
 }
@@ -211,18 +219,35 @@ pub fn bench(
     on_record: &mut dyn FnMut(&CheckpointRecord),
 ) -> Result<BenchReport> {
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let passes = config.passes.max(1);
+    if passes > 1 && config.output.is_some() {
+        anyhow::bail!(
+            "--passes {passes} with --output: each pass would write the same output; give \
+             --passes 1, or leave the output to a scratch file"
+        );
+    }
     let store_url = match &config.store {
-        Some(url) => url.clone(),
+        Some(url) => url.trim_end_matches('/').to_string(),
         None => scratch.path().join("store").display().to_string(),
     };
-    let store = CheckpointStore::open(&store_url).map_err(crate::Error::into_anyhow)?;
-    if !store
-        .generations()
-        .map_err(crate::Error::into_anyhow)?
-        .is_empty()
-    {
-        anyhow::bail!("bench needs an empty store, and {store_url} holds checkpoints");
-    }
+    // One store per pass, each checked empty before anything runs.
+    let stores = (1..=passes)
+        .map(|pass| {
+            let url = match passes {
+                1 => store_url.clone(),
+                _ => format!("{store_url}/pass-{pass}"),
+            };
+            let store = CheckpointStore::open(&url).map_err(crate::Error::into_anyhow)?;
+            if !store
+                .generations()
+                .map_err(crate::Error::into_anyhow)?
+                .is_empty()
+            {
+                anyhow::bail!("bench needs an empty store, and {url} holds checkpoints");
+            }
+            Ok(store)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let task = |mode: Mode, interval, coalesce, cache: &str| TaskConfig {
         mode,
         checkpoint_interval: interval,
@@ -238,67 +263,90 @@ pub fn bench(
         .load_guest()
         .map_err(crate::Error::into_anyhow)?;
 
-    // Checkpoints off: one at the end, in memory; the output to a scratch file. Run
-    // before and after the measured pass, the faster kept: a single pass swung the tax by
-    // up to a third either way on a busy two-core machine.
-    let off_pass = |pass: &str| -> Result<RunSummary> {
+    // Checkpoints off: one at the end, in memory; the output to a scratch file. Run around
+    // every measured pass and the fastest kept: on a busy two-core machine one pass
+    // swung the tax by up to a third either way.
+    let off_pass = |pass: usize| -> Result<RunSummary> {
+        let name = format!("off-{pass}");
         let off = RunConfig {
             task: task(
                 Mode::records(crate::task::NEVER),
                 None,
                 false,
-                &format!("cache-{pass}"),
+                &format!("cache-{name}"),
             ),
-            ..RunConfig::new(&config.guest, &config.input, scratch.path().join(pass))
+            ..RunConfig::new(&config.guest, &config.input, scratch.path().join(&name))
         };
         let store = CheckpointStore::open("memory://").map_err(crate::Error::into_anyhow)?;
-        off.open_with_guest(&guest, store)
+        let summary = off
+            .open_with_guest(&guest, store)
             .map_err(crate::Error::into_anyhow)?
             .run(&mut crate::task::NoObserver)
-            .map_err(crate::Error::into_anyhow)
+            .map_err(crate::Error::into_anyhow);
+        // A long input's output, once per pass, would fill the scratch disk.
+        let _ = std::fs::remove_file(scratch.path().join(&name));
+        summary
     };
-    let off_before = config
-        .compare_off
-        .then(|| off_pass("off-before"))
-        .transpose()?;
-
-    // Under the policy. By count alone, every checkpoint is its own commit.
-    let run_config = RunConfig {
-        task: task(
-            Mode::records(config.checkpoint_every),
-            config.checkpoint_interval,
-            config.coalesce,
-            "cache",
-        ),
-        ..RunConfig::new(
-            &config.guest,
-            &config.input,
-            (config.output.clone()).unwrap_or_else(|| scratch.path().join("output")),
-        )
+    let faster = |best: Option<RunSummary>, next: RunSummary| match best {
+        Some(best) if best.elapsed <= next.elapsed => best,
+        _ => next,
     };
-    let mut recorder = Recorder {
-        pending: Default::default(),
-        records: Vec::new(),
-        on_record,
-        deferred: config.baseline,
-    };
-    let run = run_config
-        .open_with_guest(&guest, store)
-        .map_err(crate::Error::into_anyhow)?
-        .run(&mut recorder)
-        .map_err(crate::Error::into_anyhow)?;
-    let mut records = recorder.records;
-    let off = match off_before {
-        Some(before) => {
-            let after = off_pass("off-after")?;
-            Some(if after.elapsed < before.elapsed {
-                after
-            } else {
-                before
-            })
+    let mut off = None;
+    // Under the policy: (pass, summary, one record per commit), the fastest kept.
+    let mut kept: Option<(usize, RunSummary, Vec<CheckpointRecord>)> = None;
+    let mut no_record = |_: &CheckpointRecord| {};
+    for (pass, store) in (1..=passes).zip(stores) {
+        if config.compare_off {
+            off = Some(faster(off, off_pass(pass)?));
         }
-        None => None,
-    };
+        // By count alone, every checkpoint is its own commit.
+        let run_config = RunConfig {
+            task: task(
+                Mode::records(config.checkpoint_every),
+                config.checkpoint_interval,
+                config.coalesce,
+                &format!("cache-{pass}"),
+            ),
+            ..RunConfig::new(
+                &config.guest,
+                &config.input,
+                (config.output.clone())
+                    .unwrap_or_else(|| scratch.path().join(format!("output-{pass}"))),
+            )
+        };
+        // Records are printed as they come only when there is nothing to wait for: one
+        // pass, and no baseline (it comes from a later pass).
+        let live = passes == 1 && !config.baseline;
+        let mut recorder = Recorder {
+            pending: Default::default(),
+            records: Vec::new(),
+            on_record: if live {
+                &mut *on_record
+            } else {
+                &mut no_record
+            },
+        };
+        let run = run_config
+            .open_with_guest(&guest, store)
+            .map_err(crate::Error::into_anyhow)?
+            .run(&mut recorder)
+            .map_err(crate::Error::into_anyhow)?;
+        if kept
+            .as_ref()
+            .is_none_or(|(_, best, _)| run.elapsed < best.elapsed)
+        {
+            kept = Some((pass, run, recorder.records));
+        }
+        // Only the scratch output's own pass needs it.
+        if config.output.is_none() {
+            let _ = std::fs::remove_file(scratch.path().join(format!("output-{pass}")));
+        }
+    }
+    if config.compare_off {
+        off = Some(faster(off, off_pass(passes + 1)?));
+    }
+    let (fastest_pass, run, mut records) = kept.expect("at least one pass ran");
+    let live = passes == 1 && !config.baseline;
 
     // The baseline, at the commits' input offsets, from a plain run of the guest.
     if config.baseline {
@@ -313,8 +361,10 @@ pub fn bench(
             record.baseline_encode_us = Some(snapshot.encode.as_micros() as u64);
         })
         .context("the baseline's pass failed")?;
+    }
+    if !live {
         for record in &records {
-            (recorder.on_record)(record);
+            on_record(record);
         }
     }
     // A component, also under stock wasmtime (an input file only: this pass reads it
@@ -332,6 +382,8 @@ pub fn bench(
     };
     Ok(BenchReport {
         run,
+        passes,
+        fastest_pass,
         off,
         plain_records_per_sec,
         dirty_tracking: config.dirty_tracking,
@@ -371,6 +423,8 @@ impl BenchReport {
             plain_wasmtime_records_per_sec: self.plain_records_per_sec,
             captures: self.checkpoints.iter().map(|r| r.captures as u64).sum(),
             commits: self.checkpoints.len() as u64,
+            passes: self.passes,
+            fastest_pass: self.fastest_pass,
             commit_lag_p50_us: percentile(&lags, 50.0),
             commit_lag_p99_us: percentile(&lags, 99.0),
             commit_lag_max_us: lags.iter().copied().max().unwrap_or(0),
@@ -398,6 +452,12 @@ impl BenchReport {
             summary.captures,
             human_bytes(memory as f64),
         );
+        if self.passes > 1 {
+            out += &format!(
+                "the fastest of {} passes (pass {}), each kind; the figures below are its own\n",
+                self.passes, self.fastest_pass
+            );
+        }
         if let (Some(off), Some(tax)) = (summary.off_records_per_sec, summary.tax) {
             out += &format!(
                 "durability tax: {tax:.2}x ({:.0} records/s with checkpoints, {off:.0} with them off)\n",

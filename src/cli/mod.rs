@@ -82,12 +82,17 @@ enum Command {
         limits: LimitArgs,
         #[command(flatten)]
         retain: RetainArgs,
-        /// Checkpoints captured but not yet committed before the guest waits, when they do
-        /// not merge (by count alone); with an interval they merge while they wait, and the
-        /// guest waits only once they hold 256 MiB of page copies. 0: each checkpoint is
+        /// Checkpoints captured but not yet committed before the guest waits, with
+        /// --no-coalesce or --stdio (otherwise they merge while they wait, and the guest
+        /// waits only once they hold 256 MiB of page copies). 0: each checkpoint is
         /// committed before the guest goes on.
         #[arg(long, default_value_t = task::DEFAULT_MAX_IN_FLIGHT as u64)]
         max_in_flight: u64,
+        /// Commit every checkpoint on its own, in order, instead of merging those the
+        /// store cannot keep up with: one commit per --checkpoint-every N records exactly,
+        /// and the guest waits for the store once --max-in-flight are uncommitted.
+        #[arg(long)]
+        no_coalesce: bool,
         #[command(flatten)]
         state: StateArgs,
         /// No progress lines and no summary line on stderr (errors and warnings still).
@@ -180,11 +185,17 @@ enum Command {
         no_baseline: bool,
         #[command(flatten)]
         state: StateArgs,
-        /// Merge captures the store cannot keep up with, as `run` does with an interval
-        /// (the default then). By count alone, each checkpoint is committed on its own,
-        /// so that its bytes compare with the baseline's at the same moments.
+        /// Merge captures the store cannot keep up with, as `run` does (the default here
+        /// with an interval). By count alone, each checkpoint is committed on its own, so
+        /// that its bytes compare with the baseline's at the same moments.
         #[arg(long)]
         coalesce: bool,
+        /// Run the guest this many times under the policy, and once more with checkpoints
+        /// off, interleaved (off, on, off, …), and report the fastest of each: one pass on a
+        /// busy machine can be a third off. Above 1, pass K has its own store,
+        /// `STORE/pass-K`.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+        passes: u64,
     },
     /// Write the committed output to stdout, in order: of an object-storage output
     /// (`s3://…`, `file:///DIR`, a directory: the published parts), a Kafka partition (its
@@ -226,9 +237,9 @@ enum Command {
 /// count, or both (whichever comes first). Neither given: every second.
 #[derive(clap::Args)]
 struct PolicyArgs {
-    /// Take a checkpoint every N records (and always at the end of the input). Given alone
-    /// to `run` or `bench`, checkpoints are by count only, and each is committed on its
-    /// own; a worker checkpoints by time as well.
+    /// Take a checkpoint every N records (and always at the end of the input). Given alone,
+    /// checkpoints are by count only (`bench` then commits each on its own); a worker
+    /// checkpoints by time as well.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     checkpoint_every: Option<u64>,
     /// Take a checkpoint once this long has passed since the last one and records came
@@ -389,6 +400,7 @@ fn unused_flags(name: &str, sub: &clap::ArgMatches) -> Option<String> {
                 "checkpoint_every",
                 "checkpoint_interval",
                 "coalesce",
+                "passes",
                 "dirty_tracking",
                 "max_deltas",
                 "cache_dir",
@@ -481,6 +493,7 @@ pub fn main() -> ExitCode {
             limits,
             retain,
             max_in_flight,
+            no_coalesce,
             state,
             quiet,
         } => {
@@ -529,9 +542,10 @@ pub fn main() -> ExitCode {
                     max_deltas: state.max_deltas as usize,
                     dirty_tracking: state.dirty_tracking,
                     checkpoint_interval,
-                    // With an interval, captures the store cannot keep up with merge; by
-                    // count alone, every N records is its own commit.
-                    coalesce: checkpoint_interval.is_some(),
+                    // Captures the store cannot keep up with merge, whatever the policy,
+                    // so the guest does not wait for the store. A stdio program's
+                    // checkpoints by bytes stay one commit each.
+                    coalesce: !no_coalesce && !stdio,
                     ..TaskConfig::default()
                 },
             };
@@ -600,6 +614,7 @@ pub fn main() -> ExitCode {
             no_baseline,
             state,
             coalesce,
+            passes,
             ..
         } => {
             let (checkpoint_every, checkpoint_interval) = policy.policy();
@@ -613,6 +628,7 @@ pub fn main() -> ExitCode {
                 store,
                 baseline: !no_baseline,
                 compare_off: true,
+                passes: passes as usize,
                 max_deltas: state.max_deltas as usize,
                 dirty_tracking: state.dirty_tracking,
                 cache_dir: state.cache_dir,

@@ -54,7 +54,7 @@ pub struct EncodedPage {
     pub payload: Vec<u8>,
 }
 
-/// Compress every dirty page, on all cores; `table` gives each page's chain, and `packs`
+/// Compress every dirty page, on every core but the guest's; `table` gives each page's chain, and `packs`
 /// the packs its frames are in where a full chain is to be rebased.
 pub fn encode_pages(
     pages: &[CapturedPage],
@@ -62,8 +62,9 @@ pub fn encode_pages(
     max_deltas: usize,
     packs: &ChainPacks,
 ) -> Result<Vec<EncodedPage>> {
-    // Held until the encoders are done: the process's allowance bounds them.
-    let helpers = super::parallel::Helpers::take();
+    // Held until the encoders are done: the process's allowance bounds them, and the
+    // guest, running meanwhile, keeps a core.
+    let helpers = super::parallel::Helpers::take_beside_guest();
     let per_thread = pages.len().div_ceil(helpers.threads()).max(16);
     let encode_chunk = |chunk: &[CapturedPage]| -> Result<Vec<EncodedPage>> {
         let mut coder = Coder::new()?;

@@ -96,9 +96,8 @@ pub struct TaskConfig {
     /// Captures waiting for the committer merge into one commit (`task::coalesce`), so the
     /// guest waits for the store only once they hold `max_uncommitted_bytes` of page copies
     /// and unwritten output.
-    /// Off, every capture is committed on its own: a policy by count alone (`wasnap run
-    /// --checkpoint-every N`), what a benchmark that compares checkpoint by checkpoint
-    /// needs.
+    /// Off, every capture is committed on its own (`wasnap run --no-coalesce`): what a
+    /// benchmark that compares checkpoint by checkpoint needs.
     pub coalesce: bool,
     /// See `coalesce`.
     pub max_uncommitted_bytes: u64,

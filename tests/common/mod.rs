@@ -245,8 +245,24 @@ pub fn reference_output(guest: &Path, input: &Path) -> Vec<u8> {
     std::fs::read(&output).unwrap()
 }
 
-/// Arguments of `wasnap run`.
+/// Arguments of `wasnap run` checkpointing every `every` records, each checkpoint its own
+/// commit (`--no-coalesce`): the policy of the tests that count commits or name
+/// generations.
 pub fn run_args(guest: &Path, input: &Path, output: &Path, store: &str, every: u64) -> Vec<String> {
+    let mut args = coalescing_run_args(guest, input, output, store, every);
+    args.push("--no-coalesce".into());
+    args
+}
+
+/// Arguments of `wasnap run` checkpointing every `every` records, captures the store
+/// cannot keep up with merging into one commit (as by default).
+pub fn coalescing_run_args(
+    guest: &Path,
+    input: &Path,
+    output: &Path,
+    store: &str,
+    every: u64,
+) -> Vec<String> {
     vec![
         "run".into(),
         guest.display().to_string(),
@@ -588,9 +604,9 @@ pub fn crash_test_with(
     assert!(!expected.is_empty());
 
     let output = dir.path().join("output");
-    let mut args = run_args(&guest, &input, &output, store, every);
-    // Every `every` records or 20 ms: a policy with an interval, so captures the store
-    // cannot keep up with merge (coalescing), as they do by default.
+    let mut args = coalescing_run_args(&guest, &input, &output, store, every);
+    // Every `every` records or 20 ms, captures the store cannot keep up with merging
+    // (coalescing), as they do by default.
     args.extend(["--checkpoint-interval".into(), "20ms".into()]);
     args.extend(extra.iter().map(|a| a.to_string()));
     let mut rng = Rng::from_env_or_clock(guest_name);
