@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Run every workload guest through `wasnap bench` (release build, local-disk store with
-# fsync), print each summary, keep the JSON lines in target/bench/, and render
-# docs/bench.svg from them. Takes a few minutes; the machine should be otherwise idle.
+# fsync, and the default policy once more on the test S3 server), print each summary, keep
+# the JSON lines in target/bench/, and render docs/bench.svg from them. Each bench runs
+# its guest three times under the policy and four times with checkpoints off, interleaved,
+# and keeps the fastest of each (`--passes`). Takes about half an hour; the machine should
+# be otherwise idle.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -24,6 +27,11 @@ words 120000 100000 > "$out/words-100k.txt"
 numbers 120000 > "$out/numbers.txt"
 words 1000000 1000 > "$out/counter.txt"
 
+# The test S3 server (moto, on this machine: its CPU is the guest's too), for the default
+# policy on S3.
+eval "$(scripts/s3-server.sh start)"
+trap 'kill "$WASNAP_TEST_S3_PID" 2>/dev/null || true' EXIT
+
 plots=()
 run() { # name guest input every [copies]
   # 1. By count, each checkpoint its own commit, the baseline at the same moments: the
@@ -31,7 +39,8 @@ run() { # name guest input every [copies]
   #    up with merging: the tax at that count. 3. The default policy (a checkpoint a
   #    second, coalescing) over `copies` copies of the input (default 10), about 15 s of
   #    the guest's time, so that the interval, not the start-up and the end of the
-  #    input, sets the checkpoints: the tax and the commit lag a user gets.
+  #    input, sets the checkpoints: the tax and the commit lag a user gets. 4. The same
+  #    on S3.
   # Each bench also runs the guest with checkpoints off, for its durability tax.
   local copies="${5:-10}"
   local long="${3%.txt}-x$copies.txt"
@@ -41,6 +50,9 @@ run() { # name guest input every [copies]
   "$wasnap" bench "target/guests/$2.wasm" --input "$3" --checkpoint-every "$4" --coalesce --no-baseline --json > "$out/$1-coalesced.jsonl"
   "$wasnap" bench "target/guests/$2.wasm" --input "$long" --no-baseline --json > "$out/$1-default.jsonl"
   tail -n 1 "$out/$1-default.jsonl"
+  "$wasnap" bench "target/guests/$2.wasm" --input "$long" --no-baseline --json \
+    --store "s3://$WASNAP_TEST_S3_BUCKET/bench/$1-$(date +%s)" > "$out/$1-s3.jsonl"
+  tail -n 1 "$out/$1-s3.jsonl"
   plots+=("$1=$out/$1.jsonl")
 }
 run counter counter "$out/counter.txt" 10000 40
@@ -52,7 +64,9 @@ run sessions-c c-sessions "$out/words.txt" 1000 30
 run inventory-as as-inventory "$out/words.txt" 1000 20
 run window window "$out/numbers.txt" 1000 150
 head -n 30000 "$out/words.txt" > "$out/words-30k.txt"
-run bigstate bigstate "$out/words-30k.txt" 1000
+# 200 copies: its first checkpoint writes all of its 256 MiB, which a short run would
+# measure instead of the checkpoints after it.
+run bigstate bigstate "$out/words-30k.txt" 1000 200
 
 # Stdio mode: what the asyncify transform and checkpoints cost.
 for program in stdio-wordfreq stdio-c-wordfreq; do

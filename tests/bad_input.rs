@@ -347,6 +347,32 @@ fn bad_arguments_get_clear_errors() {
         0,
     ));
     assert!(!out.status.success() && stderr(&out).contains("--checkpoint-every"));
+    // Counts of 0 are refused in words, not as clap's range of u64.
+    for (flag, args) in [
+        (
+            "--checkpoint-every",
+            vec!["run", "g.wasm", "--input", "i", "--output", "o"],
+        ),
+        ("--retain", vec!["gc"]),
+        (
+            "--max-memory-mib",
+            vec!["run", "g.wasm", "--input", "i", "--output", "o"],
+        ),
+    ] {
+        let out = wasnap()
+            .args(&args)
+            .args(["--store", "memory://", flag, "0"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("invalid value '0' for '{flag}"))
+                && err.contains("must be at least 1"),
+            "{flag}: {err}"
+        );
+        assert!(!err.contains("18446744073709551615"), "{err}");
+    }
 }
 
 /// A flag the chosen mode would not use is refused (exit 2, naming the flags), never

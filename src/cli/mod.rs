@@ -240,7 +240,7 @@ struct PolicyArgs {
     /// Take a checkpoint every N records (and always at the end of the input). Given alone,
     /// checkpoints are by count only (`bench` then commits each on its own); a worker
     /// checkpoints by time as well.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = at_least_one)]
     checkpoint_every: Option<u64>,
     /// Take a checkpoint once this long has passed since the last one and records came
     /// (`200ms`, `1s`, `2m`) [default: 1s, unless --checkpoint-every is given alone]. It
@@ -278,7 +278,7 @@ struct StdioArgs {
     stdio: bool,
     /// Stdio mode: checkpoint at the first stdin read after this many input bytes.
     #[arg(long, default_value_t = task::DEFAULT_CHECKPOINT_EVERY_BYTES,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = at_least_one)]
     checkpoint_every_bytes: u64,
 }
 
@@ -287,7 +287,7 @@ struct StdioArgs {
 struct RetainArgs {
     /// Keep the newest K checkpoints (of each task, for a worker); older ones, and packs
     /// none of the kept ones needs, are deleted.
-    #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = task::DEFAULT_RETAIN as u64, value_parser = at_least_one)]
     retain: u64,
 }
 
@@ -347,11 +347,11 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 #[derive(clap::Args)]
 struct LimitArgs {
     /// Cap on the guest's memory, in MiB (all memories together).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = at_least_one)]
     max_memory_mib: Option<u64>,
     /// Time limit for one guest call (`process`, `alloc`, `init`, `_initialize`, the start
     /// function; a component's calls), in milliseconds; the guest's sleeps count.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = at_least_one)]
     call_timeout_ms: Option<u64>,
 }
 
@@ -365,6 +365,16 @@ impl LimitArgs {
 }
 
 /// `KEY=VALUE` of `--config`: the key is everything before the first `=`.
+/// A count of at least 1, for flags where 0 means nothing: clap's own range check says
+/// "0 is not in 1..18446744073709551615".
+fn at_least_one(value: &str) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{value}` is not a whole number")),
+    }
+}
+
 fn parse_config_pair(pair: &str) -> Result<(String, String), String> {
     match pair.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),

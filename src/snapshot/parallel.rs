@@ -144,5 +144,10 @@ mod tests {
             held.threads() + more.threads() - 2 <= cores.saturating_sub(1),
             "two holders together stay within the allowance"
         );
+        drop((held, more));
+        // Beside a running guest, the work leaves it a core (on one core, the caller's
+        // thread is all there is).
+        let beside = Helpers::take_beside_guest();
+        assert!(beside.threads() <= cores.saturating_sub(1).max(1));
     }
 }
