@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Records/s and the pause of each workload with each dirty tracker, in one run: hashing
 # every page vs the kernel's record of written pages (and auto, the default), the best
-# of ROUNDS runs each (the machine is noisy). Prints one table with kernel/hash ratios. Expects the inputs scripts/bench.sh writes (it calls
+# of ROUNDS runs each (the machine is noisy; each a single pass). Prints one table with kernel/hash ratios. Expects the inputs scripts/bench.sh writes (it calls
 # this at its end); run alone, it writes them itself.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -25,7 +25,7 @@ measure() { # guest input tracker
   local best="0 0 0" summary rate
   for _ in $(seq "$rounds"); do
     summary="$("$wasnap" bench "target/guests/$1.wasm" --input "$2" --checkpoint-every 1000 \
-      --no-baseline --dirty-tracking "$3")"
+      --no-baseline --passes 1 --dirty-tracking "$3")"
     rate="$(sed -n 's/.*(\([0-9]*\) records\/s).*/\1/p' <<<"$summary")"
     if [ "$rate" -gt "${best%% *}" ]; then
       best="$rate $(awk '/^stall, mean/ { print $3 }' <<<"$summary") $(awk '/^hashed pages per ckpt/ { print $5 }' <<<"$summary")"

@@ -444,7 +444,20 @@ fn flags_a_mode_would_ignore_are_refused() {
         ],
         "--json, --max-deltas are not for bench --stdio",
     );
+    let args = with(&["run", &records], &["--max-in-flight", "3"]);
+    refused(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "--max-in-flight N is for --no-coalesce",
+    );
     // Where they are used, the same flags run.
+    for tail in [
+        &["--max-in-flight", "3", "--no-coalesce"][..],
+        &["--max-in-flight", "0"],
+    ] {
+        let args = with(&["run", &records], tail);
+        let result = wasnap().args(&args).output().unwrap();
+        assert!(result.status.success(), "{tail:?}: {}", stderr(&result));
+    }
     let args = with(
         &["run", &stdio, "--stdio"],
         &["--checkpoint-every-bytes", "2"],

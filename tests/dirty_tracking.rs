@@ -431,6 +431,8 @@ fn inspect_and_bench_say_which_tracker_is_used() {
                 "300".into(),
                 "--json".into(),
                 "--no-baseline".into(),
+                "--passes".into(),
+                "1".into(),
             ],
             tracking,
         );

@@ -360,6 +360,8 @@ fn bench_reads_a_kafka_input() {
         "--checkpoint-every".into(),
         "1000".into(),
         "--no-baseline".into(),
+        "--passes".into(),
+        "1".into(),
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

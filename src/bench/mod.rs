@@ -227,28 +227,38 @@ pub fn bench(
         );
     }
     let store_url = match &config.store {
-        Some(url) => url.trim_end_matches('/').to_string(),
+        Some(url) => url.clone(),
         None => scratch.path().join("store").display().to_string(),
     };
-    // One store per pass, each checked empty before anything runs.
-    let stores = (1..=passes)
-        .map(|pass| {
-            let url = match passes {
-                1 => store_url.clone(),
-                _ => format!("{store_url}/pass-{pass}"),
-            };
-            let store = CheckpointStore::open(&url).map_err(crate::Error::into_anyhow)?;
-            if !store
-                .generations()
-                .map_err(crate::Error::into_anyhow)?
-                .is_empty()
-            {
-                anyhow::bail!("bench needs an empty store, and {url} holds checkpoints");
-            }
-            Ok(store)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let task = |mode: Mode, interval, coalesce, cache: &str| TaskConfig {
+    // One store per pass (`pass-K` under the given one, as a worker's tasks are), each
+    // checked empty, and the given one too, before anything runs.
+    let root = CheckpointStore::open(&store_url).map_err(crate::Error::into_anyhow)?;
+    let stores = match passes {
+        1 => vec![root.clone()],
+        _ => (1..=passes)
+            .map(|pass| root.within(&format!("pass-{pass}")))
+            .collect(),
+    };
+    for store in std::iter::once(&root).chain(&stores) {
+        if !store
+            .generations()
+            .map_err(crate::Error::into_anyhow)?
+            .is_empty()
+        {
+            anyhow::bail!(
+                "bench needs an empty store, and {} holds checkpoints",
+                store.label()
+            );
+        }
+    }
+    // Each pass its own page cache (a fresh task's), removed after it: one per pass, each
+    // as big as the guest's memory, would add up.
+    let cache_of = |pass: &str| {
+        (config.cache_dir.as_deref())
+            .unwrap_or(scratch.path())
+            .join(format!("cache-{pass}"))
+    };
+    let task = |mode: Mode, interval, coalesce, pass: &str| TaskConfig {
         mode,
         checkpoint_interval: interval,
         coalesce,
@@ -256,7 +266,7 @@ pub fn bench(
         retain: usize::MAX,
         max_deltas: config.max_deltas,
         dirty_tracking: config.dirty_tracking,
-        cache_dir: Some((config.cache_dir.clone()).unwrap_or_else(|| scratch.path().join(cache))),
+        cache_dir: Some(cache_of(pass)),
         ..TaskConfig::default()
     };
     let guest = RunConfig::new(&config.guest, &config.input, scratch.path())
@@ -269,12 +279,7 @@ pub fn bench(
     let off_pass = |pass: usize| -> Result<RunSummary> {
         let name = format!("off-{pass}");
         let off = RunConfig {
-            task: task(
-                Mode::records(crate::task::NEVER),
-                None,
-                false,
-                &format!("cache-{name}"),
-            ),
+            task: task(Mode::records(crate::task::NEVER), None, false, &name),
             ..RunConfig::new(&config.guest, &config.input, scratch.path().join(&name))
         };
         let store = CheckpointStore::open("memory://").map_err(crate::Error::into_anyhow)?;
@@ -285,6 +290,7 @@ pub fn bench(
             .map_err(crate::Error::into_anyhow);
         // A long input's output, once per pass, would fill the scratch disk.
         let _ = std::fs::remove_file(scratch.path().join(&name));
+        let _ = std::fs::remove_dir_all(cache_of(&name));
         summary
     };
     let faster = |best: Option<RunSummary>, next: RunSummary| match best {
@@ -305,7 +311,7 @@ pub fn bench(
                 Mode::records(config.checkpoint_every),
                 config.checkpoint_interval,
                 config.coalesce,
-                &format!("cache-{pass}"),
+                &pass.to_string(),
             ),
             ..RunConfig::new(
                 &config.guest,
@@ -331,15 +337,28 @@ pub fn bench(
             .map_err(crate::Error::into_anyhow)?
             .run(&mut recorder)
             .map_err(crate::Error::into_anyhow)?;
-        if kept
-            .as_ref()
-            .is_none_or(|(_, best, _)| run.elapsed < best.elapsed)
-        {
-            kept = Some((pass, run, recorder.records));
-        }
+        let _ = std::fs::remove_dir_all(cache_of(&pass.to_string()));
         // Only the scratch output's own pass needs it.
         if config.output.is_none() {
             let _ = std::fs::remove_file(scratch.path().join(format!("output-{pass}")));
+        }
+        let slower = match &kept {
+            Some((_, best, _)) if best.elapsed <= run.elapsed => pass,
+            Some((previous, _, _)) => {
+                let previous = *previous;
+                kept = Some((pass, run, recorder.records));
+                previous
+            }
+            None => {
+                kept = Some((pass, run, recorder.records));
+                continue;
+            }
+        };
+        // A slower pass's scratch store: only the kept pass's is reported.
+        if config.store.is_none() {
+            let _ = std::fs::remove_dir_all(
+                scratch.path().join("store").join(format!("pass-{slower}")),
+            );
         }
     }
     if config.compare_off {

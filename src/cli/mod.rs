@@ -82,10 +82,10 @@ enum Command {
         limits: LimitArgs,
         #[command(flatten)]
         retain: RetainArgs,
-        /// Checkpoints captured but not yet committed before the guest waits, with
-        /// --no-coalesce or --stdio (otherwise they merge while they wait, and the guest
-        /// waits only once they hold 256 MiB of page copies). 0: each checkpoint is
-        /// committed before the guest goes on.
+        /// With --no-coalesce: checkpoints captured but not yet committed before the guest
+        /// waits (otherwise they merge while they wait, and the guest waits only once they
+        /// hold 256 MiB of page copies). 0: each checkpoint is committed before the guest
+        /// goes on, with or without --no-coalesce.
         #[arg(long, default_value_t = task::DEFAULT_MAX_IN_FLIGHT as u64)]
         max_in_flight: u64,
         /// Commit every checkpoint on its own, in order, instead of merging those the
@@ -364,7 +364,6 @@ impl LimitArgs {
     }
 }
 
-/// `KEY=VALUE` of `--config`: the key is everything before the first `=`.
 /// A count of at least 1, for flags where 0 means nothing: clap's own range check says
 /// "0 is not in 1..18446744073709551615".
 fn at_least_one(value: &str) -> Result<u64, String> {
@@ -375,6 +374,7 @@ fn at_least_one(value: &str) -> Result<u64, String> {
     }
 }
 
+/// `KEY=VALUE` of `--config`: the key is everything before the first `=`.
 fn parse_config_pair(pair: &str) -> Result<(String, String), String> {
     match pair.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
@@ -420,6 +420,18 @@ fn unused_flags(name: &str, sub: &clap::ArgMatches) -> Option<String> {
         ),
         _ => (&[], ""),
     };
+    if name == "run"
+        && given("max_in_flight")
+        && sub.try_get_one::<bool>("no_coalesce").ok().flatten() != Some(&true)
+        && sub.try_get_one::<u64>("max_in_flight").ok().flatten() != Some(&0)
+    {
+        return Some(
+            "--max-in-flight N is for --no-coalesce: captures that merge wait by the page \
+             copies they hold, not by their number (--max-in-flight 0 commits each \
+             checkpoint before the guest goes on)"
+                .into(),
+        );
+    }
     let mut flags: Vec<String> = unused
         .iter()
         .filter(|id| given(id))
@@ -552,10 +564,10 @@ pub fn main() -> ExitCode {
                     max_deltas: state.max_deltas as usize,
                     dirty_tracking: state.dirty_tracking,
                     checkpoint_interval,
-                    // Captures the store cannot keep up with merge, whatever the policy,
-                    // so the guest does not wait for the store. A stdio program's
-                    // checkpoints by bytes stay one commit each.
-                    coalesce: !no_coalesce && !stdio,
+                    // Captures the store cannot keep up with merge, whatever the policy
+                    // (a stdio program's by bytes too), so the guest does not wait for
+                    // the store.
+                    coalesce: !no_coalesce,
                     ..TaskConfig::default()
                 },
             };

@@ -54,17 +54,21 @@ pub struct EncodedPage {
     pub payload: Vec<u8>,
 }
 
-/// Compress every dirty page, on every core but the guest's; `table` gives each page's chain, and `packs`
-/// the packs its frames are in where a full chain is to be rebased.
+/// Compress every dirty page, on all cores, or `beside_guest` on every core but the
+/// running guest's; `table` gives each page's chain, and `packs` the packs its frames are
+/// in where a full chain is to be rebased.
 pub fn encode_pages(
     pages: &[CapturedPage],
     table: &PageTable,
     max_deltas: usize,
     packs: &ChainPacks,
+    beside_guest: bool,
 ) -> Result<Vec<EncodedPage>> {
-    // Held until the encoders are done: the process's allowance bounds them, and the
-    // guest, running meanwhile, keeps a core.
-    let helpers = super::parallel::Helpers::take_beside_guest();
+    // Held until the encoders are done: the process's allowance bounds them.
+    let helpers = match beside_guest {
+        true => super::parallel::Helpers::take_beside_guest(),
+        false => super::parallel::Helpers::take(),
+    };
     let per_thread = pages.len().div_ceil(helpers.threads()).max(16);
     let encode_chunk = |chunk: &[CapturedPage]| -> Result<Vec<EncodedPage>> {
         let mut coder = Coder::new()?;

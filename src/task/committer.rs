@@ -93,6 +93,9 @@ pub struct CommitContext {
     /// The newest generation this writer knows of: its last commit, or the store's newest
     /// when it opened. Any other manifest past it is a rival's (`commit_manifest`).
     pub known_generation: u64,
+    /// Set while the guest's thread waits for a commit (the end of the input,
+    /// back-pressure): encoding may then take the guest's core too.
+    pub guest_waits: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A prune lists the store's packs once every this many commits (see `prune`).
@@ -107,6 +110,8 @@ const REBASE_READ_LIMIT: u64 = 16 << 20;
 
 pub struct Committer {
     jobs: Option<Sender<Job>>,
+    /// `CommitContext::guest_waits`, set around a blocking wait.
+    guest_waits: Arc<std::sync::atomic::AtomicBool>,
     done: Receiver<Done>,
     thread: Option<JoinHandle<()>>,
     /// Generation and flush marker of every checkpoint handed over and not yet answered,
@@ -120,6 +125,7 @@ impl Committer {
     pub fn start(context: CommitContext) -> Result<Self> {
         let (jobs, job_queue) = std::sync::mpsc::channel::<Job>();
         let (done_tx, done) = std::sync::mpsc::channel();
+        let guest_waits = Arc::clone(&context.guest_waits);
         let thread = std::thread::Builder::new()
             .name("wasnap-committer".into())
             .spawn(move || {
@@ -173,6 +179,7 @@ impl Committer {
             thread: Some(thread),
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
+            guest_waits,
         })
     }
 
@@ -202,7 +209,11 @@ impl Committer {
     pub fn next_done(&mut self, block: bool) -> Option<Done> {
         let (generation, output_marker, _) = self.in_flight.front()?.clone();
         let received = if block {
-            self.done.recv().map_err(|_| TryRecvError::Disconnected)
+            use std::sync::atomic::Ordering;
+            self.guest_waits.store(true, Ordering::Relaxed);
+            let received = self.done.recv().map_err(|_| TryRecvError::Disconnected);
+            self.guest_waits.store(false, Ordering::Relaxed);
+            received
         } else {
             self.done.try_recv()
         };
@@ -355,7 +366,14 @@ impl CommitContext {
             .advance(&mut job.capture, &self.buffers)
             .context("cannot update the page cache")?;
         let packs = self.chain_packs(job);
-        let encoded = encode_pages(&job.capture.dirty, &self.table, self.max_deltas, &packs)?;
+        let beside_guest = !self.guest_waits.load(std::sync::atomic::Ordering::Relaxed);
+        let encoded = encode_pages(
+            &job.capture.dirty,
+            &self.table,
+            self.max_deltas,
+            &packs,
+            beside_guest,
+        )?;
         let kv = job
             .capture
             .kv

@@ -135,7 +135,8 @@ impl Default for TaskConfig {
 impl TaskConfig {
     /// A record task checkpointed by count alone: after every `records` records (and at
     /// the end), each checkpoint committed on its own, in order (no interval, no
-    /// coalescing); the other knobs at their defaults.
+    /// coalescing: `wasnap run --checkpoint-every N --no-coalesce`); the other knobs at
+    /// their defaults.
     pub fn by_count(records: u64) -> Self {
         Self {
             mode: Mode::records(records),

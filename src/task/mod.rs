@@ -264,6 +264,7 @@ impl Task {
             recent: RecentPacks::shared(committer::RECENT_PACKS_BYTES),
             coalesce: config.coalesce && config.max_in_flight > 0,
             known_generation: start.generation,
+            guest_waits: Default::default(),
         })?;
         let driver: Box<dyn Driver> = match config.mode {
             Mode::Records { checkpoint_every } => Box::new(records::Records {
