@@ -37,7 +37,7 @@ run() { # name guest input every [copies]
   # 1. By count, each checkpoint its own commit, the baseline at the same moments: the
   #    bytes and the plot. 2. By count as `run` does it, captures the store cannot keep
   #    up with merging: the tax at that count. 3. The default policy (a checkpoint a
-  #    second, coalescing) over `copies` copies of the input (default 10), about 15 s of
+  #    second, coalescing) over `copies` copies of the input (default 10), 3-12 s of
   #    the guest's time, so that the interval, not the start-up and the end of the
   #    input, sets the checkpoints: the tax and the commit lag a user gets. 4. The same
   #    on S3.

@@ -156,6 +156,23 @@ fn several_passes_need_the_scratch_output_and_an_empty_store() {
         stderr(&out)
     );
     assert!(!store.join("pass-1").join("manifests").exists());
+    // A given --cache-dir gets a directory of the bench's own, removed at the end:
+    // what was there already is left alone.
+    let caches = dir.path().join("caches");
+    std::fs::create_dir_all(caches.join("cache-1")).unwrap();
+    std::fs::write(caches.join("cache-1").join("mine"), b"keep").unwrap();
+    let cache_dir = caches.to_str().unwrap();
+    let out = bench(&["--cache-dir", cache_dir, "--passes", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(caches.join("cache-1").join("mine")).unwrap(),
+        b"keep"
+    );
+    let left: Vec<_> = std::fs::read_dir(&caches)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["cache-1"], "the bench's own caches are gone");
 }
 
 #[test]

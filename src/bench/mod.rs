@@ -42,7 +42,7 @@ pub struct BenchConfig {
     pub coalesce: bool,
     /// Where checkpoints go; a fresh temporary directory (local disk, fsync) if `None`.
     pub store: Option<String>,
-    /// Also compute the Wasman-style baseline (a third pass).
+    /// Also compute the Wasman-style baseline (one more pass, after the others).
     pub baseline: bool,
     /// Also run the guest with checkpoints off, for the durability tax.
     pub compare_off: bool,
@@ -54,7 +54,8 @@ pub struct BenchConfig {
     pub max_deltas: usize,
     /// See [`TaskConfig::dirty_tracking`].
     pub dirty_tracking: DirtyTracking,
-    /// See [`TaskConfig::cache_dir`]; by default beside the bench's scratch output.
+    /// Where the passes' page caches go: a directory of the bench's own in it, removed at
+    /// the end; by default the bench's scratch directory.
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -252,12 +253,23 @@ pub fn bench(
         }
     }
     // Each pass its own page cache (a fresh task's), removed after it: one per pass, each
-    // as big as the guest's memory, would add up.
-    let cache_of = |pass: &str| {
-        (config.cache_dir.as_deref())
-            .unwrap_or(scratch.path())
-            .join(format!("cache-{pass}"))
+    // as big as the guest's memory, would add up. Under a given --cache-dir, in a
+    // directory of this bench's own (removed with it, an error too), so nothing already
+    // there is touched.
+    let own_caches = match &config.cache_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
+            let caches = tempfile::Builder::new()
+                .prefix("wasnap-bench-")
+                .tempdir_in(dir)
+                .with_context(|| format!("cannot create a cache directory in {}", dir.display()))?;
+            Some(caches)
+        }
+        None => None,
     };
+    let caches = own_caches.as_ref().map_or(scratch.path(), |dir| dir.path());
+    let cache_of = |pass: &str| caches.join(format!("cache-{pass}"));
     let task = |mode: Mode, interval, coalesce, pass: &str| TaskConfig {
         mode,
         checkpoint_interval: interval,

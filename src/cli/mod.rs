@@ -316,7 +316,8 @@ struct StateArgs {
     /// Page cache directory: the last captured version of every page, the base of
     /// deltas [default: run: OUTPUT.wasnap-cache beside a file output, else in the user's
     /// cache directory; worker: the temporary directory, removed when it stops; bench: its
-    /// scratch directory].
+    /// scratch directory. A worker and a bench make a directory of their own in DIR and
+    /// remove it when they stop].
     #[arg(long)]
     cache_dir: Option<PathBuf>,
 }
@@ -426,8 +427,8 @@ fn unused_flags(name: &str, sub: &clap::ArgMatches) -> Option<String> {
         && sub.try_get_one::<u64>("max_in_flight").ok().flatten() != Some(&0)
     {
         return Some(
-            "--max-in-flight N is for --no-coalesce: captures that merge wait by the page \
-             copies they hold, not by their number (--max-in-flight 0 commits each \
+            "--max-in-flight N is for --no-coalesce: captures that merge wait mostly by the \
+             page copies they hold, not by their number (--max-in-flight 0 commits each \
              checkpoint before the guest goes on)"
                 .into(),
         );
