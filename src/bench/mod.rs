@@ -240,7 +240,9 @@ pub fn bench(
             .map(|pass| root.within(&format!("pass-{pass}")))
             .collect(),
     };
-    for store in std::iter::once(&root).chain(&stores) {
+    // (With one pass, the root is that pass's store: listed once.)
+    let roots = (passes > 1).then_some(&root);
+    for store in roots.into_iter().chain(&stores) {
         if !store
             .generations()
             .map_err(crate::Error::into_anyhow)?
@@ -313,6 +315,9 @@ pub fn bench(
     // Under the policy: (pass, summary, one record per commit), the fastest kept.
     let mut kept: Option<(usize, RunSummary, Vec<CheckpointRecord>)> = None;
     let mut no_record = |_: &CheckpointRecord| {};
+    // Records are printed as they come only when there is nothing to wait for: one pass,
+    // and no baseline (it comes from a later pass); else once both are known, below.
+    let live = passes == 1 && !config.baseline;
     for (pass, store) in (1..=passes).zip(stores) {
         if config.compare_off {
             off = Some(faster(off, off_pass(pass)?));
@@ -332,9 +337,6 @@ pub fn bench(
                     .unwrap_or_else(|| scratch.path().join(format!("output-{pass}"))),
             )
         };
-        // Records are printed as they come only when there is nothing to wait for: one
-        // pass, and no baseline (it comes from a later pass).
-        let live = passes == 1 && !config.baseline;
         let mut recorder = Recorder {
             pending: Default::default(),
             records: Vec::new(),
@@ -377,7 +379,6 @@ pub fn bench(
         off = Some(faster(off, off_pass(passes + 1)?));
     }
     let (fastest_pass, run, mut records) = kept.expect("at least one pass ran");
-    let live = passes == 1 && !config.baseline;
 
     // The baseline, at the commits' input offsets, from a plain run of the guest.
     if config.baseline {
