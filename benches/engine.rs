@@ -3,7 +3,8 @@
 //! - `page_hashing`: XXH3 over 64 KiB pages vs. a plain memcpy of the same bytes;
 //! - `page_delta`: each frame encoding of one 64 KiB page, for three kinds of change
 //!   (scattered counters, values appended over zeros, a heap rewritten in part), beside
-//!   the whole page: what trying one more candidate costs the committer;
+//!   the whole page: what trying one more candidate costs the committer; and
+//!   `best_delta`, the committer's choice among them;
 //! - `checkpoint`: 16 MiB / 256 MiB / 1 GiB guests at 0.1 %, 1 % and 10 % dirty pages,
 //!   to a local-disk store with fsync: `commit` is the whole protocol (capture, encode,
 //!   pack put, fsync, commit), `stall` only the part the guest waits for (capture);
@@ -176,8 +177,12 @@ fn page_delta(c: &mut Criterion) {
     let mut group = c.benchmark_group("page_delta");
     group.throughput(Throughput::Bytes(PAGE_SIZE as u64));
     let mut cctx = delta::compressor().unwrap();
+    let mut coder = delta::Coder::new().unwrap();
     let mut scratch = Vec::new();
     for (change, old, new) in page_changes() {
+        // What the committer runs per delta: the candidates it picks, and the choice.
+        let id = BenchmarkId::new("best_delta", change);
+        group.bench_function(id, |b| b.iter(|| coder.best_delta(&new, &old).unwrap()));
         for encoding in [
             Encoding::Full,
             Encoding::XorDelta,

@@ -28,10 +28,22 @@ pub const ZSTD_LEVEL: i32 = 3;
 /// which level 1 already codes best (higher levels measured slightly larger).
 pub const DELTA_ZSTD_LEVEL: i32 = 1;
 
-/// Below this, an XOR or sparse delta is not worth a prefix delta's compression (the
+/// Below this, a sparse (or XOR) delta is not worth a prefix delta's compression (the
 /// costliest: zstd indexes the previous version first). Prefix deltas win where bytes
 /// moved, and then by far; with bytes changed in place they win a few percent at most.
-const PREFIX_WORTH: usize = 8192;
+/// 6 KiB rather than 8: on the dirty pages of eight guests (120 checkpoints each), the
+/// prefix deltas it adds save up to 2 % of the bytes of the AssemblyScript guests, which
+/// pays for skipping XOR (`XOR_WORTH`).
+const PREFIX_WORTH: usize = 6144;
+
+/// An XOR delta is compressed only when the sparse stream spends at least this many
+/// bytes on each changed word: its differences are then large (a byte set high in a word:
+/// flags, pointers, control bytes), which XOR's bytes in place can code smaller. Where
+/// differences are small, XOR won on none of the dirty pages of eight guests; over all
+/// of them it won on under 0.3 %, each at 4.1 bytes a word or more in the C word count
+/// (where XOR matters most) and at 3.4 or more elsewhere. Skipping it elsewhere cut the
+/// time per page of the light deltas by a third and wrote at most 0.07 % more bytes.
+const XOR_WORTH: usize = 4;
 
 /// Past this share of changed 32-bit words (in percent), a page was rewritten rather than
 /// edited (a table rehashed, objects moved, a collector's marks on every object): XOR and
@@ -115,8 +127,25 @@ pub fn encode_payload(
     base: &[u8],
     scratch: &mut Vec<u8>,
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encode_payload_into(cctx, encoding, page, base, scratch, &mut out)?;
+    Ok(out)
+}
+
+/// [`encode_payload`] into `out` (cleared first), whose allocation a caller trying several
+/// encodings of many pages reuses: a payload's room is zstd's bound for the whole page
+/// (64-160 KiB), most of it unused by a delta.
+pub fn encode_payload_into(
+    cctx: &mut zstd::zstd_safe::CCtx<'_>,
+    encoding: Encoding,
+    page: &[u8],
+    base: &[u8],
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let longest = encoding.max_decoded_len(page.len());
-    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(longest));
+    out.clear();
+    out.reserve(zstd::zstd_safe::compress_bound(longest));
     let level = |cctx: &mut zstd::zstd_safe::CCtx<'_>, level| {
         cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))
             .map_err(zstd_error)
@@ -124,7 +153,7 @@ pub fn encode_payload(
     let written = match encoding {
         Encoding::Full => {
             level(cctx, ZSTD_LEVEL)?;
-            cctx.compress2(&mut out, page)
+            cctx.compress2(out, page)
         }
         Encoding::XorDelta | Encoding::SubDelta => {
             scratch.clear();
@@ -135,30 +164,30 @@ pub fn encode_payload(
                 sub_words(scratch, base);
             }
             level(cctx, DELTA_ZSTD_LEVEL)?;
-            cctx.compress2(&mut out, scratch)
+            cctx.compress2(out, scratch)
         }
         Encoding::SparseDelta => {
             sparse::encode(page, base, scratch);
             level(cctx, DELTA_ZSTD_LEVEL)?;
-            cctx.compress2(&mut out, scratch)
+            cctx.compress2(out, scratch)
         }
+        Encoding::KvChunk => anyhow::bail!("a kv chunk is not a page encoding"),
         // The previous version as a raw-content dictionary, which zstd references in
         // place. Laid out right before the page, so zstd sees one contiguous window instead
         // of an external dictionary: measured 26 % faster on the AssemblyScript guests'
         // pages, for a copy of two pages.
-        Encoding::KvChunk => anyhow::bail!("a kv chunk is not a page encoding"),
         Encoding::PrefixDelta => {
             scratch.clear();
             scratch.extend_from_slice(base);
             scratch.extend_from_slice(page);
             let (base, page) = scratch.split_at(base.len());
-            cctx.compress_using_dict(&mut out, page, base, ZSTD_LEVEL)
+            cctx.compress_using_dict(out, page, base, ZSTD_LEVEL)
         }
     };
     written
         .map_err(zstd_error)
         .context("cannot compress a page")?;
-    Ok(out)
+    Ok(())
 }
 
 /// Decode a payload of `encoding` into `dst` (exactly a page's length): the whole page,
@@ -218,6 +247,10 @@ pub struct Coder<'a> {
     cctx: zstd::zstd_safe::CCtx<'a>,
     dctx: zstd::zstd_safe::DCtx<'a>,
     scratch: Vec<u8>,
+    /// The smallest payload so far and the one being tried: only the winner is copied out,
+    /// at its own size.
+    best: Vec<u8>,
+    candidate: Vec<u8>,
     /// For decoding; kept, as a sparse payload needs 2.5 pages.
     decode_scratch: Vec<u8>,
 }
@@ -228,6 +261,8 @@ impl Coder<'_> {
             cctx: compressor()?,
             dctx: decompressor()?,
             scratch: Vec::new(),
+            best: Vec::new(),
+            candidate: Vec::new(),
             decode_scratch: Vec::new(),
         })
     }
@@ -242,33 +277,58 @@ impl Coder<'_> {
         page: &[u8],
         base: &[u8],
     ) -> Result<(Encoding, Vec<u8>)> {
-        let payload = encode_payload(&mut self.cctx, encoding, page, base, &mut self.scratch)?;
-        Ok((encoding, payload))
+        self.try_encoding(encoding, page, base)?;
+        Ok((encoding, self.candidate.to_vec()))
     }
 
-    /// The smallest delta of `page` against `base`: XOR (bytes changed in place: flags,
-    /// pointers) or the changed words alone (scattered counters and slots); and if both
-    /// are big, a prefix delta (bytes that moved). A page rewritten all over goes straight
-    /// to a prefix delta (`DENSE_PERCENT`). Dense subtraction (encoding 4) is no
-    /// longer tried: on the memory of four guests over 38 checkpoints, taking it where
-    /// it beat both saved under 0.01 %.
+    /// Compress into `candidate`.
+    fn try_encoding(&mut self, encoding: Encoding, page: &[u8], base: &[u8]) -> Result<()> {
+        encode_payload_into(
+            &mut self.cctx,
+            encoding,
+            page,
+            base,
+            &mut self.scratch,
+            &mut self.candidate,
+        )
+    }
+
+    /// The smallest delta of `page` against `base`, trying the encodings that can win:
+    ///
+    /// - a page rewritten all over (`DENSE_PERCENT`) goes straight to a prefix delta;
+    /// - otherwise the changed words alone (scattered counters and slots), and XOR (bytes
+    ///   changed in place) only where the sparse stream says the differences are large
+    ///   (`XOR_WORTH`);
+    /// - and if that is still big (`PREFIX_WORTH`), a prefix delta (bytes that moved).
+    ///
+    /// Dense subtraction (encoding 4) is no longer tried: on the memory of four guests
+    /// over 38 checkpoints, taking it where it beat both saved under 0.01 %.
     pub fn best_delta(&mut self, page: &[u8], base: &[u8]) -> Result<(Encoding, Vec<u8>)> {
-        let dense = sparse::changed_words(page, base) * 100 > page.len() / 4 * DENSE_PERCENT;
-        if dense && prefix_usable(base) {
+        let changed = sparse::changed_words(page, base);
+        let prefix_ok = prefix_usable(base);
+        if changed * 100 > page.len() / 4 * DENSE_PERCENT && prefix_ok {
             return self.encode(Encoding::PrefixDelta, page, base);
         }
-        let mut best = self.encode(Encoding::XorDelta, page, base)?;
-        let sparse = self.encode(Encoding::SparseDelta, page, base)?;
-        if sparse.1.len() < best.1.len() {
-            best = sparse;
-        }
-        if best.1.len() > PREFIX_WORTH && prefix_usable(base) {
-            let prefix = self.encode(Encoding::PrefixDelta, page, base)?;
-            if prefix.1.len() < best.1.len() {
-                best = prefix;
+        self.try_encoding(Encoding::SparseDelta, page, base)?;
+        // The sparse stream is still in `scratch`.
+        let large_differences = self.scratch.len() >= XOR_WORTH * changed.max(1);
+        std::mem::swap(&mut self.best, &mut self.candidate);
+        let mut best = Encoding::SparseDelta;
+        let mut consider = |coder: &mut Self, encoding| -> Result<()> {
+            coder.try_encoding(encoding, page, base)?;
+            if coder.candidate.len() < coder.best.len() {
+                std::mem::swap(&mut coder.best, &mut coder.candidate);
+                best = encoding;
             }
+            Ok(())
+        };
+        if large_differences {
+            consider(self, Encoding::XorDelta)?;
         }
-        Ok(best)
+        if self.best.len() > PREFIX_WORTH && prefix_ok {
+            consider(self, Encoding::PrefixDelta)?;
+        }
+        Ok((best, self.best.to_vec()))
     }
 
     /// [`decode_payload`] with this coder's context and scratch space.
@@ -431,6 +491,54 @@ mod tests {
         let noise = noise(2, PAGE_SIZE);
         let (_, payload) = coder.best_delta(&noise, &old).unwrap();
         assert!(payload.len() > PAGE_SIZE);
+    }
+
+    #[test]
+    fn the_encodings_best_delta_skips_would_not_have_been_smaller() {
+        // Pages changed as guests change them, at several densities. best_delta tries
+        // XOR only where the differences are large: it must still be within 1 % of the
+        // smaller of sparse and XOR. And it tries a prefix delta only past
+        // `PREFIX_WORTH` (below, a prefix delta may be a little smaller: by design), so
+        // past it, within 1 % of the prefix delta too.
+        let mut coder = Coder::new().unwrap();
+        let old: Vec<u8> = noise(5, PAGE_SIZE)
+            .chunks_exact(4)
+            .flat_map(|w| (u32::from_le_bytes(w.try_into().unwrap()) & 0x00FF_0FFF).to_le_bytes())
+            .collect();
+        let spots = noise(6, 2 * PAGE_SIZE);
+        for changes in [10, 100, 1000, 3000, 5000] {
+            let (mut counters, mut flags, mut pointers) = (old.clone(), old.clone(), old.clone());
+            for spot in spots.chunks_exact(4).take(changes) {
+                let at = usize::from(u16::from_le_bytes([spot[0], spot[1]])) & !3;
+                let bump = u32::from(spot[2] % 8) + 1;
+                let word = u32::from_le_bytes(counters[at..at + 4].try_into().unwrap());
+                counters[at..at + 4].copy_from_slice(&(word + bump).to_le_bytes());
+                flags[at + 2] = spot[3];
+                pointers[at..at + 4].copy_from_slice(spot);
+            }
+            for (kind, page) in [
+                ("counters", &counters),
+                ("flags", &flags),
+                ("pointers", &pointers),
+            ] {
+                let chosen = coder.best_delta(page, &old).unwrap().1.len();
+                let [sparse, xor, prefix] = [
+                    Encoding::SparseDelta,
+                    Encoding::XorDelta,
+                    Encoding::PrefixDelta,
+                ]
+                .map(|e| delta_size(&mut coder, e, page, &old));
+                let mut smallest = sparse.min(xor);
+                if chosen > PREFIX_WORTH {
+                    smallest = smallest.min(prefix);
+                }
+                assert!(
+                    chosen * 100 <= smallest * 101,
+                    "{changes} changed {kind}: best_delta {chosen} B; sparse {sparse} B, \
+                     XOR {xor} B, prefix {prefix} B"
+                );
+            }
+        }
     }
 
     #[test]

@@ -35,8 +35,21 @@ pub fn max_stream_len(len: usize) -> usize {
 /// How many 32-bit words differ between `page` and `base` (same length; a differing tail
 /// of under 4 bytes counts as one).
 pub fn changed_words(page: &[u8], base: &[u8]) -> usize {
-    let mut changed = 0;
-    for_each_change(page, base, |_, _| changed += 1);
+    // Without a branch per word: on a page rewritten at random, branching on each
+    // change cost more than a third of the prefix delta that follows.
+    let pairs = page.chunks_exact(8).zip(base.chunks_exact(8));
+    let mut changed: usize = pairs
+        .map(|(new, old)| {
+            let new = u64::from_le_bytes(new.try_into().expect("8 bytes"));
+            let old = u64::from_le_bytes(old.try_into().expect("8 bytes"));
+            let x = new ^ old;
+            usize::from(x as u32 != 0) + usize::from(x >> 32 != 0)
+        })
+        .sum();
+    let last = page.len() / 8 * 8;
+    if page.len() - last >= 4 {
+        changed += usize::from(page[last..last + 4] != base[last..last + 4]);
+    }
     let tail = page.len() / 4 * 4;
     changed + usize::from(page[tail..] != base[tail..])
 }
@@ -264,6 +277,11 @@ mod tests {
                 }
             }
             round_trip(&old, &new);
+            // The branch-free count against a word-by-word one.
+            let tail = old.len() / 4 * 4;
+            let naive = new.chunks_exact(4).zip(old.chunks_exact(4)).filter(|(a, b)| a != b).count()
+                + usize::from(new[tail..] != old[tail..]);
+            proptest::prop_assert_eq!(changed_words(&new, &old), naive);
         }
     }
 }
