@@ -31,10 +31,11 @@ pub const DELTA_ZSTD_LEVEL: i32 = 1;
 /// Below this, a sparse (or XOR) delta is not worth a prefix delta's compression (the
 /// costliest: zstd indexes the previous version first). Prefix deltas win where bytes
 /// moved, and then by far; with bytes changed in place they win a few percent at most.
-/// 6 KiB rather than 8: on the dirty pages of eight guests (120 checkpoints each), the
-/// prefix deltas it adds save up to 2 % of the bytes of the AssemblyScript guests, which
-/// pays for skipping XOR (`XOR_WORTH`).
-const PREFIX_WORTH: usize = 6144;
+/// 7 KiB rather than 8: in `wasnap bench` runs of eight guests (a checkpoint every 1 000
+/// records), the prefix deltas it adds save up to 1 % of the bytes of the AssemblyScript
+/// guests, which pays for skipping XOR (`XOR_WORTH`); 6 KiB wrote 0.6 % more on the C word
+/// count, whose smaller deltas then kept chains going that a whole page would have reset.
+const PREFIX_WORTH: usize = 7168;
 
 /// An XOR delta is compressed only when the sparse stream spends at least this many
 /// bytes on each changed word: its differences are then large (a byte set high in a word:
