@@ -107,6 +107,32 @@ fn json_lines_account_for_every_byte_put_to_the_store() {
         let other = store.join(name).join("manifests");
         assert_eq!(std::fs::read_dir(&other).unwrap().count(), 10, "{name}");
     }
+    // inspect on the given store points at the passes; on a pass, it lists its checkpoints.
+    let inspect = |store: &std::path::Path| {
+        wasnap()
+            .args(["inspect", "--store", store.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let root = inspect(&store);
+    let said = String::from_utf8_lossy(&root.stderr);
+    assert!(
+        !root.status.success()
+            && said.contains("pass-1, pass-2, pass-3")
+            && said.contains("/pass-1"),
+        "{said}"
+    );
+    let one = inspect(&pass);
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&one.stdout).contains("10 checkpoints"),
+        "{}",
+        String::from_utf8_lossy(&one.stdout)
+    );
 }
 
 #[test]

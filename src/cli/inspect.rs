@@ -32,6 +32,17 @@ pub fn inspect(url: &str, details: bool) -> Result<()> {
             write_fleet(&mut out, url, &tasks)?;
             return super::print_out(&out);
         }
+        // `wasnap bench --passes N` writes each pass under `pass-K`.
+        let passes = bench_passes(&store)?;
+        if !passes.is_empty() {
+            anyhow::bail!(
+                "no checkpoints in {url}: it holds the stores of a bench's passes ({}); \
+                 inspect one, e.g. inspect --store {}/{}",
+                passes.join(", "),
+                url.trim_end_matches('/'),
+                passes[0]
+            );
+        }
     }
     let now_ms = unix_ms_now();
     // Objects some readable checkpoint needs; the rest is garbage a gc will take.
@@ -228,6 +239,28 @@ fn ago(now_ms: u64, then_ms: u64) -> String {
         7200..172_800 => format!("{} h ago", s / 3600),
         _ => format!("{} d ago", s / 86_400),
     }
+}
+
+/// The `pass-K` stores holding checkpoints, in pass order.
+fn bench_passes(store: &CheckpointStore) -> Result<Vec<String>> {
+    let mut passes: Vec<(u32, String)> = store
+        .subdirectories(None)?
+        .into_iter()
+        .filter_map(|name| Some((name.strip_prefix("pass-")?.parse().ok()?, name)))
+        .collect();
+    passes.sort();
+    let mut kept = Vec::new();
+    for (_, name) in passes {
+        if !store
+            .within(&name)
+            .generations()
+            .map_err(crate::Error::into_anyhow)?
+            .is_empty()
+        {
+            kept.push(name);
+        }
+    }
+    Ok(kept)
 }
 
 /// The task stores of a worker's store: `TOPIC/PARTITION/` holding manifests.
