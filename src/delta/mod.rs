@@ -120,7 +120,9 @@ fn zstd_error(code: usize) -> anyhow::Error {
 
 /// Compress `page` as a payload of `encoding`, given its previous version `base` (unused
 /// for `Full`). `scratch` is scratch space. A `base` that starts with zstd's dictionary
-/// magic cannot serve as a raw prefix: use [`prefix_usable`] first.
+/// magic cannot serve as a raw prefix: use [`prefix_usable`] first. (The engine itself
+/// encodes through [`Coder`], into reused buffers.)
+#[cfg(any(test, feature = "internals"))]
 pub fn encode_payload(
     cctx: &mut zstd::zstd_safe::CCtx<'_>,
     encoding: Encoding,
