@@ -37,10 +37,11 @@ pub fn inspect(url: &str, details: bool) -> Result<()> {
         if !passes.is_empty() {
             anyhow::bail!(
                 "no checkpoints in {url}: it holds the stores of a bench's passes ({}); \
-                 inspect one, e.g. inspect --store {}/{}",
+                 inspect one, e.g. inspect --store {}/{}{}",
                 passes.join(", "),
                 url.trim_end_matches('/'),
-                passes[0]
+                passes[0],
+                if details { " --details" } else { "" }
             );
         }
     }

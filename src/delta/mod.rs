@@ -524,7 +524,14 @@ mod tests {
                 ("flags", &flags),
                 ("pointers", &pointers),
             ] {
-                let chosen = coder.best_delta(page, &old).unwrap().1.len();
+                let (encoding, payload) = coder.best_delta(page, &old).unwrap();
+                let mut rebuilt = old.clone();
+                coder.decode(encoding, &payload, &mut rebuilt, "t").unwrap();
+                assert!(
+                    rebuilt == *page,
+                    "{changes} changed {kind}: {encoding:?} does not rebuild"
+                );
+                let chosen = payload.len();
                 let [sparse, xor, prefix] = [
                     Encoding::SparseDelta,
                     Encoding::XorDelta,
