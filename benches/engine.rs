@@ -182,7 +182,9 @@ fn page_delta(c: &mut Criterion) {
     for (change, old, new) in page_changes() {
         // What the committer runs per delta: the candidates it picks, and the choice.
         let id = BenchmarkId::new("best_delta", change);
-        group.bench_function(id, |b| b.iter(|| coder.best_delta(&new, &old).unwrap()));
+        group.bench_function(id, |b| {
+            b.iter(|| coder.best_delta(&new, &old, true).unwrap())
+        });
         for encoding in [
             Encoding::Full,
             Encoding::XorDelta,

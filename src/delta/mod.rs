@@ -9,9 +9,11 @@
 //! - `SubDelta` (4): 32-bit wrapping differences (`words`); read, no longer written;
 //! - `SparseDelta` (5): only the changed 32-bit words, as gaps and differences (`sparse`).
 //!
-//! [`Coder`] holds one thread's zstd contexts and picks the smallest delta for a page.
+//! [`Coder`] holds one thread's zstd contexts and picks the smallest delta for a page, or
+//! says a page is better whole without compressing a delta (`survey`).
 
 pub mod sparse;
+pub mod survey;
 mod words;
 
 use anyhow::{Context, Result};
@@ -53,6 +55,15 @@ const XOR_WORTH: usize = 4;
 /// the encoding time of the AssemblyScript and C-sessions guests' pages by 41–46 % and
 /// wrote at most 0.3 % more bytes (a 25 % threshold: up to 1.2 % more).
 const DENSE_PERCENT: usize = 35;
+
+/// A page rewritten past `DENSE_PERCENT`, whose previous version went whole, and whose
+/// sampled bytes that version holds under this share (in percent, `survey`), is not
+/// worth a prefix delta: with so little to leave out, it loses to the whole page. On the
+/// dirty pages of eight guests (120 checkpoints each), every page surveyed under 25 %
+/// would have lost (the C sessions guest: 223 of its 237 rewritten pages, skipped for
+/// 0.55x its encoding time); from 25 to 30 %, 5 of 122 of the AssemblyScript word
+/// count's would have won.
+const FOUND_WORTH: usize = 25;
 
 /// How a payload encodes a page, written in its frame's header. A manifest's layer 0
 /// holds whole pages; a layer k > 0 holds deltas, each against the version the layers
@@ -256,6 +267,7 @@ pub struct Coder<'a> {
     candidate: Vec<u8>,
     /// For decoding; kept, as a sparse payload needs 2.5 pages.
     decode_scratch: Vec<u8>,
+    survey: survey::Survey,
 }
 
 impl Coder<'_> {
@@ -267,6 +279,7 @@ impl Coder<'_> {
             best: Vec::new(),
             candidate: Vec::new(),
             decode_scratch: Vec::new(),
+            survey: survey::Survey::default(),
         })
     }
 
@@ -296,9 +309,15 @@ impl Coder<'_> {
         )
     }
 
-    /// The smallest delta of `page` against `base`, trying the encodings that can win:
+    /// The smallest delta of `page` against `base`, trying the encodings that can win;
+    /// `None` when the page is better whole:
     ///
     /// - a page rewritten all over (`DENSE_PERCENT`) goes straight to a prefix delta;
+    ///   but when its previous version went whole (`last_went_whole`: a chain's first
+    ///   frame, often a rewrite a delta lost to) and holds too few of its bytes
+    ///   (`FOUND_WORTH`), to no delta at all. (Pages whose last delta won are not
+    ///   surveyed: on the AssemblyScript guests 94–98 % of them won again, and the survey
+    ///   costs about a twentieth of a prefix delta.)
     /// - otherwise the changed words alone (scattered counters and slots), and XOR (bytes
     ///   changed in place) only where the sparse stream says the differences are large
     ///   (`XOR_WORTH`);
@@ -306,11 +325,19 @@ impl Coder<'_> {
     ///
     /// Dense subtraction (encoding 4) is no longer tried: on the memory of four guests
     /// over 38 checkpoints, taking it where it beat both saved under 0.01 %.
-    pub fn best_delta(&mut self, page: &[u8], base: &[u8]) -> Result<(Encoding, Vec<u8>)> {
+    pub fn best_delta(
+        &mut self,
+        page: &[u8],
+        base: &[u8],
+        last_went_whole: bool,
+    ) -> Result<Option<(Encoding, Vec<u8>)>> {
         let changed = sparse::changed_words(page, base);
         let prefix_ok = prefix_usable(base);
         if changed * 100 > page.len() / 4 * DENSE_PERCENT && prefix_ok {
-            return self.encode(Encoding::PrefixDelta, page, base);
+            if last_went_whole && self.survey.found_percent(page, base) < FOUND_WORTH {
+                return Ok(None);
+            }
+            return self.encode(Encoding::PrefixDelta, page, base).map(Some);
         }
         self.try_encoding(Encoding::SparseDelta, page, base)?;
         // The sparse stream is still in `scratch`.
@@ -331,7 +358,7 @@ impl Coder<'_> {
         if self.best.len() > PREFIX_WORTH && prefix_ok {
             consider(self, Encoding::PrefixDelta)?;
         }
-        Ok((best, self.best.to_vec()))
+        Ok(Some((best, self.best.to_vec())))
     }
 
     /// [`decode_payload`] with this coder's context and scratch space.
@@ -488,12 +515,64 @@ mod tests {
             (&flags, Encoding::XorDelta),
             (&moved, Encoding::PrefixDelta),
         ] {
-            assert_eq!(coder.best_delta(page, &old).unwrap().0, expected);
+            assert_eq!(
+                coder.best_delta(page, &old, true).unwrap().unwrap().0,
+                expected
+            );
         }
-        // Every word changed: the sparse stream is longer than the page, and still no error.
+        // Every word changed, to bytes the old page does not hold: no delta (whole).
         let noise = noise(2, PAGE_SIZE);
-        let (_, payload) = coder.best_delta(&noise, &old).unwrap();
+        assert!(coder.best_delta(&noise, &old, true).unwrap().is_none());
+        // Unless its previous version was a delta that won: then it is not surveyed.
+        let (encoding, _) = coder.best_delta(&noise, &old, false).unwrap().unwrap();
+        assert_eq!(encoding, Encoding::PrefixDelta);
+        // The same against a base that cannot be a prefix: the sparse stream is longer
+        // than the page, and still no error.
+        let mut no_prefix = old.clone();
+        no_prefix[..4].copy_from_slice(&0xEC30_A437u32.to_le_bytes());
+        let (_, payload) = coder.best_delta(&noise, &no_prefix, true).unwrap().unwrap();
         assert!(payload.len() > PAGE_SIZE);
+    }
+
+    #[test]
+    fn a_rewritten_page_goes_whole_only_where_its_prefix_delta_would_lose() {
+        // Every word changed: the first part of the page is the old page moved by a byte,
+        // the rest new bytes of the same kind (noise; text-like bytes that compress).
+        // best_delta says "whole" (None) only where the prefix delta would not have beaten
+        // the whole page by the fifth the committer asks of a delta, and from a third
+        // found never does. (The survey takes found and new bytes to compress alike.)
+        let mut coder = Coder::new().unwrap();
+        let text = |seed| -> Vec<u8> {
+            noise(seed, PAGE_SIZE)
+                .iter()
+                .map(|b| b"etaoin shrdlu"[usize::from(*b) % 13])
+                .collect()
+        };
+        for (old, new_bytes) in [
+            (noise(7, PAGE_SIZE), noise(8, PAGE_SIZE)),
+            (text(9), text(10)),
+        ] {
+            for found in (0..=90).step_by(10) {
+                let kept = PAGE_SIZE * found / 100;
+                let page = [&old[1..=kept], &new_bytes[kept..]].concat();
+                let prefix = delta_size(&mut coder, Encoding::PrefixDelta, &page, &old);
+                let whole = coder.whole(&page).unwrap().1.len();
+                match coder.best_delta(&page, &old, true).unwrap() {
+                    None => assert!(
+                        prefix * 5 >= whole * 4,
+                        "{found} % found: whole ({whole} B) though its prefix delta is {prefix} B"
+                    ),
+                    Some((encoding, _)) => assert!(
+                        found > 0 && encoding == Encoding::PrefixDelta,
+                        "{found} % found: {encoding:?}"
+                    ),
+                }
+                if found >= 30 {
+                    let chosen = coder.best_delta(&page, &old, true).unwrap();
+                    assert!(chosen.is_some(), "{found} % found");
+                }
+            }
+        }
     }
 
     #[test]
@@ -524,7 +603,7 @@ mod tests {
                 ("flags", &flags),
                 ("pointers", &pointers),
             ] {
-                let (encoding, payload) = coder.best_delta(page, &old).unwrap();
+                let (encoding, payload) = coder.best_delta(page, &old, true).unwrap().unwrap();
                 let mut rebuilt = old.clone();
                 coder.decode(encoding, &payload, &mut rebuilt, "t").unwrap();
                 assert!(

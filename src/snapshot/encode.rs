@@ -113,19 +113,25 @@ fn encode_page(
     let (keep, (encoding, payload)) = match &page.base {
         _ if chain.is_empty() || max_deltas == 0 => (0, coder.whole(&page.bytes)?),
         Some(base) if chain.len() <= max_deltas => {
-            let delta = coder.best_delta(&page.bytes, base)?;
-            // The chain's own whole page stands in for this version's (as in `rebase`):
-            // compressing the whole page, 2-10x a delta's cost, only to see the delta
-            // win, was most of the committer's time on the window guest.
-            let whole_estimate = (chain[0].len as usize).saturating_sub(pack::FRAME_HEADER_LEN);
-            if delta.1.len() <= SMALL_DELTA || delta.1.len() * 5 < whole_estimate * 4 {
-                (chain.len(), delta)
-            } else {
-                let whole = coder.whole(&page.bytes)?;
-                if delta.1.len() * 5 < whole.1.len() * 4 {
-                    (chain.len(), delta)
-                } else {
-                    (0, whole)
+            match coder.best_delta(&page.bytes, base, chain.len() == 1)? {
+                // Rewritten with bytes its previous version does not hold.
+                None => (0, coder.whole(&page.bytes)?),
+                Some(delta) => {
+                    // The chain's own whole page stands in for this version's (as in `rebase`):
+                    // compressing the whole page, 2-10x a delta's cost, only to see the delta
+                    // win, was most of the committer's time on the window guest.
+                    let whole_estimate =
+                        (chain[0].len as usize).saturating_sub(pack::FRAME_HEADER_LEN);
+                    if delta.1.len() <= SMALL_DELTA || delta.1.len() * 5 < whole_estimate * 4 {
+                        (chain.len(), delta)
+                    } else {
+                        let whole = coder.whole(&page.bytes)?;
+                        if delta.1.len() * 5 < whole.1.len() * 4 {
+                            (chain.len(), delta)
+                        } else {
+                            (0, whole)
+                        }
+                    }
                 }
             }
         }

@@ -90,7 +90,10 @@ pub fn best_rebase(
         }
     }
     if let Some((layer, _, base)) = chosen {
-        let delta = coder.best_delta(page, &base)?;
+        // (A full chain: the previous version was a delta.)
+        let Some(delta) = coder.best_delta(page, &base, false)? else {
+            return Ok((0, coder.whole(page)?));
+        };
         // delta / (max_deltas - layer) < whole / (max_deltas + 1). The chain's own whole
         // page stands in for this version's, which is compressed only if the delta loses.
         let whole_estimate = packs
@@ -145,7 +148,10 @@ mod tests {
         let (encoding, payload) = coder.whole(&versions[0]).unwrap();
         builder.push_payload(encoding, &payload).unwrap();
         for pair in versions.windows(2) {
-            let (encoding, payload) = coder.best_delta(&pair[1], &pair[0]).unwrap();
+            let (encoding, payload) = coder
+                .best_delta(&pair[1], &pair[0], false)
+                .unwrap()
+                .unwrap();
             builder.push_payload(encoding, &payload).unwrap();
         }
         let frames = builder.frames();
