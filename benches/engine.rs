@@ -4,7 +4,8 @@
 //! - `page_delta`: each frame encoding of one 64 KiB page, for three kinds of change
 //!   (scattered counters, values appended over zeros, a heap rewritten in part), beside
 //!   the whole page: what trying one more candidate costs the committer; and
-//!   `best_delta`, the committer's choice among them;
+//!   `best_delta`, the committer's choice among them; and what precedes them: counting
+//!   the changed words, and the survey of a rewritten page (`delta::survey`);
 //! - `checkpoint`: 16 MiB / 256 MiB / 1 GiB guests at 0.1 %, 1 % and 10 % dirty pages,
 //!   to a local-disk store with fsync: `commit` is the whole protocol (capture, encode,
 //!   pack put, fsync, commit), `stall` only the part the guest waits for (capture);
@@ -179,7 +180,16 @@ fn page_delta(c: &mut Criterion) {
     let mut cctx = delta::compressor().unwrap();
     let mut coder = delta::Coder::new().unwrap();
     let mut scratch = Vec::new();
+    let mut survey = delta::survey::Survey::default();
     for (change, old, new) in page_changes() {
+        // What every delta starts with, and what a rewritten page may add before its
+        // prefix delta.
+        let id = BenchmarkId::new("changed_words", change);
+        group.bench_function(id, |b| {
+            b.iter(|| delta::sparse::changed_words(black_box(&new), black_box(&old)))
+        });
+        let id = BenchmarkId::new("survey", change);
+        group.bench_function(id, |b| b.iter(|| survey.found_percent(&new, &old)));
         // What the committer runs per delta: the candidates it picks, and the choice.
         let id = BenchmarkId::new("best_delta", change);
         group.bench_function(id, |b| {

@@ -317,7 +317,7 @@ impl Coder<'_> {
     ///   frame, often a rewrite a delta lost to) and holds too few of its bytes
     ///   (`FOUND_WORTH`), to no delta at all. (Pages whose last delta won are not
     ///   surveyed: on the AssemblyScript guests 94–98 % of them won again, and the survey
-    ///   costs about a twentieth of a prefix delta.)
+    ///   costs up to a tenth of a prefix delta.)
     /// - otherwise the changed words alone (scattered counters and slots), and XOR (bytes
     ///   changed in place) only where the sparse stream says the differences are large
     ///   (`XOR_WORTH`);

@@ -35,23 +35,27 @@ pub fn max_stream_len(len: usize) -> usize {
 /// How many 32-bit words differ between `page` and `base` (same length; a differing tail
 /// of under 4 bytes counts as one).
 pub fn changed_words(page: &[u8], base: &[u8]) -> usize {
-    // Without a branch per word: on a page rewritten at random, branching on each
-    // change cost more than a third of the prefix delta that follows.
-    let pairs = page.chunks_exact(8).zip(base.chunks_exact(8));
-    let mut changed: usize = pairs
+    // Without a branch per word, 64 bytes at a time into a 32-bit count, which the
+    // compiler turns into vector compares: on a page rewritten at random, branching on
+    // each change cost more than a third of the prefix delta that follows, and a count
+    // 8 bytes at a time took 5.8 µs a page against 3.8 (`page_delta/changed_words`).
+    const BLOCK: usize = 64;
+    let word = |bytes: &[u8], at: usize| {
+        u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+    };
+    let blocks = page.chunks_exact(BLOCK).zip(base.chunks_exact(BLOCK));
+    let mut changed: usize = blocks
         .map(|(new, old)| {
-            let new = u64::from_le_bytes(new.try_into().expect("8 bytes"));
-            let old = u64::from_le_bytes(old.try_into().expect("8 bytes"));
-            let x = new ^ old;
-            usize::from(x as u32 != 0) + usize::from(x >> 32 != 0)
+            (0..BLOCK / 4)
+                .map(|i| u32::from(word(new, 4 * i) != word(old, 4 * i)))
+                .sum::<u32>() as usize
         })
         .sum();
-    let last = page.len() / 8 * 8;
-    if page.len() - last >= 4 {
-        changed += usize::from(page[last..last + 4] != base[last..last + 4]);
+    let whole_words = page.len() / 4 * 4;
+    for at in (page.len() / BLOCK * BLOCK..whole_words).step_by(4) {
+        changed += usize::from(word(page, at) != word(base, at));
     }
-    let tail = page.len() / 4 * 4;
-    changed + usize::from(page[tail..] != base[tail..])
+    changed + usize::from(page[whole_words..] != base[whole_words..])
 }
 
 /// Call `f(index, new - old)` for each 32-bit word that differs, in order. Equal pairs of

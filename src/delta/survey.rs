@@ -18,7 +18,8 @@
 //!   count's pages worse: 1 105 pages whose delta won came out at 20–29 %, against none
 //!   by bytes.)
 //!
-//! About 12 000 lookups: under a twentieth of a prefix delta.
+//! About 12 000 lookups, 23–34 µs a page (`page_delta/survey`): under a tenth of a
+//! rewritten page's prefix delta.
 
 /// log2 of the bitmap's bits: 256 Ki bits (32 KiB).
 const TABLE_BITS: u32 = 18;
