@@ -401,30 +401,37 @@ fn workers_killed_and_replaced(guest_name: &str, partitions: i32, kill_count: us
             "worker {victim} died on its own before kill {kill}:\n{}",
             fleet.log(victim)
         );
-        // The kill lands after the victim committed checkpoints of a task it runs. A task
-        // checkpoints only once records came: a few more keep coming while it waits (a
-        // victim whose tasks opened after the last batch would otherwise wait for ever).
-        // What it had committed is kept as first seen: asking again could find none, when a
-        // rebalance took its tasks away in between (they were then handed over at their
-        // last checkpoints, which the check below still requires a restore to resume from).
+        // The kill lands after the victim committed checkpoints of tasks it still runs. A
+        // task checkpoints only once records came: a few more keep coming while it waits
+        // (a victim whose tasks opened after the last batch would otherwise wait for ever).
+        // A rebalance (a worker just joined) can take its tasks away at any moment: the
+        // logs are marked first and the victim's tasks checked after, so that a task
+        // handed over from then on is opened by its next owner after the mark.
         let deadline = Instant::now() + Duration::from_secs(60);
-        let committed = loop {
-            let committed = fleet.committed_tasks(victim);
-            if !committed.is_empty() {
-                break committed;
-            }
+        let (committed, logs_at) = loop {
             assert!(
                 Instant::now() < deadline,
                 "timed out waiting until worker {victim} commits a checkpoint before kill {kill}\n{}",
                 fleet.logs()
             );
-            std::thread::sleep(Duration::from_millis(500));
-            fleet.produce(2);
+            let committed = fleet.committed_tasks(victim);
+            if committed.is_empty() {
+                std::thread::sleep(Duration::from_millis(500));
+                fleet.produce(2);
+                continue;
+            }
+            std::thread::sleep(Duration::from_millis(rng.below(500)));
+            let logs_at: Vec<usize> = (0..fleet.workers.len())
+                .map(|i| fleet.log(i).len())
+                .collect();
+            let runs = fleet.partitions_of(victim);
+            if committed
+                .iter()
+                .all(|(partition, _)| runs.contains(partition))
+            {
+                break (committed, logs_at);
+            }
         };
-        std::thread::sleep(Duration::from_millis(rng.below(500)));
-        let logs_at: Vec<usize> = (0..fleet.workers.len())
-            .map(|i| fleet.log(i).len())
-            .collect();
         fleet.kill(victim);
         kills.push((committed, logs_at));
         live.push(fleet.start_worker());

@@ -1,9 +1,12 @@
 //! The page codecs (`wasnap::delta`): whole pages and every delta encoding.
 //!
 //! 1. Round trip: a base page and a new page (64 KiB each) are built from the input;
-//!    `new` encoded against `base` in every encoding, and by `Coder::best_delta` and
+//!    `new` encoded against `base` in every encoding, and by `Coder::best_delta` (whose
+//!    previous version went whole or not, bit 7; it may say the page is better whole) and
 //!    `Coder::whole`, must decode against `base` to `new` exactly. The sparse stream and
-//!    the word deltas also round-trip on pages of odd lengths (tails of 1 to 3 bytes).
+//!    the word deltas also round-trip on pages of odd lengths (tails of 1 to 3 bytes),
+//!    where the survey of a rewritten page, also on pages of different lengths, must
+//!    give a share.
 //! 2. Garbage: the rest of the input, as it is and zstd-compressed (so it reaches the
 //!    delta appliers past zstd), is decoded as a payload of every encoding, and applied
 //!    as a raw sparse stream. Errors are fine; a panic, a hang or an unbounded
@@ -12,7 +15,8 @@
 //! Input: a control byte, then bytes split in two halves `a` and `b`. Bits 0-1 of the
 //! control byte pick how `a` fills the base page, bits 2-3 how `b` turns it into the new
 //! page, bits 4-5 how many bytes (0-3) are cut off for the odd-length round trip, bit 6
-//! swaps the two pages' roles (the new page encoded against the base, or back).
+//! swaps the two pages' roles (the new page encoded against the base, or back), bit 7
+//! says whether the previous version went whole (`best_delta` may then survey it).
 #![no_main]
 
 use std::cell::RefCell;
@@ -37,6 +41,7 @@ struct Contexts {
     coder: Coder<'static>,
     scratch: Vec<u8>,
     decode_scratch: Vec<u8>,
+    survey: delta::survey::Survey,
 }
 
 thread_local! {
@@ -47,6 +52,7 @@ thread_local! {
         coder: Coder::new().expect("zstd contexts"),
         scratch: Vec::new(),
         decode_scratch: Vec::new(),
+        survey: delta::survey::Survey::default(),
     });
 }
 
@@ -109,7 +115,7 @@ fn mutate(base: &[u8], bytes: &[u8], mode: u8) -> Vec<u8> {
     page
 }
 
-fn round_trips(c: &mut Contexts, base: &[u8], new: &[u8]) {
+fn round_trips(c: &mut Contexts, base: &[u8], new: &[u8], last_went_whole: bool) {
     for encoding in EVERY {
         if encoding == Encoding::PrefixDelta && !delta::prefix_usable(base) {
             continue; // documented precondition of encode_payload
@@ -135,7 +141,7 @@ fn round_trips(c: &mut Contexts, base: &[u8], new: &[u8]) {
 
     // What the pipeline writes: the best delta (unless the page is better whole), and
     // whole pages; both fit a frame.
-    let best = c.coder.best_delta(new, base, true).expect("best_delta");
+    let best = c.coder.best_delta(new, base, last_went_whole).expect("best_delta");
     if let Some((encoding, payload)) = best {
         assert!(encoding.is_delta());
         assert!(
@@ -165,8 +171,8 @@ fn round_trips(c: &mut Contexts, base: &[u8], new: &[u8]) {
     assert!(out == new, "a whole page does not rebuild the page");
 }
 
-/// The sparse stream and the word deltas on a page of any length.
-fn odd_length_round_trips(base: &[u8], new: &[u8]) {
+/// The sparse stream and the word deltas on a page of any length, and the survey.
+fn odd_length_round_trips(c: &mut Contexts, base: &[u8], new: &[u8]) {
     let mut stream = Vec::new();
     sparse::encode(new, base, &mut stream);
     assert!(stream.len() <= sparse::max_stream_len(new.len()));
@@ -184,6 +190,9 @@ fn odd_length_round_trips(base: &[u8], new: &[u8]) {
     delta::sub_words(&mut d, base);
     delta::add_words(&mut d, base);
     assert!(d == new, "add_words does not undo sub_words");
+    assert!(c.survey.found_percent(new, base) <= 100);
+    assert!(c.survey.found_percent(new, &base[..base.len() / 3]) <= 100);
+    assert!(c.survey.found_percent(&new[..new.len() / 3], base) <= 100);
 }
 
 fn garbage(c: &mut Contexts, base: &[u8], payload: &[u8]) {
@@ -211,13 +220,15 @@ fuzz_target!(|data: &[u8]| {
     let cut = usize::from((control >> 4) & 3);
 
     CONTEXTS.with_borrow_mut(|c| {
+        let last_went_whole = control & 0x80 != 0;
         if control & 0x40 == 0 {
-            round_trips(c, &base, &new);
+            round_trips(c, &base, &new, last_went_whole);
         } else {
-            round_trips(c, &new, &base);
+            round_trips(c, &new, &base, last_went_whole);
         }
-        odd_length_round_trips(&base[..PAGE - cut], &new[..PAGE - cut]);
-        odd_length_round_trips(&base[..rest.len().min(PAGE)], &new[..rest.len().min(PAGE)]);
+        odd_length_round_trips(c, &base[..PAGE - cut], &new[..PAGE - cut]);
+        let len = rest.len().min(PAGE);
+        odd_length_round_trips(c, &base[..len], &new[..len]);
 
         garbage(c, &base, rest);
         let compressed = zstd::bulk::compress(rest, 1).expect("zstd compresses anything");

@@ -10,15 +10,17 @@
 //!   predicts).
 //! - At 512 sample points of the page, the windows at the eight byte offsets after the
 //!   point are looked up: a run of bytes moved by any distance is found, as one of eight
-//!   consecutive windows lines up with an aligned window of the old copy. Windows of one
-//!   repeated byte (runs of zeros) are skipped: the whole page codes them as cheaply.
+//!   consecutive windows lines up with an aligned window of the old copy.
+//! - Windows of one repeated byte (runs of zeros) count for neither: a sample that
+//!   starts with one is skipped, and one found at a shift is no hit, as the whole page
+//!   codes them as cheaply as a prefix would.
 //! - The share is of bytes, not of what they cost: it takes found and new bytes to
 //!   compress alike, as a rewritten page's old and new objects mostly do. (Weighing each
 //!   kind by its bytes' order-0 entropy was tried, and judged the AssemblyScript word
 //!   count's pages worse: 1 105 pages whose delta won came out at 20–29 %, against none
 //!   by bytes.)
 //!
-//! About 12 000 lookups, 23–34 µs a page (`page_delta/survey`): under a tenth of a
+//! About 12 000 lookups, 26–34 µs a page (`page_delta/survey`): under a tenth of a
 //! rewritten page's prefix delta.
 
 /// log2 of the bitmap's bits: 256 Ki bits (32 KiB).
@@ -65,7 +67,7 @@ impl Survey {
             return 100;
         }
         self.seen.fill(0);
-        // Bits set, counted as they are: repeated windows (zeros) set one.
+        // Bits set, counted as they are (equal windows set one).
         let mut set = 0u32;
         for chunk in base.chunks_exact(8) {
             let s = slot(window(chunk));
@@ -81,8 +83,10 @@ impl Survey {
             }
             sampled += 1;
             found += (0..8).fold(0, |hit, shift| {
-                let s = slot(window(&span[shift..]));
-                hit | (self.seen[s / 64] >> (s % 64)) & 1
+                let window = window(&span[shift..]);
+                let s = slot(window);
+                let run = u64::from(one_repeated_byte(window));
+                hit | (self.seen[s / 64] >> (s % 64)) & 1 & !run
             }) as u32;
         }
         if sampled == 0 {
@@ -91,6 +95,10 @@ impl Survey {
         // A new sample hits by chance with probability 1 - (1 - fill)^8.
         let fill = f64::from(set) / (1u64 << TABLE_BITS) as f64;
         let chance = 1.0 - (1.0 - fill).powi(8);
+        if chance > 0.9 {
+            // Only a base far longer than a page fills the bitmap so: nothing to judge by.
+            return 100;
+        }
         let observed = f64::from(found) / f64::from(sampled);
         let share = ((observed - chance) / (1.0 - chance)).clamp(0.0, 1.0);
         (share * 100.0).round() as usize

@@ -486,6 +486,37 @@ mod tests {
         }
     }
 
+    /// A page rewritten after a whole version: with new bytes, whole again, its chain reset
+    /// (through the survey's `None`: what a losing delta led to, without compressing one);
+    /// with the old bytes moved, a delta on top of the chain.
+    #[test]
+    fn a_page_rewritten_with_new_bytes_goes_whole_and_with_moved_bytes_as_a_delta() {
+        let size = crate::state::PAGE_SIZE;
+        let old = crate::delta::noise(21, size);
+        let chain = [FrameLoc {
+            pack: pack(1, 1, size as u64),
+            frame: 0,
+            len: size as u32,
+        }];
+        let mut coder = Coder::new().unwrap();
+        let moved = [&old[3..], &old[..3]].concat();
+        for (bytes, expected) in [
+            (crate::delta::noise(22, size), (0, Encoding::Full)),
+            (moved, (1, Encoding::PrefixDelta)),
+        ] {
+            let page = CapturedPage {
+                memory: 0,
+                page: 0,
+                bytes,
+                previous_hash: None,
+                written_parts: u16::MAX,
+                base: Some(old.clone()),
+            };
+            let encoded = encode_page(&page, &chain, 8, &ChainPacks::new(), &mut coder).unwrap();
+            assert_eq!((encoded.keep, encoded.encoding), expected);
+        }
+    }
+
     #[test]
     fn a_pack_is_compacted_only_when_sparse_by_frames_and_by_bytes() {
         // One big live page among eight dead small deltas: sparse by frames only.
