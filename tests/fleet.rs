@@ -49,7 +49,6 @@ struct Fleet {
 
 struct Worker {
     child: Child,
-    metrics: String,
     log: PathBuf,
 }
 
@@ -133,12 +132,6 @@ impl Fleet {
     /// Start one more worker; returns its index.
     fn start_worker(&mut self) -> usize {
         let index = self.workers.len();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let metrics = format!("127.0.0.1:{port}");
         let log = self.dir.path().join(format!("worker-{index}.log"));
         let child = wasnap()
             .args([
@@ -160,8 +153,10 @@ impl Fleet {
                 self.assignment.into(),
                 "--session-timeout-ms".into(),
                 SESSION_TIMEOUT_MS.into(),
+                // Port 0: the worker logs the port it bound. (A port picked here and
+                // bound later could be taken in between by another test's worker.)
                 "--metrics".into(),
-                metrics.clone(),
+                "127.0.0.1:0".into(),
                 "--cache-dir".into(),
                 self.dir.path().join("caches").display().to_string(),
             ])
@@ -177,11 +172,7 @@ impl Fleet {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        self.workers.push(Worker {
-            child,
-            metrics,
-            log,
-        });
+        self.workers.push(Worker { child, log });
         index
     }
 
@@ -238,7 +229,14 @@ impl Fleet {
 
     /// The figures a worker serves, as (name with labels, value).
     fn metrics(&self, index: usize) -> Vec<(String, f64)> {
-        let Ok(mut stream) = TcpStream::connect(&self.workers[index].metrics) else {
+        // The address the worker logged once it bound its port.
+        let log = self.log(index);
+        let Some(address) =
+            (log.lines()).find_map(|l| l.split("metrics at http://").nth(1)?.split('/').next())
+        else {
+            return Vec::new();
+        };
+        let Ok(mut stream) = TcpStream::connect(address) else {
             return Vec::new();
         };
         write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -393,45 +391,39 @@ fn workers_killed_and_replaced(guest_name: &str, partitions: i32, kill_count: us
     let mut kills = Vec::new();
     for kill in 0..kill_count {
         std::thread::sleep(Duration::from_millis(1500 + rng.below(3000)));
-        // Records keep arriving while workers die.
-        fleet.produce((RECORDS * 3 / 4).div_ceil(kill_count));
+        // Records keep arriving while workers die; the batches leave an eighth of the
+        // input for the waits below, or a victim whose tasks reopened after the last batch
+        // (a worker joined) could not commit again.
+        fleet.produce((RECORDS * 3 / 4 - RECORDS / 8).div_ceil(kill_count));
         let victim = live.remove(rng.below(live.len() as u64) as usize);
         assert!(
             fleet.running(victim),
             "worker {victim} died on its own before kill {kill}:\n{}",
             fleet.log(victim)
         );
-        // The kill lands after the victim committed checkpoints of tasks it still runs. A
-        // task checkpoints only once records came: a few more keep coming while it waits
-        // (a victim whose tasks opened after the last batch would otherwise wait for ever).
-        // A rebalance (a worker just joined) can take its tasks away at any moment: the
-        // logs are marked first and the victim's tasks checked after, so that a task
-        // handed over from then on is opened by its next owner after the mark.
+        // The kill lands after the victim committed checkpoints of tasks it runs. A task
+        // checkpoints only once records came: a few more keep coming while it waits.
+        // The logs are marked before each look, and the mark kept with what that look
+        // found: a rebalance (a worker just joined) may hand those tasks over at any
+        // moment after, and their next owner then opens them after the mark.
         let deadline = Instant::now() + Duration::from_secs(60);
         let (committed, logs_at) = loop {
+            let logs_at: Vec<usize> = (0..fleet.workers.len())
+                .map(|i| fleet.log(i).len())
+                .collect();
+            let committed = fleet.committed_tasks(victim);
+            if !committed.is_empty() {
+                break (committed, logs_at);
+            }
             assert!(
                 Instant::now() < deadline,
                 "timed out waiting until worker {victim} commits a checkpoint before kill {kill}\n{}",
                 fleet.logs()
             );
-            let committed = fleet.committed_tasks(victim);
-            if committed.is_empty() {
-                std::thread::sleep(Duration::from_millis(500));
-                fleet.produce(2);
-                continue;
-            }
-            std::thread::sleep(Duration::from_millis(rng.below(500)));
-            let logs_at: Vec<usize> = (0..fleet.workers.len())
-                .map(|i| fleet.log(i).len())
-                .collect();
-            let runs = fleet.partitions_of(victim);
-            if committed
-                .iter()
-                .all(|(partition, _)| runs.contains(partition))
-            {
-                break (committed, logs_at);
-            }
+            std::thread::sleep(Duration::from_millis(500));
+            fleet.produce(2);
         };
+        std::thread::sleep(Duration::from_millis(rng.below(500)));
         fleet.kill(victim);
         kills.push((committed, logs_at));
         live.push(fleet.start_worker());
