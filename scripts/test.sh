@@ -5,25 +5,38 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+# Each phase starts with the seconds since the script began, on stderr: a slow CI run
+# shows where its minutes went.
+phase() { echo "test.sh: ${SECONDS}s $*" >&2; }
+trap "phase end" EXIT
 # Formatting first: it takes a second and needs nothing else.
 cargo fmt --check
+phase setup
 scripts/setup.sh
+phase guests
 scripts/build-guests.sh
+phase clippy
 # Lints with warnings as errors, and the shipped binary as users build it (without the
 # `internals` feature the tests turn on).
 cargo clippy --locked --all-targets -- -D warnings
+phase doc
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps
+phase build
 cargo build --locked --bin wasnap
+phase benches
 # The criterion benchmarks, each once in test mode on the small size, so they keep
 # compiling and running.
 WASNAP_BENCH_SIZES=16 cargo test --locked --benches
+phase "test build"
 # Everything built before the servers start: an idle broker still takes CPU.
 cargo test --locked --no-run "$@"
+phase servers
 eval "$(scripts/s3-server.sh start)"
-trap 'kill "$WASNAP_TEST_S3_PID" 2>/dev/null || true' EXIT
+trap 'kill "$WASNAP_TEST_S3_PID" 2>/dev/null || true; phase end' EXIT
 eval "$(scripts/kafka-server.sh start)"
-trap 'kill "$WASNAP_TEST_S3_PID" "$WASNAP_TEST_KAFKA_PID" 2>/dev/null || true' EXIT
+trap 'kill "$WASNAP_TEST_S3_PID" "$WASNAP_TEST_KAFKA_PID" 2>/dev/null || true; phase end' EXIT
 eval "$(scripts/kafka-server.sh start --tansu)"
-trap 'kill "$WASNAP_TEST_S3_PID" "$WASNAP_TEST_KAFKA_PID" "$WASNAP_TEST_TANSU_PID" 2>/dev/null || true' EXIT
+trap 'kill "$WASNAP_TEST_S3_PID" "$WASNAP_TEST_KAFKA_PID" "$WASNAP_TEST_TANSU_PID" 2>/dev/null || true; phase end' EXIT
+phase tests
 # The test suite (its summary closes the output).
 cargo test --locked "$@"
