@@ -112,6 +112,10 @@ fn kafka_crash_test(guest_name: &str, records: usize) {
     );
 }
 
+/// Inputs long enough for ten kills with room to spare: the killed runs committed up to
+/// half of the core guests' 120 000 records (the C guests and WAT 31-50 %, the others
+/// 6-23 %), and 1 000-3 000 records of the components' (which start slower): a quarter
+/// of theirs or less.
 mod crash {
     use super::kafka_crash_test;
 
@@ -152,17 +156,17 @@ mod crash {
 
     #[test]
     fn rust_component() {
-        kafka_crash_test("component-rust", 60_000);
+        kafka_crash_test("component-rust", 20_000);
     }
 
     #[test]
     fn python_component() {
-        kafka_crash_test("component-python", 30_000);
+        kafka_crash_test("component-python", 10_000);
     }
 
     #[test]
     fn javascript_component() {
-        kafka_crash_test("component-js", 30_000);
+        kafka_crash_test("component-js", 10_000);
     }
 }
 
