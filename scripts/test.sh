@@ -49,9 +49,11 @@ fi
 fleet_log="$(mktemp)"
 cargo test --locked --test fleet >"$fleet_log" 2>&1 &
 fleet=$!
+# Every other test target cargo finds: tests/NAME.rs and tests/NAME/main.rs.
 targets=(--lib --bins)
-for file in tests/*.rs; do
-  name="$(basename "$file" .rs)"
+for file in tests/*.rs tests/*/main.rs; do
+  [ -e "$file" ] || continue
+  name="$(basename "${file%/main.rs}" .rs)"
   [ "$name" = fleet ] || targets+=(--test "$name")
 done
 status=0
