@@ -8,7 +8,17 @@ cd "$root"
 # Each phase starts with the seconds since the script began, on stderr: a slow CI run
 # shows where its minutes went.
 phase() { echo "test.sh: ${SECONDS}s $*" >&2; }
-trap "phase end" EXIT
+# On every exit: stop the servers this script started and a fleet run still going (by
+# their PIDs), and show the fleet's output if it was not shown yet.
+server_pids=()
+fleet="" fleet_log=""
+cleanup() {
+  kill "${server_pids[@]}" 2>/dev/null || true
+  if [ -n "$fleet" ]; then kill -- "-$fleet" 2>/dev/null || true; fi
+  if [ -n "$fleet_log" ]; then cat "$fleet_log" || true; rm -f "$fleet_log"; fi
+  phase end
+}
+trap cleanup EXIT
 # Formatting first: it takes a second and needs nothing else.
 cargo fmt --check
 phase setup
@@ -32,11 +42,11 @@ phase "test build"
 cargo test --locked --no-run "$@"
 phase servers
 eval "$(scripts/s3-server.sh start)"
-trap 'kill "$WASNAP_TEST_S3_PID" 2>/dev/null || true; phase end' EXIT
+server_pids+=("$WASNAP_TEST_S3_PID")
 eval "$(scripts/kafka-server.sh start)"
-trap 'kill "$WASNAP_TEST_S3_PID" "$WASNAP_TEST_KAFKA_PID" 2>/dev/null || true; phase end' EXIT
+server_pids+=("$WASNAP_TEST_KAFKA_PID")
 eval "$(scripts/kafka-server.sh start --tansu)"
-trap 'kill "$WASNAP_TEST_S3_PID" "$WASNAP_TEST_KAFKA_PID" "$WASNAP_TEST_TANSU_PID" 2>/dev/null || true; phase end' EXIT
+server_pids+=("$WASNAP_TEST_TANSU_PID")
 phase tests
 if (($#)); then
   # Tests chosen by the caller: as asked.
@@ -45,11 +55,13 @@ if (($#)); then
 fi
 # The fleet's tests spend most of their time waiting for the group coordinator to notice a
 # killed worker (the CPU was 85 % idle through them): they run beside the others, and their
-# output follows the others' summary.
+# output follows the others' summary. In a session of its own, so that an exit part-way
+# (a failure, a signal) stops its workers too.
 fleet_log="$(mktemp)"
-cargo test --locked --test fleet >"$fleet_log" 2>&1 &
+setsid -w cargo test --locked --test fleet >"$fleet_log" 2>&1 &
 fleet=$!
-# Every other test target cargo finds: tests/NAME.rs and tests/NAME/main.rs.
+# Every other test target cargo finds: tests/NAME.rs and tests/NAME/main.rs (a `[[test]]`
+# elsewhere in Cargo.toml would need adding here).
 targets=(--lib --bins)
 for file in tests/*.rs tests/*/main.rs; do
   [ -e "$file" ] || continue
@@ -61,6 +73,8 @@ cargo test --locked "${targets[@]}" || status=$?
 cargo test --locked --doc || status=$?
 phase "fleet tests, waited for"
 wait "$fleet" || status=$?
+fleet=""
 cat "$fleet_log"
 rm -f "$fleet_log"
+fleet_log=""
 exit "$status"
