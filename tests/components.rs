@@ -445,6 +445,21 @@ fn each_emit_target_has_its_own_output_and_all_of_them_survive_kill_9() {
         ]);
         assert_eq!(cat.stdout, expected[i], "cat --target {i}");
     }
+    // Without --target, which output this is is not guessed.
+    let unnamed = run(&[
+        "cat".into(),
+        "--output".into(),
+        outputs[1].display().to_string(),
+        "--store".into(),
+        store.clone(),
+    ]);
+    assert!(!unnamed.status.success());
+    assert!(
+        stderr(&unnamed).contains("the task has 3 outputs")
+            && stderr(&unnamed).contains("--target 0 to 2"),
+        "{}",
+        stderr(&unnamed)
+    );
 
     // The same task with two outputs: refused, naming the cause.
     let refused = run(&args(&outputs[..2], &store));

@@ -214,8 +214,9 @@ enum Command {
         store: Option<String>,
         /// With --store, of a task with several outputs: which one this is (the Nth
         /// --output of the run is target N-1; its --dead-letter comes after them).
-        #[arg(long, default_value_t = 0)]
-        target: usize,
+        /// Required when the task has more than one.
+        #[arg(long)]
+        target: Option<usize>,
     },
     /// Summarise a store and list its checkpoints, newest first.
     #[command(
@@ -746,13 +747,24 @@ pub fn main() -> ExitCode {
 }
 
 /// The task id and marker of output `index` in a checkpoint's output marker: the run's
-/// outputs in order, its dead letters last (`stream::multi`).
+/// outputs in order, its dead letters last (`stream::multi`). Without an index, the task
+/// must have one output: another's marker would cut this output at the wrong place.
 fn output_of_target(
     task: [u8; 16],
     marker: Vec<u8>,
-    index: usize,
+    index: Option<usize>,
 ) -> anyhow::Result<([u8; 16], Vec<u8>)> {
     let mut markers = crate::stream::multi::Markers::read(&marker)?.markers;
+    let index = match index {
+        Some(index) => index,
+        None if markers.len() == 1 => 0,
+        None => anyhow::bail!(
+            "the task has {} outputs (its --output list, then any --dead-letter): say which \
+             this is with --target 0 to {}",
+            markers.len(),
+            markers.len() - 1
+        ),
+    };
     if index >= markers.len() {
         anyhow::bail!(
             "the task has {} output(s), --target 0 to {}: --target {index} names none",
@@ -766,8 +778,8 @@ fn output_of_target(
     ))
 }
 
-fn cat(output: &str, store: Option<&str>, target: usize) -> anyhow::Result<()> {
-    if target > 0 && store.is_none() {
+fn cat(output: &str, store: Option<&str>, target: Option<usize>) -> anyhow::Result<()> {
+    if target.is_some() && store.is_none() {
         anyhow::bail!("--target picks one of a task's outputs by its checkpoint: it needs --store");
     }
     // A local output that is not there is a mistyped name, not an empty output.
