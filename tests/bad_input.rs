@@ -164,6 +164,96 @@ fn a_trap_mid_stream_stops_cleanly_and_the_store_stays_restorable() {
     );
 }
 
+/// A guest whose `alloc` answers a record of 5 bytes with a pointer outside its memory:
+/// a broken contract on that record, which stops the run like a trap, naming the record,
+/// and which `--on-trap skip` sends to the dead letters like a trap.
+#[test]
+fn a_record_alloc_places_outside_memory_stops_the_run_or_is_skipped_like_a_trap() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("bad-alloc.wat");
+    std::fs::write(
+        &guest,
+        TRAPPING_GUEST.replace(
+            "(func (export \"alloc\") (param i32) (result i32) (i32.const 1024))",
+            "(func (export \"alloc\") (param i32) (result i32)
+               (if (result i32) (i32.eq (local.get 0) (i32.const 5))
+                 (then (i32.const -16)) (else (i32.const 1024))))",
+        ),
+    )
+    .unwrap();
+    let mut lines: Vec<String> = (0..1000).map(|i| format!("r{i:03}")).collect();
+    lines[650] = "r650!".into();
+    let input = dir.path().join("in");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let store = dir.path().join("store");
+    let args = run_args(
+        &guest,
+        &input,
+        &dir.path().join("out"),
+        store_str(&store),
+        100,
+    );
+    let out = run(&args);
+    assert_clean_failure(&out, "returned 0xfffffff0, which is outside its memory");
+    assert!(
+        stderr(&out).contains("the record at line 651"),
+        "{}",
+        stderr(&out)
+    );
+
+    let dead = dir.path().join("dead");
+    let mut skipping = args.clone();
+    skipping.extend([
+        "--on-trap".into(),
+        "skip".into(),
+        "--dead-letter".into(),
+        dead.display().to_string(),
+    ]);
+    run_ok(&skipping);
+    let letters = std::fs::read_to_string(&dead).unwrap();
+    let letter: serde_json::Value = serde_json::from_str(letters.trim_end()).unwrap();
+    assert_eq!(letters.lines().count(), 1, "{letters}");
+    assert_eq!(letter["record"], "r650!");
+    assert_eq!(letter["offset"], 650 * 5);
+    assert!(
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .contains("outside its memory"),
+        "{letter}"
+    );
+    // The other 999 records each emitted a line, their count's last digit, and the
+    // skipped one none: the count after it goes on from 650.
+    let output = std::fs::read_to_string(dir.path().join("out")).unwrap();
+    let counts: Vec<&str> = output.lines().collect();
+    assert_eq!(counts.len(), 999);
+    assert_eq!(
+        counts[649..652],
+        ["0", "1", "2"],
+        "the record after the skipped one counts as the 651st"
+    );
+}
+
+/// A record guest that also exports `_start` runs as a record guest, and is told that its
+/// `_start` (a command's constructors and `main`) is never called.
+#[test]
+fn a_record_guest_that_is_also_a_command_runs_and_is_warned_its_start_is_not_called() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("both.wat");
+    let module = TRAPPING_GUEST.trim_end().strip_suffix(')').unwrap();
+    std::fs::write(
+        &guest,
+        format!("{module}\n  (func (export \"_start\") unreachable))"),
+    )
+    .unwrap();
+    let input = dir.path().join("in");
+    std::fs::write(&input, "a\nb\nc\n").unwrap();
+    let output = dir.path().join("out");
+    let out = run_ok(&run_args(&guest, &input, &output, "memory://", 10));
+    assert!(stderr(&out).contains("never `_start`"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&output).unwrap(), b"1\n2\n3\n");
+}
+
 #[test]
 fn a_changed_module_is_refused_and_nothing_is_touched() {
     let dir = tempfile::tempdir().unwrap();

@@ -106,10 +106,20 @@ pub fn check(module: &Module) -> Result<Abi> {
             None => Ok(false),
         }
     };
-    Ok(Abi {
+    let abi = Abi {
         has_initialize: optional_func("_initialize")?,
         has_init: optional_func("init")?,
-    })
+    };
+    if is_command {
+        // A command's `_start` runs its constructors and `main`: a record guest that needs
+        // them would run without them, and nothing else would say why.
+        tracing::warn!(
+            "the guest exports `_start` beside the record ABI: wasnap calls `alloc` and \
+             `process` and never `_start` (build it as a reactor, or run a WASI command with \
+             --stdio)"
+        );
+    }
+    Ok(abi)
 }
 
 fn expect_signature(

@@ -332,7 +332,14 @@ impl CoreInstance {
         abi_memory
             .write(&mut *store, ptr as u32 as usize, record)
             .map_err(|_| {
-                anyhow!("the guest's alloc({len}) returned {ptr:#x}, which is outside its memory")
+                // The guest's own failure on this record, as a trap would be: with
+                // `--on-trap skip`, the record goes to the dead letters.
+                error(
+                    ErrorKind::Guest,
+                    format!(
+                        "the guest's alloc({len}) returned {ptr:#x}, which is outside its memory"
+                    ),
+                )
             })?;
         arm_deadline(store, limits);
         process
