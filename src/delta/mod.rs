@@ -379,6 +379,31 @@ impl Coder<'_> {
     }
 }
 
+/// Coders kept between checkpoints, for the whole process: a coder's zstd contexts,
+/// once used, hold about a megabyte of tables, and setting them up again cost the counter
+/// guest a fifth of its encode step (two dirty pages a checkpoint). At most one per core
+/// is kept; more may run at once (every task's committer encodes too), and those are
+/// dropped after use.
+static IDLE_CODERS: std::sync::Mutex<Vec<Coder<'static>>> = std::sync::Mutex::new(Vec::new());
+
+/// Run `work` with a coder from the process's idle ones (or a new one), and keep it for
+/// the next caller. A coder whose work failed is dropped, not kept.
+pub fn with_coder<R>(work: impl FnOnce(&mut Coder<'static>) -> Result<R>) -> Result<R> {
+    let idle = IDLE_CODERS.lock().ok().and_then(|mut coders| coders.pop());
+    let mut coder = match idle {
+        Some(coder) => coder,
+        None => Coder::new()?,
+    };
+    let result = work(&mut coder)?;
+    let keep = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Ok(mut coders) = IDLE_CODERS.lock()
+        && coders.len() < keep
+    {
+        coders.push(coder);
+    }
+    Ok(result)
+}
+
 /// `len` bytes of xorshift noise from `seed` (incompressible test data).
 #[cfg(test)]
 pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {

@@ -71,17 +71,18 @@ pub fn encode_pages(
     };
     let per_thread = pages.len().div_ceil(helpers.threads()).max(16);
     let encode_chunk = |chunk: &[CapturedPage]| -> Result<Vec<EncodedPage>> {
-        let mut coder = Coder::new()?;
-        chunk
-            .iter()
-            .map(|page| {
-                let chain = table.memories[page.memory]
-                    .chains
-                    .get(page.page as usize)
-                    .map_or(&[][..], Vec::as_slice);
-                encode_page(page, chain, max_deltas, packs, &mut coder)
-            })
-            .collect()
+        crate::delta::with_coder(|coder| {
+            chunk
+                .iter()
+                .map(|page| {
+                    let chain = table.memories[page.memory]
+                        .chains
+                        .get(page.page as usize)
+                        .map_or(&[][..], Vec::as_slice);
+                    encode_page(page, chain, max_deltas, packs, coder)
+                })
+                .collect()
+        })
     };
     if pages.len() <= per_thread {
         drop(helpers);
