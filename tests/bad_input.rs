@@ -171,16 +171,14 @@ fn a_trap_mid_stream_stops_cleanly_and_the_store_stays_restorable() {
 fn a_record_alloc_places_outside_memory_stops_the_run_or_is_skipped_like_a_trap() {
     let dir = tempfile::tempdir().unwrap();
     let guest = dir.path().join("bad-alloc.wat");
-    std::fs::write(
-        &guest,
-        TRAPPING_GUEST.replace(
-            "(func (export \"alloc\") (param i32) (result i32) (i32.const 1024))",
-            "(func (export \"alloc\") (param i32) (result i32)
-               (if (result i32) (i32.eq (local.get 0) (i32.const 5))
-                 (then (i32.const -16)) (else (i32.const 1024))))",
-        ),
-    )
-    .unwrap();
+    let module = TRAPPING_GUEST.replace(
+        "(func (export \"alloc\") (param i32) (result i32) (i32.const 1024))",
+        "(func (export \"alloc\") (param i32) (result i32)
+           (if (result i32) (i32.eq (local.get 0) (i32.const 5))
+             (then (i32.const -16)) (else (i32.const 1024))))",
+    );
+    assert_ne!(module, TRAPPING_GUEST, "the guest's alloc was not replaced");
+    std::fs::write(&guest, module).unwrap();
     let mut lines: Vec<String> = (0..1000).map(|i| format!("r{i:03}")).collect();
     lines[650] = "r650!".into();
     let input = dir.path().join("in");
@@ -232,6 +230,32 @@ fn a_record_alloc_places_outside_memory_stops_the_run_or_is_skipped_like_a_trap(
         ["0", "1", "2"],
         "the record after the skipped one counts as the 651st"
     );
+    // One output and its dead letters are two: `cat` asks which, and reads either.
+    let cat = |output: &Path, target: Option<&str>| {
+        let mut args = vec![
+            "cat".to_string(),
+            "--output".into(),
+            output.display().to_string(),
+            "--store".into(),
+            store_str(&store).into(),
+        ];
+        args.extend(
+            target
+                .map(|t| ["--target".to_string(), t.to_string()])
+                .into_iter()
+                .flatten(),
+        );
+        run(&args)
+    };
+    assert_clean_failure(
+        &cat(&dir.path().join("out"), None),
+        "the task has 2 outputs",
+    );
+    assert_eq!(
+        cat(&dir.path().join("out"), Some("0")).stdout,
+        output.as_bytes()
+    );
+    assert_eq!(cat(&dead, Some("1")).stdout, letters.as_bytes());
 }
 
 /// A record guest that also exports `_start` runs as a record guest, and is told that its
