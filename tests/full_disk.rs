@@ -1,4 +1,5 @@
-//! A full disk: the store (or the output) on a small tmpfs that fills up mid-run. The run
+//! A full disk: the store (or the output, or the page cache) on a small tmpfs that fills
+//! up mid-run. The run
 //! stops with a clear error, the checkpoints committed before are intact, and a resume
 //! with room to write finishes with output identical to an uninterrupted run.
 //!
@@ -146,5 +147,46 @@ fn a_full_output_disk_stops_the_run_clearly_and_loses_nothing() {
         &std::fs::read(&saved).unwrap(),
         &reference,
         "after a full output disk",
+    );
+}
+
+/// The page cache (the last version of every page, a delta's base) on a disk that fills:
+/// the checkpoint that cannot move the cache on fails with the disk's error, not SIGBUS
+/// (the cache is written through the file, never through its mapping), and the run
+/// resumes from the checkpoints before it.
+#[test]
+fn a_full_page_cache_disk_stops_the_run_clearly_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (guest, input, reference) = setup(dir.path());
+    let small = dir.path().join("small");
+    let store = dir.path().join("store");
+    let output = dir.path().join("out");
+    let mut args = run_args(&guest, &input, &output, store.to_str().unwrap(), 2000);
+    args.extend(["--cache-dir".into(), "$SMALL/cache".into()]);
+    let args = args.join(" ");
+    // 2 MiB: the first checkpoints' pages fit; the guest's hash map outgrows it.
+    let printed = in_small_tmpfs(
+        &small,
+        "2m",
+        &format!("\"$WASNAP\" {args} 2>\"$ERR\"; echo \"exit=$?\""),
+        &[("ERR", &dir.path().join("err"))],
+    );
+    let err = assert_stopped_on_full_disk(&printed, &dir.path().join("err"));
+    assert!(
+        err.contains("cannot write page cache"),
+        "the error does not name the page cache: {err}"
+    );
+    let store_url = store.to_str().unwrap();
+    assert!(
+        !open_store(store_url).generations().unwrap().is_empty(),
+        "nothing was committed before the disk filled: {err}"
+    );
+    assert_committed_prefix(&output, store_url, &reference);
+
+    run_ok(&run_args(&guest, &input, &output, store_url, 2000));
+    assert_same_output(
+        &std::fs::read(&output).unwrap(),
+        &reference,
+        "after a full page cache disk",
     );
 }

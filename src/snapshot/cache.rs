@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use memmap2::MmapMut;
+use memmap2::Mmap;
 
 use super::buffers::PageBuffers;
 use super::capture::Capture;
@@ -27,7 +27,8 @@ pub struct PageCache {
 struct CachedMemory {
     file: File,
     /// `None` while the memory is empty (a zero-length file cannot be mapped).
-    map: Option<MmapMut>,
+    /// Read-only: every write goes through the file (`PageCache::write_at`).
+    map: Option<Mmap>,
 }
 
 impl PageCache {
@@ -66,7 +67,7 @@ impl PageCache {
 
     /// Make memory `index`'s cache exactly `byte_len` bytes long (new pages read as zero).
     /// The file stays sparse: a page takes disk only once a non-zero version is written
-    /// (see [`Self::writable_page`]), so a large memory that is mostly zero costs little.
+    /// (see [`Self::write_at`]), so a large memory that is mostly zero costs little.
     pub fn resize(&mut self, index: usize, byte_len: u64) -> Result<()> {
         let path = self.path(index);
         let memory = &mut self.memories[index];
@@ -84,19 +85,19 @@ impl PageCache {
         memory.map_len(byte_len, &path)
     }
 
-    /// Page `page` of memory `index`, writable, its blocks allocated on disk first.
-    fn writable_page(&mut self, index: usize, page: usize) -> Result<&mut [u8]> {
-        let memory = &mut self.memories[index];
-        let len = memory.map.as_ref().map_or(0, |m| m.len());
-        let start = page * PAGE_SIZE;
-        let end = (start + PAGE_SIZE).min(len);
-        allocate_range(&memory.file, start as u64..end as u64).with_context(|| {
-            format!(
-                "cannot allocate page cache {}",
-                self.dir.join(format!("memory-{index}.pages")).display()
-            )
-        })?;
-        Ok(page_mut(self.bytes_mut(index), page))
+    /// Write `bytes` at `offset` of memory `index`'s cache. Through the file, never
+    /// through the mapping (which only reads; on Linux both see the same page cache).
+    /// Through the mapping, a write to a page the file has no block for yet (a new page,
+    /// a hole) faults it in, and the kernel zeroes it and the read-ahead around it first:
+    /// on a large guest's first checkpoint that was most of the committer's time. And a
+    /// full disk is an error here, where through the mapping it kills the process
+    /// (SIGBUS).
+    fn write_at(&self, index: usize, offset: usize, bytes: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.memories[index]
+            .file
+            .write_all_at(bytes, offset as u64)
+            .with_context(|| format!("cannot write page cache {}", self.path(index).display()))
     }
 
     /// Make page `page` of memory `index` zero, giving its disk back where possible.
@@ -106,18 +107,13 @@ impl PageCache {
         let start = page * PAGE_SIZE;
         let end = (start + PAGE_SIZE).min(len);
         if !punch_hole(&memory.file, start as u64..end as u64) {
-            self.writable_page(index, page)?.fill(0);
+            self.write_at(index, start, &vec![0; end - start])?;
         }
         Ok(())
     }
 
     fn bytes(&self, index: usize) -> &[u8] {
         self.memories[index].map.as_deref().unwrap_or(&[])
-    }
-
-    /// Every cached page of memory `index`, writable (the capture updates the dirty ones).
-    pub fn bytes_mut(&mut self, index: usize) -> &mut [u8] {
-        self.memories[index].map.as_deref_mut().unwrap_or(&mut [])
     }
 
     /// The cached version of page `page` of memory `index`, if the cache has that page and
@@ -134,8 +130,7 @@ impl PageCache {
 
     /// Overwrite page `page` of memory `index` (the cache must be long enough).
     pub fn store_page(&mut self, index: usize, page: usize, bytes: &[u8]) -> Result<()> {
-        self.writable_page(index, page)?[..bytes.len()].copy_from_slice(bytes);
-        Ok(())
+        self.write_at(index, page * PAGE_SIZE, bytes)
     }
 
     /// Bring memory `index`'s cache in line with `memory` (whose page hashes are
@@ -175,20 +170,18 @@ impl PageCache {
             self.resize(index, memory.byte_len)?;
         }
         for page in &mut capture.dirty {
-            let slot = self.writable_page(page.memory, page.page as usize)?;
+            let start = page.page as usize * PAGE_SIZE;
+            let slot = pages::page(self.bytes(page.memory), page.page as usize);
             let vouched = page
                 .previous_hash
                 .is_some_and(|hash| vouches_for(slot, hash));
             if vouched {
                 page.base = Some(buffers.copy_of(slot));
-                let parts = slot.chunks_mut(PART_SIZE).zip(page.bytes.chunks(PART_SIZE));
-                for (part, (cached, new)) in parts.enumerate() {
-                    if page.written_parts & (1 << part) != 0 {
-                        cached.copy_from_slice(new);
-                    }
+                for parts in written_runs(page.written_parts, page.bytes.len()) {
+                    self.write_at(page.memory, start + parts.start, &page.bytes[parts])?;
                 }
             } else {
-                slot.copy_from_slice(&page.bytes);
+                self.write_at(page.memory, start, &page.bytes)?;
             }
         }
         for &(memory, page) in &capture.zeroed {
@@ -202,11 +195,22 @@ impl PageCache {
     }
 }
 
-/// The bytes of page `page` in `bytes`, writable.
-fn page_mut(bytes: &mut [u8], page: usize) -> &mut [u8] {
-    let start = page * PAGE_SIZE;
-    let end = (start + PAGE_SIZE).min(bytes.len());
-    &mut bytes[start..end]
+/// The byte ranges of a page of `len` bytes that `written_parts` marks (bit `i`: 4 KiB
+/// part `i`), adjacent parts joined: one write each.
+fn written_runs(written_parts: u16, len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let parts = len.div_ceil(PART_SIZE);
+    let written = move |part: usize| part < parts && written_parts & (1 << part) != 0;
+    let mut part = 0;
+    std::iter::from_fn(move || {
+        while part < parts && !written(part) {
+            part += 1;
+        }
+        let first = part;
+        while written(part) {
+            part += 1;
+        }
+        (first < parts).then(|| first * PART_SIZE..(part * PART_SIZE).min(len))
+    })
 }
 
 /// Whether a cached page is the version whose hash is `expected`: the check before any
@@ -245,27 +249,6 @@ fn open_cache_file(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// Allocate the blocks of `range` of `file` for real (they read as zeros where they were
-/// holes): a write through the mapping into a hole on a full disk would kill the process
-/// with SIGBUS, where this returns the error.
-fn allocate_range(file: &File, range: std::ops::Range<u64>) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (
-        libc::off_t::try_from(range.start),
-        libc::off_t::try_from(range.end - range.start),
-    ) else {
-        return Err(std::io::Error::other("page cache size out of range"));
-    };
-    if len == 0 {
-        return Ok(());
-    }
-    // SAFETY: a plain syscall on a file descriptor this `File` owns.
-    match unsafe { libc::posix_fallocate(file.as_raw_fd(), offset, len) } {
-        0 => Ok(()),
-        errno => Err(std::io::Error::from_raw_os_error(errno)),
-    }
-}
-
 /// Turn `range` of `file` back into a hole (it reads as zeros, and takes no disk), or, where
 /// the file system cannot, report that it could not.
 fn punch_hole(file: &File, range: std::ops::Range<u64>) -> bool {
@@ -294,10 +277,12 @@ impl CachedMemory {
             return Ok(());
         }
         // SAFETY: the file is private to this task: it sits beside the task's output,
-        // which this process holds an exclusive lock on, and nothing else maps it. A
-        // change behind our back would show as a hash mismatch, not as unsoundness in
-        // safe code, because the mapping is only read as plain bytes.
-        let map = unsafe { MmapMut::map_mut(&self.file) }
+        // which this process holds an exclusive lock on, and nothing else maps it. The
+        // cache's own writes go through the file while no slice of the mapping is held
+        // (`write_at` takes `&self` only between reads). A change behind our back would
+        // show as a hash mismatch, not as unsoundness in safe code, because the mapping
+        // is only read as plain bytes.
+        let map = unsafe { Mmap::map(&self.file) }
             .with_context(|| format!("cannot map page cache {}", path.display()))?;
         self.map = Some(map);
         Ok(())
@@ -307,6 +292,23 @@ impl CachedMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_parts_become_one_write_per_run() {
+        let runs = |parts: u16, len: usize| written_runs(parts, len).collect::<Vec<_>>();
+        const P: usize = PART_SIZE;
+        assert!(runs(0, PAGE_SIZE).is_empty());
+        assert_eq!(runs(u16::MAX, PAGE_SIZE), vec![0..PAGE_SIZE]);
+        assert_eq!(runs(0b1, PAGE_SIZE), vec![0..P]);
+        assert_eq!(runs(0b1000_0000_0000_0000, PAGE_SIZE), vec![15 * P..16 * P]);
+        assert_eq!(
+            runs(0b1100_0000_0110_1101, PAGE_SIZE),
+            vec![0..P, 2 * P..4 * P, 5 * P..7 * P, 14 * P..16 * P]
+        );
+        // A page shorter than 64 KiB: parts past its end are ignored, the last is cut.
+        assert_eq!(runs(u16::MAX, 2 * P + 100), vec![0..2 * P + 100]);
+        assert!(runs(0b1_0000, 2 * P).is_empty());
+    }
 
     #[test]
     fn pages_are_verified_before_use_and_the_cache_resyncs() {
