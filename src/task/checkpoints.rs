@@ -19,6 +19,25 @@ use crate::stream::Sink;
 /// With coalescing: the guest waits once this many captures are queued, however small.
 const MAX_QUEUED_CAPTURES: usize = 64;
 
+/// With coalescing, whether a capture must wait for the committer: the `in_flight`
+/// captures hold their budget of copies (`max_uncommitted_bytes`, or one copy of the
+/// guest's memory if that is more), or very many are queued.
+///
+/// Asked before a capture rather than after it: the copies a capture makes exist either
+/// way, and a wait after it would stop the guest for that capture's own commit. The
+/// budget is at least the guest's memory because a guest's first capture is all of it: a
+/// smaller budget would hold every capture behind that first commit, however small they
+/// are. Held at most: the budget plus one capture.
+fn no_room_to_capture(
+    in_flight: usize,
+    in_flight_bytes: u64,
+    max_uncommitted_bytes: u64,
+    memory_bytes: u64,
+) -> bool {
+    let budget = max_uncommitted_bytes.max(memory_bytes);
+    in_flight > 0 && (in_flight_bytes >= budget || in_flight >= MAX_QUEUED_CAPTURES)
+}
+
 /// Where the input stands at a checkpoint, as the driver reports it.
 pub(super) struct InputAt {
     /// Bytes consumed (statistics).
@@ -67,10 +86,15 @@ pub(super) struct Checkpoints {
 
 impl Checkpoints {
     /// Capture a checkpoint of the guest with its input at `input`, and hand it to the
-    /// committer; then settle what has finished, and wait while more than
-    /// `max_in_flight` are in flight.
+    /// committer, settling what has finished. Back-pressure: with coalescing, the capture
+    /// first waits for room (`must_wait_to_capture`); without, the guest waits after it
+    /// while more than `max_in_flight` are in flight.
     pub fn start(&mut self, input: InputAt, observer: &mut dyn CheckpointObserver) -> Result<()> {
         self.settle(observer, false);
+        self.take_failure()?;
+        while self.coalesce && self.must_wait_to_capture() && self.failure.is_none() {
+            self.settle(observer, true);
+        }
         self.take_failure()?;
         let generation = self.captured_generation + 1;
         if self.capture_failed {
@@ -99,23 +123,27 @@ impl Checkpoints {
             observer.finished(generation, Err(&err));
             return Err(err.into_anyhow());
         }
-        while self.must_wait() && self.failure.is_none() {
+        while !self.coalesce
+            && self.committer.in_flight() > self.max_in_flight
+            && self.failure.is_none()
+        {
             self.settle(observer, true);
         }
         self.take_failure()
     }
 
-    /// Whether the guest waits for the committer before it goes on. Captures that merge
-    /// (`coalesce`) wait only once the page copies they hold reach `max_uncommitted_bytes`
-    /// (or very many are queued); captures committed one by one once more than
-    /// `max_in_flight` are in flight.
-    fn must_wait(&self) -> bool {
-        if self.coalesce {
-            self.committer.in_flight_bytes() > self.max_uncommitted_bytes
-                || self.committer.in_flight() > MAX_QUEUED_CAPTURES
-        } else {
-            self.committer.in_flight() > self.max_in_flight
-        }
+    /// With coalescing, whether the next capture must wait for the committer
+    /// (`no_room_to_capture`).
+    fn must_wait_to_capture(&self) -> bool {
+        let memory_bytes = (0..self.instance.memory_count())
+            .map(|index| self.instance.memory(index).len() as u64)
+            .sum();
+        no_room_to_capture(
+            self.committer.in_flight(),
+            self.committer.in_flight_bytes(),
+            self.max_uncommitted_bytes,
+            memory_bytes,
+        )
     }
 
     /// Settle what the committer has finished, without waiting; the first failure stops
@@ -199,5 +227,33 @@ impl Checkpoints {
         while self.committer.in_flight() > 0 {
             self.settle(observer, true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_QUEUED_CAPTURES, no_room_to_capture};
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_capture_waits_only_for_copies_already_over_the_budget() {
+        // Nothing in flight: never wait, whatever the budget (even none).
+        assert!(!no_room_to_capture(0, 0, 0, 0));
+        // A small guest: the budget is max_uncommitted_bytes.
+        assert!(!no_room_to_capture(3, 255 * MIB, 256 * MIB, 16 * MIB));
+        assert!(no_room_to_capture(3, 256 * MIB, 256 * MIB, 16 * MIB));
+        // A 1 GiB guest's first capture (all of it) does not hold the next one back...
+        assert!(!no_room_to_capture(1, 1000 * MIB, 256 * MIB, 1024 * MIB));
+        // ...but a second copy of it would.
+        assert!(no_room_to_capture(2, 1024 * MIB, 256 * MIB, 1024 * MIB));
+        // However small, at most MAX_QUEUED_CAPTURES are in flight.
+        assert!(!no_room_to_capture(
+            MAX_QUEUED_CAPTURES - 1,
+            0,
+            256 * MIB,
+            0
+        ));
+        assert!(no_room_to_capture(MAX_QUEUED_CAPTURES, 0, 256 * MIB, 0));
     }
 }
