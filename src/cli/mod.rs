@@ -83,9 +83,9 @@ enum Command {
         #[command(flatten)]
         retain: RetainArgs,
         /// With --no-coalesce: checkpoints captured but not yet committed before the guest
-        /// waits (otherwise they merge while they wait, and the guest waits only once they
-        /// hold 256 MiB of page copies). 0: each checkpoint is committed before the guest
-        /// goes on, with or without --no-coalesce.
+        /// waits (otherwise they merge while they wait, and a checkpoint waits only while
+        /// they hold 256 MiB of page copies, or the guest's memory if more). 0: each
+        /// checkpoint is committed before the guest goes on, with or without --no-coalesce.
         #[arg(long, default_value_t = task::DEFAULT_MAX_IN_FLIGHT as u64)]
         max_in_flight: u64,
         /// Commit every checkpoint on its own, in order, instead of merging those the

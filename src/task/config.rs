@@ -94,8 +94,9 @@ pub struct TaskConfig {
     /// coalesce).
     pub max_in_flight: usize,
     /// Captures waiting for the committer merge into one commit (`task::coalesce`), so the
-    /// guest waits for the store only once they hold `max_uncommitted_bytes` of page copies
-    /// and unwritten output.
+    /// guest waits for the store only when a capture is due while those in flight hold
+    /// `max_uncommitted_bytes` of page copies and unwritten output (or one copy of the
+    /// guest's memory, if that is more).
     /// Off, every capture is committed on its own (`wasnap run --no-coalesce`): what a
     /// benchmark that compares checkpoint by checkpoint needs.
     pub coalesce: bool,

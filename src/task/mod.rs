@@ -20,8 +20,9 @@
 //!    binding input position, output marker and page table in one atomic put; then
 //!    publish the output and prune.
 //!
-//! Captures the committer has not started on merge into one commit (`coalesce`), and the
-//! guest waits only once they hold `max_uncommitted_bytes` of copies or 64 are queued;
+//! Captures the committer has not started on merge into one commit (`coalesce`), and a
+//! capture waits only while those in flight hold their budget of copies (at least
+//! `max_uncommitted_bytes`) or 64 are queued;
 //! without coalescing, at most `max_in_flight` checkpoints are captured and not yet
 //! committed before the guest waits (back-pressure). Any error stops the run after the
 //! checkpoints before it are settled; the store still holds the newest committed one, and
