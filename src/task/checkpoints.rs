@@ -16,18 +16,19 @@ use crate::snapshot::{self, DirtyTracker, PageBuffers};
 use crate::store::manifest::RunState;
 use crate::stream::Sink;
 
-/// With coalescing: the guest waits once this many captures are queued, however small.
+/// With coalescing: a capture waits while this many are in flight, however small.
 const MAX_QUEUED_CAPTURES: usize = 64;
 
-/// With coalescing, whether a capture must wait for the committer: the `in_flight`
-/// captures hold their budget of copies (`max_uncommitted_bytes`, or one copy of the
-/// guest's memory if that is more), or very many are queued.
+/// With coalescing, whether a capture must wait for the committer: two or more captures
+/// in flight hold their budget of copies (`max_uncommitted_bytes`, or one copy of the
+/// guest's memory if that is more), or very many are in flight.
 ///
 /// Asked before a capture rather than after it: the copies a capture makes exist either
-/// way, and a wait after it would stop the guest for that capture's own commit. The
-/// budget is at least the guest's memory because a guest's first capture is all of it: a
-/// smaller budget would hold every capture behind that first commit, however small they
-/// are. Held at most: the budget plus one capture.
+/// way, and a wait after it would stop the guest for that capture's own commit. One
+/// capture alone never holds the next back, and the budget is at least the guest's
+/// memory, because a guest's first capture is all of it (every non-zero page): otherwise
+/// every capture would wait behind that first commit, however small it is. Page copies
+/// handed over, at most: the larger of the budget and one capture, plus one capture.
 fn no_room_to_capture(
     in_flight: usize,
     in_flight_bytes: u64,
@@ -35,7 +36,7 @@ fn no_room_to_capture(
     memory_bytes: u64,
 ) -> bool {
     let budget = max_uncommitted_bytes.max(memory_bytes);
-    in_flight > 0 && (in_flight_bytes >= budget || in_flight >= MAX_QUEUED_CAPTURES)
+    in_flight >= MAX_QUEUED_CAPTURES || (in_flight >= 2 && in_flight_bytes >= budget)
 }
 
 /// Where the input stands at a checkpoint, as the driver reports it.
@@ -70,7 +71,8 @@ pub(super) struct Checkpoints {
     pub max_in_flight: usize,
     /// Captures merge while they wait for the committer (`task::coalesce`).
     pub coalesce: bool,
-    /// With `coalesce`: the page copies captures may hold before the guest waits.
+    /// With coalescing: the least budget of page copies the captures in flight may hold
+    /// before the next capture waits (`no_room_to_capture`).
     pub max_uncommitted_bytes: u64,
     /// The first checkpoint error, reported once everything in flight has settled.
     pub failure: Option<Error>,
@@ -243,10 +245,15 @@ mod tests {
         // A small guest: the budget is max_uncommitted_bytes.
         assert!(!no_room_to_capture(3, 255 * MIB, 256 * MIB, 16 * MIB));
         assert!(no_room_to_capture(3, 256 * MIB, 256 * MIB, 16 * MIB));
-        // A 1 GiB guest's first capture (all of it) does not hold the next one back...
-        assert!(!no_room_to_capture(1, 1000 * MIB, 256 * MIB, 1024 * MIB));
-        // ...but a second copy of it would.
+        // A 1 GiB guest's first capture (all of it, and output besides) does not hold the
+        // next one back...
+        assert!(!no_room_to_capture(1, 1100 * MIB, 256 * MIB, 1024 * MIB));
+        // ...nor, with it, a small one...
+        assert!(!no_room_to_capture(2, 1000 * MIB, 256 * MIB, 1024 * MIB));
+        // ...but with a second copy of it in flight, the next capture waits.
         assert!(no_room_to_capture(2, 1024 * MIB, 256 * MIB, 1024 * MIB));
+        // A small guest's one capture, however large, holds nothing back either.
+        assert!(!no_room_to_capture(1, 300 * MIB, 256 * MIB, 16 * MIB));
         // However small, at most MAX_QUEUED_CAPTURES are in flight.
         assert!(!no_room_to_capture(
             MAX_QUEUED_CAPTURES - 1,

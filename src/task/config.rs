@@ -26,8 +26,8 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration
 /// A record count that never falls due: no checkpoints by count.
 pub const NEVER: u64 = u64::MAX;
 
-/// With coalescing: page copies that captures waiting for the committer may hold before the
-/// guest waits for it, by default.
+/// With coalescing: the least budget of page copies the captures in flight may hold before
+/// the next capture waits (one copy of the guest's memory, if that is more), by default.
 pub const DEFAULT_MAX_UNCOMMITTED_BYTES: u64 = 256 << 20;
 
 /// Stdio mode: checkpoint at the first stdin read after this many bytes, by default.
