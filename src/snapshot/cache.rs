@@ -92,7 +92,7 @@ impl PageCache {
     /// on a large guest's first checkpoint that was most of the committer's time. And a
     /// full disk is an error here, where through the mapping it kills the process
     /// (SIGBUS).
-    fn write_at(&self, index: usize, offset: usize, bytes: &[u8]) -> Result<()> {
+    fn write_at(&mut self, index: usize, offset: usize, bytes: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
         self.memories[index]
             .file
@@ -198,7 +198,8 @@ impl PageCache {
 /// The byte ranges of a page of `len` bytes that `written_parts` marks (bit `i`: 4 KiB
 /// part `i`), adjacent parts joined: one write each.
 fn written_runs(written_parts: u16, len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let parts = len.div_ceil(PART_SIZE);
+    // At most 16 parts: one per bit of `written_parts` (a page is 64 KiB).
+    let parts = len.div_ceil(PART_SIZE).min(16);
     let written = move |part: usize| part < parts && written_parts & (1 << part) != 0;
     let mut part = 0;
     std::iter::from_fn(move || {
@@ -279,7 +280,7 @@ impl CachedMemory {
         // SAFETY: the file is private to this task: it sits beside the task's output,
         // which this process holds an exclusive lock on, and nothing else maps it. The
         // cache's own writes go through the file while no slice of the mapping is held
-        // (`write_at` takes `&self` only between reads). A change behind our back would
+        // (`write_at` takes `&mut self`). A change behind our back would
         // show as a hash mismatch, not as unsoundness in safe code, because the mapping
         // is only read as plain bytes.
         let map = unsafe { Mmap::map(&self.file) }
