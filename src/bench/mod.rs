@@ -125,7 +125,8 @@ pub struct BenchReport {
     /// Passes under the policy, and which (from 1) `run` and `checkpoints` come from.
     pub passes: usize,
     pub fastest_pass: usize,
-    /// The same guest with checkpoints off (`compare_off`).
+    /// The same guest with checkpoints off (`compare_off`); its `elapsed` ends at the end
+    /// of the input, before the one checkpoint taken there.
     pub off: Option<RunSummary>,
     /// A component's records/s under stock wasmtime, uninstrumented, with no
     /// checkpoints (`compare_off`, an input file).
@@ -315,13 +316,17 @@ pub fn bench(
         let summary = opened
             .run(&mut end_of_input)
             .map_err(crate::Error::into_anyhow)
-            .map(|mut summary| {
+            .and_then(|mut summary| {
                 // The guest's time alone: the checkpoint at the end (all of its memory)
                 // is not the guest's, and a large guest's would flatter the tax.
-                if let Some(ended) = end_of_input.0 {
-                    summary.elapsed = ended.duration_since(running);
+                match (summary.checkpoints, end_of_input.0) {
+                    (1, Some(ended)) => summary.elapsed = ended.duration_since(running),
+                    (taken, _) => anyhow::bail!(
+                        "the pass with checkpoints off took {taken} checkpoints, not one at \
+                         the end of its input"
+                    ),
                 }
-                summary
+                Ok(summary)
             });
         // A long input's output, once per pass, would fill the scratch disk.
         let _ = std::fs::remove_file(scratch.path().join(&name));
