@@ -1,7 +1,8 @@
 //! Kafka in, Kafka out, against a real broker (noida-db): every guest killed with SIGKILL
 //! ten times and the output partition read back record for record; the broker going away
 //! and coming back; a second writer; a topic that does not exist; records deleted by
-//! retention before they were processed; `wasnap bench` with a Kafka input.
+//! retention before they were processed; `wasnap bench` with a Kafka input; a processor
+//! whose emit targets are a file, S3 output parts and a Kafka topic at once.
 
 mod common;
 
@@ -168,6 +169,103 @@ mod crash {
     #[test]
     fn javascript_component() {
         kafka_crash_test("component-js", 10_000);
+    }
+}
+
+/// A processor's emit targets on three kinds of output at once: target 0 a local file,
+/// target 1 output parts under an S3 prefix, target 2 a Kafka topic, checkpointed into
+/// S3. Killed with SIGKILL three times, each output holds exactly what an uninterrupted
+/// run writes (one checkpoint commits all three, each made durable before the manifest),
+/// the topic never more than a prefix of it, and `cat --target` reads each from the store.
+#[test]
+fn a_processors_targets_on_a_file_s3_and_kafka_survive_kill_9_together() {
+    let broker = kafka();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    let mut text = String::new();
+    for i in 0..40_000 {
+        match i % 7 {
+            3 => text.push_str(&format!("#to 1 one-{i}\n")),
+            5 if i % 2 == 1 => text.push_str(&format!("#to 2 two-{i}\n")),
+            _ => text.push_str(&format!("w{} w{}\n", i % 13, i % 5)),
+        }
+    }
+    std::fs::write(&input, &text).unwrap();
+    let run_args = |outputs: &[String], store: &str, cache: &str| {
+        let mut args = coalescing_run_args(
+            &guest("component-rust"),
+            &input,
+            std::path::Path::new(&outputs[0]),
+            store,
+            500,
+        );
+        for output in &outputs[1..] {
+            args.extend(["--output".into(), output.clone()]);
+        }
+        args.extend([
+            "--cache-dir".into(),
+            dir.path().join(cache).display().to_string(),
+        ]);
+        args
+    };
+
+    // Uninterrupted, into local files: what each target gets.
+    let reference: Vec<String> = (0..3)
+        .map(|i| dir.path().join(format!("ref{i}")).display().to_string())
+        .collect();
+    let reference_store = dir.path().join("ref-store").display().to_string();
+    run_ok(&run_args(&reference, &reference_store, "ref-cache"));
+    let expected: Vec<Vec<u8>> = reference
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    assert!(
+        expected.iter().all(|e| e.len() > 10_000),
+        "every target gets output"
+    );
+
+    let s3_base = s3().fresh_url("targets-file-s3-kafka");
+    let store = format!("{s3_base}/store");
+    let topic = broker.fresh_topic("out-targets", 1);
+    let outputs = vec![
+        dir.path().join("out0").display().to_string(),
+        format!("{s3_base}/out1"),
+        broker.url(&topic, None),
+    ];
+    let args = run_args(&outputs, &store, "cache");
+    let mut rng = Rng::from_env_or_clock("targets on a file, S3 and Kafka");
+    run_with_kills(&args, 3, &mut rng, || {
+        let seen = broker.read_committed(&topic, 0);
+        assert!(
+            expected[2].starts_with(&seen),
+            "target 2 is not a prefix of the reference after a kill"
+        );
+    });
+    assert_same_output(
+        &std::fs::read(&outputs[0]).unwrap(),
+        &expected[0],
+        "target 0, a file",
+    );
+    assert_same_output(
+        &broker.read_committed(&topic, 0),
+        &expected[2],
+        "target 2, a Kafka topic",
+    );
+    for (target, output) in outputs.iter().enumerate() {
+        let cat = run_ok(&[
+            "cat".into(),
+            "--output".into(),
+            output.clone(),
+            "--store".into(),
+            store.clone(),
+            "--target".into(),
+            target.to_string(),
+        ]);
+        assert_same_output(
+            &cat.stdout,
+            &expected[target],
+            &format!("cat --target {target} of {output}"),
+        );
     }
 }
 
