@@ -417,7 +417,7 @@ fn inspect_and_bench_say_which_tracker_is_used() {
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("dirty tracking on this machine: auto: kernel for memories of 32 MiB"),
+        text.contains("dirty tracking on this machine: auto: kernel for memories of 4 MiB"),
         "{text}"
     );
     let bench = |tracking: &str| {

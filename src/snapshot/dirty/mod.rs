@@ -80,7 +80,7 @@ pub trait DirtyTracker: Send {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DirtyTracking {
     /// Kernel tracking where it works here and pays: memories of at least
-    /// 32 MiB (`AUTO_KERNEL_MIN_BYTES`), except while the guest rewrites so much of one between
+    /// 4 MiB (`AUTO_KERNEL_MIN_BYTES`), except while the guest rewrites so much of one between
     /// checkpoints that the first-write faults cost more than hashing (it is then hashed
     /// for a while, and tried again). Hashing otherwise.
     #[default]
@@ -94,10 +94,15 @@ pub enum DirtyTracking {
     Verify,
 }
 
-/// Below this size auto mode hashes a memory: hashing 32 MiB takes about 1 ms, what
-/// about 500 first-write faults cost, and small guests that rewrite a large part of
-/// their heap between checkpoints (allocators, garbage collectors) fault more than that.
-pub const AUTO_KERNEL_MIN_BYTES: usize = 32 << 20;
+/// Below this size auto mode hashes a memory: hashing 4 MiB takes about 0.15 ms, what
+/// about 70 first-write faults cost, so a small memory gains little from the kernel and
+/// loses where its guest rewrites much of its heap between checkpoints (allocators,
+/// garbage collectors). Above it, such guests are rested to hashing for a while
+/// (`KernelTracker::adaptive`). It was 32 MiB: 4 MiB takes the window guest's 5.3 MiB
+/// (85 pages hashed a checkpoint, 9 written) to the kernel, 0.50x -> 0.59x of its
+/// records/s with checkpoints off at a checkpoint every 1 000 records, while the
+/// AssemblyScript word count at 16 MiB (a collector) stayed at 0.59x.
+pub const AUTO_KERNEL_MIN_BYTES: usize = 4 << 20;
 
 impl DirtyTracking {
     /// The names `FromStr` and `Display` use, as `--dirty-tracking` takes them.
