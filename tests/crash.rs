@@ -1,7 +1,7 @@
 //! Crash tests: a run killed with SIGKILL at random moments and restarted until done
 //! must leave exactly the output of an uninterrupted run, byte for byte. Every guest
-//! twice: with the default dirty tracking (hashing, for guests this small) and with the
-//! kernel's record of written pages.
+//! twice: with the default dirty tracking (`auto`: hashing for memories under 4 MiB, the
+//! kernel above) and with the kernel's record of written pages.
 
 mod common;
 
@@ -67,8 +67,8 @@ mod kernel_tracking {
 
     #[test]
     fn bigstate_guest_survives_kill_9() {
-        // 256 MiB: the size auto mode gives the kernel; fewer records per run fit the
-        // kill window, since each process starts by restoring 256 MiB.
+        // 256 MiB, which auto mode gives the kernel anyway; fewer records per run fit
+        // the kill window, since each process starts by restoring 256 MiB.
         crash_test_kernel("bigstate", 60_000, false, 500);
     }
 }

@@ -27,8 +27,10 @@ const MAX_QUEUED_CAPTURES: usize = 64;
 /// way, and a wait after it would stop the guest for that capture's own commit. One
 /// capture alone never holds the next back, and the budget is at least the guest's
 /// memory, because a guest's first capture is all of it (every non-zero page): otherwise
-/// every capture would wait behind that first commit, however small it is. Page copies
-/// handed over, at most: the larger of the budget and one capture, plus one capture.
+/// every capture would wait behind that first commit, however small it is. The capture
+/// after that still waits if the first commit is not done by then (two intervals
+/// later). Page copies handed over, at most: the larger of the budget and one capture,
+/// plus one capture.
 fn no_room_to_capture(
     in_flight: usize,
     in_flight_bytes: u64,
@@ -248,10 +250,12 @@ mod tests {
         // A 1 GiB guest's first capture (all of it, and output besides) does not hold the
         // next one back...
         assert!(!no_room_to_capture(1, 1100 * MIB, 256 * MIB, 1024 * MIB));
-        // ...nor, with it, a small one...
+        // ...nor, with a first capture of most of it, a small one...
         assert!(!no_room_to_capture(2, 1000 * MIB, 256 * MIB, 1024 * MIB));
-        // ...but with a second copy of it in flight, the next capture waits.
+        // ...but with a second copy of it in flight, the next capture waits; and so does
+        // the one after a first capture of all of it and a small one.
         assert!(no_room_to_capture(2, 1024 * MIB, 256 * MIB, 1024 * MIB));
+        assert!(no_room_to_capture(2, 1025 * MIB, 256 * MIB, 1024 * MIB));
         // A small guest's one capture, however large, holds nothing back either.
         assert!(!no_room_to_capture(1, 300 * MIB, 256 * MIB, 16 * MIB));
         // However small, at most MAX_QUEUED_CAPTURES are in flight.
