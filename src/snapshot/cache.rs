@@ -280,9 +280,9 @@ impl CachedMemory {
         // SAFETY: the file is private to this task: it sits beside the task's output,
         // which this process holds an exclusive lock on, and nothing else maps it. The
         // cache's own writes go through the file while no slice of the mapping is held
-        // (`write_at` takes `&mut self`). A change behind our back would
-        // show as a hash mismatch, not as unsoundness in safe code, because the mapping
-        // is only read as plain bytes.
+        // (`write_at` takes `&mut self`). A change behind our back would show as a hash
+        // mismatch, not as unsoundness in safe code, because the mapping is only read as
+        // plain bytes.
         let map = unsafe { Mmap::map(&self.file) }
             .with_context(|| format!("cannot map page cache {}", path.display()))?;
         self.map = Some(map);
