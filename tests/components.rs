@@ -383,15 +383,7 @@ fn a_run_whose_stderr_is_unwritable_finishes_the_same() {
 fn each_emit_target_has_its_own_output_and_all_of_them_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input");
-    let mut text = String::new();
-    for i in 0..40_000 {
-        match i % 7 {
-            3 => text.push_str(&format!("#to 1 one-{i}\n")),
-            5 if i % 2 == 1 => text.push_str(&format!("#to 2 two-{i}\n")),
-            _ => text.push_str(&format!("w{} w{}\n", i % 13, i % 5)),
-        }
-    }
-    std::fs::write(&input, &text).unwrap();
+    let text = write_emit_targets_input(&input, 40_000);
     let outputs: Vec<_> = (0..3).map(|i| dir.path().join(format!("out{i}"))).collect();
     let args = |outputs: &[std::path::PathBuf], store: &str| {
         let mut args = run_args(&guest("component-rust"), &input, &outputs[0], store, 500);

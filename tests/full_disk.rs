@@ -56,6 +56,23 @@ fn assert_stopped_on_full_disk(printed: &str, err_path: &Path) -> String {
     err
 }
 
+/// The checkpoints committed before the disk filled are in `store` and match the start of
+/// `output`; with room to write, the run resumes from them and finishes exactly once.
+fn assert_resumes_exactly(
+    (guest, input, reference): (&Path, &Path, &[u8]),
+    output: &Path,
+    store: &str,
+    what: &str,
+) {
+    assert!(
+        !open_store(store).generations().unwrap().is_empty(),
+        "{what}: nothing was committed before the disk filled"
+    );
+    assert_committed_prefix(output, store, reference);
+    run_ok(&run_args(guest, input, output, store, 2000));
+    assert_same_output(&std::fs::read(output).unwrap(), reference, what);
+}
+
 fn setup(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
     let guest = guest("wordcount");
     let input = dir.join("in");
@@ -84,22 +101,11 @@ fn a_full_store_disk_stops_the_run_clearly_and_loses_nothing() {
     let err = assert_stopped_on_full_disk(&printed, &dir.path().join("err"));
     assert_eq!(err.lines().count(), 1, "expected one error line: {err}");
 
-    // The checkpoints committed before the disk filled are all there and usable.
-    let store = open_store(saved.to_str().unwrap());
-    let generations = store.generations().unwrap();
-    assert!(
-        !generations.is_empty(),
-        "nothing was committed before the disk filled"
-    );
-    let saved_url = saved.to_str().unwrap();
-    assert_committed_prefix(&output, saved_url, &reference);
-
-    // With room to write, the run resumes and finishes exactly once.
-    run_ok(&run_args(&guest, &input, &output, saved_url, 2000));
-    assert_same_output(
-        &std::fs::read(&output).unwrap(),
-        &reference,
-        "after a full store disk",
+    assert_resumes_exactly(
+        (&guest, &input, &reference),
+        &output,
+        saved.to_str().unwrap(),
+        &format!("after a full store disk ({err})"),
     );
 }
 
@@ -135,18 +141,11 @@ fn a_full_output_disk_stops_the_run_clearly_and_loses_nothing() {
         &[("ERR", &dir.path().join("err")), ("SAVED", &saved)],
     );
     let err = assert_stopped_on_full_disk(&printed, &dir.path().join("err"));
-    let store_url = store.to_str().unwrap();
-    assert!(
-        !open_store(store_url).generations().unwrap().is_empty(),
-        "nothing was committed before the disk filled: {err}"
-    );
-    assert_committed_prefix(&saved, store_url, &reference);
-
-    run_ok(&run_args(&guest, &input, &saved, store_url, 2000));
-    assert_same_output(
-        &std::fs::read(&saved).unwrap(),
-        &reference,
-        "after a full output disk",
+    assert_resumes_exactly(
+        (&guest, &input, &reference),
+        &saved,
+        store.to_str().unwrap(),
+        &format!("after a full output disk ({err})"),
     );
 }
 
@@ -176,17 +175,10 @@ fn a_full_page_cache_disk_stops_the_run_clearly_and_loses_nothing() {
         err.contains("cannot write page cache"),
         "the error does not name the page cache: {err}"
     );
-    let store_url = store.to_str().unwrap();
-    assert!(
-        !open_store(store_url).generations().unwrap().is_empty(),
-        "nothing was committed before the disk filled: {err}"
-    );
-    assert_committed_prefix(&output, store_url, &reference);
-
-    run_ok(&run_args(&guest, &input, &output, store_url, 2000));
-    assert_same_output(
-        &std::fs::read(&output).unwrap(),
-        &reference,
-        "after a full page cache disk",
+    assert_resumes_exactly(
+        (&guest, &input, &reference),
+        &output,
+        store.to_str().unwrap(),
+        &format!("after a full page cache disk ({err})"),
     );
 }

@@ -182,15 +182,7 @@ fn a_processors_targets_on_a_file_s3_and_kafka_survive_kill_9_together() {
     let broker = kafka();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input");
-    let mut text = String::new();
-    for i in 0..40_000 {
-        match i % 7 {
-            3 => text.push_str(&format!("#to 1 one-{i}\n")),
-            5 if i % 2 == 1 => text.push_str(&format!("#to 2 two-{i}\n")),
-            _ => text.push_str(&format!("w{} w{}\n", i % 13, i % 5)),
-        }
-    }
-    std::fs::write(&input, &text).unwrap();
+    write_emit_targets_input(&input, 40_000);
     let run_args = |outputs: &[String], store: &str, cache: &str| {
         // Each checkpoint its own commit (`--no-coalesce`): the guest waits behind slow S3
         // commits, so the input lasts through three kills.

@@ -214,6 +214,22 @@ impl Rng {
     }
 }
 
+/// `records` lines for the component processors' emit targets (`guests/components`): a
+/// line `#to 1 …` goes to target 1, `#to 2 …` to target 2, words to target 0. Written to
+/// `path`, and returned.
+pub fn write_emit_targets_input(path: &Path, records: usize) -> String {
+    let mut text = String::new();
+    for i in 0..records {
+        match i % 7 {
+            3 => text.push_str(&format!("#to 1 one-{i}\n")),
+            5 if i % 2 == 1 => text.push_str(&format!("#to 2 two-{i}\n")),
+            _ => text.push_str(&format!("w{} w{}\n", i % 13, i % 5)),
+        }
+    }
+    std::fs::write(path, &text).unwrap();
+    text
+}
+
 /// `records` lines of words drawn from a vocabulary of `vocabulary` words, or of integers
 /// when `numbers` is set.
 pub fn write_input(path: &Path, records: usize, vocabulary: u64, numbers: bool) {
