@@ -220,26 +220,9 @@ pub fn decode_payload(
             "{what} is corrupt: a kv frame where a page belongs"
         ));
     }
-    let capacity = encoding.max_decoded_len(dst.len());
-    if scratch.len() < capacity {
-        scratch.resize(capacity, 0);
-    }
-    let out = &mut scratch[..capacity];
-    let n = match encoding {
-        Encoding::PrefixDelta => dctx.decompress_using_dict(&mut *out, payload, dst),
-        Encoding::Full
-        | Encoding::XorDelta
-        | Encoding::SubDelta
-        | Encoding::SparseDelta
-        | Encoding::KvChunk => dctx.decompress(&mut *out, payload),
-    }
-    .map_err(|code| {
-        crate::error::corrupt!(
-            "{what} is corrupt: a frame does not decompress ({})",
-            zstd_error(code)
-        )
-    })?;
-    let out = &out[..n];
+    let prefix = (encoding == Encoding::PrefixDelta).then_some(&*dst);
+    let out = decompress(encoding, payload, prefix, dst.len(), scratch, dctx, what)?;
+    let n = out.len();
     if encoding != Encoding::SparseDelta && n != dst.len() {
         return Err(crate::error::corrupt!(
             "{what} is corrupt: a frame holds {n} bytes, expected {}",
@@ -253,6 +236,108 @@ pub fn decode_payload(
         Encoding::Full | Encoding::PrefixDelta | Encoding::KvChunk => dst.copy_from_slice(out),
     }
     Ok(())
+}
+
+/// Decompress a payload of `encoding` for a page of `page_len` bytes into `scratch`
+/// (grown as needed), at most what such a payload can hold; `prefix`: a prefix delta's
+/// previous version.
+fn decompress<'s>(
+    encoding: Encoding,
+    payload: &[u8],
+    prefix: Option<&[u8]>,
+    page_len: usize,
+    scratch: &'s mut Vec<u8>,
+    dctx: &mut zstd::zstd_safe::DCtx<'_>,
+    what: &str,
+) -> Result<&'s [u8]> {
+    let capacity = encoding.max_decoded_len(page_len);
+    if scratch.len() < capacity {
+        scratch.resize(capacity, 0);
+    }
+    let out = &mut scratch[..capacity];
+    let n = match prefix {
+        Some(prefix) => dctx.decompress_using_dict(&mut *out, payload, prefix),
+        None => dctx.decompress(&mut *out, payload),
+    }
+    .map_err(|code| {
+        crate::error::corrupt!(
+            "{what} is corrupt: a frame does not decompress ({})",
+            zstd_error(code)
+        )
+    })?;
+    Ok(&scratch[..n])
+}
+
+/// Undo a delta payload of `encoding`: turn `dst` (the version it produced) back into
+/// the version it was applied to, calling `touched(word, before, after)` for each 32-bit
+/// word that changes. XOR, subtraction and sparse deltas say by how much each word moved,
+/// so they run backwards; `Ok(false)` for the others (a prefix delta's bytes do not say
+/// what they replaced; a whole page has nothing under it), leaving `dst` as it was.
+/// `dst`'s length must be whole words; a payload that does not fit it is `Corrupt`, and
+/// `dst` is then partly undone.
+pub fn undo_payload(
+    encoding: Encoding,
+    payload: &[u8],
+    dst: &mut [u8],
+    scratch: &mut Vec<u8>,
+    dctx: &mut zstd::zstd_safe::DCtx<'_>,
+    what: &str,
+    mut touched: impl FnMut(usize, u32, u32),
+) -> Result<bool> {
+    // What a word was, from what it is and the payload's word there.
+    let undo_words: fn(u32, u32) -> u32 = match encoding {
+        Encoding::XorDelta => |word, x| word ^ x,
+        Encoding::SubDelta | Encoding::SparseDelta => u32::wrapping_sub,
+        Encoding::Full | Encoding::PrefixDelta | Encoding::KvChunk => return Ok(false),
+    };
+    if !dst.len().is_multiple_of(4) {
+        return Err(crate::error::corrupt!(
+            "{what} cannot be undone on a page of {} bytes",
+            dst.len()
+        ));
+    }
+    let out = decompress(encoding, payload, None, dst.len(), scratch, dctx, what)?;
+    let n = out.len();
+    if encoding == Encoding::SparseDelta {
+        sparse::undo(dst, out, what, touched)?;
+        return Ok(true);
+    }
+    if n != dst.len() {
+        return Err(crate::error::corrupt!(
+            "{what} is corrupt: a frame holds {n} bytes, expected {}",
+            dst.len()
+        ));
+    }
+    // Dense: most words did not change; skip those 8 bytes at a time.
+    let word = |bytes: &[u8]| u32::from_le_bytes(bytes.try_into().expect("4 bytes"));
+    for (i, (d, o)) in dst.chunks_exact_mut(8).zip(out.chunks_exact(8)).enumerate() {
+        if o == [0; 8] {
+            continue;
+        }
+        for half in 0..2 {
+            let (d, o) = (
+                &mut d[4 * half..4 * half + 4],
+                word(&o[4 * half..4 * half + 4]),
+            );
+            if o != 0 {
+                let before = word(d);
+                let after = undo_words(before, o);
+                d.copy_from_slice(&after.to_le_bytes());
+                touched(2 * i + half, before, after);
+            }
+        }
+    }
+    if dst.len() % 8 == 4 {
+        let at = dst.len() - 4;
+        let o = word(&out[at..]);
+        if o != 0 {
+            let before = word(&dst[at..]);
+            let after = undo_words(before, o);
+            dst[at..].copy_from_slice(&after.to_le_bytes());
+            touched(at / 4, before, after);
+        }
+    }
+    Ok(true)
 }
 
 /// zstd contexts and scratch space of one encoding thread. Coders are reused across
@@ -362,6 +447,26 @@ impl Coder<'_> {
         Ok(Some((best, self.best.to_vec())))
     }
 
+    /// [`undo_payload`] with this coder's context and scratch space.
+    pub fn undo(
+        &mut self,
+        encoding: Encoding,
+        payload: &[u8],
+        dst: &mut [u8],
+        what: &str,
+        touched: impl FnMut(usize, u32, u32),
+    ) -> Result<bool> {
+        undo_payload(
+            encoding,
+            payload,
+            dst,
+            &mut self.decode_scratch,
+            &mut self.dctx,
+            what,
+            touched,
+        )
+    }
+
     /// [`decode_payload`] with this coder's context and scratch space.
     pub fn decode(
         &mut self,
@@ -430,6 +535,46 @@ pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::state::PAGE_SIZE;
+
+    #[test]
+    fn dense_and_sparse_deltas_are_undone_word_by_word_and_prefix_deltas_are_not() {
+        // 1 028 bytes: a last word past the 8-byte steps.
+        let old: Vec<u8> = (0..1028u32).map(|i| (i * 31 % 251) as u8).collect();
+        let mut new = old.clone();
+        for at in [0, 4, 520, 1024] {
+            new[at + 1] = new[at + 1].wrapping_add(1 + at as u8);
+        }
+        let mut coder = Coder::new().unwrap();
+        for encoding in [
+            Encoding::XorDelta,
+            Encoding::SubDelta,
+            Encoding::SparseDelta,
+        ] {
+            let (_, payload) = coder.encode(encoding, &new, &old).unwrap();
+            let mut back = new.clone();
+            let mut touched = Vec::new();
+            let undone = coder.undo(encoding, &payload, &mut back, "t", |word, _, _| {
+                touched.push(word);
+            });
+            assert!(undone.unwrap(), "{encoding:?}");
+            assert_eq!(back, old, "{encoding:?}");
+            assert_eq!(touched, [0, 1, 130, 256], "{encoding:?}");
+        }
+        let quietly = |coder: &mut Coder<'_>, encoding, payload: &[u8], dst: &mut [u8]| {
+            coder.undo(encoding, payload, dst, "t", |_, _, _| ())
+        };
+        let (_, payload) = coder.encode(Encoding::PrefixDelta, &new, &old).unwrap();
+        let mut back = new.clone();
+        let undone = quietly(&mut coder, Encoding::PrefixDelta, &payload, &mut back);
+        assert!(!undone.unwrap());
+        assert_eq!(back, new, "left as it was");
+        // A page of part words, and a payload for another page, are refused.
+        let (_, payload) = coder.encode(Encoding::XorDelta, &new, &old).unwrap();
+        for len in [1027, 1024] {
+            let undone = quietly(&mut coder, Encoding::XorDelta, &payload, &mut back[..len]);
+            assert!(undone.is_err(), "{len} bytes");
+        }
+    }
 
     /// `new` as a delta over `old` in `encoding`: checks it rebuilds `new` exactly, and
     /// returns the payload's size.

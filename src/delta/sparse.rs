@@ -114,8 +114,56 @@ pub fn encode(page: &[u8], base: &[u8], out: &mut Vec<u8>) {
 /// Apply a stream to `dst` (the previous version, turned into the new one). Any stream
 /// that does not describe exactly `dst`'s words and tail is refused; `what` names it.
 pub fn apply(dst: &mut [u8], stream: &[u8], what: &str) -> Result<()> {
-    let corrupt_because = |why: &str| corrupt!("{what} is corrupt: {why}");
+    let tail = for_each_difference(dst.len(), stream, what, |index, d| {
+        let bytes = &mut dst[index * 4..index * 4 + 4];
+        bytes.copy_from_slice(&word(bytes).wrapping_add(d).to_le_bytes());
+    })?;
     let words = dst.len() / 4;
+    for (d, t) in dst[words * 4..].iter_mut().zip(tail) {
+        *d = d.wrapping_add(*t);
+    }
+    Ok(())
+}
+
+/// Undo a stream: turn `dst` (the version it produced) back into the one it was applied
+/// to, calling `touched(word, before, after)` for each 32-bit word it changes (the
+/// differences are wrapping, so a stream runs backwards as well as forwards). Refused
+/// as [`apply`] refuses, and for a page with a tail of under 4 bytes, which this does
+/// not undo (a page is whole 32-bit words).
+pub fn undo(
+    dst: &mut [u8],
+    stream: &[u8],
+    what: &str,
+    mut touched: impl FnMut(usize, u32, u32),
+) -> Result<()> {
+    if !dst.len().is_multiple_of(4) {
+        return Err(corrupt!(
+            "{what} cannot be undone on a page of {} bytes",
+            dst.len()
+        ));
+    }
+    for_each_difference(dst.len(), stream, what, |index, d| {
+        let bytes = &mut dst[index * 4..index * 4 + 4];
+        let before = word(bytes);
+        let after = before.wrapping_sub(d);
+        bytes.copy_from_slice(&after.to_le_bytes());
+        touched(index, before, after);
+    })?;
+    Ok(())
+}
+
+/// Read a stream for a page of `len` bytes, calling `f(word, difference)` for each
+/// changed word, in order; returns the tail's differences. A stream that does not
+/// describe exactly such a page (count, gaps, differences, tail) is an error naming
+/// `what`, and then `f` may have seen some of its words.
+fn for_each_difference<'s>(
+    len: usize,
+    stream: &'s [u8],
+    what: &str,
+    mut f: impl FnMut(usize, u32),
+) -> Result<&'s [u8]> {
+    let corrupt_because = |why: &str| corrupt!("{what} is corrupt: {why}");
+    let words = len / 4;
     let mut gaps = Varints { bytes: stream };
     let count = gaps.next().ok_or_else(|| corrupt_because("no count"))? as usize;
     if count > words {
@@ -153,23 +201,17 @@ pub fn apply(dst: &mut [u8], stream: &[u8], what: &str) -> Result<()> {
                 "{what} is corrupt: a changed word past the end of the page"
             ));
         }
-        let bytes = &mut dst[index * 4..index * 4 + 4];
-        let d = (zigzag >> 1) ^ (zigzag & 1).wrapping_neg();
-        bytes.copy_from_slice(&word(bytes).wrapping_add(d).to_le_bytes());
+        f(index, (zigzag >> 1) ^ (zigzag & 1).wrapping_neg());
         index += 1;
     }
-    let tail = &mut dst[words * 4..];
-    if diffs.bytes.len() != tail.len() {
+    let tail_len = len - words * 4;
+    if diffs.bytes.len() != tail_len {
         return Err(corrupt!(
-            "{what} is corrupt: {} bytes after the differences, expected {}",
+            "{what} is corrupt: {} bytes after the differences, expected {tail_len}",
             diffs.bytes.len(),
-            tail.len()
         ));
     }
-    for (d, t) in tail.iter_mut().zip(diffs.bytes) {
-        *d = d.wrapping_add(*t);
-    }
-    Ok(())
+    Ok(diffs.bytes)
 }
 
 /// Unsigned LEB128 varints of at most 32 bits, read from the front of a slice: a lean
@@ -267,6 +309,7 @@ mod tests {
         ) {
             let mut dst = vec![0u8; len];
             let _ = apply(&mut dst, &stream, "s");
+            let _ = undo(&mut dst, &stream, "s", |_, _, _| ());
         }
 
         #[test]
@@ -281,6 +324,22 @@ mod tests {
                 }
             }
             round_trip(&old, &new);
+            // Undone, the stream turns `new` back into `old`, naming each word it changes.
+            if old.len() % 4 == 0 {
+                let mut stream = Vec::new();
+                encode(&new, &old, &mut stream);
+                let mut back = new.clone();
+                let mut touched = Vec::new();
+                undo(&mut back, &stream, "s", |word, before, after| touched.push((word, before, after))).unwrap();
+                proptest::prop_assert_eq!(&back, &old);
+                let words = |b: &[u8]| b.chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().unwrap())).collect::<Vec<_>>();
+                let (old_words, new_words) = (words(&old), words(&new));
+                let expected: Vec<_> = (0..old_words.len())
+                    .filter(|&i| old_words[i] != new_words[i])
+                    .map(|i| (i, new_words[i], old_words[i]))
+                    .collect();
+                proptest::prop_assert_eq!(touched, expected);
+            }
             // The branch-free count against a word-by-word one.
             let tail = old.len() / 4 * 4;
             let naive = new.chunks_exact(4).zip(old.chunks_exact(4)).filter(|(a, b)| a != b).count()

@@ -137,7 +137,8 @@ fn encode_page(
             }
         }
         _ if chain.len() > max_deltas => {
-            rebase::best_rebase(&page.bytes, chain, max_deltas, packs, coder)?
+            let top = page.base.as_deref();
+            rebase::best_rebase(&page.bytes, top, chain, max_deltas, packs, coder)?
         }
         _ => (0, coder.whole(&page.bytes)?),
     };
