@@ -294,6 +294,62 @@ fn a_slow_store_is_overlapped_up_to_the_bound_and_then_holds_the_guest_back() {
     }
 }
 
+/// With coalescing, a capture waits for the committer only once the captures in flight
+/// hold the byte budget (at least one copy of the guest's memory), or 64 of them are in
+/// flight. A first pack put held up by the store leaves the guest free to capture after
+/// it; with a budget of 1 byte (that is: one copy of the memory) the copies stop it after
+/// a few captures, with the default budget only the count does.
+#[test]
+fn coalesced_captures_wait_only_once_their_copies_reach_the_byte_budget() {
+    let guest = guest("wordcount");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    write_input(&input, 1000, 500, false);
+    let reference = reference_output(&guest, &input);
+    for budget in [1, TaskConfig::default().max_uncommitted_bytes] {
+        let case_dir = dir.path().join(format!("budget-{budget}"));
+        let store_url = case_dir.join("store").display().to_string();
+        let output = case_dir.join("out");
+        let config = RunConfig {
+            task: TaskConfig {
+                coalesce: true,
+                max_uncommitted_bytes: budget,
+                ..TaskConfig::by_count(1)
+            },
+            ..RunConfig::new(&guest, &input, &output)
+        };
+        // The first pack put takes 300 ms: a capture a record comes far faster.
+        let delayed = Arc::new(FaultyStore::new(
+            open_object_store(&store_url).unwrap(),
+            Point::PackPut,
+            Fault::Delay,
+            1,
+        ));
+        let store = CheckpointStore::from_object_store(delayed.clone(), "delayed").unwrap();
+        let mut task = config.open(store).unwrap();
+        let mut observer = InFlight::default();
+        let summary = task.run(&mut observer).unwrap();
+        assert_eq!(delayed.injected(), 1, "the first pack put was not delayed");
+        assert_eq!(observer.now, 0, "a checkpoint was left unsettled");
+        assert_eq!(summary.checkpoints, 1000, "a capture a record");
+        if budget == 1 {
+            assert!(
+                (2..64).contains(&observer.max),
+                "budget {budget}: the capture after the first went ahead, and the copies \
+                 stopped the guest before the count did: {} in flight at most",
+                observer.max
+            );
+        } else {
+            assert_eq!(observer.max, 64, "the default budget: the count limit held");
+        }
+        assert_same_output(
+            &std::fs::read(&output).unwrap(),
+            &reference,
+            &format!("budget {budget}"),
+        );
+    }
+}
+
 /// `wasnap run --checkpoint-every N` alone: captures the store cannot keep up with merge
 /// into one commit (fewer manifests than generations, the output exact), unless
 /// `--no-coalesce`, which commits every one of them. A checkpoint after every record is
