@@ -26,7 +26,8 @@ use crate::store::CheckpointStore;
 use crate::task::{CheckpointObserver, CheckpointStats, Mode, RunConfig, RunSummary, TaskConfig};
 use baseline::WasmanBaseline;
 
-/// When the first checkpoint starts: in a pass with checkpoints off, the end of the input.
+/// When the first checkpoint starts: in a pass with checkpoints off, the end of the input
+/// (of a stdio program, its exit).
 struct EndOfInput(Option<std::time::Instant>);
 
 impl CheckpointObserver for EndOfInput {
