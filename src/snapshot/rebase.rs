@@ -158,27 +158,29 @@ fn walk_down(
     if top.len() != page.len() || !page.len().is_multiple_of(4) {
         return None;
     }
-    // Every frame, before any work, the whole page too (its CRC; it is not decompressed):
-    // where the walk up would stop at a frame it cannot read, so does this one, and a
-    // chain with a prefix delta is walked up instead.
     let frames = chain
         .iter()
-        .enumerate()
-        .map(|(layer, loc)| {
-            let frame = packs.get(&loc.pack)?.frame(loc.frame)?;
-            pack::layer_payload(frame, layer, WHAT).ok()
-        })
+        .map(|loc| packs.get(&loc.pack)?.frame(loc.frame))
         .collect::<Option<Vec<_>>>()?;
-    let deltas = &frames[1..];
-    let undoable = |encoding| {
+    // A chain with a prefix delta is walked up instead: told by the encoding bytes alone,
+    // before the CRCs below (the AssemblyScript guests' chains are mostly such).
+    let undoable = |frame| {
         matches!(
-            encoding,
-            Encoding::XorDelta | Encoding::SubDelta | Encoding::SparseDelta
+            pack::frame_encoding_hint(frame),
+            Some(Encoding::XorDelta | Encoding::SubDelta | Encoding::SparseDelta)
         )
     };
-    if !deltas.iter().all(|&(encoding, _)| undoable(encoding)) {
+    if !frames[1..].iter().all(|frame| undoable(frame)) {
         return None;
     }
+    // Every frame checked before any work, the whole page too (it is not decompressed):
+    // where the walk up would stop at a frame it cannot read, so does this one.
+    let checked = frames
+        .iter()
+        .enumerate()
+        .map(|(layer, frame)| pack::layer_payload(frame, layer, WHAT).ok())
+        .collect::<Option<Vec<_>>>()?;
+    let deltas = &checked[1..];
     let page_word =
         |word: usize| u32::from_le_bytes(page[4 * word..4 * word + 4].try_into().expect("4 bytes"));
     let mut version = top.to_vec();

@@ -153,6 +153,12 @@ fn frame_crc(encoding: u8, payload: &[u8]) -> u32 {
     crc.finalize()
 }
 
+/// A frame's encoding byte, unchecked: a hint to skip a frame before checking it (a
+/// frame is used only after [`frame_payload`] has checked it).
+pub fn frame_encoding_hint(frame: &[u8]) -> Option<Encoding> {
+    Encoding::from_byte(*frame.get(8)?)
+}
+
 /// The encoding and payload of a whole frame, after checking its length and CRC.
 pub fn frame_payload<'a>(frame: &'a [u8], what: &str) -> Result<(Encoding, &'a [u8])> {
     let Some((header, payload)) = frame.split_at_checked(FRAME_HEADER_LEN) else {
