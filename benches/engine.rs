@@ -6,6 +6,8 @@
 //!   the whole page: what trying one more candidate costs the committer; and
 //!   `best_delta`, the committer's choice among them; and what precedes them: counting
 //!   the changed words, and the survey of a rewritten page (`delta::survey`);
+//! - `rebase`: a full chain of sparse deltas (a page of counters) rebased, its versions
+//!   walked down from the cached top vs. rebuilt up from the store's whole page;
 //! - `checkpoint`: 16 MiB / 256 MiB / 1 GiB guests at 0.1 %, 1 % and 10 % dirty pages,
 //!   to a local-disk store with fsync: `commit` is the whole protocol (capture, encode,
 //!   pack put, fsync, commit), `stall` only the part the guest waits for (capture);
@@ -208,6 +210,84 @@ fn page_delta(c: &mut Criterion) {
                 })
             });
         }
+    }
+    group.finish();
+}
+
+/// A full chain of a page of counters (a whole page, then `max_deltas` sparse deltas, 250
+/// counters bumped each), the version it rebuilds, and the next version: a rebase's input.
+fn full_chain(
+    max_deltas: usize,
+) -> (
+    Vec<u8>,
+    Vec<u8>,
+    Vec<snapshot::table::FrameLoc>,
+    snapshot::rebase::ChainPacks,
+) {
+    use std::sync::Arc;
+    use wasnap::store::{manifest::PackRef, pack::PackBuilder, recent::LoadedPack};
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut counters: Vec<u32> = (0..16_384).map(|_| (next(&mut x) % 50) as u32).collect();
+    let bytes = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|w| w.to_le_bytes()).collect() };
+    let mut versions = vec![bytes(&counters)];
+    for _ in 0..=max_deltas {
+        for _ in 0..250 {
+            counters[(next(&mut x) % 16_384) as usize] += 1;
+        }
+        versions.push(bytes(&counters));
+    }
+    let mut coder = wasnap::delta::Coder::new().unwrap();
+    let mut builder = PackBuilder::new(1, &[7; 16], 0);
+    let (encoding, payload) = coder.whole(&versions[0]).unwrap();
+    builder.push_payload(encoding, &payload).unwrap();
+    for pair in versions[..=max_deltas].windows(2) {
+        let (encoding, payload) = coder
+            .best_delta(&pair[1], &pair[0], false)
+            .unwrap()
+            .unwrap();
+        builder.push_payload(encoding, &payload).unwrap();
+    }
+    let frames = max_deltas as u32 + 1;
+    let pack = bytes::Bytes::from(builder.finish());
+    let pack_ref = PackRef {
+        generation: 1,
+        writer_id: [7; 16],
+        frames,
+        bytes: pack.len() as u64,
+    };
+    let loaded = Arc::new(LoadedPack::parse(&pack_ref, pack).unwrap());
+    let shared = Arc::new(pack_ref.clone());
+    let chain = (0..frames)
+        .map(|frame| snapshot::table::FrameLoc {
+            pack: shared.clone(),
+            frame,
+            len: 0,
+        })
+        .collect();
+    let packs = snapshot::rebase::ChainPacks::from([(pack_ref, loaded)]);
+    let newest = versions.pop().unwrap();
+    let top = versions.pop().unwrap();
+    (newest, top, chain, packs)
+}
+
+/// A full chain's rebase, its versions walked down from the cached top or up from the
+/// store's whole page (`snapshot::rebase`): the same choice, at different costs.
+fn rebase(c: &mut Criterion) {
+    let max_deltas = snapshot::table::DEFAULT_MAX_DELTAS;
+    let (newest, top, chain, packs) = full_chain(max_deltas);
+    let mut coder = wasnap::delta::Coder::new().unwrap();
+    let mut group = c.benchmark_group("rebase");
+    group.throughput(Throughput::Bytes(PAGE_SIZE as u64));
+    for (walk, top) in [
+        ("down_from_the_top", Some(&top[..])),
+        ("up_from_the_store", None),
+    ] {
+        group.bench_function(BenchmarkId::new("best_rebase", walk), |b| {
+            b.iter(|| {
+                snapshot::rebase::best_rebase(&newest, top, &chain, max_deltas, &packs, &mut coder)
+                    .unwrap()
+            })
+        });
     }
     group.finish();
 }
@@ -417,6 +497,7 @@ criterion_group!(
     benches,
     page_hashing,
     page_delta,
+    rebase,
     record_call,
     warm_resume,
     checkpoint,
