@@ -26,8 +26,7 @@ use crate::store::CheckpointStore;
 use crate::task::{CheckpointObserver, CheckpointStats, Mode, RunConfig, RunSummary, TaskConfig};
 use baseline::WasmanBaseline;
 
-/// When the first checkpoint starts: in a pass with checkpoints off, the end of the input
-/// (of a stdio program, its exit).
+/// When the first checkpoint starts: in a pass with checkpoints off, the end of the input.
 struct EndOfInput(Option<std::time::Instant>);
 
 impl CheckpointObserver for EndOfInput {
