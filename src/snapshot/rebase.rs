@@ -28,7 +28,7 @@
 //!   so they run backwards, and the count of changed words follows the words each one
 //!   touches. Neither the whole page at the bottom is decompressed nor a whole page
 //!   counted per layer: the encode step of the guests whose chains are sparse deltas
-//!   (the word counts' hash tables, a histogram) takes 1.14–1.22x less CPU;
+//!   (the word counts' hash tables, a histogram) takes 1.14–1.21x less CPU;
 //! - *up*, from the whole page, each delta applied and each version counted, where the
 //!   walk down cannot go: no vouched previous version, or a prefix delta in the chain
 //!   (which does not say what its bytes replaced), or a frame that does not undo.
