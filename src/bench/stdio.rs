@@ -14,7 +14,7 @@ use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 
 use crate::guest::asyncify;
 use crate::store::CheckpointStore;
-use crate::task::{CheckpointObserver, Mode, RunConfig};
+use crate::task::{Mode, RunConfig};
 
 pub struct StdioBenchReport {
     pub original_bytes: usize,
@@ -61,16 +61,6 @@ fn run_plain(program: &[u8], input: Vec<u8>) -> Result<(Vec<u8>, Duration)> {
     Ok((stdout.contents().to_vec(), elapsed))
 }
 
-/// When the last checkpoint started: in a run with no checkpoint by input, the program's
-/// exit. (Output waiting past 8 MiB also takes one, mid-run: `guest::stdio`.)
-struct LastStarted(Option<Instant>);
-
-impl CheckpointObserver for LastStarted {
-    fn started(&mut self, _generation: u64) {
-        self.0 = Some(Instant::now());
-    }
-}
-
 /// Run it under wasnap with a checkpoint every `every_bytes`; returns output, time, checkpoints.
 /// With `u64::MAX` (no checkpoint by input), the time is the program's, to the start of
 /// its checkpoint at the exit, as `wasnap bench` times its pass with checkpoints off;
@@ -83,7 +73,7 @@ fn run_wasnap(program: &Path, input: &Path, every_bytes: u64) -> Result<(Vec<u8>
     let store = CheckpointStore::open(&scratch.path().join("store").display().to_string())
         .map_err(crate::Error::into_anyhow)?;
     let mut task = config.open(store).map_err(crate::Error::into_anyhow)?;
-    let mut exited = LastStarted(None);
+    let mut exited = super::LastCheckpointStarted(None);
     let running = Instant::now();
     let summary = task.run(&mut exited).map_err(crate::Error::into_anyhow)?;
     drop(task);

@@ -155,7 +155,7 @@ fn walk_down(
     coder: &mut Coder<'_>,
     base: &mut Vec<u8>,
 ) -> Option<Option<Candidate>> {
-    if top.len() != page.len() || !page.len().is_multiple_of(4) {
+    if top.len() != page.len() {
         return None;
     }
     let frames = chain
