@@ -246,6 +246,23 @@ impl CheckpointObserver for InFlight {
     }
 }
 
+/// Run `config` on the local store at `store_url`, `fault` striking its `nth` pack put
+/// (`Fault::Slow`: every one from the `nth` on), counting the checkpoints in flight.
+fn run_behind_pack_put(
+    config: &RunConfig,
+    store_url: &str,
+    fault: Fault,
+    nth: usize,
+) -> (wasnap::RunSummary, InFlight, Arc<FaultyStore>) {
+    let objects = open_object_store(store_url).unwrap();
+    let faulty = Arc::new(FaultyStore::new(objects, Point::PackPut, fault, nth));
+    let store = CheckpointStore::from_object_store(faulty.clone(), "faulty").unwrap();
+    let mut task = config.open(store).unwrap();
+    let mut observer = InFlight::default();
+    let summary = task.run(&mut observer).unwrap();
+    (summary, observer, faulty)
+}
+
 #[test]
 fn a_slow_store_is_overlapped_up_to_the_bound_and_then_holds_the_guest_back() {
     let guest = guest("wordcount");
@@ -265,16 +282,7 @@ fn a_slow_store_is_overlapped_up_to_the_bound_and_then_holds_the_guest_back() {
             ..RunConfig::new(&guest, &input, &output)
         };
         // Every pack put after the first takes 300 ms: far slower than 200 records.
-        let slow = Arc::new(FaultyStore::new(
-            open_object_store(&store_url).unwrap(),
-            Point::PackPut,
-            Fault::Slow,
-            2,
-        ));
-        let store = CheckpointStore::from_object_store(slow.clone(), "slow").unwrap();
-        let mut task = config.open(store).unwrap();
-        let mut observer = InFlight::default();
-        let summary = task.run(&mut observer).unwrap();
+        let (summary, observer, slow) = run_behind_pack_put(&config, &store_url, Fault::Slow, 2);
         assert!(slow.injected() > 5, "the store was not slow");
         assert_eq!(observer.now, 0, "a checkpoint was left unsettled");
         assert_eq!(observer.finished as u64, summary.checkpoints);
@@ -319,16 +327,8 @@ fn coalesced_captures_wait_only_once_their_copies_reach_the_byte_budget() {
             ..RunConfig::new(&guest, &input, &output)
         };
         // The first pack put takes 300 ms: a capture a record comes far faster.
-        let delayed = Arc::new(FaultyStore::new(
-            open_object_store(&store_url).unwrap(),
-            Point::PackPut,
-            Fault::Delay,
-            1,
-        ));
-        let store = CheckpointStore::from_object_store(delayed.clone(), "delayed").unwrap();
-        let mut task = config.open(store).unwrap();
-        let mut observer = InFlight::default();
-        let summary = task.run(&mut observer).unwrap();
+        let (summary, observer, delayed) =
+            run_behind_pack_put(&config, &store_url, Fault::Delay, 1);
         assert_eq!(delayed.injected(), 1, "the first pack put was not delayed");
         assert_eq!(observer.now, 0, "a checkpoint was left unsettled");
         assert_eq!(summary.checkpoints, 1000, "a capture a record");
