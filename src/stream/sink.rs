@@ -7,15 +7,17 @@
 //! (and before the next one): what an outside reader sees changes only there. A restore
 //! hands the marker back to [`Sink::resume_at`].
 //!
-//! Bytes are written at positions the sink tracks itself (not `O_APPEND`), so a restore can
-//! cut the file back to a checkpoint's flush marker and continue from there. The marker is
-//! the length made durable with fsync at a checkpoint, before the manifest that names it
-//! is committed; bytes past the newest committed marker belong to no checkpoint and are
-//! cut on the next restore.
+//! A file output's bytes are written by the committer, each checkpoint's where the one
+//! before ended (not `O_APPEND`), so a restore can cut the file back to a checkpoint's
+//! flush marker and continue from there. The marker is the length made durable with fsync
+//! at a checkpoint, before the manifest that names it is committed; bytes past the newest
+//! committed marker belong to no checkpoint and are cut on the next restore.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 
@@ -108,42 +110,126 @@ fn parse_file_marker(marker: &[u8], path: &Path) -> Result<u64> {
     Ok(len)
 }
 
-/// Buffered output is written to the file (not yet fsynced) past this size.
+/// Buffered output is written on the guest's thread, between checkpoints, past this size
+/// (when nothing handed to checkpoints waits to be written): a run with rare checkpoints,
+/// or none, holds little output in memory.
 const WRITE_THRESHOLD: usize = 1 << 20;
 
-/// Makes an output durable from another thread (the checkpoint committer): fsync covers
-/// every byte written so far, and so every flush marker handed out before it.
-pub struct Durability {
-    file: std::result::Result<File, String>,
-    path: PathBuf,
+/// What a file sink and its checkpoints' commits share.
+#[derive(Default)]
+struct Written {
+    /// The file's length as written so far (by the sink or by a commit).
+    len: u64,
+    /// Of it, what an fsync has made durable.
+    durable: u64,
+    /// Checkpoints' bytes not yet written, in order, each with where it goes.
+    queue: VecDeque<(u64, Vec<u8>)>,
 }
 
-impl OutputCommit for Durability {
+/// A file sink's shared state. A panic elsewhere while it was held leaves plain numbers
+/// and whole chunks: use it anyway.
+fn lock(written: &Mutex<Written>) -> std::sync::MutexGuard<'_, Written> {
+    written
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One checkpoint's output to a file, written by the committer off the guest's pause.
+/// Its bytes wait in the sink's queue; the first commit to run writes everything queued,
+/// in order, each chunk where the one before it ended, and fsyncs once: the commits of
+/// captures merged into one (`task::coalesce`) then cost one fsync, not one each.
+struct FileWrite {
+    file: Arc<File>,
+    path: Arc<Path>,
+    written: Arc<Mutex<Written>>,
+    /// This checkpoint's marker: the file's length once its bytes are written.
+    marker: u64,
+    /// Its own bytes (for the budget of memory held by checkpoints in flight).
+    bytes: u64,
+}
+
+impl OutputCommit for FileWrite {
+    /// Every byte up to the marker written and fsynced: it survives a crash before the
+    /// manifest that names it is put.
     fn make_durable(&mut self) -> crate::Result<()> {
-        Ok(self.sync()?)
-    }
-}
-
-impl Durability {
-    pub fn sync(&self) -> Result<()> {
         let path = self.path.display();
-        let file = self
-            .file
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("cannot reopen output {path}: {e}"))?;
-        file.sync_data()
-            .with_context(|| format!("cannot fsync output {path}"))
+        let (at, chunks) = {
+            let mut written = lock(&self.written);
+            check_untouched(&self.file, &self.path, written.len)?;
+            if written.durable >= self.marker {
+                return Ok(()); // an earlier commit wrote and fsynced this far
+            }
+            (written.len, std::mem::take(&mut written.queue))
+        };
+        // Written without the lock, which the guest's thread takes at every checkpoint.
+        // It writes only while its bytes are all written (`FileSink::maybe_write`), so it
+        // keeps off the file meanwhile.
+        let mut end = at;
+        for (chunk_at, bytes) in chunks {
+            if chunk_at != end {
+                return Err(anyhow::anyhow!(
+                    "output {path}: bytes for offset {chunk_at} would go at {end}"
+                )
+                .into());
+            }
+            self.file
+                .write_all_at(&bytes, end)
+                .with_context(|| format!("cannot write output {path}"))?;
+            end += bytes.len() as u64;
+        }
+        lock(&self.written).len = end;
+        self.file
+            .sync_data()
+            .with_context(|| format!("cannot fsync output {path}"))?;
+        let mut written = lock(&self.written);
+        written.durable = written.durable.max(end);
+        if written.durable < self.marker {
+            return Err(anyhow::anyhow!(
+                "output {path}: {end} bytes written, but the checkpoint's marker is {}",
+                self.marker
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    fn held_bytes(&self) -> u64 {
+        self.bytes
     }
 }
 
-/// A local file of output lines: written as the guest emits, fsynced at each checkpoint,
-/// cut back to the checkpoint's length on restore, locked against a second writer.
+/// The file must be exactly as long as what this sink wrote: anything else means another
+/// program truncated or wrote it, and writing on would leave a hole of zeros (or
+/// interleave) that no checkpoint could tell from real output.
+fn check_untouched(file: &File, path: &Path, written: u64) -> Result<()> {
+    let path = path.display();
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot stat output {path}"))?
+        .len();
+    if len != written {
+        return Err(changed!(
+            "output {path} was changed behind wasnap's back: it is {len} bytes, but wasnap wrote {written}"
+        ));
+    }
+    Ok(())
+}
+
+/// A local file of output lines. The guest's thread only buffers what it emits: each
+/// checkpoint queues its bytes for the committer ([`FileWrite`]), which writes and fsyncs
+/// them before the manifest (writing them at the pause was a sixth of the window guest's
+/// pause: the `pwrite` into the kernel's page cache). Between checkpoints a large buffer
+/// is written by the guest's thread, when nothing queued waits to be written. A restore
+/// cuts the file back to the checkpoint's length. The file is locked against a second
+/// writer.
 pub struct FileSink {
-    file: File,
-    path: PathBuf,
-    /// Bytes written to the file so far.
-    written: u64,
-    /// Bytes emitted and not yet written.
+    file: Arc<File>,
+    path: Arc<Path>,
+    written: Arc<Mutex<Written>>,
+    /// Output bytes handed on so far (written, or queued for checkpoints): where the next
+    /// bytes go.
+    end: u64,
+    /// Bytes emitted and not yet handed on.
     buffer: Vec<u8>,
 }
 
@@ -174,9 +260,10 @@ impl FileSink {
         }
         sync_parent_dir(path)?;
         Ok(Self {
-            file,
-            path: path.to_path_buf(),
-            written: 0,
+            file: Arc::new(file),
+            path: path.into(),
+            written: Arc::default(),
+            end: 0,
             buffer: Vec::with_capacity(WRITE_THRESHOLD),
         })
     }
@@ -203,76 +290,14 @@ impl FileSink {
         self.file
             .sync_all()
             .with_context(|| format!("cannot fsync output {path}"))?;
-        self.written = marker;
+        *lock(&self.written) = Written {
+            len: marker,
+            durable: marker,
+            queue: VecDeque::new(),
+        };
+        self.end = marker;
         self.buffer.clear();
         Ok(())
-    }
-
-    /// The file must be exactly as long as what this sink wrote: anything else means
-    /// another program truncated or wrote it, and writing on would leave a hole of zeros
-    /// (or interleave) that no checkpoint could tell from real output.
-    fn check_untouched(&self) -> Result<()> {
-        let path = self.path.display();
-        let len = self
-            .file
-            .metadata()
-            .with_context(|| format!("cannot stat output {path}"))?
-            .len();
-        if len != self.written {
-            return Err(changed!(
-                "output {path} was changed behind wasnap's back: it is {len} bytes, but wasnap wrote {}",
-                self.written
-            ));
-        }
-        Ok(())
-    }
-
-    fn write_buffer(&mut self) -> Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        self.check_untouched()?;
-        self.file
-            .write_all_at(&self.buffer, self.written)
-            .with_context(|| format!("cannot write output {}", self.path.display()))?;
-        self.written += self.buffer.len() as u64;
-        self.buffer.clear();
-        Ok(())
-    }
-
-    /// Write everything emitted so far and fsync it: returns the new flush marker.
-    pub fn flush_durable(&mut self) -> Result<u64> {
-        let marker = self.flush()?;
-        self.durability().sync()?;
-        Ok(marker)
-    }
-
-    /// Write everything emitted so far, without fsync: returns the length that a later
-    /// `Durability::sync` makes durable, the flush marker of a checkpoint in flight.
-    pub fn flush(&mut self) -> Result<u64> {
-        self.write_buffer()?;
-        self.check_untouched()?;
-        Ok(self.written)
-    }
-
-    /// A handle that fsyncs this output from another thread.
-    pub fn durability(&self) -> Durability {
-        Durability {
-            file: self.file.try_clone().map_err(|e| e.to_string()),
-            path: self.path.clone(),
-        }
-    }
-
-    /// Drop everything after `marker` (after a failed run: only committed output stays).
-    pub fn cut_back(&mut self, marker: u64) -> Result<()> {
-        self.buffer.clear();
-        self.file
-            .set_len(marker)
-            .with_context(|| format!("cannot cut output {} back", self.path.display()))?;
-        self.written = marker;
-        self.file
-            .sync_all()
-            .with_context(|| format!("cannot fsync output {}", self.path.display()))
     }
 }
 
@@ -290,11 +315,25 @@ impl Sink for FileSink {
     }
 
     fn maybe_write(&mut self) -> crate::Result<()> {
-        if self.buffer.len() >= WRITE_THRESHOLD {
-            Ok(self.write_buffer()?)
-        } else {
-            Ok(())
+        if self.buffer.len() < WRITE_THRESHOLD {
+            return Ok(());
         }
+        // Never waits for the committer: while it writes, or while checkpoints' bytes
+        // wait for it, the buffer grows (an early checkpoint bounds it).
+        let Ok(mut written) = self.written.try_lock() else {
+            return Ok(());
+        };
+        if written.len != self.end {
+            return Ok(());
+        }
+        check_untouched(&self.file, &self.path, written.len)?;
+        self.file
+            .write_all_at(&self.buffer, self.end)
+            .with_context(|| format!("cannot write output {}", self.path.display()))?;
+        self.end += self.buffer.len() as u64;
+        written.len = self.end;
+        self.buffer.clear();
+        Ok(())
     }
 
     fn checkpoint(
@@ -302,16 +341,30 @@ impl Sink for FileSink {
         _generation: u64,
         _writer_id: &[u8; 16],
     ) -> crate::Result<OutputFlush> {
-        let len = self.flush()?;
+        let bytes = self.buffer.len() as u64;
+        if bytes > 0 {
+            // The next checkpoint's buffer starts at this one's size (up to the
+            // threshold): emitting into it then seldom grows it.
+            let capacity = self.buffer.len().min(WRITE_THRESHOLD);
+            let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(capacity));
+            lock(&self.written).queue.push_back((self.end, chunk));
+            self.end += bytes;
+        }
         Ok(OutputFlush {
-            marker: file_marker(len),
-            bytes: len,
-            commit: Box::new(self.durability()),
+            marker: file_marker(self.end),
+            bytes: self.end,
+            commit: Box::new(FileWrite {
+                file: Arc::clone(&self.file),
+                path: Arc::clone(&self.path),
+                written: Arc::clone(&self.written),
+                marker: self.end,
+                bytes,
+            }),
         })
     }
 
     fn len(&self) -> u64 {
-        self.written + self.buffer.len() as u64
+        self.end + self.buffer.len() as u64
     }
 }
 
@@ -370,23 +423,109 @@ fn sync_parent_dir(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Emit `bytes` and take a checkpoint: its marker and its commit, not yet run.
+    fn checkpoint(sink: &mut FileSink, bytes: &[u8]) -> (u64, Box<dyn OutputCommit>) {
+        sink.buffer().extend_from_slice(bytes);
+        let flush = Sink::checkpoint(sink, 1, &[0; 16]).unwrap();
+        assert_eq!(flush.marker, file_marker(flush.bytes));
+        (flush.bytes, flush.commit)
+    }
+
     #[test]
     fn opening_at_a_marker_cuts_back_uncommitted_output() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out");
         let mut sink = FileSink::open(&path).unwrap();
         sink.resume_at(0).unwrap();
-        sink.buffer().extend_from_slice(b"a\nb\n");
-        assert_eq!(sink.flush_durable().unwrap(), 4);
-        sink.buffer().extend_from_slice(b"uncommitted\n");
-        sink.flush_durable().unwrap();
-        drop(sink);
+        let (marker, mut commit) = checkpoint(&mut sink, b"a\nb\n");
+        assert_eq!(marker, 4);
+        commit.make_durable().unwrap();
+        checkpoint(&mut sink, b"uncommitted\n")
+            .1
+            .make_durable()
+            .unwrap();
+        // The file stays locked while anything of the sink's holds it open.
+        drop((sink, commit));
         let mut sink = FileSink::open(&path).unwrap();
         sink.resume_at(4).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"a\nb\n");
-        sink.buffer().extend_from_slice(b"c\n");
-        sink.flush_durable().unwrap();
+        checkpoint(&mut sink, b"c\n").1.make_durable().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"a\nb\nc\n");
+    }
+
+    #[test]
+    fn the_pause_writes_nothing_and_the_commits_write_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let mut sink = FileSink::open(&path).unwrap();
+        sink.resume_at(0).unwrap();
+        let (first, mut a) = checkpoint(&mut sink, b"one\n");
+        let (second, mut b) = checkpoint(&mut sink, b"two\nthree\n");
+        let (third, mut c) = checkpoint(&mut sink, b"");
+        assert_eq!((first, second, third), (4, 14, 14));
+        assert_eq!(Sink::len(&sink), 14);
+        assert_eq!(std::fs::read(&path).unwrap(), b"", "written at the pause");
+        assert_eq!((a.held_bytes(), b.held_bytes(), c.held_bytes()), (4, 10, 0));
+        // The first commit writes everything queued; the ones after it find it durable.
+        a.make_durable().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\nthree\n");
+        b.make_durable().unwrap();
+        c.make_durable().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\nthree\n");
+
+        // Changed behind the sink's back: the next commit refuses to write on, one with
+        // no bytes of its own too.
+        let (_, mut d) = checkpoint(&mut sink, b"four\n");
+        let (_, mut e) = checkpoint(&mut sink, b"");
+        d.make_durable().unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(3)
+            .unwrap();
+        let (_, mut f) = checkpoint(&mut sink, b"five\n");
+        for commit in [&mut e, &mut f] {
+            let err = commit.make_durable().unwrap_err().into_anyhow();
+            assert!(
+                format!("{err:#}").contains("changed behind wasnap's back"),
+                "{err:#}"
+            );
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
+    }
+
+    #[test]
+    fn a_large_buffer_is_written_between_checkpoints_only_when_none_waits_to_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let mut sink = FileSink::open(&path).unwrap();
+        sink.resume_at(0).unwrap();
+        let big = vec![b'x'; WRITE_THRESHOLD];
+        sink.buffer().extend_from_slice(&big[1..]);
+        sink.maybe_write().unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            0,
+            "under the threshold"
+        );
+        sink.buffer().push(b'\n');
+        sink.maybe_write().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), big.len() as u64);
+        // A checkpoint's bytes wait for the committer: the buffer waits behind them.
+        let (marker, mut commit) = checkpoint(&mut sink, b"a\n");
+        sink.buffer().extend_from_slice(&big);
+        sink.maybe_write().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), big.len() as u64);
+        assert_eq!(Sink::len(&sink), marker + big.len() as u64);
+        commit.make_durable().unwrap();
+        sink.maybe_write().unwrap();
+        let (last, mut commit) = checkpoint(&mut sink, b"b\n");
+        commit.make_durable().unwrap();
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(file.len() as u64, last);
+        let expected = [&big[1..], b"\n", b"a\n", &big[..], b"b\n"].concat();
+        assert!(file == expected, "the file's bytes are out of order");
     }
 
     #[test]
