@@ -275,6 +275,58 @@ fn a_failing_exit_status_is_reported_and_the_output_kept() {
 }
 
 #[test]
+fn a_program_that_writes_more_than_the_drain_size_takes_a_checkpoint_mid_run() {
+    // Writes 200 x 64 KiB of "0123456789abcde\n" to stdout, reading a byte of stdin
+    // before each write: at the first read past 8 MiB of waiting output the run unwinds
+    // the program for a checkpoint, whose 8 MiB the committer writes; the rest goes at the
+    // exit's.
+    let wat = r#"(module
+      (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (func (export "_start")
+        (local $i i32)
+        (loop $fill
+          (i64.store (i32.add (i32.const 65536) (local.get $i)) (i64.const 0x3736353433323130))
+          (i64.store (i32.add (i32.const 65544) (local.get $i)) (i64.const 0x0a65646362613938))
+          (local.set $i (i32.add (local.get $i) (i32.const 16)))
+          (br_if $fill (i32.lt_u (local.get $i) (i32.const 65536))))
+        (i32.store (i32.const 0) (i32.const 65536))
+        (i32.store (i32.const 4) (i32.const 65536))
+        (i32.store (i32.const 16) (i32.const 32))
+        (i32.store (i32.const 20) (i32.const 1))
+        (local.set $i (i32.const 0))
+        (loop $out
+          (drop (call $read (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 24)))
+          (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $out (i32.lt_u (local.get $i) (i32.const 200))))))"#;
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("program.wat");
+    std::fs::write(&program, wat).unwrap();
+    let input = dir.path().join("in");
+    std::fs::write(&input, "unread\n").unwrap();
+    let (output, store) = (dir.path().join("out"), dir.path().join("store"));
+    let store_url = store.display().to_string();
+    let mut args = stdio_args(&program, &input, &output, &store_url, 1 << 20);
+    args.extend(["--retain".into(), "100".into()]);
+    run_ok(&args);
+    let written = std::fs::read(&output).unwrap();
+    let expected = b"0123456789abcde\n".repeat(200 * 4096);
+    assert_eq!(written.len(), expected.len(), "output length");
+    assert!(written == expected, "the output's bytes differ");
+    // One checkpoint when 8 MiB waited, and the one at the program's exit.
+    let generations = open_store(&store_url).generations().unwrap();
+    assert_eq!(generations.len(), 2, "checkpoints: {generations:?}");
+    // Run again: the task is done, and its output stays as it was.
+    run_ok(&args);
+    assert!(
+        std::fs::read(&output).unwrap() == expected,
+        "output changed"
+    );
+}
+
+#[test]
 fn the_transformed_module_is_cached_by_the_originals_hash_and_a_bad_entry_is_redone() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
