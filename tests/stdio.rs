@@ -309,7 +309,8 @@ fn a_program_that_writes_more_than_the_drain_size_takes_a_checkpoint_mid_run() {
     let (output, store) = (dir.path().join("out"), dir.path().join("store"));
     let store_url = store.display().to_string();
     let mut args = stdio_args(&program, &input, &output, &store_url, 1 << 20);
-    args.extend(["--retain".into(), "100".into()]);
+    // Each capture its own commit, so that both are counted.
+    args.extend(["--retain".into(), "100".into(), "--no-coalesce".into()]);
     run_ok(&args);
     let written = std::fs::read(&output).unwrap();
     let expected = b"0123456789abcde\n".repeat(200 * 4096);

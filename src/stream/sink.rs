@@ -7,9 +7,10 @@
 //! (and before the next one): what an outside reader sees changes only there. A restore
 //! hands the marker back to [`Sink::resume_at`].
 //!
-//! A file output's bytes are written by the committer, each checkpoint's where the one
-//! before ended (not `O_APPEND`), so a restore can cut the file back to a checkpoint's
-//! flush marker and continue from there. The marker is the length made durable with fsync
+//! A file output's bytes are written in order, each where the ones before ended (not
+//! `O_APPEND`): by the committer, or by the guest's thread between checkpoints once much
+//! is buffered. So a restore can cut the file back to a checkpoint's flush marker and
+//! continue from there. The marker is the length made durable with fsync
 //! at a checkpoint, before the manifest that names it is committed; bytes past the newest
 //! committed marker belong to no checkpoint and are cut on the next restore.
 
@@ -83,8 +84,9 @@ pub trait OutputCommit: Send {
         Ok(())
     }
     /// Bytes of output this commit holds in memory until it runs (an object output's
-    /// part): counted with the page copies of checkpoints waiting for the store, against
-    /// the memory they may hold before the guest waits.
+    /// part, a file output's bytes since the checkpoint before): counted with the page
+    /// copies of checkpoints waiting for the store, against the memory they may hold
+    /// before the guest waits.
     fn held_bytes(&self) -> u64 {
         0
     }
@@ -124,6 +126,37 @@ struct Written {
     durable: u64,
     /// Checkpoints' bytes not yet written, in order, each with where it goes.
     queue: VecDeque<(u64, Vec<u8>)>,
+    /// Which run of the sink this is: one more at every restore (`resume_at`), so a
+    /// commit from before it can never write the new run's bytes.
+    run: u64,
+    /// A write failed part-way: the file's length is unknown until a restore cuts it back.
+    failed: bool,
+}
+
+impl Written {
+    /// Whether the file may be written on: no failed write, and exactly as long as this
+    /// sink wrote (anything else means another program truncated or wrote it, and
+    /// writing on would leave a hole of zeros, or interleave, that no checkpoint could
+    /// tell from real output).
+    fn check(&self, file: &File, path: &Path) -> Result<()> {
+        let path = path.display();
+        if self.failed {
+            anyhow::bail!(
+                "output {path}: an earlier write failed part-way; run the task again to resume from its newest checkpoint"
+            );
+        }
+        let len = file
+            .metadata()
+            .with_context(|| format!("cannot stat output {path}"))?
+            .len();
+        if len != self.len {
+            return Err(changed!(
+                "output {path} was changed behind wasnap's back: it is {len} bytes, but wasnap wrote {}",
+                self.len
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A file sink's shared state. A panic elsewhere while it was held leaves plain numbers
@@ -142,6 +175,8 @@ struct FileWrite {
     file: Arc<File>,
     path: Arc<Path>,
     written: Arc<Mutex<Written>>,
+    /// The sink's run this checkpoint belongs to (`Written::run`).
+    run: u64,
     /// This checkpoint's marker: the file's length once its bytes are written.
     marker: u64,
     /// Its own bytes (for the budget of memory held by checkpoints in flight).
@@ -153,41 +188,49 @@ impl OutputCommit for FileWrite {
     /// manifest that names it is put.
     fn make_durable(&mut self) -> crate::Result<()> {
         let path = self.path.display();
+        let bug = |what: String| anyhow::anyhow!("output {path}: {what} (a bug in wasnap)");
         let (at, chunks) = {
             let mut written = lock(&self.written);
-            check_untouched(&self.file, &self.path, written.len)?;
+            if written.run != self.run {
+                return Err(bug("a checkpoint of a run before the restore".into()).into());
+            }
+            written.check(&self.file, &self.path)?;
             if written.durable >= self.marker {
                 return Ok(()); // an earlier commit wrote and fsynced this far
             }
             (written.len, std::mem::take(&mut written.queue))
         };
         // Written without the lock, which the guest's thread takes at every checkpoint.
-        // It writes only while its bytes are all written (`FileSink::maybe_write`), so it
-        // keeps off the file meanwhile.
+        // While chunks are taken and not yet written, the file is shorter than what the
+        // sink handed on, so its `maybe_write` keeps off the file; with none taken it may
+        // write meanwhile, and then the length is its own to set.
         let mut end = at;
-        for (chunk_at, bytes) in chunks {
-            if chunk_at != end {
-                return Err(anyhow::anyhow!(
-                    "output {path}: bytes for offset {chunk_at} would go at {end}"
-                )
-                .into());
+        for (chunk_at, bytes) in &chunks {
+            if *chunk_at != end {
+                return Err(bug(format!("bytes for offset {chunk_at} would go at {end}")).into());
             }
-            self.file
-                .write_all_at(&bytes, end)
-                .with_context(|| format!("cannot write output {path}"))?;
+            if let Err(err) = self.file.write_all_at(bytes, end) {
+                lock(&self.written).failed = true;
+                return Err(anyhow::Error::from(err)
+                    .context(format!("cannot write output {path}"))
+                    .into());
+            }
             end += bytes.len() as u64;
         }
-        lock(&self.written).len = end;
+        if !chunks.is_empty() {
+            lock(&self.written).len = end;
+        }
         self.file
             .sync_data()
             .with_context(|| format!("cannot fsync output {path}"))?;
+        // Every byte up to `end` was written before the fsync began.
         let mut written = lock(&self.written);
         written.durable = written.durable.max(end);
         if written.durable < self.marker {
-            return Err(anyhow::anyhow!(
-                "output {path}: {end} bytes written, but the checkpoint's marker is {}",
-                self.marker
-            )
+            return Err(bug(format!(
+                "{} bytes durable, but the checkpoint's marker is {}",
+                written.durable, self.marker
+            ))
             .into());
         }
         Ok(())
@@ -196,23 +239,6 @@ impl OutputCommit for FileWrite {
     fn held_bytes(&self) -> u64 {
         self.bytes
     }
-}
-
-/// The file must be exactly as long as what this sink wrote: anything else means another
-/// program truncated or wrote it, and writing on would leave a hole of zeros (or
-/// interleave) that no checkpoint could tell from real output.
-fn check_untouched(file: &File, path: &Path, written: u64) -> Result<()> {
-    let path = path.display();
-    let len = file
-        .metadata()
-        .with_context(|| format!("cannot stat output {path}"))?
-        .len();
-    if len != written {
-        return Err(changed!(
-            "output {path} was changed behind wasnap's back: it is {len} bytes, but wasnap wrote {written}"
-        ));
-    }
-    Ok(())
 }
 
 /// A local file of output lines. The guest's thread only buffers what it emits: each
@@ -290,11 +316,15 @@ impl FileSink {
         self.file
             .sync_all()
             .with_context(|| format!("cannot fsync output {path}"))?;
-        *lock(&self.written) = Written {
+        let mut written = lock(&self.written);
+        *written = Written {
             len: marker,
             durable: marker,
             queue: VecDeque::new(),
+            run: written.run + 1,
+            failed: false,
         };
+        drop(written);
         self.end = marker;
         self.buffer.clear();
         Ok(())
@@ -319,20 +349,31 @@ impl Sink for FileSink {
             return Ok(());
         }
         // Never waits for the committer: while it writes, or while checkpoints' bytes
-        // wait for it, the buffer grows (an early checkpoint bounds it).
-        let Ok(mut written) = self.written.try_lock() else {
-            return Ok(());
+        // wait for it, the buffer grows (an early checkpoint bounds it, as for outputs
+        // that hold a checkpoint's bytes until its commit).
+        let mut written = match self.written.try_lock() {
+            Ok(written) => written,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
         };
         if written.len != self.end {
             return Ok(());
         }
-        check_untouched(&self.file, &self.path, written.len)?;
-        self.file
-            .write_all_at(&self.buffer, self.end)
-            .with_context(|| format!("cannot write output {}", self.path.display()))?;
+        written.check(&self.file, &self.path)?;
+        if let Err(err) = self.file.write_all_at(&self.buffer, self.end) {
+            written.failed = true;
+            return Err(anyhow::Error::from(err)
+                .context(format!("cannot write output {}", self.path.display()))
+                .into());
+        }
         self.end += self.buffer.len() as u64;
         written.len = self.end;
+        drop(written);
         self.buffer.clear();
+        if self.buffer.capacity() > 2 * WRITE_THRESHOLD {
+            // Grown while the committer was behind: give the memory back.
+            self.buffer = Vec::with_capacity(WRITE_THRESHOLD);
+        }
         Ok(())
     }
 
@@ -342,14 +383,17 @@ impl Sink for FileSink {
         _writer_id: &[u8; 16],
     ) -> crate::Result<OutputFlush> {
         let bytes = self.buffer.len() as u64;
+        let mut written = lock(&self.written);
         if bytes > 0 {
             // The next checkpoint's buffer starts at this one's size (up to the
             // threshold): emitting into it then seldom grows it.
             let capacity = self.buffer.len().min(WRITE_THRESHOLD);
             let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(capacity));
-            lock(&self.written).queue.push_back((self.end, chunk));
+            written.queue.push_back((self.end, chunk));
             self.end += bytes;
         }
+        let run = written.run;
+        drop(written);
         Ok(OutputFlush {
             marker: file_marker(self.end),
             bytes: self.end,
@@ -357,6 +401,7 @@ impl Sink for FileSink {
                 file: Arc::clone(&self.file),
                 path: Arc::clone(&self.path),
                 written: Arc::clone(&self.written),
+                run,
                 marker: self.end,
                 bytes,
             }),
@@ -520,12 +565,36 @@ mod tests {
         assert_eq!(Sink::len(&sink), marker + big.len() as u64);
         commit.make_durable().unwrap();
         sink.maybe_write().unwrap();
+        // A checkpoint with nothing of its own to write, the guest's thread writing again
+        // before its commit runs: the commit leaves the file's length to the sink.
+        let (marker, mut empty) = checkpoint(&mut sink, b"");
+        assert_eq!(marker, 2 * big.len() as u64 + 2);
+        sink.buffer().extend_from_slice(&big);
+        sink.maybe_write().unwrap();
+        empty.make_durable().unwrap();
+        sink.buffer().extend_from_slice(&big);
+        sink.maybe_write().unwrap();
         let (last, mut commit) = checkpoint(&mut sink, b"b\n");
         commit.make_durable().unwrap();
         let file = std::fs::read(&path).unwrap();
         assert_eq!(file.len() as u64, last);
-        let expected = [&big[1..], b"\n", b"a\n", &big[..], b"b\n"].concat();
+        let expected = [&big[1..], b"\n", b"a\n", &big, &big, &big, b"b\n"].concat();
         assert!(file == expected, "the file's bytes are out of order");
+    }
+
+    #[test]
+    fn a_commit_from_before_a_restore_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let mut sink = FileSink::open(&path).unwrap();
+        sink.resume_at(0).unwrap();
+        let (_, mut stale) = checkpoint(&mut sink, b"lost\n");
+        sink.resume_at(0).unwrap();
+        let (_, mut fresh) = checkpoint(&mut sink, b"kept\n");
+        let err = stale.make_durable().unwrap_err().into_anyhow();
+        assert!(format!("{err:#}").contains("before the restore"), "{err:#}");
+        fresh.make_durable().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"kept\n");
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub struct Job {
 
 impl Job {
     /// Bytes this job holds in memory until it is committed: copies of guest state
-    /// (pages, a component's kv runs) and output not yet written (an object output's part).
+    /// (pages, a component's kv runs) and output not yet written (an object output's part,
+    /// a file output's bytes).
     pub fn held_bytes(&self) -> u64 {
         let kv_runs = self.capture.kv.iter().flat_map(|kv| &kv.runs);
         self.capture

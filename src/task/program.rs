@@ -60,12 +60,9 @@ impl Driver for Program {
             };
             let outcome = checkpoints.instance.run_program(rewind);
             // What the program wrote is output whatever happened next; it is committed
-            // only by a checkpoint.
+            // only by a checkpoint, which follows at once and hands it all on (to the
+            // committer, which writes it off the guest's thread).
             checkpoints.instance.take_emitted(&mut *checkpoints.sink)?;
-            checkpoints
-                .sink
-                .maybe_write()
-                .map_err(crate::Error::into_anyhow)?;
             *self = match outcome? {
                 ProgramOutcome::Unwound => Program::Suspended,
                 ProgramOutcome::Exited(status) => Program::Exited(status),

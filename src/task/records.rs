@@ -189,8 +189,9 @@ impl Driver for Records {
                 .map_err(crate::Error::into_anyhow)?;
             worked.records += 1;
             self.since_checkpoint += 1;
-            // A sink that holds output until a checkpoint (object storage, Kafka) is
-            // checkpointed early rather than let it grow without bound.
+            // A sink that holds output until a checkpoint (object storage, Kafka; a file
+            // while the committer is behind) is checkpointed early rather than let it
+            // grow without bound.
             let output_waiting = checkpoints.sink.buffered_len() >= MAX_BUFFERED_OUTPUT;
             if self.since_checkpoint >= self.checkpoint_every
                 || self.interval.due_after_record()
