@@ -478,7 +478,6 @@ static IDLE_CODERS: std::sync::Mutex<Vec<Coder<'static>>> = std::sync::Mutex::ne
 /// Run `work` with a coder from the process's idle ones (or a new one), and keep it for
 /// the next caller. A coder whose work failed is dropped, not kept.
 pub fn with_coder<R>(work: impl FnOnce(&mut Coder<'static>) -> Result<R>) -> Result<R> {
-    static KEEP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     // A panic elsewhere cannot leave the list half-updated (a pop or a push): use it anyway.
     let idle = || {
         IDLE_CODERS
@@ -491,7 +490,7 @@ pub fn with_coder<R>(work: impl FnOnce(&mut Coder<'static>) -> Result<R>) -> Res
         None => Coder::new()?,
     };
     let result = work(&mut coder)?;
-    let keep = *KEEP.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let keep = crate::snapshot::parallel::cores();
     let mut coders = idle();
     if coders.len() < keep {
         coders.push(coder);

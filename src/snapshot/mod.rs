@@ -20,7 +20,7 @@ pub mod dirty;
 pub mod encode;
 pub mod kv;
 pub mod pages;
-mod parallel;
+pub(crate) mod parallel;
 pub mod rebase;
 pub mod restore;
 pub mod table;

@@ -4,15 +4,19 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// The cores this process may use, read once: `available_parallelism` reads the cgroup's
+/// files at every call, and stages that run in a capture's pause ask for it.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Helper threads running at once in the whole process, across all its tasks: one per
 /// core beyond the first (the calling thread does a share too). A worker of 32 tasks
 /// checkpointing at once would otherwise start 32 x cores threads.
 fn helpers() -> &'static AtomicUsize {
     static SPARE: std::sync::OnceLock<AtomicUsize> = std::sync::OnceLock::new();
-    SPARE.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        AtomicUsize::new(cores.saturating_sub(1))
-    })
+    SPARE.get_or_init(|| AtomicUsize::new(cores().saturating_sub(1)))
 }
 
 /// Helper threads taken from the process's allowance, given back when dropped. Every
@@ -24,8 +28,7 @@ impl Helpers {
     /// Up to one helper per core beyond the first (0 when the others hold them all): for
     /// work the guest waits for (a capture's pause, a restore).
     pub fn take() -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::take_up_to(cores.saturating_sub(1))
+        Self::take_up_to(cores().saturating_sub(1))
     }
 
     /// Up to one helper per core beyond the first two: for work that runs beside the
@@ -33,8 +36,7 @@ impl Helpers {
     /// cores, encoding on both took the guest's: the first checkpoint of a 256 MiB guest
     /// cost it 0.4 s of its 2.3 s.
     pub fn take_beside_guest() -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::take_up_to(cores.saturating_sub(2))
+        Self::take_up_to(cores().saturating_sub(2))
     }
 
     fn take_up_to(most: usize) -> Self {
@@ -124,7 +126,7 @@ mod tests {
 
     #[test]
     fn helpers_are_bounded_across_callers_and_given_back() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = cores();
         // Many callers at once: each still gets every result, in order.
         let expected: Vec<u64> = (0..500).map(|i| i * 2).collect();
         std::thread::scope(|scope| {
