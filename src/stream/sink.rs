@@ -179,61 +179,106 @@ struct FileWrite {
     run: u64,
     /// This checkpoint's marker: the file's length once its bytes are written.
     marker: u64,
-    /// Its own bytes (for the budget of memory held by checkpoints in flight).
+    /// The memory its own bytes take (for the budget of memory held by checkpoints in
+    /// flight): the chunk's allocation, which may be larger than its bytes.
     bytes: u64,
+}
+
+/// Chunks a commit took from the queue: where the first goes, and the chunks.
+type Taken = (u64, VecDeque<(u64, Vec<u8>)>);
+
+impl FileWrite {
+    /// An error that only a bug in wasnap can cause.
+    fn bug(&self, what: String) -> crate::Error {
+        anyhow::anyhow!("output {}: {what} (a bug in wasnap)", self.path.display()).into()
+    }
+
+    /// The same, for a run whose bytes are then lost: its file is not written on.
+    fn lost(&self, what: String) -> crate::Error {
+        lock(&self.written).failed = true;
+        self.bug(what)
+    }
+
+    /// The shared state, as long as it is still this checkpoint's run of the sink (a
+    /// commit of a run before a restore leaves the new run alone).
+    fn lock_own_run(&self) -> crate::Result<std::sync::MutexGuard<'_, Written>> {
+        let written = lock(&self.written);
+        if written.run != self.run {
+            return Err(self.bug("a checkpoint of a run before the restore".into()));
+        }
+        Ok(written)
+    }
+
+    /// Step 1, under the lock: check the file, and take everything queued; `None` when an
+    /// earlier commit made this one's marker durable already.
+    fn take(&self) -> crate::Result<Option<Taken>> {
+        let mut written = self.lock_own_run()?;
+        written.check(&self.file, &self.path)?;
+        if written.durable >= self.marker {
+            return Ok(None);
+        }
+        Ok(Some((written.len, std::mem::take(&mut written.queue))))
+    }
+
+    /// Step 2, without the lock, which the guest's thread takes at every checkpoint:
+    /// write the chunks taken, in order from `at`; returns where they end. While chunks
+    /// are taken and unwritten, the length the sink records is short of what it handed
+    /// on, so its `maybe_write` keeps off the file; with none taken it may write
+    /// meanwhile, and then the length is its own to record.
+    fn write(&self, (at, chunks): Taken) -> crate::Result<u64> {
+        let mut end = at;
+        for (chunk_at, bytes) in &chunks {
+            if *chunk_at != end {
+                return Err(self.lost(format!("bytes for offset {chunk_at} would go at {end}")));
+            }
+            if let Err(err) = self.file.write_all_at(bytes, end) {
+                lock(&self.written).failed = true;
+                return Err(anyhow::Error::from(err)
+                    .context(format!("cannot write output {}", self.path.display()))
+                    .into());
+            }
+            end += bytes.len() as u64;
+        }
+        if !chunks.is_empty() {
+            self.lock_own_run()?.len = end;
+        }
+        Ok(end)
+    }
+
+    /// Step 3: fsync, and record what is durable: every byte up to `end`, all written
+    /// before the fsync began.
+    fn finish(&self, end: u64) -> crate::Result<()> {
+        if let Err(err) = self.file.sync_data() {
+            lock(&self.written).failed = true;
+            return Err(anyhow::Error::from(err)
+                .context(format!("cannot fsync output {}", self.path.display()))
+                .into());
+        }
+        let mut written = self.lock_own_run()?;
+        written.durable = written.durable.max(end);
+        let durable = written.durable;
+        drop(written);
+        if durable < self.marker {
+            return Err(self.lost(format!(
+                "{durable} bytes durable, but the checkpoint's marker is {}",
+                self.marker
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl OutputCommit for FileWrite {
     /// Every byte up to the marker written and fsynced: it survives a crash before the
     /// manifest that names it is put.
     fn make_durable(&mut self) -> crate::Result<()> {
-        let path = self.path.display();
-        let bug = |what: String| anyhow::anyhow!("output {path}: {what} (a bug in wasnap)");
-        let (at, chunks) = {
-            let mut written = lock(&self.written);
-            if written.run != self.run {
-                return Err(bug("a checkpoint of a run before the restore".into()).into());
+        match self.take()? {
+            None => Ok(()), // an earlier commit wrote and fsynced this far
+            Some(taken) => {
+                let end = self.write(taken)?;
+                self.finish(end)
             }
-            written.check(&self.file, &self.path)?;
-            if written.durable >= self.marker {
-                return Ok(()); // an earlier commit wrote and fsynced this far
-            }
-            (written.len, std::mem::take(&mut written.queue))
-        };
-        // Written without the lock, which the guest's thread takes at every checkpoint.
-        // While chunks are taken and not yet written, the file is shorter than what the
-        // sink handed on, so its `maybe_write` keeps off the file; with none taken it may
-        // write meanwhile, and then the length is its own to set.
-        let mut end = at;
-        for (chunk_at, bytes) in &chunks {
-            if *chunk_at != end {
-                return Err(bug(format!("bytes for offset {chunk_at} would go at {end}")).into());
-            }
-            if let Err(err) = self.file.write_all_at(bytes, end) {
-                lock(&self.written).failed = true;
-                return Err(anyhow::Error::from(err)
-                    .context(format!("cannot write output {path}"))
-                    .into());
-            }
-            end += bytes.len() as u64;
         }
-        if !chunks.is_empty() {
-            lock(&self.written).len = end;
-        }
-        self.file
-            .sync_data()
-            .with_context(|| format!("cannot fsync output {path}"))?;
-        // Every byte up to `end` was written before the fsync began.
-        let mut written = lock(&self.written);
-        written.durable = written.durable.max(end);
-        if written.durable < self.marker {
-            return Err(bug(format!(
-                "{} bytes durable, but the checkpoint's marker is {}",
-                written.durable, self.marker
-            ))
-            .into());
-        }
-        Ok(())
     }
 
     fn held_bytes(&self) -> u64 {
@@ -242,7 +287,7 @@ impl OutputCommit for FileWrite {
 }
 
 /// A local file of output lines. The guest's thread only buffers what it emits: each
-/// checkpoint queues its bytes for the committer ([`FileWrite`]), which writes and fsyncs
+/// checkpoint queues its bytes for the committer (`FileWrite`), which writes and fsyncs
 /// them before the manifest (writing them at the pause was a sixth of the window guest's
 /// pause: the `pwrite` into the kernel's page cache). Between checkpoints a large buffer
 /// is written by the guest's thread, when nothing queued waits to be written. A restore
@@ -290,7 +335,7 @@ impl FileSink {
             path: path.into(),
             written: Arc::default(),
             end: 0,
-            buffer: Vec::with_capacity(WRITE_THRESHOLD),
+            buffer: Vec::new(),
         })
     }
 
@@ -328,6 +373,33 @@ impl FileSink {
         self.end = marker;
         self.buffer.clear();
         Ok(())
+    }
+
+    /// At a checkpoint's pause: queue what was emitted since the last one, and return the
+    /// commit that writes it.
+    fn queue_checkpoint(&mut self) -> FileWrite {
+        let bytes = self.buffer.len();
+        let mut held = 0;
+        let mut written = lock(&self.written);
+        if bytes > 0 {
+            // The next checkpoint's buffer starts at this one's size (up to the
+            // threshold): emitting into it then seldom grows it.
+            let capacity = bytes.min(WRITE_THRESHOLD);
+            let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(capacity));
+            held = chunk.capacity() as u64;
+            written.queue.push_back((self.end, chunk));
+            self.end += bytes as u64;
+        }
+        let run = written.run;
+        drop(written);
+        FileWrite {
+            file: Arc::clone(&self.file),
+            path: Arc::clone(&self.path),
+            written: Arc::clone(&self.written),
+            run,
+            marker: self.end,
+            bytes: held,
+        }
     }
 }
 
@@ -382,29 +454,11 @@ impl Sink for FileSink {
         _generation: u64,
         _writer_id: &[u8; 16],
     ) -> crate::Result<OutputFlush> {
-        let bytes = self.buffer.len() as u64;
-        let mut written = lock(&self.written);
-        if bytes > 0 {
-            // The next checkpoint's buffer starts at this one's size (up to the
-            // threshold): emitting into it then seldom grows it.
-            let capacity = self.buffer.len().min(WRITE_THRESHOLD);
-            let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(capacity));
-            written.queue.push_back((self.end, chunk));
-            self.end += bytes;
-        }
-        let run = written.run;
-        drop(written);
+        let write = self.queue_checkpoint();
         Ok(OutputFlush {
-            marker: file_marker(self.end),
-            bytes: self.end,
-            commit: Box::new(FileWrite {
-                file: Arc::clone(&self.file),
-                path: Arc::clone(&self.path),
-                written: Arc::clone(&self.written),
-                run,
-                marker: self.end,
-                bytes,
-            }),
+            marker: file_marker(write.marker),
+            bytes: write.marker,
+            commit: Box::new(write),
         })
     }
 
@@ -510,7 +564,9 @@ mod tests {
         assert_eq!((first, second, third), (4, 14, 14));
         assert_eq!(Sink::len(&sink), 14);
         assert_eq!(std::fs::read(&path).unwrap(), b"", "written at the pause");
-        assert_eq!((a.held_bytes(), b.held_bytes(), c.held_bytes()), (4, 10, 0));
+        // Each holds its chunk's allocation until it runs; one with no bytes, nothing.
+        let held = (a.held_bytes(), b.held_bytes(), c.held_bytes());
+        assert!(held.0 >= 4 && held.1 >= 10 && held.2 == 0, "{held:?}");
         // The first commit writes everything queued; the ones after it find it durable.
         a.make_durable().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\nthree\n");
@@ -580,6 +636,41 @@ mod tests {
         assert_eq!(file.len() as u64, last);
         let expected = [&big[1..], b"\n", b"a\n", &big, &big, &big, b"b\n"].concat();
         assert!(file == expected, "the file's bytes are out of order");
+    }
+
+    #[test]
+    fn a_commit_with_nothing_queued_leaves_the_length_to_a_write_between_its_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let mut sink = FileSink::open(&path).unwrap();
+        sink.resume_at(0).unwrap();
+        let big = vec![b'y'; WRITE_THRESHOLD];
+        sink.buffer().extend_from_slice(&big);
+        sink.maybe_write().unwrap();
+        // A checkpoint with nothing of its own; its commit's steps, the guest's thread
+        // writing between the first two.
+        let commit = sink.queue_checkpoint();
+        let taken = commit.take().unwrap().expect("not durable yet");
+        sink.buffer().extend_from_slice(&big);
+        sink.maybe_write().unwrap();
+        let end = commit.write(taken).unwrap();
+        commit.finish(end).unwrap();
+        // The length stays the guest's: it writes on, and the next commit finds the file
+        // as long as it should be.
+        sink.buffer().extend_from_slice(&big);
+        sink.maybe_write().unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            3 * big.len() as u64
+        );
+        let (last, mut next) = checkpoint(&mut sink, b"z\n");
+        next.make_durable().unwrap();
+        let expected = [&big[..], &big, &big, b"z\n"].concat();
+        assert_eq!(last, expected.len() as u64);
+        assert!(
+            std::fs::read(&path).unwrap() == expected,
+            "the file's bytes differ"
+        );
     }
 
     #[test]
