@@ -220,6 +220,10 @@ impl OutputCommit for AllOutputs {
     fn held_bytes(&self) -> u64 {
         self.0.iter().map(|c| c.held_bytes()).sum()
     }
+
+    fn done_by_the_next(&self) -> bool {
+        self.0.iter().all(|c| c.done_by_the_next())
+    }
 }
 
 #[cfg(test)]

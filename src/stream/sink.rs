@@ -90,6 +90,13 @@ pub trait OutputCommit: Send {
     fn held_bytes(&self) -> u64 {
         0
     }
+    /// Whether the next commit of the same output does everything this one would, its
+    /// publish included (a file's: the next writes and fsyncs every byte up to its own
+    /// marker). Captures that merge then drop this one (`task::coalesce`), and a file is
+    /// fsynced once for all of them.
+    fn done_by_the_next(&self) -> bool {
+        false
+    }
 }
 
 /// The marker of a file output: its length, as a varint.
@@ -168,9 +175,11 @@ fn lock(written: &Mutex<Written>) -> std::sync::MutexGuard<'_, Written> {
 }
 
 /// One checkpoint's output to a file, written by the committer off the guest's pause.
-/// Its bytes wait in the sink's queue; the first commit to run writes everything queued,
-/// in order, each chunk where the one before it ended, and fsyncs once: the commits of
-/// captures merged into one (`task::coalesce`) then cost one fsync, not one each.
+/// Its bytes wait in the sink's queue; its commit writes every chunk queued up to its own
+/// marker, in order, each where the one before it ended, and fsyncs. Chunks of later
+/// checkpoints wait for their own commits: a commit that fails (a full disk) then fails
+/// with its own bytes, not with those of checkpoints after it. The commits of captures
+/// merged into one (`task::coalesce`) are the last one's alone, so one fsync for all.
 struct FileWrite {
     file: Arc<File>,
     path: Arc<Path>,
@@ -209,15 +218,21 @@ impl FileWrite {
         Ok(written)
     }
 
-    /// Step 1, under the lock: check the file, and take everything queued; `None` when an
-    /// earlier commit made this one's marker durable already.
+    /// Step 1, under the lock: check the file, and take the chunks queued up to this
+    /// checkpoint's marker; `None` when an earlier commit made it durable already.
     fn take(&self) -> crate::Result<Option<Taken>> {
         let mut written = self.lock_own_run()?;
         written.check(&self.file, &self.path)?;
         if written.durable >= self.marker {
             return Ok(None);
         }
-        Ok(Some((written.len, std::mem::take(&mut written.queue))))
+        let own = written
+            .queue
+            .iter()
+            .take_while(|(at, _)| *at < self.marker)
+            .count();
+        let at = written.len;
+        Ok(Some((at, written.queue.drain(..own).collect())))
     }
 
     /// Step 2, without the lock, which the guest's thread takes at every checkpoint:
@@ -283,6 +298,10 @@ impl OutputCommit for FileWrite {
 
     fn held_bytes(&self) -> u64 {
         self.bytes
+    }
+
+    fn done_by_the_next(&self) -> bool {
+        true
     }
 }
 
@@ -567,16 +586,27 @@ mod tests {
         // Each holds its chunk's allocation until it runs; one with no bytes, nothing.
         let held = (a.held_bytes(), b.held_bytes(), c.held_bytes());
         assert!(held.0 >= 4 && held.1 >= 10 && held.2 == 0, "{held:?}");
-        // The first commit writes everything queued; the ones after it find it durable.
+        // Each commit writes its own bytes and those before; one with nothing of its own
+        // finds its marker durable.
         a.make_durable().unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\nthree\n");
+        assert_eq!(std::fs::read(&path).unwrap(), b"one\n");
         b.make_durable().unwrap();
         c.make_durable().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\nthree\n");
+        // A later commit alone (the earlier ones merged into it) writes theirs too.
+        let (_, merged) = checkpoint(&mut sink, b"four\n");
+        let (_, mut kept) = checkpoint(&mut sink, b"five\n");
+        assert!(merged.done_by_the_next());
+        drop(merged);
+        kept.make_durable().unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"one\ntwo\nthree\nfour\nfive\n"
+        );
 
         // Changed behind the sink's back: the next commit refuses to write on, one with
         // no bytes of its own too.
-        let (_, mut d) = checkpoint(&mut sink, b"four\n");
+        let (_, mut d) = checkpoint(&mut sink, b"six\n");
         let (_, mut e) = checkpoint(&mut sink, b"");
         d.make_durable().unwrap();
         std::fs::File::options()
@@ -585,7 +615,7 @@ mod tests {
             .unwrap()
             .set_len(3)
             .unwrap();
-        let (_, mut f) = checkpoint(&mut sink, b"five\n");
+        let (_, mut f) = checkpoint(&mut sink, b"seven\n");
         for commit in [&mut e, &mut f] {
             let err = commit.make_durable().unwrap_err().into_anyhow();
             assert!(

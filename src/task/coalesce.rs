@@ -120,10 +120,16 @@ impl Job {
         self.captures += captures;
 
         let earlier = std::mem::replace(&mut self.output.commit, Box::new(InOrder(Vec::new())));
+        // An earlier commit that the later one does in full (a file's) is dropped: one
+        // fsync for both.
+        let commit = match earlier.done_by_the_next() {
+            true => output.commit,
+            false => Box::new(InOrder(vec![earlier, output.commit])),
+        };
         self.output = OutputFlush {
             marker: output.marker,
             bytes: output.bytes,
-            commit: Box::new(InOrder(vec![earlier, output.commit])),
+            commit,
         };
     }
 }
@@ -142,6 +148,10 @@ impl OutputCommit for InOrder {
 
     fn held_bytes(&self) -> u64 {
         self.0.iter().map(|c| c.held_bytes()).sum()
+    }
+
+    fn done_by_the_next(&self) -> bool {
+        self.0.iter().all(|c| c.done_by_the_next())
     }
 }
 
@@ -169,6 +179,40 @@ mod tests {
             self.1.lock().unwrap().push(format!("publish {}", self.0));
             Ok(())
         }
+    }
+
+    /// A `Noted` that the next commit of its output does in full (as a file's is).
+    struct DoneByTheNext(Noted);
+
+    impl OutputCommit for DoneByTheNext {
+        fn make_durable(&mut self) -> crate::Result<()> {
+            self.0.make_durable()
+        }
+        fn publish(&mut self) -> crate::Result<()> {
+            self.0.publish()
+        }
+        fn done_by_the_next(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn an_output_commit_the_next_one_does_in_full_is_dropped_from_a_merge() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let buffers = PageBuffers::shared();
+        let file =
+            |name| -> Box<dyn OutputCommit> { Box::new(DoneByTheNext(Noted(name, log.clone()))) };
+        // One sink makes every commit of a task: all three are of the same kind.
+        let [mut a, b, c] = ["a", "b", "c"].map(|name| {
+            let mut job = job(5, Vec::new(), Vec::new(), &log, name);
+            job.output.commit = file(name);
+            job
+        });
+        a.absorb(b, &buffers);
+        a.absorb(c, &buffers);
+        a.output.commit.make_durable().unwrap();
+        a.output.commit.publish().unwrap();
+        assert_eq!(*log.lock().unwrap(), vec!["durable c", "publish c"]);
     }
 
     fn page(page: u32, byte: u8, previous: Option<u64>, parts: u16) -> CapturedPage {
