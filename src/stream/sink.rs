@@ -190,7 +190,7 @@ struct FileWrite {
     marker: u64,
     /// The memory its own bytes take (for the budget of memory held by checkpoints in
     /// flight): the chunk's allocation, which may be larger than its bytes.
-    bytes: u64,
+    held: u64,
 }
 
 /// Chunks a commit took from the queue: where the first goes, and the chunks.
@@ -206,6 +206,15 @@ impl FileWrite {
     fn lost(&self, what: String) -> crate::Error {
         lock(&self.written).failed = true;
         self.bug(what)
+    }
+
+    /// A `doing` ("write", "fsync") of the file that failed part-way: the file's length,
+    /// or what of it is durable, is unknown, so it is not written on.
+    fn failed(&self, err: std::io::Error, doing: &str) -> crate::Error {
+        lock(&self.written).failed = true;
+        anyhow::Error::from(err)
+            .context(format!("cannot {doing} output {}", self.path.display()))
+            .into()
     }
 
     /// The shared state, as long as it is still this checkpoint's run of the sink (a
@@ -247,10 +256,7 @@ impl FileWrite {
                 return Err(self.lost(format!("bytes for offset {chunk_at} would go at {end}")));
             }
             if let Err(err) = self.file.write_all_at(bytes, end) {
-                lock(&self.written).failed = true;
-                return Err(anyhow::Error::from(err)
-                    .context(format!("cannot write output {}", self.path.display()))
-                    .into());
+                return Err(self.failed(err, "write"));
             }
             end += bytes.len() as u64;
         }
@@ -264,10 +270,7 @@ impl FileWrite {
     /// before the fsync began.
     fn finish(&self, end: u64) -> crate::Result<()> {
         if let Err(err) = self.file.sync_data() {
-            lock(&self.written).failed = true;
-            return Err(anyhow::Error::from(err)
-                .context(format!("cannot fsync output {}", self.path.display()))
-                .into());
+            return Err(self.failed(err, "fsync"));
         }
         let mut written = self.lock_own_run()?;
         written.durable = written.durable.max(end);
@@ -297,7 +300,7 @@ impl OutputCommit for FileWrite {
     }
 
     fn held_bytes(&self) -> u64 {
-        self.bytes
+        self.held
     }
 
     fn done_by_the_next(&self) -> bool {
@@ -417,7 +420,7 @@ impl FileSink {
             written: Arc::clone(&self.written),
             run,
             marker: self.end,
-            bytes: held,
+            held,
         }
     }
 }
@@ -541,6 +544,16 @@ fn sync_parent_dir(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A sink on a new, empty output file (in a directory that lasts as long as the
+    /// `TempDir`), started fresh.
+    fn fresh_sink() -> (tempfile::TempDir, std::path::PathBuf, FileSink) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let mut sink = FileSink::open(&path).unwrap();
+        sink.resume_at(0).unwrap();
+        (dir, path, sink)
+    }
+
     /// Emit `bytes` and take a checkpoint: its marker and its commit, not yet run.
     fn checkpoint(sink: &mut FileSink, bytes: &[u8]) -> (u64, Box<dyn OutputCommit>) {
         sink.buffer().extend_from_slice(bytes);
@@ -551,10 +564,7 @@ mod tests {
 
     #[test]
     fn opening_at_a_marker_cuts_back_uncommitted_output() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let mut sink = FileSink::open(&path).unwrap();
-        sink.resume_at(0).unwrap();
+        let (_dir, path, mut sink) = fresh_sink();
         let (marker, mut commit) = checkpoint(&mut sink, b"a\nb\n");
         assert_eq!(marker, 4);
         commit.make_durable().unwrap();
@@ -573,10 +583,7 @@ mod tests {
 
     #[test]
     fn the_pause_writes_nothing_and_the_commits_write_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let mut sink = FileSink::open(&path).unwrap();
-        sink.resume_at(0).unwrap();
+        let (_dir, path, mut sink) = fresh_sink();
         let (first, mut a) = checkpoint(&mut sink, b"one\n");
         let (second, mut b) = checkpoint(&mut sink, b"two\nthree\n");
         let (third, mut c) = checkpoint(&mut sink, b"");
@@ -628,10 +635,7 @@ mod tests {
 
     #[test]
     fn a_large_buffer_is_written_between_checkpoints_only_when_none_waits_to_be() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let mut sink = FileSink::open(&path).unwrap();
-        sink.resume_at(0).unwrap();
+        let (_dir, path, mut sink) = fresh_sink();
         let big = vec![b'x'; WRITE_THRESHOLD];
         sink.buffer().extend_from_slice(&big[1..]);
         sink.maybe_write().unwrap();
@@ -670,10 +674,7 @@ mod tests {
 
     #[test]
     fn a_commit_with_nothing_queued_leaves_the_length_to_a_write_between_its_steps() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let mut sink = FileSink::open(&path).unwrap();
-        sink.resume_at(0).unwrap();
+        let (_dir, path, mut sink) = fresh_sink();
         let big = vec![b'y'; WRITE_THRESHOLD];
         sink.buffer().extend_from_slice(&big);
         sink.maybe_write().unwrap();
@@ -705,10 +706,7 @@ mod tests {
 
     #[test]
     fn a_commit_from_before_a_restore_writes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let mut sink = FileSink::open(&path).unwrap();
-        sink.resume_at(0).unwrap();
+        let (_dir, path, mut sink) = fresh_sink();
         let (_, mut stale) = checkpoint(&mut sink, b"lost\n");
         sink.resume_at(0).unwrap();
         let (_, mut fresh) = checkpoint(&mut sink, b"kept\n");
